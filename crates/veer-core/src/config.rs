@@ -1,0 +1,516 @@
+//! The static TOML configuration file and its validation.
+//!
+//! Every mistake names the file, the line and the key:
+//! `veer.toml:14: upstreams[0].virtual_ips: "10.96.0.x" is not an IP address`.
+//! [`load`] reads the file and the files it names and returns a [`Spec`]
+//! ready for [`Snapshot::build`](crate::snapshot::Snapshot::build).
+use crate::intentions::{Action, Intention, Target};
+use crate::route::Protocol;
+use crate::snapshot::{ListenSpec, SnapshotError, Spec, Timeouts, UpstreamSpec};
+use crate::spiffe::ServiceId;
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// A configuration mistake, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The key path, e.g. `upstreams[1].endpoints`.
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(k) = &self.key {
+            write!(f, "{k}: ")?;
+        }
+        write!(f, "{}", self.msg)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    service: S<ServiceSection>,
+    tls: S<TlsSection>,
+    #[serde(default)]
+    inbound: InboundSection,
+    #[serde(default)]
+    outbound: OutboundSection,
+    #[serde(default)]
+    intentions: IntentionsSection,
+    #[serde(default)]
+    upstreams: Vec<S<UpstreamSection>>,
+    #[serde(default)]
+    timeouts: TimeoutsSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: S<String>,
+    namespace: Option<S<String>>,
+    partition: Option<S<String>>,
+    datacenter: S<String>,
+    trust_domain: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca_file: S<String>,
+    cert_file: S<String>,
+    key_file: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InboundSection {
+    bind: Option<S<String>>,
+    local_app: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OutboundSection {
+    bind: Option<S<String>>,
+    /// The IPv6 outbound listener; "" turns it off. Default `[::1]:<port of bind>`.
+    bind_ipv6: Option<S<String>>,
+    #[serde(default)]
+    mesh_destinations_only: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IntentionsSection {
+    default_action: Option<S<String>>,
+    #[serde(default)]
+    rules: Vec<S<RuleSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSection {
+    source: S<String>,
+    source_namespace: Option<S<String>>,
+    source_partition: Option<S<String>>,
+    action: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    name: S<String>,
+    namespace: Option<S<String>>,
+    partition: Option<S<String>>,
+    datacenter: Option<S<String>>,
+    #[serde(default)]
+    virtual_ips: Vec<S<String>>,
+    #[serde(default)]
+    endpoints: Vec<S<String>>,
+    #[serde(default)]
+    dialed_directly: bool,
+    #[serde(default)]
+    instances: Vec<S<String>>,
+    local_bind: Option<S<String>>,
+    protocol: Option<S<String>>,
+    connect_timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TimeoutsSection {
+    connect: Option<S<String>>,
+    local_connect: Option<S<String>>,
+    handshake: Option<S<String>>,
+    idle: Option<S<String>>,
+    half_close: Option<S<String>>,
+}
+
+/// Resolves spans to lines and builds errors.
+struct Ctx<'a> {
+    file: String,
+    src: &'a str,
+    dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        self.src[..span.start.min(self.src.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: Some(self.line(span)),
+            key: Some(key.into()),
+            msg: msg.into(),
+        }
+    }
+    fn name(&self, v: &S<String>, key: &str) -> Result<String, ConfigError> {
+        let s = v.get_ref();
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{s:?} is not a valid name ([A-Za-z0-9._-]+)"),
+            ));
+        }
+        Ok(s.clone())
+    }
+    fn opt_name(
+        &self,
+        v: &Option<S<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<String, ConfigError> {
+        match v {
+            Some(v) => self.name(v, key),
+            None => Ok(default.to_string()),
+        }
+    }
+    fn sockaddr(&self, v: &S<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().parse().map_err(|_| {
+            self.err(
+                v.span(),
+                key,
+                format!(
+                    "{:?} is not an address of the form IP:PORT (IPv6 as [::1]:PORT)",
+                    v.get_ref()
+                ),
+            )
+        })
+    }
+    fn ip(&self, v: &S<String>, key: &str) -> Result<IpAddr, ConfigError> {
+        v.get_ref().parse().map_err(|_| {
+            self.err(
+                v.span(),
+                key,
+                format!("{:?} is not an IP address", v.get_ref()),
+            )
+        })
+    }
+    fn duration(
+        &self,
+        v: &Option<S<String>>,
+        key: &str,
+        default: std::time::Duration,
+    ) -> Result<std::time::Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(v) => crate::duration::parse(v.get_ref()).map_err(|m| self.err(v.span(), key, m)),
+        }
+    }
+    fn path(&self, v: &S<String>) -> PathBuf {
+        let p = Path::new(v.get_ref());
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+}
+
+/// A loaded configuration: the spec and the files to watch for changes.
+pub struct Loaded {
+    pub spec: Spec,
+    /// The config file and every file it names.
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads and validates a configuration file, and the files it names.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        key: None,
+        msg: format!("cannot read: {e}"),
+    })?;
+    parse(&src, path)
+}
+
+/// Parses configuration text; relative paths are taken from `path`'s folder.
+pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
+    let cx = Ctx {
+        file: path.display().to_string(),
+        src,
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let file: File = toml::from_str(src).map_err(|e| {
+        let line = e.span().map(|s| cx.line(s));
+        ConfigError {
+            file: cx.file.clone(),
+            line,
+            key: None,
+            msg: e.message().trim().to_string(),
+        }
+    })?;
+
+    // [service]
+    let svc = file.service.get_ref();
+    let trust_domain = svc.trust_domain.get_ref().clone();
+    if trust_domain.is_empty()
+        || !trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err(cx.err(
+            svc.trust_domain.span(),
+            "service.trust_domain",
+            format!("{trust_domain:?} is not a trust domain (lowercase, e.g. <uuid>.consul)"),
+        ));
+    }
+    let identity = ServiceId::new(
+        &trust_domain,
+        &cx.opt_name(&svc.partition, "service.partition", "default")?,
+        &cx.opt_name(&svc.namespace, "service.namespace", "default")?,
+        &cx.name(&svc.datacenter, "service.datacenter")?,
+        &cx.name(&svc.name, "service.name")?,
+    );
+
+    // [tls]
+    let tls = file.tls.get_ref();
+    let ca = cx.path(&tls.ca_file);
+    let cert = cx.path(&tls.cert_file);
+    let key = cx.path(&tls.key_file);
+    let roots = crate::tls::load_certs(&ca)
+        .map_err(|e| cx.err(tls.ca_file.span(), "tls.ca_file", e.to_string()))?;
+    let chain = crate::tls::load_certs(&cert)
+        .map_err(|e| cx.err(tls.cert_file.span(), "tls.cert_file", e.to_string()))?;
+    let key_der = crate::tls::load_key(&key)
+        .map_err(|e| cx.err(tls.key_file.span(), "tls.key_file", e.to_string()))?;
+
+    // [inbound]
+    let inbound = match &file.inbound.bind {
+        Some(b) => cx.sockaddr(b, "inbound.bind")?,
+        None => "0.0.0.0:20000".parse().unwrap(),
+    };
+    let local_app = match &file.inbound.local_app {
+        Some(b) => cx.sockaddr(b, "inbound.local_app")?,
+        None => "127.0.0.1:8080".parse().unwrap(),
+    };
+
+    // [outbound]
+    let ob = &file.outbound;
+    let out4 = match &ob.bind {
+        Some(b) => cx.sockaddr(b, "outbound.bind")?,
+        None => "127.0.0.1:15001".parse().unwrap(),
+    };
+    let mut outbound = vec![out4];
+    match &ob.bind_ipv6 {
+        Some(b) if b.get_ref().is_empty() => {}
+        Some(b) => outbound.push(cx.sockaddr(b, "outbound.bind_ipv6")?),
+        None => outbound.push(SocketAddr::new("::1".parse().unwrap(), out4.port())),
+    }
+
+    // [intentions]
+    let default_action = match &file.intentions.default_action {
+        None => Action::Deny,
+        Some(a) => Action::parse(a.get_ref()).ok_or_else(|| {
+            cx.err(
+                a.span(),
+                "intentions.default_action",
+                format!("{:?} is not \"allow\" or \"deny\"", a.get_ref()),
+            )
+        })?,
+    };
+    let destination = Target::new(&identity.partition, &identity.namespace, &identity.service);
+    let mut intentions = Vec::new();
+    for (i, r) in file.intentions.rules.iter().enumerate() {
+        let k = |f: &str| format!("intentions.rules[{i}].{f}");
+        let r = r.get_ref();
+        let src_name = if r.source.get_ref() == "*" {
+            "*".to_string()
+        } else {
+            cx.name(&r.source, &k("source"))?
+        };
+        let src_ns = match &r.source_namespace {
+            Some(v) if v.get_ref() == "*" => "*".to_string(),
+            v => cx.opt_name(v, &k("source_namespace"), "default")?,
+        };
+        if src_ns == "*" && src_name != "*" {
+            return Err(cx.err(
+                r.source.span(),
+                k("source"),
+                "an exact source name cannot follow a wildcard source namespace (as in Consul)",
+            ));
+        }
+        let src_part = cx.opt_name(
+            &r.source_partition,
+            &k("source_partition"),
+            &identity.partition,
+        )?;
+        let action = Action::parse(r.action.get_ref()).ok_or_else(|| {
+            cx.err(
+                r.action.span(),
+                k("action"),
+                format!("{:?} is not \"allow\" or \"deny\"", r.action.get_ref()),
+            )
+        })?;
+        intentions.push(Intention::new(
+            Target::new(&src_part, &src_ns, &src_name),
+            destination.clone(),
+            action,
+        ));
+    }
+
+    // [timeouts]
+    let d = Timeouts::default();
+    let t = &file.timeouts;
+    let timeouts = Timeouts {
+        connect: cx.duration(&t.connect, "timeouts.connect", d.connect)?,
+        local_connect: cx.duration(&t.local_connect, "timeouts.local_connect", d.local_connect)?,
+        handshake: cx.duration(&t.handshake, "timeouts.handshake", d.handshake)?,
+        idle: cx.duration(&t.idle, "timeouts.idle", d.idle)?,
+        half_close: cx.duration(&t.half_close, "timeouts.half_close", d.half_close)?,
+    };
+
+    // [[upstreams]]
+    let mut upstreams = Vec::new();
+    let mut binds: Vec<SocketAddr> = vec![inbound];
+    binds.extend(outbound.iter().copied());
+    for (i, u) in file.upstreams.iter().enumerate() {
+        let k = |f: &str| format!("upstreams[{i}].{f}");
+        let span = u.span();
+        let u = u.get_ref();
+        let id = ServiceId::new(
+            &trust_domain,
+            &cx.opt_name(&u.partition, &k("partition"), "default")?,
+            &cx.opt_name(&u.namespace, &k("namespace"), "default")?,
+            &cx.opt_name(&u.datacenter, &k("datacenter"), &identity.datacenter)?,
+            &cx.name(&u.name, &k("name"))?,
+        );
+        let mut spec = UpstreamSpec::new(id);
+        if let Some(p) = &u.protocol {
+            spec.protocol = Protocol::parse(p.get_ref()).ok_or_else(|| {
+                cx.err(
+                    p.span(),
+                    k("protocol"),
+                    format!("{:?} is not one of tcp, http, http2, grpc", p.get_ref()),
+                )
+            })?;
+        }
+        for v in &u.virtual_ips {
+            spec.virtual_ips.push(cx.ip(v, &k("virtual_ips"))?);
+        }
+        for v in &u.endpoints {
+            spec.endpoints.push(cx.sockaddr(v, &k("endpoints"))?);
+        }
+        for v in &u.instances {
+            spec.instances.push(cx.ip(v, &k("instances"))?);
+        }
+        spec.dialed_directly = u.dialed_directly;
+        if !u.instances.is_empty() && !u.dialed_directly {
+            return Err(cx.err(
+                span,
+                k("instances"),
+                "instances are only used with dialed_directly = true",
+            ));
+        }
+        if u.dialed_directly && u.instances.is_empty() {
+            return Err(cx.err(
+                span,
+                k("instances"),
+                "dialed_directly = true needs at least one instance address",
+            ));
+        }
+        if let Some(b) = &u.local_bind {
+            let addr = cx.sockaddr(b, &k("local_bind"))?;
+            if binds.contains(&addr) {
+                return Err(cx.err(
+                    b.span(),
+                    k("local_bind"),
+                    format!("{addr} is already used by another listener"),
+                ));
+            }
+            binds.push(addr);
+            spec.local_bind = Some(addr);
+        }
+        if let Some(t) = &u.connect_timeout {
+            spec.connect_timeout = Some(
+                crate::duration::parse(t.get_ref())
+                    .map_err(|m| cx.err(t.span(), k("connect_timeout"), m))?,
+            );
+        }
+        if spec.virtual_ips.is_empty() && spec.local_bind.is_none() && !spec.dialed_directly {
+            return Err(cx.err(
+                span,
+                format!("upstreams[{i}]"),
+                "an upstream needs virtual_ips, local_bind or dialed_directly to be reachable",
+            ));
+        }
+        if (!spec.virtual_ips.is_empty() || spec.local_bind.is_some()) && spec.endpoints.is_empty()
+        {
+            return Err(cx.err(
+                span,
+                k("endpoints"),
+                "an upstream reached by virtual IP or local_bind needs endpoints",
+            ));
+        }
+        upstreams.push(spec);
+    }
+
+    let spec = Spec {
+        identity,
+        roots,
+        chain,
+        key: key_der,
+        local_app,
+        intentions,
+        default_action,
+        upstreams,
+        mesh_destinations_only: ob.mesh_destinations_only,
+        listen: ListenSpec { inbound, outbound },
+        timeouts,
+        source: format!("file {}", path.display()),
+    };
+    // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
+    let check = crate::snapshot::Snapshot::build(spec.clone(), 0);
+    if let Err(e) = check {
+        let (span, key) = match &e {
+            SnapshotError::LeafIdentity { .. } | SnapshotError::LeafUntrusted(_) => {
+                (tls.cert_file.span(), "tls.cert_file".to_string())
+            }
+            SnapshotError::DuplicateVip { .. } => (
+                file.upstreams.first().map(|u| u.span()).unwrap_or(0..0),
+                "upstreams".to_string(),
+            ),
+            _ => (file.tls.span(), "tls".to_string()),
+        };
+        return Err(cx.err(span, key, e.to_string()));
+    }
+    Ok(Loaded {
+        spec,
+        files: vec![path.to_path_buf(), ca, cert, key],
+    })
+}
+
+#[cfg(test)]
+mod tests;

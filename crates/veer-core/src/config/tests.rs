@@ -1,0 +1,230 @@
+use super::*;
+use veer_ca::{Ca, LeafSpec};
+
+const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn certs(service: &str) -> Dir {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "veer-cfg-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::new_root(TD).unwrap();
+    let leaf = ca.service_leaf("dc1", service).unwrap();
+    std::fs::write(dir.join("roots.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("leaf.pem"), &leaf.chain_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &leaf.key_pem).unwrap();
+    let other = ca.issue(&LeafSpec::service(TD, "dc1", "not-api")).unwrap();
+    std::fs::write(dir.join("other.pem"), &other.chain_pem).unwrap();
+    std::fs::write(dir.join("other-key.pem"), &other.key_pem).unwrap();
+    Dir(dir)
+}
+
+const GOOD: &str = r#"
+[service]
+name = "api"
+datacenter = "dc1"
+trust_domain = "11111111-2222-3333-4444-555555555555.consul"
+
+[tls]
+ca_file = "roots.pem"
+cert_file = "leaf.pem"
+key_file = "key.pem"
+
+[inbound]
+bind = "0.0.0.0:20000"
+local_app = "127.0.0.1:8080"
+
+[outbound]
+bind = "127.0.0.1:15001"
+mesh_destinations_only = false
+
+[intentions]
+default_action = "deny"
+[[intentions.rules]]
+source = "web"
+source_namespace = "default"
+action = "allow"
+
+[[upstreams]]
+name = "billing"
+datacenter = "dc1"
+virtual_ips = ["10.96.0.20", "fd00::20"]
+endpoints = ["10.77.0.2:20000"]
+
+[[upstreams]]
+name = "db"
+dialed_directly = true
+instances = ["10.77.0.5", "10.77.0.6"]
+
+[[upstreams]]
+name = "ledger"
+local_bind = "127.0.0.1:9191"
+endpoints = ["10.77.0.3:20000"]
+"#;
+
+fn parse_in(dir: &Dir, text: &str) -> Result<Loaded, ConfigError> {
+    let p = dir.0.join("veer.toml");
+    std::fs::write(&p, text).unwrap();
+    load(&p)
+}
+
+#[test]
+fn the_issue_example_parses() {
+    let d = certs("api");
+    let l = parse_in(&d, GOOD).unwrap();
+    assert_eq!(
+        l.spec.identity.to_string(),
+        format!("spiffe://{TD}/ns/default/dc/dc1/svc/api")
+    );
+    assert_eq!(l.spec.upstreams.len(), 3);
+    assert_eq!(
+        l.spec.listen.outbound.len(),
+        2,
+        "v4 and v6 outbound listeners"
+    );
+    assert_eq!(l.spec.listen.outbound[1].to_string(), "[::1]:15001");
+    assert_eq!(l.files.len(), 4);
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert_eq!(snap.intentions.rules().len(), 1);
+    let dump = snap.dump();
+    assert_eq!(
+        dump["upstreams"][0]["sni"],
+        format!("billing.default.dc1.internal.{TD}")
+    );
+    assert!(
+        !dump.to_string().contains("PRIVATE"),
+        "no key material in the dump"
+    );
+}
+
+/// Each broken variant must fail naming the key and the line it is on.
+#[test]
+fn mistakes_name_key_and_line() {
+    let d = certs("api");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            GOOD.replace(
+                "local_app = \"127.0.0.1:8080\"",
+                "local_app = \"127.0.0.1\"",
+            ),
+            "inbound.local_app",
+            "local_app =",
+        ),
+        (
+            GOOD.replace("\"10.96.0.20\", \"fd00::20\"", "\"10.96.0.x\""),
+            "upstreams[0].virtual_ips",
+            "10.96.0.x",
+        ),
+        (
+            GOOD.replace("ca_file = \"roots.pem\"", "ca_file = \"missing.pem\""),
+            "tls.ca_file",
+            "missing.pem",
+        ),
+        (
+            GOOD.replace(
+                "cert_file = \"leaf.pem\"\nkey_file = \"key.pem\"",
+                "cert_file = \"other.pem\"\nkey_file = \"other-key.pem\"",
+            ),
+            "tls.cert_file",
+            "other.pem",
+        ),
+        (
+            GOOD.replace("default_action = \"deny\"", "default_action = \"maybe\""),
+            "intentions.default_action",
+            "maybe",
+        ),
+        (
+            GOOD.replace("action = \"allow\"", "action = \"permit\""),
+            "intentions.rules[0].action",
+            "permit",
+        ),
+        (
+            GOOD.replace(
+                "local_bind = \"127.0.0.1:9191\"",
+                "local_bind = \"127.0.0.1:15001\"",
+            ),
+            "upstreams[2].local_bind",
+            "local_bind = \"127.0.0.1:15001",
+        ),
+    ];
+    for (text, key, needle) in cases {
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{key} should fail"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        let want = line_of(&text, needle.split('\n').next().unwrap());
+        assert_eq!(e.line, Some(want), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&format!("veer.toml:{want}: {key}: ")),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn unknown_key_names_line() {
+    let d = certs("api");
+    let text = GOOD.replace(
+        "mesh_destinations_only = false",
+        "mesh_destinations_onl = false",
+    );
+    let e = parse_in(&d, &text).err().unwrap();
+    assert!(
+        e.msg.contains("unknown field `mesh_destinations_onl`"),
+        "{e}"
+    );
+    let want = text
+        .lines()
+        .position(|l| l.contains("mesh_destinations_onl"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, Some(want), "{e}");
+}
+
+#[test]
+fn syntax_error_names_line() {
+    let d = certs("api");
+    let text = GOOD.replace("name = \"db\"", "name = \"db");
+    let e = parse_in(&d, &text).err().unwrap();
+    let want = text
+        .lines()
+        .position(|l| l.contains("name = \"db"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, Some(want), "{e}");
+}
+
+#[test]
+fn upstream_needs_a_way_in() {
+    let d = certs("api");
+    let text = GOOD.replace(
+        "dialed_directly = true\ninstances = [\"10.77.0.5\", \"10.77.0.6\"]",
+        "",
+    );
+    let e = parse_in(&d, &text).err().unwrap();
+    assert_eq!(e.key.as_deref(), Some("upstreams[1]"), "{e}");
+}
+
+#[test]
+fn ipv6_listener_can_be_turned_off() {
+    let d = certs("api");
+    let text = GOOD.replace(
+        "mesh_destinations_only = false",
+        "mesh_destinations_only = false\nbind_ipv6 = \"\"",
+    );
+    assert_eq!(parse_in(&d, &text).unwrap().spec.listen.outbound.len(), 1);
+}

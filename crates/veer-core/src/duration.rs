@@ -1,0 +1,81 @@
+//! Durations in configuration files: `"5s"`, `"250ms"`, `"1h"`, `"1m30s"`.
+use std::time::Duration;
+
+/// Parses a duration such as `5s`, `250ms`, `1h`, `1m30s`, `0`.
+pub fn parse(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "bad duration {s:?}: expected a number, e.g. \"5s\""
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("bad duration {s:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "" => return Err(format!("bad duration {s:?}: missing unit (ms, s, m, h)")),
+            u => {
+                return Err(format!(
+                    "bad duration {s:?}: unknown unit {u:?} (ms, s, m, h)"
+                ))
+            }
+        };
+        total += d;
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way [`parse`] reads it.
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units() {
+        assert_eq!(parse("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse("0").unwrap(), Duration::ZERO);
+        assert!(parse("5").unwrap_err().contains("missing unit"));
+        assert!(parse("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse("s").is_err());
+        assert_eq!(format(Duration::from_secs(3600)), "1h");
+        assert_eq!(format(Duration::from_millis(1500)), "1500ms");
+    }
+}

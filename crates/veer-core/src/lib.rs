@@ -1,0 +1,24 @@
+//! veer's sans-IO core.
+//!
+//! Everything here is a pure function of its inputs: no sockets, no clocks
+//! except where a caller passes the time in. The proxy runtime (`veer-proxy`)
+//! reads one immutable [`snapshot::Snapshot`] per connection and asks
+//! [`route::route`] and [`intentions::Intentions::evaluate`] what to do.
+//!
+//! - [`addr`]: typed addresses (client, original destination, endpoint, local app).
+//! - [`spiffe`]: Consul's SPIFFE service identities and SNI names.
+//! - [`intentions`]: Consul's L4 intention precedence and evaluation.
+//! - [`route`]: the outbound routing decision.
+//! - [`tls`]: rustls configurations and peer-identity extraction.
+//! - [`config`]: the TOML file format and its validation.
+//! - [`snapshot`]: the immutable configuration snapshot the listeners read.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod config;
+pub mod duration;
+pub mod intentions;
+pub mod route;
+pub mod snapshot;
+pub mod spiffe;
+pub mod tls;

@@ -1,0 +1,286 @@
+//! The outbound routing decision: a pure function of the routing table and
+//! the original destination.
+//!
+//! In Consul's order: a virtual IP of an upstream (any port) goes to that
+//! upstream over mTLS; an instance address of a dialed-directly upstream goes
+//! over mTLS straight to the original destination; anything else passes
+//! through as plain TCP, unless `mesh_destinations_only` is set. A
+//! destination that is one of veer's own listeners would loop and is refused.
+use crate::addr::{EndpointAddr, OrigDstAddr};
+use crate::spiffe::ServiceId;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The application protocol of an upstream. Only `Tcp` is proxied at L4
+/// today; the others are carried for the L7 work to come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "tcp" | "" => Some(Protocol::Tcp),
+            "http" => Some(Protocol::Http),
+            "http2" => Some(Protocol::Http2),
+            "grpc" => Some(Protocol::Grpc),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// One endpoint of an upstream: the inbound listener of a healthy sidecar.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: EndpointAddr,
+    /// Milliseconds (on the caller's clock) until which this endpoint is
+    /// considered failed; 0 when healthy.
+    failed_until_ms: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr: EndpointAddr(addr),
+            failed_until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// An upstream service and what veer needs to reach it.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The identity its sidecars must present; also gives the SNI.
+    pub identity: ServiceId,
+    pub sni: String,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    pub virtual_ips: Vec<IpAddr>,
+    /// Instance addresses that are dialed directly (headless / DialedDirectly).
+    pub instances: Vec<IpAddr>,
+    pub dialed_directly: bool,
+    /// An explicit upstream's own listener.
+    pub local_bind: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(identity: ServiceId, connect_timeout: Duration) -> Upstream {
+        Upstream {
+            sni: identity.sni(),
+            identity,
+            protocol: Protocol::Tcp,
+            endpoints: Vec::new(),
+            virtual_ips: Vec::new(),
+            instances: Vec::new(),
+            dialed_directly: false,
+            local_bind: None,
+            connect_timeout,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The service name, for logs and metric labels.
+    pub fn name(&self) -> &str {
+        &self.identity.service
+    }
+
+    /// Endpoints in the order to try them for one connection: round robin
+    /// from a rotating start, endpoints marked failed (at `now_ms`) last.
+    pub fn pick_order(&self, now_ms: u64) -> Vec<&Endpoint> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut order: Vec<&Endpoint> = (0..n).map(|i| &self.endpoints[(start + i) % n]).collect();
+        // Stable: healthy ones first, each group keeps round-robin order.
+        order.sort_by_key(|e| e.failed_until_ms.load(Ordering::Relaxed) > now_ms);
+        order
+    }
+
+    /// Marks an endpoint failed until `until_ms`.
+    pub fn mark_failed(&self, ep: &Endpoint, until_ms: u64) {
+        ep.failed_until_ms.store(until_ms, Ordering::Relaxed);
+    }
+
+    pub fn mark_ok(&self, ep: &Endpoint) {
+        if ep.failed_until_ms.load(Ordering::Relaxed) != 0 {
+            ep.failed_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// mTLS to an endpoint of the upstream (virtual IP or explicit upstream).
+    Mesh { upstream: Arc<Upstream> },
+    /// mTLS straight to the original destination (dialed directly).
+    Direct {
+        upstream: Arc<Upstream>,
+        addr: EndpointAddr,
+    },
+    /// Plain TCP to the original destination.
+    Passthrough { addr: EndpointAddr },
+}
+
+impl Route {
+    /// Metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Mesh { .. } => "mesh",
+            Route::Direct { .. } => "direct",
+            Route::Passthrough { .. } => "passthrough",
+        }
+    }
+}
+
+/// Why an outbound connection has no route. `classify()` gives a metric label.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The original destination is veer's own listener: dialing it would loop
+    /// (the proxy's traffic is not excluded from redirection, or a client
+    /// dialled the listener directly).
+    #[error("original destination {0} is veer's own listener; refusing to loop (is the proxy UID excluded from redirection?)")]
+    Loop(OrigDstAddr),
+    /// `mesh_destinations_only` is set and the destination is not in the mesh.
+    #[error(
+        "original destination {0} is not a mesh destination and mesh_destinations_only is set"
+    )]
+    NotInMesh(OrigDstAddr),
+    /// The upstream has no endpoints.
+    #[error("upstream {0} has no healthy endpoints")]
+    NoEndpoints(String),
+}
+
+impl RouteError {
+    pub fn classify(&self) -> &'static str {
+        match self {
+            RouteError::Loop(_) => "loop",
+            RouteError::NotInMesh(_) => "not_in_mesh",
+            RouteError::NoEndpoints(_) => "no_endpoints",
+        }
+    }
+}
+
+/// The routing table of one snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    upstreams: Vec<Arc<Upstream>>,
+    by_vip: HashMap<IpAddr, usize>,
+    by_instance: HashMap<IpAddr, usize>,
+    mesh_destinations_only: bool,
+    /// veer's own listener addresses, for loop detection.
+    own_listeners: Vec<SocketAddr>,
+}
+
+impl RouteTable {
+    /// Builds the table. When two upstreams claim one address, the first wins
+    /// (and the caller is expected to have reported the conflict).
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        mesh_destinations_only: bool,
+        own_listeners: Vec<SocketAddr>,
+    ) -> RouteTable {
+        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
+        let mut by_vip = HashMap::new();
+        let mut by_instance = HashMap::new();
+        for (i, u) in upstreams.iter().enumerate() {
+            for ip in &u.virtual_ips {
+                by_vip
+                    .entry(crate::addr::canonical(SocketAddr::new(*ip, 0)).ip())
+                    .or_insert(i);
+            }
+            if u.dialed_directly {
+                for ip in &u.instances {
+                    by_instance.entry(*ip).or_insert(i);
+                }
+            }
+        }
+        RouteTable {
+            upstreams,
+            by_vip,
+            by_instance,
+            mesh_destinations_only,
+            own_listeners,
+        }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    pub fn mesh_destinations_only(&self) -> bool {
+        self.mesh_destinations_only
+    }
+
+    /// Finds an upstream by service name (explicit upstream listeners).
+    pub fn upstream_by_bind(&self, bind: SocketAddr) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.local_bind == Some(bind))
+    }
+
+    fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|l| {
+            l.port() == dst.port()
+                && (l.ip() == dst.ip() || (l.ip().is_unspecified() && dst.ip().is_loopback()))
+        })
+    }
+}
+
+/// Decides where a redirected outbound connection goes.
+pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteError> {
+    let dst = orig_dst.0;
+    if table.is_own_listener(dst) {
+        return Err(RouteError::Loop(orig_dst));
+    }
+    if let Some(&i) = table.by_vip.get(&dst.ip()) {
+        let upstream = table.upstreams[i].clone();
+        if upstream.endpoints.is_empty() {
+            return Err(RouteError::NoEndpoints(upstream.name().to_string()));
+        }
+        return Ok(Route::Mesh { upstream });
+    }
+    if let Some(&i) = table.by_instance.get(&dst.ip()) {
+        return Ok(Route::Direct {
+            upstream: table.upstreams[i].clone(),
+            addr: EndpointAddr(dst),
+        });
+    }
+    if table.mesh_destinations_only {
+        return Err(RouteError::NotInMesh(orig_dst));
+    }
+    Ok(Route::Passthrough {
+        addr: EndpointAddr(dst),
+    })
+}
+
+/// The route of an explicit upstream listener: always that upstream.
+pub fn route_explicit(upstream: &Arc<Upstream>) -> Result<Route, RouteError> {
+    if upstream.endpoints.is_empty() {
+        return Err(RouteError::NoEndpoints(upstream.name().to_string()));
+    }
+    Ok(Route::Mesh {
+        upstream: upstream.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+use super::*;
+use std::time::Duration;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+fn dst(s: &str) -> OrigDstAddr {
+    OrigDstAddr::from(sa(s))
+}
+
+fn upstream(name: &str) -> Upstream {
+    Upstream::new(
+        ServiceId::new("td.consul", "default", "default", "dc1", name),
+        Duration::from_secs(5),
+    )
+}
+
+fn table(mesh_only: bool) -> RouteTable {
+    let mut billing = upstream("billing");
+    billing.virtual_ips = vec!["10.96.0.20".parse().unwrap(), "fd00::20".parse().unwrap()];
+    billing.endpoints = vec![
+        Endpoint::new(sa("10.77.0.2:20000")),
+        Endpoint::new(sa("10.77.0.3:20000")),
+    ];
+    let mut db = upstream("db");
+    db.dialed_directly = true;
+    db.instances = vec!["10.77.0.5".parse().unwrap(), "10.77.0.6".parse().unwrap()];
+    let mut empty = upstream("empty");
+    empty.virtual_ips = vec!["10.96.0.99".parse().unwrap()];
+    let mut ledger = upstream("ledger");
+    ledger.local_bind = Some(sa("127.0.0.1:9191"));
+    ledger.endpoints = vec![Endpoint::new(sa("10.77.0.3:20000"))];
+    RouteTable::new(
+        vec![billing, db, empty, ledger],
+        mesh_only,
+        vec![
+            sa("127.0.0.1:15001"),
+            sa("[::1]:15001"),
+            sa("0.0.0.0:20000"),
+        ],
+    )
+}
+
+#[test]
+fn table_of_routes() {
+    let t = table(false);
+    // (original destination, expected kind, expected upstream or address)
+    let cases = [
+        ("10.96.0.20:80", "mesh", "billing"),
+        ("10.96.0.20:9999", "mesh", "billing"), // any port on a VIP
+        ("[fd00::20]:443", "mesh", "billing"),  // IPv6 VIP
+        ("[::ffff:10.96.0.20]:80", "mesh", "billing"), // v4-mapped on a [::] socket
+        ("10.77.0.5:5432", "direct", "10.77.0.5:5432"),
+        ("10.77.0.6:7000", "direct", "10.77.0.6:7000"),
+        ("93.184.216.34:443", "passthrough", "93.184.216.34:443"),
+        ("[2001:db8::1]:80", "passthrough", "[2001:db8::1]:80"),
+    ];
+    for (d, kind, what) in cases {
+        let r = route(&t, dst(d)).unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(r.kind(), kind, "{d}");
+        match r {
+            Route::Mesh { upstream } => assert_eq!(upstream.name(), what, "{d}"),
+            Route::Direct { upstream, addr } => {
+                assert_eq!(upstream.name(), "db");
+                assert_eq!(addr.to_string(), what);
+            }
+            Route::Passthrough { addr } => assert_eq!(addr.to_string(), what),
+        }
+    }
+}
+
+#[test]
+fn mesh_destinations_only_refuses_unknown() {
+    let t = table(true);
+    let e = route(&t, dst("93.184.216.34:443")).unwrap_err();
+    assert_eq!(e.classify(), "not_in_mesh");
+    // Mesh destinations still route.
+    assert_eq!(route(&t, dst("10.96.0.20:80")).unwrap().kind(), "mesh");
+    assert_eq!(route(&t, dst("10.77.0.5:1")).unwrap().kind(), "direct");
+}
+
+#[test]
+fn own_listener_is_a_loop() {
+    let t = table(false);
+    for d in ["127.0.0.1:15001", "[::1]:15001", "127.0.0.1:20000"] {
+        assert_eq!(route(&t, dst(d)).unwrap_err().classify(), "loop", "{d}");
+    }
+    // Another port on loopback is ordinary passthrough.
+    assert_eq!(
+        route(&t, dst("127.0.0.2:15002")).unwrap().kind(),
+        "passthrough"
+    );
+}
+
+#[test]
+fn vip_without_endpoints_is_an_error() {
+    let t = table(false);
+    assert_eq!(
+        route(&t, dst("10.96.0.99:80")).unwrap_err().classify(),
+        "no_endpoints"
+    );
+}
+
+#[test]
+fn explicit_upstream_routes_to_its_upstream() {
+    let t = table(false);
+    let u = t.upstream_by_bind(sa("127.0.0.1:9191")).unwrap();
+    match route_explicit(u).unwrap() {
+        Route::Mesh { upstream } => assert_eq!(upstream.name(), "ledger"),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn round_robin_and_failed_endpoints_last() {
+    let t = table(false);
+    let b = &t.upstreams()[0];
+    let first: Vec<String> = b.pick_order(0).iter().map(|e| e.addr.to_string()).collect();
+    let second: Vec<String> = b.pick_order(0).iter().map(|e| e.addr.to_string()).collect();
+    assert_ne!(first[0], second[0], "start rotates");
+    // Mark .2 failed until t=1000: it comes last while failed, and is back after.
+    let ep2 = b
+        .endpoints
+        .iter()
+        .find(|e| e.addr.to_string() == "10.77.0.2:20000")
+        .unwrap();
+    b.mark_failed(ep2, 1000);
+    for _ in 0..4 {
+        assert_eq!(b.pick_order(500)[0].addr.to_string(), "10.77.0.3:20000");
+    }
+    let after: Vec<String> = (0..2)
+        .map(|_| b.pick_order(1500)[0].addr.to_string())
+        .collect();
+    assert!(after.contains(&"10.77.0.2:20000".to_string()));
+}

@@ -1,0 +1,326 @@
+//! The immutable configuration snapshot.
+//!
+//! A control-plane source (the TOML file today, the Consul agent next, xDS
+//! later) fills a [`Spec`] — plain data — and [`Snapshot::build`] turns it
+//! into what the listeners read per connection: rustls configurations, the
+//! intentions for this service, and the routing table. A snapshot is never
+//! changed after it is built; the runtime swaps whole snapshots atomically.
+use crate::intentions::{Action, Intention, Intentions};
+use crate::route::{Endpoint, Protocol, RouteTable, Upstream};
+use crate::spiffe::ServiceId;
+use crate::tls::{self, CertInfo, TlsError};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, ServerConfig};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Timeouts, with Envoy's and Consul's defaults.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Timeouts {
+    /// Dialing an upstream, a dialed-directly instance or a passthrough
+    /// destination (Consul: 5 s).
+    pub connect: Duration,
+    /// Dialing the local app (Consul: 5 s).
+    pub local_connect: Duration,
+    /// Completing an inbound or outbound TLS handshake.
+    pub handshake: Duration,
+    /// Closing a connection with no traffic either way (Envoy: 1 h).
+    pub idle: Duration,
+    /// Closing a half-closed connection with no traffic in the open direction.
+    pub half_close: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            local_connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(3600),
+            half_close: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where to listen. Binds are read at start; explicit upstream listeners
+/// follow the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ListenSpec {
+    pub inbound: SocketAddr,
+    /// The transparent outbound listener(s): 127.0.0.1:15001 and [::1]:15001.
+    pub outbound: Vec<SocketAddr>,
+}
+
+/// One upstream as a control-plane source describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    pub identity: ServiceId,
+    pub protocol: Protocol,
+    pub virtual_ips: Vec<IpAddr>,
+    pub endpoints: Vec<SocketAddr>,
+    pub dialed_directly: bool,
+    pub instances: Vec<IpAddr>,
+    pub local_bind: Option<SocketAddr>,
+    pub connect_timeout: Option<Duration>,
+}
+
+impl UpstreamSpec {
+    pub fn new(identity: ServiceId) -> UpstreamSpec {
+        UpstreamSpec {
+            identity,
+            protocol: Protocol::Tcp,
+            virtual_ips: Vec::new(),
+            endpoints: Vec::new(),
+            dialed_directly: false,
+            instances: Vec::new(),
+            local_bind: None,
+            connect_timeout: None,
+        }
+    }
+}
+
+/// Everything a snapshot is built from; plain data.
+#[derive(Debug)]
+pub struct Spec {
+    pub identity: ServiceId,
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub local_app: SocketAddr,
+    pub intentions: Vec<Intention>,
+    pub default_action: Action,
+    pub upstreams: Vec<UpstreamSpec>,
+    pub mesh_destinations_only: bool,
+    pub listen: ListenSpec,
+    pub timeouts: Timeouts,
+    /// Where this spec came from, for `/config_dump` and logs.
+    pub source: String,
+}
+
+impl Clone for Spec {
+    fn clone(&self) -> Spec {
+        Spec {
+            identity: self.identity.clone(),
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            local_app: self.local_app,
+            intentions: self.intentions.clone(),
+            default_action: self.default_action,
+            upstreams: self.upstreams.clone(),
+            mesh_destinations_only: self.mesh_destinations_only,
+            listen: self.listen.clone(),
+            timeouts: self.timeouts.clone(),
+            source: self.source.clone(),
+        }
+    }
+}
+
+/// Why a spec cannot become a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the leaf certificate is for {got}, but this sidecar is {want}")]
+    LeafIdentity { got: String, want: String },
+    #[error("the leaf certificate does not chain to any of the roots: {0}")]
+    LeafUntrusted(String),
+    #[error("no roots")]
+    NoRoots,
+    #[error("virtual IP {ip} is claimed by both {first} and {second}")]
+    DuplicateVip {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+}
+
+/// The TLS side of a snapshot.
+pub struct TlsMaterial {
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+    pub leaf: CertInfo,
+    pub roots: Vec<CertInfo>,
+}
+
+/// One immutable configuration snapshot.
+pub struct Snapshot {
+    /// Increases with every snapshot a process builds.
+    pub version: u64,
+    pub identity: ServiceId,
+    pub tls: TlsMaterial,
+    pub intentions: Intentions,
+    pub routes: RouteTable,
+    pub local_app: SocketAddr,
+    pub listen: ListenSpec,
+    pub timeouts: Timeouts,
+    pub source: String,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("version", &self.version)
+            .field("identity", &self.identity.to_string())
+            .field("upstreams", &self.routes.upstreams().len())
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// Builds a snapshot: checks the leaf is ours and chains to the roots,
+    /// makes both rustls configurations and the routing table.
+    pub fn build(spec: Spec, version: u64) -> Result<Snapshot, SnapshotError> {
+        if spec.roots.is_empty() {
+            return Err(SnapshotError::NoRoots);
+        }
+        let leaf_der = spec
+            .chain
+            .first()
+            .ok_or_else(|| TlsError::NoCertificate("leaf chain".into()))?;
+        let got = tls::peer_identity(leaf_der).map_err(TlsError::from)?;
+        if got != spec.identity {
+            return Err(SnapshotError::LeafIdentity {
+                got: got.to_string(),
+                want: spec.identity.to_string(),
+            });
+        }
+        verify_leaf(&spec.chain, &spec.roots)?;
+        let leaf = CertInfo::parse(leaf_der).map_err(TlsError::from)?;
+        let roots = spec
+            .roots
+            .iter()
+            .map(|r| CertInfo::parse(r).map_err(TlsError::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        let server = tls::server_config(spec.chain.clone(), spec.key.clone_key(), &spec.roots)?;
+        let client = tls::client_config(spec.chain, spec.key, &spec.roots)?;
+
+        let mut seen: std::collections::HashMap<IpAddr, String> = Default::default();
+        let mut own = vec![spec.listen.inbound];
+        own.extend(spec.listen.outbound.iter().copied());
+        let mut upstreams = Vec::with_capacity(spec.upstreams.len());
+        for u in spec.upstreams {
+            for ip in &u.virtual_ips {
+                if let Some(first) = seen.insert(*ip, u.identity.service.clone()) {
+                    return Err(SnapshotError::DuplicateVip {
+                        ip: *ip,
+                        first,
+                        second: u.identity.service.clone(),
+                    });
+                }
+            }
+            let mut up = Upstream::new(
+                u.identity,
+                u.connect_timeout.unwrap_or(spec.timeouts.connect),
+            );
+            up.protocol = u.protocol;
+            up.virtual_ips = u.virtual_ips;
+            up.endpoints = u.endpoints.into_iter().map(Endpoint::new).collect();
+            up.dialed_directly = u.dialed_directly;
+            up.instances = u.instances;
+            up.local_bind = u.local_bind;
+            own.extend(u.local_bind);
+            upstreams.push(up);
+        }
+        let routes = RouteTable::new(upstreams, spec.mesh_destinations_only, own);
+        let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
+        Ok(Snapshot {
+            version,
+            identity: spec.identity,
+            tls: TlsMaterial {
+                server,
+                client,
+                leaf,
+                roots,
+            },
+            intentions,
+            routes,
+            local_app: spec.local_app,
+            listen: spec.listen,
+            timeouts: spec.timeouts,
+            source: spec.source,
+        })
+    }
+
+    /// The snapshot as JSON for `/config_dump`: identities, certificate facts
+    /// (never keys), intentions in evaluation order, upstreams, timeouts.
+    pub fn dump(&self) -> serde_json::Value {
+        use serde_json::json;
+        let ixns: Vec<_> = self
+            .intentions
+            .rules()
+            .iter()
+            .map(|r| {
+                json!({
+                    "source": r.source.to_string(),
+                    "destination": r.destination.to_string(),
+                    "action": r.action.as_str(),
+                    "precedence": r.precedence(),
+                    "id": r.id,
+                })
+            })
+            .collect();
+        let ups: Vec<_> = self
+            .routes
+            .upstreams()
+            .iter()
+            .map(|u| {
+                json!({
+                    "name": u.name(),
+                    "identity": u.identity.to_string(),
+                    "sni": u.sni,
+                    "protocol": u.protocol.as_str(),
+                    "virtual_ips": u.virtual_ips,
+                    "endpoints": u.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                    "dialed_directly": u.dialed_directly,
+                    "instances": u.instances,
+                    "local_bind": u.local_bind,
+                    "connect_timeout": crate::duration::format(u.connect_timeout),
+                })
+            })
+            .collect();
+        json!({
+            "version": self.version,
+            "source": self.source,
+            "identity": self.identity.to_string(),
+            "local_app": self.local_app,
+            "listen": self.listen,
+            "leaf": self.tls.leaf,
+            "roots": self.tls.roots,
+            "intentions": {
+                "default_action": self.intentions.default_action().as_str(),
+                "rules": ixns,
+            },
+            "mesh_destinations_only": self.routes.mesh_destinations_only(),
+            "upstreams": ups,
+            "timeouts": {
+                "connect": crate::duration::format(self.timeouts.connect),
+                "local_connect": crate::duration::format(self.timeouts.local_connect),
+                "handshake": crate::duration::format(self.timeouts.handshake),
+                "idle": crate::duration::format(self.timeouts.idle),
+                "half_close": crate::duration::format(self.timeouts.half_close),
+            },
+        })
+    }
+}
+
+fn verify_leaf(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Result<(), SnapshotError> {
+    let store = tls::root_store(roots)?;
+    let provider = rustls::crypto::ring::default_provider();
+    let cert = rustls::server::ParsedCertificate::try_from(&chain[0])
+        .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &cert,
+        &store,
+        &chain[1..],
+        rustls::pki_types::UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))
+}

@@ -1,0 +1,331 @@
+//! TLS material for the mesh: rustls configurations for both directions,
+//! PEM loading, peer-identity extraction and error classification.
+//!
+//! Inbound (server side) requires a client certificate that chains to one of
+//! the roots and carries the client-auth usage (webpki). Outbound (client
+//! side) verifies the server chain against the roots with the server-auth
+//! usage but not the DNS name: a Consul leaf has only a SPIFFE URI SAN, which
+//! the caller checks against the upstream's identity right after the
+//! handshake and before any byte of the app is sent.
+use crate::spiffe::{ServiceId, SpiffeError};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: no PEM certificate in it")]
+    NoCertificate(String),
+    #[error("{0}: no PEM private key in it (PKCS#8, SEC1 EC or PKCS#1 RSA)")]
+    NoKey(String),
+    #[error("{what}: {msg}")]
+    Invalid { what: String, msg: String },
+    #[error("certificate identity: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// Why a certificate does not give a usable peer identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    #[error("certificate has no URI SAN")]
+    NoUriSan,
+    #[error("certificate has {0} URI SANs; exactly one SPIFFE ID is expected")]
+    MultipleUriSans(usize),
+    #[error("{0}")]
+    Spiffe(#[from] SpiffeError),
+    #[error("trust domain {got:?} is not ours ({want:?})")]
+    WrongTrustDomain { got: String, want: String },
+}
+
+impl IdentityError {
+    /// Metric label.
+    pub fn classify(&self) -> &'static str {
+        match self {
+            IdentityError::BadCertificate(_) => "bad_certificate",
+            IdentityError::NoUriSan => "no_uri_san",
+            IdentityError::MultipleUriSans(_) => "multiple_uri_sans",
+            IdentityError::Spiffe(e) => e.classify(),
+            IdentityError::WrongTrustDomain { .. } => "wrong_trust_domain",
+        }
+    }
+}
+
+/// Reads all PEM certificates from a file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_certs(&data, &path.display().to_string())
+}
+
+/// Parses all PEM certificates in `data`; `what` names the source in errors.
+pub fn parse_certs(data: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid {
+            what: what.to_string(),
+            msg: format!("bad PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what.to_string()));
+    }
+    Ok(certs)
+}
+
+/// Reads one PEM private key from a file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_key(&data, &path.display().to_string())
+}
+
+/// Parses one PEM private key.
+pub fn parse_key(data: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(data).map_err(|_| TlsError::NoKey(what.to_string()))
+}
+
+/// The first URI SAN of a DER certificate, parsed as a service identity.
+/// Exactly one URI SAN is accepted.
+pub fn peer_identity(cert: &[u8]) -> Result<ServiceId, IdentityError> {
+    let uris = uri_sans(cert)?;
+    match uris.len() {
+        0 => Err(IdentityError::NoUriSan),
+        1 => Ok(ServiceId::parse(&uris[0])?),
+        n => Err(IdentityError::MultipleUriSans(n)),
+    }
+}
+
+/// All URI SANs of a DER certificate.
+pub fn uri_sans(cert: &[u8]) -> Result<Vec<String>, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    Ok(san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Facts about a certificate, for logs and `/config_dump` (never key material).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    pub uri_sans: Vec<String>,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    pub fn parse(cert: &[u8]) -> Result<CertInfo, IdentityError> {
+        let (_, x) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        Ok(CertInfo {
+            subject: x.subject().to_string(),
+            uri_sans: uri_sans(cert)?,
+            serial: x.raw_serial_as_string(),
+            not_before: x.validity().not_before.timestamp(),
+            not_after: x.validity().not_after.timestamp(),
+            is_ca: x.is_ca(),
+        })
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds a root store from PEM roots (all of them are trusted, as during a
+/// Consul CA rotation).
+pub fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for (i, r) in roots.iter().enumerate() {
+        store.add(r.clone()).map_err(|e| TlsError::Invalid {
+            what: format!("root certificate #{}", i + 1),
+            msg: e.to_string(),
+        })?;
+    }
+    Ok(store)
+}
+
+/// The inbound listener's TLS configuration: our leaf, client certificate
+/// required and verified against `roots`.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Invalid {
+                what: "client verifier".into(),
+                msg: e.to_string(),
+            })?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid {
+            what: "server config".into(),
+            msg: e.to_string(),
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Invalid {
+            what: "leaf certificate and key".into(),
+            msg: e.to_string(),
+        })?;
+    cfg.max_fragment_size = None;
+    cfg.send_tls13_tickets = 1;
+    Ok(Arc::new(cfg))
+}
+
+/// The outbound TLS configuration: our leaf as client certificate, server
+/// chains verified against `roots` (identity checked by the caller).
+pub fn client_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(MeshServerVerifier {
+        roots: Arc::new(root_store(roots)?),
+        algs: provider.signature_verification_algorithms,
+    });
+    let cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid {
+            what: "client config".into(),
+            msg: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Invalid {
+            what: "leaf certificate and key".into(),
+            msg: e.to_string(),
+        })?;
+    Ok(Arc::new(cfg))
+}
+
+/// Verifies a server chain against the mesh roots with the server-auth usage,
+/// without a DNS-name check (mesh leaves carry only a SPIFFE URI SAN).
+#[derive(Debug)]
+struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A bounded metric label for a TLS handshake failure.
+pub fn classify_tls_error(e: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
+    match e {
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "cert_expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "cert_not_yet_valid"
+            }
+            CertificateError::UnknownIssuer => "cert_untrusted",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "cert_bad_usage"
+            }
+            CertificateError::BadSignature => "cert_bad_signature",
+            CertificateError::Revoked => "cert_revoked",
+            CertificateError::BadEncoding => "cert_bad_encoding",
+            _ => "cert_invalid",
+        },
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => "not_tls",
+        E::PeerIncompatible(_) => "incompatible",
+        E::PeerMisbehaved(_) => "peer_misbehaved",
+        E::AlertReceived(_) => "alert_received",
+        E::DecryptError => "decrypt_error",
+        _ => "tls_other",
+    }
+}
+
+/// Finds a rustls error inside an IO error (as tokio-rustls reports them).
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! The inbound pipeline: mTLS handshake → peer identity → intentions →
+//! dial the local app → relay. A peer that fails any step before the dial
+//! never causes a connection to the local app.
+//!
+//! The check after the handshake is the one point where a request-level
+//! (L7) check will sit for HTTP upstreams.
+use crate::metrics::Direction;
+use crate::net;
+use crate::relay::{self, Limits};
+use crate::state::Shared;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use veer_core::addr::{ClientAddr, EndpointAddr};
+use veer_core::intentions::Decision;
+use veer_core::tls::{self, IdentityError};
+
+/// Why an inbound connection was refused; `classify()` gives a metric label.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboundError {
+    /// The TLS handshake did not finish within the handshake timeout
+    /// (slow or silent peers, slowloris).
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The handshake failed: no client certificate, untrusted or expired
+    /// certificate, wrong usage, or not TLS at all.
+    #[error("TLS handshake failed: {1}")]
+    Handshake(&'static str, String),
+    /// The certificate is valid but carries no usable service identity.
+    #[error("client identity: {0}")]
+    Identity(#[from] IdentityError),
+    /// Intentions deny the source.
+    #[error("denied: {1}")]
+    Denied(Decision, String),
+    /// The local app did not accept the connection.
+    #[error("local app: {0}")]
+    LocalApp(#[from] net::DialError),
+}
+
+impl InboundError {
+    pub fn classify(&self) -> &'static str {
+        match self {
+            InboundError::HandshakeTimeout => "handshake_timeout",
+            InboundError::Handshake(l, _) => l,
+            InboundError::Identity(e) => e.classify(),
+            InboundError::Denied(d, _) => d.classify(),
+            InboundError::LocalApp(e) => e.classify(),
+        }
+    }
+}
+
+/// Handles one accepted inbound connection.
+pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
+    let started = Instant::now();
+    shared.metrics.opened(Direction::Inbound);
+    net::tune(&tcp);
+    let snap = shared.snapshot();
+    let acceptor = TlsAcceptor::from(snap.tls.server.clone());
+    let res = tokio::time::timeout(snap.timeouts.handshake, acceptor.accept(tcp)).await;
+    let tls = match res {
+        Err(_) => return refuse(&shared, peer, None, InboundError::HandshakeTimeout),
+        Ok(Err(e)) => {
+            let label = tls::rustls_error(&e)
+                .map(tls::classify_tls_error)
+                .unwrap_or(match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => "eof_during_handshake",
+                    std::io::ErrorKind::ConnectionReset => "reset_during_handshake",
+                    _ => "handshake_io",
+                });
+            return refuse(
+                &shared,
+                peer,
+                None,
+                InboundError::Handshake(label, e.to_string()),
+            );
+        }
+        Ok(Ok(s)) => s,
+    };
+    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return refuse(
+            &shared,
+            peer,
+            None,
+            InboundError::Handshake("no_client_cert", "no certificate".into()),
+        );
+    };
+    let source = match tls::peer_identity(leaf) {
+        Ok(id) => id,
+        Err(e) => return refuse(&shared, peer, None, e.into()),
+    };
+    if source.trust_domain != snap.identity.trust_domain {
+        let e = IdentityError::WrongTrustDomain {
+            got: source.trust_domain.clone(),
+            want: snap.identity.trust_domain.clone(),
+        };
+        return refuse(&shared, peer, Some(&source.to_string()), e.into());
+    }
+    // Register first, then decide on the current snapshot: a swap that
+    // races with this check either sees the registration or is seen here.
+    let reg = shared.register(source.clone());
+    let snap = shared.snapshot();
+    let decision = snap.intentions.evaluate(&source);
+    if !decision.allowed() {
+        let why = snap.intentions.explain(&decision);
+        return refuse(
+            &shared,
+            peer,
+            Some(&source.to_string()),
+            InboundError::Denied(decision, why),
+        );
+    }
+    let app = match net::dial(EndpointAddr(snap.local_app), snap.timeouts.local_connect).await {
+        Ok(s) => s,
+        Err(e) => return refuse(&shared, peer, Some(&source.to_string()), e.into()),
+    };
+    let limits = Limits {
+        idle: snap.timeouts.idle,
+        half_close: snap.timeouts.half_close,
+    };
+    drop(snap);
+    let out = relay::copy(tls, app, limits, Some(reg.revoke.clone())).await;
+    drop(reg);
+    shared.metrics.copy_bytes.fetch_add(
+        out.a_to_b + out.b_to_a,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    shared
+        .metrics
+        .closed(Direction::Inbound, out.a_to_b, out.b_to_a);
+    tracing::info!(
+        target: "veer::access",
+        direction = "inbound",
+        peer = %peer,
+        source = %source,
+        rx_bytes = out.a_to_b,
+        tx_bytes = out.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close = out.reason.as_str(),
+        "connection closed"
+    );
+}
+
+fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {
+    let label = e.classify();
+    let metric = match &e {
+        InboundError::HandshakeTimeout | InboundError::Handshake(..) => {
+            "inbound_handshake_failures_total"
+        }
+        InboundError::Identity(_) => "inbound_identity_failures_total",
+        InboundError::Denied(..) => "intention_denials_total",
+        InboundError::LocalApp(_) => "local_app_connect_failures_total",
+    };
+    shared.metrics.count(metric, "reason", label);
+    shared.metrics.closed(Direction::Inbound, 0, 0);
+    tracing::warn!(peer = %peer, source = source.unwrap_or("-"), reason = label, "inbound connection refused: {e}");
+}

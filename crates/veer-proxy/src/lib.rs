@@ -1,0 +1,21 @@
+//! veer's runtime: the listeners, the inbound and outbound pipelines, the
+//! relay, and atomic snapshot swaps.
+//!
+//! Pipeline stages, one module each:
+//! - [`accept`]: listeners and accept loops (never spin on `EMFILE`).
+//! - [`inbound`]: mTLS handshake → peer identity → intentions → dial the
+//!   local app → relay.
+//! - [`outbound`]: original destination → [`veer_core::route::route`] →
+//!   connect (mTLS with SPIFFE check, or plain) → relay.
+//! - [`relay`]: splice or buffered copy, half-close, resets, timers.
+//! - [`state`]: the current snapshot, the open-connection registry, metrics.
+#![deny(unsafe_code)]
+
+pub mod accept;
+pub mod inbound;
+pub mod metrics;
+pub mod net;
+pub mod outbound;
+pub mod relay;
+pub mod state;
+pub mod sys;

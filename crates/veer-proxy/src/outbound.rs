@@ -1,0 +1,280 @@
+//! The outbound pipeline: original destination → route → connect → relay.
+//!
+//! Mesh and dialed-directly routes open mTLS with our leaf, send the
+//! upstream's SNI and accept the server only if its SPIFFE ID is the
+//! upstream's identity, checked before any byte of the app is sent.
+//! Passthrough routes dial plain TCP and relay with splice.
+use crate::metrics::Direction;
+use crate::net::{self, DialError};
+use crate::relay::{self, Limits, Outcome};
+use crate::state::Shared;
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use veer_core::addr::{ClientAddr, EndpointAddr, OrigDstAddr};
+use veer_core::route::{self, Route, RouteError, Upstream};
+use veer_core::snapshot::Snapshot;
+use veer_core::tls;
+
+/// How long an endpoint that failed is tried last.
+const ENDPOINT_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Why an outbound connection failed; `classify()` gives a metric label.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboundError {
+    /// No original destination: the connection was not redirected by iptables.
+    #[error("no original destination (connection not redirected?): {0}")]
+    NoOrigDst(std::io::Error),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("TLS handshake with {0} timed out")]
+    HandshakeTimeout(EndpointAddr),
+    #[error("TLS handshake with {0} failed: {2}")]
+    Handshake(EndpointAddr, &'static str, String),
+    /// The server presented a certificate for another identity.
+    #[error("{addr} presented {got}, expected {want}")]
+    ServerIdentity {
+        addr: EndpointAddr,
+        got: String,
+        want: String,
+    },
+    #[error("no endpoint of {0} could be reached")]
+    AllEndpointsFailed(String),
+}
+
+impl OutboundError {
+    pub fn classify(&self) -> &'static str {
+        match self {
+            OutboundError::NoOrigDst(_) => "no_orig_dst",
+            OutboundError::Route(e) => e.classify(),
+            OutboundError::Dial(e) => e.classify(),
+            OutboundError::HandshakeTimeout(_) => "handshake_timeout",
+            OutboundError::Handshake(_, l, _) => l,
+            OutboundError::ServerIdentity { .. } => "server_identity",
+            OutboundError::AllEndpointsFailed(_) => "all_endpoints_failed",
+        }
+    }
+}
+
+/// A connection redirected to the transparent outbound listener.
+pub async fn handle_transparent(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
+    shared.metrics.opened(Direction::Outbound);
+    net::tune(&tcp);
+    let orig = match net::orig_dst(&tcp) {
+        Ok(o) => o,
+        Err(e) => return fail(&shared, peer, None, None, OutboundError::NoOrigDst(e), &tcp),
+    };
+    let snap = shared.snapshot();
+    match route::route(&snap.routes, orig) {
+        Ok(r) => forward(shared, snap, tcp, peer, Some(orig), r).await,
+        Err(e) => fail(&shared, peer, Some(orig), None, e.into(), &tcp),
+    }
+}
+
+/// A connection to an explicit upstream's own listener.
+pub async fn handle_explicit(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: ClientAddr,
+    bind: SocketAddr,
+) {
+    shared.metrics.opened(Direction::Outbound);
+    net::tune(&tcp);
+    let snap = shared.snapshot();
+    let Some(upstream) = snap.routes.upstream_by_bind(bind).cloned() else {
+        return fail(
+            &shared,
+            peer,
+            None,
+            None,
+            RouteError::NoEndpoints(bind.to_string()).into(),
+            &tcp,
+        );
+    };
+    match route::route_explicit(&upstream) {
+        Ok(r) => forward(shared, snap, tcp, peer, None, r).await,
+        Err(e) => fail(&shared, peer, None, Some(upstream.name()), e.into(), &tcp),
+    }
+}
+
+async fn forward(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    tcp: TcpStream,
+    peer: ClientAddr,
+    orig: Option<OrigDstAddr>,
+    route: Route,
+) {
+    let started = Instant::now();
+    let limits = Limits {
+        idle: snap.timeouts.idle,
+        half_close: snap.timeouts.half_close,
+    };
+    let (out, upstream): (Outcome, String) = match route {
+        Route::Passthrough { addr } => {
+            let up = match net::dial(addr, snap.timeouts.connect).await {
+                Ok(s) => s,
+                Err(e) => return fail(&shared, peer, orig, Some("passthrough"), e.into(), &tcp),
+            };
+            drop(snap);
+            (
+                relay::splice(tcp, up, limits, None).await,
+                "passthrough".to_string(),
+            )
+        }
+        Route::Mesh { upstream } => {
+            let tls = match connect_mesh(&shared, &snap, &upstream).await {
+                Ok(s) => s,
+                Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
+            };
+            drop(snap);
+            (
+                relay::copy(tcp, tls, limits, None).await,
+                upstream.name().to_string(),
+            )
+        }
+        Route::Direct { upstream, addr } => {
+            let tls = match connect_tls(&snap, &upstream, addr).await {
+                Ok(s) => s,
+                Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
+            };
+            drop(snap);
+            (
+                relay::copy(tcp, tls, limits, None).await,
+                upstream.name().to_string(),
+            )
+        }
+    };
+    let m = &shared.metrics;
+    if out.spliced {
+        m.splice_bytes.fetch_add(out.a_to_b + out.b_to_a, Relaxed);
+    } else {
+        m.copy_bytes.fetch_add(out.a_to_b + out.b_to_a, Relaxed);
+    }
+    m.closed(Direction::Outbound, out.a_to_b, out.b_to_a);
+    tracing::info!(
+        target: "veer::access",
+        direction = "outbound",
+        peer = %peer,
+        orig_dst = %orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into()),
+        upstream = %upstream,
+        tx_bytes = out.a_to_b,
+        rx_bytes = out.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close = out.reason.as_str(),
+        "connection closed"
+    );
+}
+
+/// Tries the upstream's endpoints in round-robin order, skipping those that
+/// fail (each within the connect timeout) and trying them last for a while.
+async fn connect_mesh(
+    shared: &Shared,
+    snap: &Snapshot,
+    upstream: &Upstream,
+) -> Result<TlsStream<TcpStream>, OutboundError> {
+    let now = shared.now_ms();
+    for ep in upstream.pick_order(now) {
+        match connect_tls(snap, upstream, ep.addr).await {
+            Ok(s) => {
+                upstream.mark_ok(ep);
+                return Ok(s);
+            }
+            Err(e) => {
+                upstream.mark_failed(ep, shared.now_ms() + ENDPOINT_BACKOFF.as_millis() as u64);
+                shared.metrics.count(
+                    "upstream_endpoint_failures_total",
+                    "upstream",
+                    upstream.name(),
+                );
+                tracing::warn!(upstream = upstream.name(), endpoint = %ep.addr, reason = e.classify(), "upstream endpoint failed, trying the next: {e}");
+            }
+        }
+    }
+    Err(OutboundError::AllEndpointsFailed(
+        upstream.name().to_string(),
+    ))
+}
+
+/// mTLS to one address, then the server's identity check.
+async fn connect_tls(
+    snap: &Snapshot,
+    upstream: &Upstream,
+    addr: EndpointAddr,
+) -> Result<TlsStream<TcpStream>, OutboundError> {
+    let tcp = net::dial(addr, upstream.connect_timeout).await?;
+    let name = ServerName::try_from(upstream.sni.clone())
+        .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
+    let connector = TlsConnector::from(snap.tls.client.clone());
+    let tls =
+        match tokio::time::timeout(snap.timeouts.handshake, connector.connect(name, tcp)).await {
+            Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
+            Ok(Err(e)) => {
+                let label = tls::rustls_error(&e)
+                    .map(tls::classify_tls_error)
+                    .unwrap_or("handshake_io");
+                return Err(OutboundError::Handshake(addr, label, e.to_string()));
+            }
+            Ok(Ok(s)) => s,
+        };
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let got = match leaf.map(|c| tls::peer_identity(c)) {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            return Err(OutboundError::ServerIdentity {
+                addr,
+                got: e.to_string(),
+                want: upstream.identity.to_string(),
+            })
+        }
+        None => {
+            return Err(OutboundError::ServerIdentity {
+                addr,
+                got: "no certificate".into(),
+                want: upstream.identity.to_string(),
+            })
+        }
+    };
+    if got != upstream.identity {
+        return Err(OutboundError::ServerIdentity {
+            addr,
+            got: got.to_string(),
+            want: upstream.identity.to_string(),
+        });
+    }
+    Ok(tls)
+}
+
+fn fail(
+    shared: &Shared,
+    peer: ClientAddr,
+    orig: Option<OrigDstAddr>,
+    upstream: Option<&str>,
+    e: OutboundError,
+    tcp: &TcpStream,
+) {
+    let label = e.classify();
+    shared
+        .metrics
+        .count("outbound_failures_total", "reason", label);
+    shared.metrics.closed(Direction::Outbound, 0, 0);
+    // Refused outright: reset, as Envoy does when no filter chain matches.
+    net::reset_on_close(tcp);
+    let orig = orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
+    match &e {
+        OutboundError::Route(RouteError::Loop(_)) => {
+            tracing::error!(peer = %peer, orig_dst = %orig, reason = label, "outbound connection refused: {e}")
+        }
+        _ => {
+            tracing::warn!(peer = %peer, orig_dst = %orig, upstream = upstream.unwrap_or("-"), reason = label, "outbound connection failed: {e}")
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The only `unsafe` in veer's runtime: pipes and `splice(2)`.
+//!
+//! Invariants the callers keep (see `relay::splice`):
+//! - A pipe is only filled from a socket when it is **empty**, so `EAGAIN`
+//!   from socket→pipe always means "the socket has no data", never "the pipe
+//!   is full"; and it is drained completely to the other socket before the
+//!   next fill, so `EAGAIN` from pipe→socket always means "the socket's send
+//!   buffer is full". With that, tokio's readiness (cleared on `WouldBlock`)
+//!   is never cleared for the wrong reason.
+//! - A pipe goes back to the pool only when empty.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// A non-blocking pipe used as the in-kernel buffer of one relay direction.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    pub capacity: usize,
+}
+
+/// Requested pipe capacity; the kernel may give less (per-user pipe limits).
+const PIPE_SIZE: usize = 256 * 1024;
+/// Pipes kept per thread for reuse.
+const POOL_MAX: usize = 32;
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pipe {
+    /// A new pipe, `O_NONBLOCK | O_CLOEXEC`, enlarged when the kernel allows.
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned only here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ on an fd we own; failure
+        // (EPERM past the per-user limit) leaves the default size.
+        let capacity = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            );
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        let capacity = if capacity > 0 {
+            capacity as usize
+        } else {
+            65536
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Takes an empty pipe from this thread's pool, or makes one.
+    pub fn take() -> io::Result<Pipe> {
+        match POOL.with(|p| p.borrow_mut().pop()) {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Returns an **empty** pipe to this thread's pool.
+    pub fn give_back(self) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(self);
+            }
+        });
+    }
+}
+
+/// `splice(2)` of up to `len` bytes from `from` to `to`, non-blocking.
+/// Returns the bytes moved; 0 means end of file on `from`.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call (the caller
+    // holds the owning objects); null offsets are valid for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Number of open file descriptors of this process (for metrics and tests).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

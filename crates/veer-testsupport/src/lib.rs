@@ -1,0 +1,50 @@
+//! Shared test support for veer's crates and end-to-end tests.
+//!
+//! - [`netns`]: real network namespaces and veth pairs (needs root), with a loud
+//!   skip when not root.
+//! - [`ca`]: a Consul-style test CA on top of `veer-ca`, written to a temp dir.
+//! - [`echo`]: small blocking TCP servers (echo, sink, count) that record what they see.
+pub mod ca;
+pub mod echo;
+pub mod netns;
+
+/// Returns true when the test may run; prints a loud SKIP line otherwise.
+/// Tests that need root call this first and return early when it is false,
+/// unless `VEER_REQUIRE_ROOT=1` is set (as in CI), in which case they panic.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY-free: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
+        panic!("{test}: needs root (network namespaces, iptables) and VEER_REQUIRE_ROOT is set");
+    }
+    eprintln!("\n*** SKIPPED {test}: needs root (network namespaces, iptables); run as root ***\n");
+    false
+}
+
+/// A unique-enough suffix for names of namespaces, files and chains made by one test process.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Path of a tool installed by `.ci/install-deps` (consul, envoy), or from PATH.
+pub fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("VEER_TOOLS").unwrap_or_else(|| "/opt/veer-tools".into());
+    let p = std::path::Path::new(&dir).join("bin").join(name);
+    if p.exists() {
+        return Some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    })
+}

@@ -1,0 +1,80 @@
+//! The static-file control-plane source: reloads when the configuration
+//! file or any file it names changes (polled every second), or on SIGHUP.
+//! A bad new configuration is logged and the current snapshot stays.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use veer_proxy::state::Shared;
+
+type Stamp = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
+fn stamp(files: &[PathBuf]) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f).ok().map(|m| {
+                (
+                    m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    m.len(),
+                    m.ino(),
+                )
+            })
+        })
+        .collect()
+}
+
+pub async fn watch(config: PathBuf, mut files: Vec<PathBuf>, shared: Arc<Shared>) {
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut last = stamp(&files);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+        };
+        let now = stamp(&files);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        if let Some(f) = reload(&config, &shared, forced) {
+            files = f;
+            last = stamp(&files);
+        }
+    }
+}
+
+fn reload(config: &Path, shared: &Shared, forced: bool) -> Option<Vec<PathBuf>> {
+    let why = if forced { "SIGHUP" } else { "file change" };
+    match veer_core::config::load(config) {
+        Err(e) => {
+            shared
+                .metrics
+                .snapshot_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                "configuration reload ({why}) rejected, keeping the current snapshot: {e}"
+            );
+            None
+        }
+        Ok(l) => {
+            let old = shared.snapshot();
+            if l.spec.listen != old.listen {
+                tracing::warn!(
+                    "listener addresses changed in {}; they apply at the next restart",
+                    config.display()
+                );
+            }
+            match shared.apply(l.spec) {
+                Ok(s) => {
+                    tracing::info!(version = s.version, leaf_serial = %s.tls.leaf.serial, "configuration reloaded ({why})")
+                }
+                Err(e) => tracing::error!(
+                    "configuration reload ({why}) rejected, keeping the current snapshot: {e}"
+                ),
+            }
+            Some(l.files)
+        }
+    }
+}
