@@ -6,7 +6,7 @@
 //! ready for [`Snapshot::build`](crate::snapshot::Snapshot::build).
 use crate::intentions::{Action, Intention, Target};
 use crate::route::Protocol;
-use crate::snapshot::{ListenSpec, SnapshotError, Spec, Timeouts, UpstreamSpec};
+use crate::snapshot::{ExposePath, ListenSpec, SnapshotError, Spec, Timeouts, UpstreamSpec};
 use crate::spiffe::ServiceId;
 use serde::Deserialize;
 use std::fmt;
@@ -59,6 +59,29 @@ struct File {
     upstreams: Vec<S<UpstreamSection>>,
     #[serde(default)]
     timeouts: TimeoutsSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    expose: Vec<S<ExposeSection>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    /// The admin endpoint; "" turns it off. Default 127.0.0.1:19000.
+    bind: Option<S<String>>,
+    /// A second listener serving only `/stats/prometheus` (and `/metrics`,
+    /// `/ready`), like Consul's `envoy_prometheus_bind_addr`. Default off.
+    prometheus_bind: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExposeSection {
+    listener: S<String>,
+    path: S<String>,
+    local_path_port: S<i64>,
+    protocol: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -238,11 +261,66 @@ impl Ctx<'_> {
     }
 }
 
+/// Where the admin endpoint listens, as the `[admin] bind` key says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdminBind {
+    /// Not set: the default address (127.0.0.1:19000).
+    #[default]
+    Default,
+    /// `bind = ""`: no admin endpoint.
+    Off,
+    Addr(SocketAddr),
+}
+
+impl AdminBind {
+    /// The admin endpoint's default address, as Envoy's under Consul.
+    pub const DEFAULT: &'static str = "127.0.0.1:19000";
+
+    /// Parses a command-line or file value: `""` is [`AdminBind::Off`].
+    pub fn parse(s: &str) -> Result<AdminBind, String> {
+        if s.is_empty() {
+            return Ok(AdminBind::Off);
+        }
+        s.parse().map(AdminBind::Addr).map_err(|_| {
+            format!(
+                "{s:?} is not an address of the form IP:PORT (IPv6 as [::1]:PORT), or \"\" for off"
+            )
+        })
+    }
+
+    /// The address to bind, if any.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            AdminBind::Default => Some(Self::DEFAULT.parse().expect("default admin address")),
+            AdminBind::Off => None,
+            AdminBind::Addr(a) => Some(*a),
+        }
+    }
+}
+
+/// The `[admin]` section. Read once at start (not part of the snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AdminSpec {
+    pub bind: AdminBind,
+    /// The separate Prometheus listener; `None` (the default) is off.
+    pub prometheus_bind: Option<SocketAddr>,
+}
+
 /// A loaded configuration: the spec and the files to watch for changes.
 pub struct Loaded {
     pub spec: Spec,
     /// The config file and every file it names.
     pub files: Vec<PathBuf>,
+    /// The `[admin]` section.
+    pub admin: AdminSpec,
+}
+
+/// Whether two listen addresses would collide (same port, and the same IP
+/// or either one the wildcard).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Reads and validates a configuration file, and the files it names.
@@ -477,6 +555,116 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         upstreams.push(spec);
     }
 
+    // [[expose]]
+    let mut expose: Vec<ExposePath> = Vec::new();
+    for (i, e) in file.expose.iter().enumerate() {
+        let k = |f: &str| format!("expose[{i}].{f}");
+        let e = e.get_ref();
+        let listener = cx.sockaddr(&e.listener, &k("listener"))?;
+        let path = e.path.get_ref();
+        if !path.starts_with('/')
+            || path.contains(['?', '#'])
+            || path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(cx.err(
+                e.path.span(),
+                k("path"),
+                format!("{path:?} is not an absolute URL path such as \"/healthz\""),
+            ));
+        }
+        let port = *e.local_path_port.get_ref();
+        let local_path_port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                cx.err(
+                    e.local_path_port.span(),
+                    k("local_path_port"),
+                    format!("{port} is not a port (1-65535)"),
+                )
+            })?;
+        let mut ep = ExposePath::new(listener, path.clone(), local_path_port);
+        if let Some(p) = &e.protocol {
+            ep.protocol = match Protocol::parse(p.get_ref()) {
+                Some(Protocol::Http) => Protocol::Http,
+                _ => {
+                    return Err(cx.err(
+                        p.span(),
+                        k("protocol"),
+                        format!(
+                            "{:?}: only \"http\" expose paths are supported",
+                            p.get_ref()
+                        ),
+                    ))
+                }
+            };
+        }
+        if let Some(b) = binds.iter().find(|b| clash(**b, listener)) {
+            return Err(cx.err(
+                e.listener.span(),
+                k("listener"),
+                format!("{listener} collides with the listener on {b}"),
+            ));
+        }
+        if expose
+            .iter()
+            .any(|o| o.listener == listener && o.path == ep.path)
+        {
+            return Err(cx.err(
+                e.path.span(),
+                k("path"),
+                format!("{path:?} is already exposed on {listener}"),
+            ));
+        }
+        if let Some(o) = expose
+            .iter()
+            .find(|o| o.listener != listener && clash(o.listener, listener))
+        {
+            return Err(cx.err(
+                e.listener.span(),
+                k("listener"),
+                format!(
+                    "{listener} collides with the expose listener on {}",
+                    o.listener
+                ),
+            ));
+        }
+        expose.push(ep);
+    }
+
+    // [admin]
+    let mut admin = AdminSpec::default();
+    if let Some(b) = &file.admin.bind {
+        admin.bind =
+            AdminBind::parse(b.get_ref()).map_err(|m| cx.err(b.span(), "admin.bind", m))?;
+    }
+    if let Some(b) = &file.admin.prometheus_bind {
+        if !b.get_ref().is_empty() {
+            admin.prometheus_bind = Some(cx.sockaddr(b, "admin.prometheus_bind")?);
+        }
+    }
+    let mut taken: Vec<SocketAddr> = binds.clone();
+    taken.extend(expose.iter().map(|e| e.listener));
+    for (key, addr, v) in [
+        ("admin.bind", admin.bind.addr(), &file.admin.bind),
+        (
+            "admin.prometheus_bind",
+            admin.prometheus_bind,
+            &file.admin.prometheus_bind,
+        ),
+    ] {
+        let Some(addr) = addr else { continue };
+        if let Some(b) = taken.iter().find(|b| clash(**b, addr)) {
+            let span = v.as_ref().map(|v| v.span()).unwrap_or(0..0);
+            return Err(cx.err(
+                span,
+                key,
+                format!("{addr} collides with the listener on {b}"),
+            ));
+        }
+        taken.push(addr);
+    }
+
     let spec = Spec {
         identity,
         roots,
@@ -490,6 +678,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         listen: ListenSpec { inbound, outbound },
         timeouts,
         source: format!("file {}", path.display()),
+        expose,
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
     let check = crate::snapshot::Snapshot::build(spec.clone(), 0);
@@ -509,6 +698,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
     Ok(Loaded {
         spec,
         files: vec![path.to_path_buf(), ca, cert, key],
+        admin,
     })
 }
 

@@ -80,6 +80,35 @@ impl UpstreamSpec {
     }
 }
 
+/// One exposed path (Consul `Proxy.Expose.Paths[]`): a plain-HTTP listener
+/// that forwards requests for exactly `path` to the local app on
+/// `127.0.0.1:<local_path_port>`, so that probes (kubelet, Consul HTTP
+/// checks) reach the app without mTLS. Other paths get 404.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExposePath {
+    /// Where the plain-HTTP listener binds (Consul: the proxy address and
+    /// `ListenerPort`, e.g. `0.0.0.0:20300`).
+    pub listener: SocketAddr,
+    /// The exact path served (query strings are ignored when matching).
+    pub path: String,
+    /// The local app's port the request is forwarded to, on 127.0.0.1.
+    pub local_path_port: u16,
+    /// `Http` (HTTP/1.1); Consul also allows `http2`.
+    pub protocol: Protocol,
+}
+
+impl ExposePath {
+    /// An HTTP expose path.
+    pub fn new(listener: SocketAddr, path: impl Into<String>, local_path_port: u16) -> ExposePath {
+        ExposePath {
+            listener,
+            path: path.into(),
+            local_path_port,
+            protocol: Protocol::Http,
+        }
+    }
+}
+
 /// Everything a snapshot is built from; plain data.
 #[derive(Debug)]
 pub struct Spec {
@@ -97,6 +126,8 @@ pub struct Spec {
     pub timeouts: Timeouts,
     /// Where this spec came from, for `/config_dump` and logs.
     pub source: String,
+    /// Plain-HTTP expose paths (probe overwrite); empty when none.
+    pub expose: Vec<ExposePath>,
 }
 
 impl Clone for Spec {
@@ -114,6 +145,7 @@ impl Clone for Spec {
             listen: self.listen.clone(),
             timeouts: self.timeouts.clone(),
             source: self.source.clone(),
+            expose: self.expose.clone(),
         }
     }
 }
@@ -158,6 +190,7 @@ pub struct Snapshot {
     pub listen: ListenSpec,
     pub timeouts: Timeouts,
     pub source: String,
+    pub expose: Vec<ExposePath>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -201,6 +234,7 @@ impl Snapshot {
         let mut seen: std::collections::HashMap<IpAddr, String> = Default::default();
         let mut own = vec![spec.listen.inbound];
         own.extend(spec.listen.outbound.iter().copied());
+        own.extend(spec.expose.iter().map(|e| e.listener));
         let mut upstreams = Vec::with_capacity(spec.upstreams.len());
         for u in spec.upstreams {
             for ip in &u.virtual_ips {
@@ -242,6 +276,7 @@ impl Snapshot {
             listen: spec.listen,
             timeouts: spec.timeouts,
             source: spec.source,
+            expose: spec.expose,
         })
     }
 
@@ -282,6 +317,18 @@ impl Snapshot {
                 })
             })
             .collect();
+        let expose: Vec<_> = self
+            .expose
+            .iter()
+            .map(|e| {
+                json!({
+                    "listener": e.listener,
+                    "path": e.path,
+                    "local_path_port": e.local_path_port,
+                    "protocol": e.protocol.as_str(),
+                })
+            })
+            .collect();
         json!({
             "version": self.version,
             "source": self.source,
@@ -303,6 +350,7 @@ impl Snapshot {
                 "idle": crate::duration::format(self.timeouts.idle),
                 "half_close": crate::duration::format(self.timeouts.half_close),
             },
+            "expose": expose,
         })
     }
 }

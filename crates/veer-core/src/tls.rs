@@ -301,11 +301,13 @@ pub fn classify_tls_error(e: &rustls::Error) -> &'static str {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "cert_not_yet_valid"
             }
-            CertificateError::UnknownIssuer => "cert_untrusted",
+            // Another CA (a foreign Consul cluster's root is also called
+            // "Consul CA 1", so webpki finds our root by name and the
+            // signature does not verify): not signed by a trusted root.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "cert_untrusted",
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "cert_bad_usage"
             }
-            CertificateError::BadSignature => "cert_bad_signature",
             CertificateError::Revoked => "cert_revoked",
             CertificateError::BadEncoding => "cert_bad_encoding",
             _ => "cert_invalid",

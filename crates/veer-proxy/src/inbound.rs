@@ -137,7 +137,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         rx_bytes = out.a_to_b,
         tx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
-        close = out.reason.as_str(),
+        close = %out.reason.as_str(),
         "connection closed"
     );
 }
@@ -154,5 +154,5 @@ fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundErr
     };
     shared.metrics.count(metric, "reason", label);
     shared.metrics.closed(Direction::Inbound, 0, 0);
-    tracing::warn!(peer = %peer, source = source.unwrap_or("-"), reason = label, "inbound connection refused: {e}");
+    tracing::warn!(peer = %peer, source = %source.unwrap_or("-"), reason = %label, "inbound connection refused: {e}");
 }

@@ -166,10 +166,11 @@ async fn forward(
         peer = %peer,
         orig_dst = %orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into()),
         upstream = %upstream,
+        relay = %if out.spliced { "splice" } else { "copy" },
         tx_bytes = out.a_to_b,
         rx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
-        close = out.reason.as_str(),
+        close = %out.reason.as_str(),
         "connection closed"
     );
 }
@@ -195,7 +196,7 @@ async fn connect_mesh(
                     "upstream",
                     upstream.name(),
                 );
-                tracing::warn!(upstream = upstream.name(), endpoint = %ep.addr, reason = e.classify(), "upstream endpoint failed, trying the next: {e}");
+                tracing::warn!(upstream = %upstream.name(), endpoint = %ep.addr, reason = %e.classify(), "upstream endpoint failed, trying the next: {e}");
             }
         }
     }
@@ -271,10 +272,10 @@ fn fail(
     let orig = orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
     match &e {
         OutboundError::Route(RouteError::Loop(_)) => {
-            tracing::error!(peer = %peer, orig_dst = %orig, reason = label, "outbound connection refused: {e}")
+            tracing::error!(peer = %peer, orig_dst = %orig, reason = %label, "outbound connection refused: {e}")
         }
         _ => {
-            tracing::warn!(peer = %peer, orig_dst = %orig, upstream = upstream.unwrap_or("-"), reason = label, "outbound connection failed: {e}")
+            tracing::warn!(peer = %peer, orig_dst = %orig, upstream = %upstream.unwrap_or("-"), reason = %label, "outbound connection failed: {e}")
         }
     }
 }

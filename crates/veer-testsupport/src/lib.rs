@@ -3,9 +3,11 @@
 //! - [`netns`]: real network namespaces and veth pairs (needs root), with a loud
 //!   skip when not root.
 //! - [`ca`]: a Consul-style test CA on top of `veer-ca`, written to a temp dir.
-//! - [`echo`]: small blocking TCP servers (echo, sink, count) that record what they see.
+//! - [`echo`]: a scriptable blocking TCP app that records what it sees.
+//! - [`mesh`]: two namespaces, redirect rules and two real veer sidecars.
 pub mod ca;
 pub mod echo;
+pub mod mesh;
 pub mod netns;
 
 /// Returns true when the test may run; prints a loud SKIP line otherwise.

@@ -34,6 +34,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A handle for a thread that already entered a namespace with
+    /// [`enter`]: `run`/`spawn` then stay in it. Not deleted on drop.
+    pub fn attach_current() -> Netns {
+        Netns {
+            name: String::new(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -86,6 +94,16 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
+        if self.name.is_empty() {
+            // Attached: enter the namespace of the calling thread.
+            let path = std::path::PathBuf::from(format!("/proc/self/task/{}/ns/net", unsafe {
+                libc::gettid()
+            }));
+            return std::thread::spawn(move || {
+                enter(&path).expect("setns");
+                f()
+            });
+        }
         let path = self.path();
         std::thread::spawn(move || {
             enter(&path).expect("setns");
@@ -113,6 +131,9 @@ pub fn enter(path: &std::path::Path) -> io::Result<()> {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         // Kill anything left running in the namespace, then delete it.
         let _ = Command::new("ip")
             .args(["netns", "pids", &self.name])

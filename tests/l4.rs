@@ -1,0 +1,598 @@
+//! End-to-end tests of the L4 data plane (issue 2) in real network
+//! namespaces: Consul's redirect rules, two veer sidecars as UID 5995, a
+//! test CA, real clients (curl, openssl s_client) where they fit.
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use veer_ca::{Ca, LeafSpec};
+use veer_testsupport::ca::TRUST_DOMAIN;
+use veer_testsupport::echo::{Checksum, Stream};
+use veer_testsupport::mesh::{self, Mesh, API_VIP, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP};
+use veer_testsupport::netns::Netns;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_veer"))
+}
+
+macro_rules! need_root {
+    ($name:expr) => {
+        if !veer_testsupport::require_root($name) {
+            return;
+        }
+    };
+}
+
+/// Connects from inside `ns` (the socket stays usable from this thread).
+fn connect(ns: &Netns, addr: &str) -> std::io::Result<TcpStream> {
+    let a: SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        let s = TcpStream::connect_timeout(&a, Duration::from_secs(10))?;
+        // May fail when the peer already reset the connection; reads will say so.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+        Ok(s)
+    })
+}
+
+/// Sends `E<msg>`, half-closes, and returns what came back before EOF.
+fn echo(ns: &Netns, addr: &str, msg: &str) -> std::io::Result<String> {
+    let mut s = connect(ns, addr)?;
+    s.write_all(format!("E{msg}").as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+#[test]
+fn allowed_call_reaches_the_app_through_both_sidecars() {
+    need_root!("allowed_call_reaches_the_app_through_both_sidecars");
+    let m = Mesh::new(&bin());
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "hello").unwrap(),
+        "hello"
+    );
+    // Any port of a virtual IP goes to the upstream, as in Consul.
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:7777"), "any port").unwrap(),
+        "any port"
+    );
+    assert_eq!(m.app.accepted(), 2);
+    assert!(
+        m.web.wait_log("upstream=api", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    assert!(
+        m.api.wait_log("svc/web", Duration::from_secs(3)),
+        "api sees web's SPIFFE identity:\n{}",
+        m.api.log_text()
+    );
+}
+
+#[test]
+fn ipv6_original_destination() {
+    need_root!("ipv6_original_destination");
+    let m = Mesh::new(&bin());
+    assert_eq!(
+        echo(&m.client, "[fd00::20]:443", "over v6").unwrap(),
+        "over v6"
+    );
+    assert_eq!(m.app.accepted(), 1);
+    assert!(
+        m.web
+            .wait_log("orig_dst=[fd00::20]:443", Duration::from_secs(3)),
+        "{}",
+        m.web.log_text()
+    );
+}
+
+#[test]
+fn explicit_upstream_listener() {
+    need_root!("explicit_upstream_listener");
+    let m = Mesh::new(&bin());
+    assert_eq!(
+        echo(&m.client, "127.0.0.1:9191", "explicit").unwrap(),
+        "explicit"
+    );
+    assert_eq!(m.app.accepted(), 1);
+}
+
+#[test]
+fn passthrough_to_a_non_mesh_server_with_curl() {
+    need_root!("passthrough_to_a_non_mesh_server_with_curl");
+    let m = Mesh::new(&bin());
+    let out = m
+        .client
+        .sh_ok(&format!("curl -sS --max-time 10 http://{PLAIN_IP}:9000/"))
+        .unwrap();
+    assert_eq!(out, "hello from plain\n");
+    assert_eq!(m.plain.accepted(), 1);
+    assert_eq!(m.app.accepted(), 0);
+    assert!(
+        m.web
+            .wait_log("upstream=passthrough relay=splice", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+}
+
+#[test]
+fn dialed_directly_instance_gets_mtls_to_the_original_destination() {
+    need_root!("dialed_directly_instance_gets_mtls_to_the_original_destination");
+    let extra = format!(
+        "\n[[upstreams]]\nname = \"api\"\ndialed_directly = true\ninstances = [\"{SERVER_IP}\"]\n"
+    );
+    let m = Mesh::with(&bin(), &extra, &mesh::allow("web"));
+    // The app port of the instance: web dials it with mTLS, the server's
+    // PREROUTING rule hands it to the api sidecar, which checks web's identity.
+    assert_eq!(
+        echo(&m.client, &format!("{SERVER_IP}:8080"), "direct").unwrap(),
+        "direct"
+    );
+    assert_eq!(m.app.accepted(), 1);
+    assert!(
+        m.api.wait_log("svc/web", Duration::from_secs(3)),
+        "{}",
+        m.api.log_text()
+    );
+}
+
+/// Runs `openssl s_client` from the client namespace as the proxy UID (so it
+/// is not redirected) against the api sidecar, sending `E<payload>`.
+fn s_client(m: &Mesh, cert: Option<(&PathBuf, &PathBuf)>, payload: &str) -> String {
+    let mut cmd = m.client.command("setpriv");
+    cmd.args([
+        &format!("--reuid={PROXY_UID}"),
+        &format!("--regid={PROXY_UID}"),
+        "--clear-groups",
+    ])
+    .args(["timeout", "10", "openssl", "s_client", "-quiet", "-connect"])
+    .arg(format!("{SERVER_IP}:20000"))
+    .arg("-CAfile")
+    .arg(m.ca.roots());
+    if let Some((c, k)) = cert {
+        cmd.arg("-cert").arg(c).arg("-key").arg(k);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("E{payload}").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bad_peers_are_refused_and_the_app_sees_nothing() {
+    need_root!("bad_peers_are_refused_and_the_app_sees_nothing");
+    let m = Mesh::new(&bin());
+    // A valid, trusted identity that intentions deny (default deny).
+    let evil = m.ca.service("evil");
+    // Another trust domain (another CA), claiming to be web.
+    let other = Ca::new_root("99999999-2222-3333-4444-555555555555.consul").unwrap();
+    let fake = other
+        .issue(&LeafSpec::service(TRUST_DOMAIN, "dc1", "web"))
+        .unwrap();
+    let fake = (
+        m.files.write("fake.pem", &fake.chain_pem),
+        m.files.write("fake-key.pem", &fake.key_pem),
+    );
+    let expired = m.ca.write_leaf(
+        "expired",
+        &LeafSpec::service(TRUST_DOMAIN, "dc1", "web").valid_between(-7200, -3600),
+    );
+    let future = m.ca.write_leaf(
+        "future",
+        &LeafSpec::service(TRUST_DOMAIN, "dc1", "web").valid_between(3600, 7200),
+    );
+    let mut server_only = LeafSpec::service(TRUST_DOMAIN, "dc1", "web");
+    server_only.client_auth = false;
+    let server_only = m.ca.write_leaf("serveronly", &server_only);
+
+    type Cert<'a> = Option<(&'a PathBuf, &'a PathBuf)>;
+    let cases: Vec<(&str, Cert, &str)> = vec![
+        (
+            "denied identity",
+            Some((&evil.0, &evil.1)),
+            "denied_by_default",
+        ),
+        (
+            "other trust domain",
+            Some((&fake.0, &fake.1)),
+            "cert_untrusted",
+        ),
+        ("expired", Some((&expired.0, &expired.1)), "cert_expired"),
+        (
+            "not yet valid",
+            Some((&future.0, &future.1)),
+            "cert_not_yet_valid",
+        ),
+        (
+            "no client-auth usage",
+            Some((&server_only.0, &server_only.1)),
+            "cert_bad_usage",
+        ),
+        ("no client certificate", None, "no_client_cert"),
+    ];
+    for (what, cert, reason) in cases {
+        let out = s_client(&m, cert, "secret");
+        assert!(
+            !out.contains("secret"),
+            "{what}: bytes reached the app: {out:?}"
+        );
+        assert!(
+            m.api
+                .wait_log(&format!("reason={reason}"), Duration::from_secs(5)),
+            "{what}: no '{reason}' in the api log:\n{}",
+            m.api.log_text()
+        );
+    }
+    // Plaintext garbage on the inbound port (through web's passthrough).
+    let mut s = connect(&m.client, &format!("{SERVER_IP}:20000")).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        m.api.wait_log("reason=not_tls", Duration::from_secs(5)),
+        "{}",
+        m.api.log_text()
+    );
+    assert_eq!(
+        m.app.accepted(),
+        0,
+        "no refused peer may reach the local app"
+    );
+
+    // Everyone else keeps being served: web with its real cert works.
+    let web = (m.ca.dir.join("web.pem"), m.ca.dir.join("web-key.pem"));
+    assert_eq!(s_client(&m, Some((&web.0, &web.1)), "fine"), "fine");
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "still ok").unwrap(),
+        "still ok"
+    );
+    assert_eq!(m.app.accepted(), 2);
+}
+
+#[test]
+fn headless_destination_that_never_answers_fails_after_5s() {
+    need_root!("headless_destination_that_never_answers_fails_after_5s");
+    let m = Mesh::new(&bin());
+    let started = Instant::now();
+    let mut s = connect(&m.client, &format!("{BLACKHOLE_IP}:5432")).unwrap();
+    let _ = s.write_all(b"Ehello");
+    let mut buf = Vec::new();
+    let r = s.read_to_end(&mut buf);
+    let took = started.elapsed();
+    assert!(buf.is_empty(), "{r:?}");
+    assert!(
+        took >= Duration::from_secs(5),
+        "gave up after {took:?}, before the 5 s connect timeout"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "gave up after {took:?}, later than 6 s"
+    );
+    assert!(
+        m.web.wait_log("reason=timeout", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+}
+
+#[test]
+fn fin_in_each_direction_independently() {
+    need_root!("fin_in_each_direction_independently");
+    let m = Mesh::new(&bin());
+    for dst in [format!("{API_VIP}:80"), format!("{PLAIN_IP}:9000")] {
+        // Client FIN first: the server still answers after seeing EOF.
+        assert_eq!(echo(&m.client, &dst, "ping").unwrap(), "ping", "{dst}");
+        // Server FIN first: the client still sends after seeing EOF.
+        let mut s = connect(&m.client, &dst).unwrap();
+        s.write_all(b"B").unwrap();
+        let mut banner = String::new();
+        s.read_to_string(&mut banner).unwrap();
+        assert_eq!(banner, "BANNER\n", "{dst}");
+        s.write_all(&[7u8; 1000]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let app = if dst.starts_with(PLAIN_IP) {
+            &m.plain
+        } else {
+            &m.app
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || app
+                .banner_received
+                .lock()
+                .unwrap()
+                .last()
+                == Some(&1000)),
+            "{dst}: server did not receive the bytes sent after its FIN"
+        );
+    }
+}
+
+/// Streams `total` bytes in `S` mode and checks the app's count and checksum.
+fn bulk(ns: &Netns, dst: &str, total: usize, pace: Option<Duration>) -> Duration {
+    let mut s = connect(ns, dst).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let started = Instant::now();
+    s.write_all(b"S").unwrap();
+    let mut gen = Stream::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut sent, mut sum) = (0usize, Checksum::default());
+    while sent < total {
+        gen.fill(&mut chunk);
+        s.write_all(&chunk).unwrap();
+        sum.update(&chunk);
+        sent += chunk.len();
+        if let Some(p) = pace {
+            std::thread::sleep(p);
+        }
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        answer,
+        format!("{total} {}\n", sum.finish()),
+        "bytes or content differ"
+    );
+    took
+}
+
+#[test]
+fn one_gibibyte_arrives_byte_identical() {
+    need_root!("one_gibibyte_arrives_byte_identical");
+    let m = Mesh::new(&bin());
+    let gib = 1usize << 30;
+    let t = bulk(&m.client, &format!("{API_VIP}:80"), gib, None);
+    eprintln!(
+        "1 GiB through both sidecars (mTLS): {:.0} MiB/s (test build)",
+        1024.0 / t.as_secs_f64()
+    );
+    let t = bulk(&m.client, &format!("{PLAIN_IP}:9000"), gib, None);
+    eprintln!(
+        "1 GiB passthrough (splice): {:.0} MiB/s (test build)",
+        1024.0 / t.as_secs_f64()
+    );
+    assert!(m.web.wait_log("relay=splice", Duration::from_secs(2)));
+}
+
+fn serial_of(pem: &std::path::Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(pem)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn cert_rotation_keeps_a_long_transfer_alive_and_new_connections_get_the_new_cert() {
+    need_root!("cert_rotation_keeps_a_long_transfer_alive_and_new_connections_get_the_new_cert");
+    let m = Mesh::new(&bin());
+    let old = serial_of(&m.ca.dir.join("api.pem"));
+    let ns = m.client.path();
+    // ~4 s of paced transfer through both sidecars.
+    let long = std::thread::spawn(move || {
+        veer_testsupport::netns::enter(&ns).unwrap();
+        let tmp = Netns::attach_current();
+        bulk(
+            &tmp,
+            &format!("{API_VIP}:80"),
+            200 << 20,
+            Some(Duration::from_millis(20)),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // Rotate: a new leaf (new key, new serial) for api, written in place.
+    let before = m.api.log_text().matches("configuration reloaded").count();
+    m.ca.service("api");
+    let new = serial_of(&m.ca.dir.join("api.pem"));
+    assert_ne!(old, new);
+    assert!(
+        m.api
+            .wait_log_count("configuration reloaded", before + 1, Duration::from_secs(5)),
+        "{}",
+        m.api.log_text()
+    );
+    // A new connection sees the new certificate.
+    let out = m
+        .client
+        .sh_ok(&format!(
+            "setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups sh -c 'echo Ex | timeout 10 openssl s_client -connect {SERVER_IP}:20000 -cert {c} -key {k} 2>/dev/null | openssl x509 -noout -serial'",
+            c = m.ca.dir.join("web.pem").display(),
+            k = m.ca.dir.join("web-key.pem").display()
+        ))
+        .unwrap();
+    assert_eq!(
+        out.trim(),
+        new,
+        "new connections must get the new certificate"
+    );
+    assert!(
+        !long.is_finished(),
+        "the transfer should still be running during the rotation"
+    );
+    long.join()
+        .expect("the long transfer survived the rotation byte-identical");
+}
+
+#[test]
+fn intention_change_closes_open_connections_and_refuses_new_ones() {
+    need_root!("intention_change_closes_open_connections_and_refuses_new_ones");
+    let m = Mesh::new(&bin());
+    let mut open = connect(&m.client, &format!("{API_VIP}:80")).unwrap();
+    open.write_all(b"E1").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+    assert_eq!(m.app.accepted(), 1);
+    m.reconfigure_api("deny", &mesh::deny("web"));
+    // The open connection is closed by the api sidecar.
+    open.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let r = open.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "open connection not closed: {r:?}"
+    );
+    assert!(
+        m.api.log_text().contains("intentions now deny its source"),
+        "{}",
+        m.api.log_text()
+    );
+    // New connections are refused before reaching the app.
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "again").unwrap_or_default(),
+        ""
+    );
+    assert_eq!(m.app.accepted(), 1);
+    assert!(m
+        .api
+        .wait_log("reason=denied_by_intention", Duration::from_secs(2)));
+}
+
+#[test]
+fn connection_to_the_outbound_listener_itself_is_refused_not_looped() {
+    need_root!("connection_to_the_outbound_listener_itself_is_refused_not_looped");
+    let m = Mesh::new(&bin());
+    // Refused at once with a reset (possibly before connect() returns).
+    if let Ok(mut s) = connect(&m.client, "127.0.0.1:15001") {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(buf.is_empty());
+    }
+    assert!(
+        m.web.wait_log("refusing to loop", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    assert_eq!(
+        m.web.log_text().matches("refusing to loop").count(),
+        1,
+        "exactly one refusal, no loop"
+    );
+}
+
+#[test]
+fn mesh_destinations_only_and_bad_reloads() {
+    need_root!("mesh_destinations_only_and_bad_reloads");
+    let m = Mesh::new(&bin());
+    assert_eq!(
+        echo(&m.client, &format!("{PLAIN_IP}:9000"), "open").unwrap(),
+        "open"
+    );
+    // Turn on mesh_destinations_only by editing web's file: hot reload.
+    let cfg = std::fs::read_to_string(&m.web.config).unwrap();
+    let before = m.web.log_text().matches("configuration reloaded").count();
+    m.files.write(
+        "web.toml",
+        &cfg.replace(
+            "bind = \"127.0.0.1:15001\"",
+            "bind = \"127.0.0.1:15001\"\nmesh_destinations_only = true",
+        ),
+    );
+    assert!(m
+        .web
+        .wait_log_count("configuration reloaded", before + 1, Duration::from_secs(5)));
+    assert_eq!(
+        echo(&m.client, &format!("{PLAIN_IP}:9000"), "closed").unwrap_or_default(),
+        ""
+    );
+    assert!(m.web.wait_log("reason=not_in_mesh", Duration::from_secs(2)));
+    assert_eq!(m.plain.accepted(), 1, "refused before dialing");
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "mesh ok").unwrap(),
+        "mesh ok"
+    );
+    // A broken file is rejected with its line and the current snapshot stays.
+    m.files.write(
+        "web.toml",
+        &cfg.replace(
+            "endpoints = [\"10.77.0.2:20000\"]",
+            "endpoints = [\"10.77.0.2\"]",
+        ),
+    );
+    assert!(
+        m.web.wait_log(
+            "rejected, keeping the current snapshot",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        m.web.log_text()
+    );
+    assert!(m.web.log_text().contains("upstreams[0].endpoints"));
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "kept").unwrap(),
+        "kept"
+    );
+}
+
+#[test]
+fn validate_names_the_key_and_line() {
+    let dir = veer_testsupport::ca::TempDir::new("veer-validate-");
+    let ca = veer_testsupport::ca::TestCa::new(TRUST_DOMAIN);
+    let good = mesh::api_config(&ca, "deny", &mesh::allow("web"));
+    let ok = dir.write("good.toml", &good);
+    let out = Command::new(bin())
+        .args(["validate", "--config"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.write(
+        "bad.toml",
+        &good.replace(
+            "local_app = \"127.0.0.1:8080\"",
+            "local_app = \"localhost\"",
+        ),
+    );
+    let out = Command::new(bin())
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = good
+        .lines()
+        .position(|l| l.starts_with("local_app"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!("bad.toml:{line}: inbound.local_app:")),
+        "{err}"
+    );
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "run refuses a bad file too");
+}
