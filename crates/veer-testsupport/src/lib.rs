@@ -7,6 +7,7 @@
 //! - [`mesh`]: two namespaces, redirect rules and two real veer sidecars.
 pub mod ca;
 pub mod echo;
+pub mod envoy;
 pub mod mesh;
 pub mod netns;
 
@@ -14,9 +15,7 @@ pub mod netns;
 /// Tests that need root call this first and return early when it is false,
 /// unless `VEER_REQUIRE_ROOT=1` is set (as in CI), in which case they panic.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY-free: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 {
+    if is_root() {
         return true;
     }
     if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
@@ -24,6 +23,13 @@ pub fn require_root(test: &str) -> bool {
     }
     eprintln!("\n*** SKIPPED {test}: needs root (network namespaces, iptables); run as root ***\n");
     false
+}
+
+/// Whether this process runs as root (the owner of `/proc/self` is the
+/// effective UID).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 /// A unique-enough suffix for names of namespaces, files and chains made by one test process.
