@@ -164,7 +164,13 @@ fn s_client(m: &Mesh, cert: Option<(&PathBuf, &PathBuf)>, payload: &str) -> Stri
     .arg("-CAfile")
     .arg(m.ca.roots());
     if let Some((c, k)) = cert {
-        cmd.arg("-cert").arg(c).arg("-key").arg(k);
+        // -cert sends only the leaf; -cert_chain adds the intermediates.
+        cmd.arg("-cert")
+            .arg(c)
+            .arg("-key")
+            .arg(k)
+            .arg("-cert_chain")
+            .arg(c);
     }
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
@@ -595,4 +601,40 @@ fn validate_names_the_key_and_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "run refuses a bad file too");
+}
+
+#[test]
+fn several_roots_at_once_and_intermediate_chains_are_trusted() {
+    need_root!("several_roots_at_once_and_intermediate_chains_are_trusted");
+    let m = Mesh::new(&bin());
+    // A second root (as during a Consul CA rotation), and a leaf for web
+    // signed by an intermediate of it (as a secondary datacenter's).
+    let next = Ca::new_root(TRUST_DOMAIN).unwrap();
+    let inter = next.intermediate("pri-1.consul.ca").unwrap();
+    let leaf = inter
+        .issue(&LeafSpec::service(TRUST_DOMAIN, "dc1", "web"))
+        .unwrap();
+    let web2 = (
+        m.files.write("web2.pem", &leaf.chain_pem),
+        m.files.write("web2-key.pem", &leaf.key_pem),
+    );
+    // Not trusted yet.
+    assert_eq!(s_client(&m, Some((&web2.0, &web2.1)), "early"), "");
+    assert!(m
+        .api
+        .wait_log("reason=cert_untrusted", Duration::from_secs(5)));
+    // Add the new root to the bundle: both roots are trusted at once.
+    let before = m.api.log_text().matches("configuration reloaded").count();
+    let bundle = format!("{}{}", m.ca.ca.cert_pem, next.cert_pem);
+    m.ca.dir.write("roots.pem", &bundle);
+    assert!(m
+        .api
+        .wait_log_count("configuration reloaded", before + 1, Duration::from_secs(5)));
+    assert_eq!(
+        s_client(&m, Some((&web2.0, &web2.1)), "new root"),
+        "new root"
+    );
+    let web = (m.ca.dir.join("web.pem"), m.ca.dir.join("web-key.pem"));
+    assert_eq!(s_client(&m, Some((&web.0, &web.1)), "old root"), "old root");
+    assert_eq!(m.app.accepted(), 2);
 }

@@ -251,19 +251,20 @@ pub fn deny(source: &str) -> String {
     format!("[[intentions.rules]]\nsource = \"{source}\"\naction = \"deny\"\n")
 }
 
-/// The whole topology.
+/// The whole topology. Fields drop in order: sidecars first (so their logs
+/// can still be printed), namespaces, then files.
 pub struct Mesh {
-    pub bin: PathBuf,
-    pub ca: TestCa,
-    pub files: TempDir,
-    pub client: Netns,
-    pub server: Netns,
+    pub web: Sidecar,
+    pub api: Sidecar,
     /// The api's local app (127.0.0.1:8080 in the server namespace).
     pub app: App,
     /// A non-mesh server on 10.77.0.4:9000 in the server namespace.
     pub plain: App,
-    pub web: Sidecar,
-    pub api: Sidecar,
+    pub client: Netns,
+    pub server: Netns,
+    pub bin: PathBuf,
+    pub ca: TestCa,
+    pub files: TempDir,
 }
 
 impl Mesh {
