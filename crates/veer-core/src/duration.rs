@@ -1,6 +1,10 @@
 //! Durations in configuration files: `"5s"`, `"250ms"`, `"1h"`, `"1m30s"`.
 use std::time::Duration;
 
+/// The longest duration accepted (ten years): large enough for any timeout,
+/// small enough that arithmetic on it never overflows.
+pub const MAX: Duration = Duration::from_secs(10 * 365 * 86400);
+
 /// Parses a duration such as `5s`, `250ms`, `1h`, `1m30s`, `0`.
 pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -30,11 +34,11 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+        let ms_per: u64 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
             "" => return Err(format!("bad duration {s:?}: missing unit (ms, s, m, h)")),
             u => {
                 return Err(format!(
@@ -42,7 +46,15 @@ pub fn parse(s: &str) -> Result<Duration, String> {
                 ))
             }
         };
-        total += d;
+        let too_large = || format!("bad duration {s:?}: longer than ten years");
+        let d = n
+            .checked_mul(ms_per)
+            .map(Duration::from_millis)
+            .ok_or_else(too_large)?;
+        total = total
+            .checked_add(d)
+            .filter(|t| *t <= MAX)
+            .ok_or_else(too_large)?;
     }
     Ok(total)
 }
@@ -77,5 +89,22 @@ mod tests {
         assert!(parse("s").is_err());
         assert_eq!(format(Duration::from_secs(3600)), "1h");
         assert_eq!(format(Duration::from_millis(1500)), "1500ms");
+    }
+
+    /// Found by fuzzing: huge numbers overflowed (a panic in debug builds).
+    #[test]
+    fn overflow_is_an_error_and_format_parses_back() {
+        for s in [
+            "18446744073709551615s1s",
+            "307445734561825861m",
+            "18446744073709552s1ms",
+            "87601h",
+        ] {
+            assert!(parse(s).unwrap_err().contains("ten years"), "{s}");
+        }
+        assert_eq!(parse("87600h").unwrap(), MAX);
+        for d in [MAX, Duration::from_millis(1), Duration::from_secs(90)] {
+            assert_eq!(parse(&format(d)).unwrap(), d);
+        }
     }
 }

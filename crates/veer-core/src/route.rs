@@ -203,18 +203,22 @@ impl RouteTable {
         let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
         let mut by_vip = HashMap::new();
         let mut by_instance = HashMap::new();
+        // Every address is keyed in canonical form: `::ffff:10.0.0.1` and
+        // `10.0.0.1` are one destination.
         for (i, u) in upstreams.iter().enumerate() {
             for ip in &u.virtual_ips {
-                by_vip
-                    .entry(crate::addr::canonical(SocketAddr::new(*ip, 0)).ip())
-                    .or_insert(i);
+                by_vip.entry(canonical_ip(*ip)).or_insert(i);
             }
             if u.dialed_directly {
                 for ip in &u.instances {
-                    by_instance.entry(*ip).or_insert(i);
+                    by_instance.entry(canonical_ip(*ip)).or_insert(i);
                 }
             }
         }
+        let own_listeners = own_listeners
+            .into_iter()
+            .map(crate::addr::canonical)
+            .collect();
         RouteTable {
             upstreams,
             by_vip,
@@ -245,9 +249,13 @@ impl RouteTable {
     }
 }
 
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    crate::addr::canonical(SocketAddr::new(ip, 0)).ip()
+}
+
 /// Decides where a redirected outbound connection goes.
 pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteError> {
-    let dst = orig_dst.0;
+    let dst = crate::addr::canonical(orig_dst.0);
     if table.is_own_listener(dst) {
         return Err(RouteError::Loop(orig_dst));
     }
@@ -261,14 +269,14 @@ pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteEr
     if let Some(&i) = table.by_instance.get(&dst.ip()) {
         return Ok(Route::Direct {
             upstream: table.upstreams[i].clone(),
-            addr: EndpointAddr(dst),
+            addr: EndpointAddr(orig_dst.0),
         });
     }
     if table.mesh_destinations_only {
         return Err(RouteError::NotInMesh(orig_dst));
     }
     Ok(Route::Passthrough {
-        addr: EndpointAddr(dst),
+        addr: EndpointAddr(orig_dst.0),
     })
 }
 

@@ -41,6 +41,10 @@ pub enum SpiffeError {
     /// A segment has a character outside `[A-Za-z0-9._-]`.
     #[error("SPIFFE ID segment has a character outside [A-Za-z0-9._-]: {0:?}")]
     BadCharacter(String),
+    /// A service identity written in a non-canonical form Consul never
+    /// issues (an explicit `/ap/default` segment).
+    #[error("SPIFFE ID is not in Consul's canonical form: {0:?}")]
+    NonCanonical(String),
     /// Valid SPIFFE, but not a service identity (an agent, a gateway, the CA...).
     #[error("SPIFFE ID is not a Consul service identity: {0:?}")]
     NotAService(String),
@@ -56,6 +60,7 @@ impl SpiffeError {
             SpiffeError::PercentEncoded(_) => "percent_encoded",
             SpiffeError::EmptySegment(_) => "empty_segment",
             SpiffeError::BadCharacter(_) => "bad_character",
+            SpiffeError::NonCanonical(_) => "non_canonical",
             SpiffeError::NotAService(_) => "not_a_service",
         }
     }
@@ -125,6 +130,9 @@ impl ServiceId {
             return Err(SpiffeError::BadCharacter(err_uri()));
         }
         let (partition, segs) = match segs.as_slice() {
+            // Consul writes no `/ap/` segment for the default partition; an
+            // explicit one would not match Envoy's RBAC principal either.
+            ["ap", "default", ..] => return Err(SpiffeError::NonCanonical(err_uri())),
             ["ap", ap, rest @ ..] => (*ap, rest),
             rest => ("default", rest),
         };

@@ -133,3 +133,42 @@ fn round_robin_and_failed_endpoints_last() {
         .collect();
     assert!(after.contains(&"10.77.0.2:20000".to_string()));
 }
+
+/// Found by fuzzing: addresses given in IPv4-mapped IPv6 form in the table
+/// (instances, listeners) must match their IPv4 form and vice versa.
+#[test]
+fn v4_mapped_forms_are_one_address() {
+    let mut db = upstream("db");
+    db.dialed_directly = true;
+    db.instances = vec!["::ffff:10.77.0.5".parse().unwrap()];
+    let mut vip = upstream("vip");
+    vip.virtual_ips = vec!["::ffff:10.96.0.1".parse().unwrap()];
+    vip.endpoints = vec![Endpoint::new(sa("10.77.0.2:20000"))];
+    let t = RouteTable::new(
+        vec![db, vip],
+        false,
+        vec![sa("[::ffff:127.0.0.1]:15001"), sa("[::]:15002")],
+    );
+    assert_eq!(route(&t, dst("10.77.0.5:1")).unwrap().kind(), "direct");
+    assert_eq!(
+        route(&t, OrigDstAddr(sa("[::ffff:10.77.0.5]:1")))
+            .unwrap()
+            .kind(),
+        "direct"
+    );
+    assert_eq!(route(&t, dst("10.96.0.1:80")).unwrap().kind(), "mesh");
+    assert_eq!(
+        route(&t, dst("127.0.0.1:15001")).unwrap_err().classify(),
+        "loop"
+    );
+    assert_eq!(
+        route(&t, OrigDstAddr(sa("[::ffff:127.0.0.1]:15002")))
+            .unwrap_err()
+            .classify(),
+        "loop"
+    );
+    assert_eq!(
+        route(&t, dst("[::1]:15002")).unwrap_err().classify(),
+        "loop"
+    );
+}

@@ -71,6 +71,11 @@ fn refuses_odd_forms_each_with_its_reason() {
         ),
         ("spiffe://td.consul", "not_a_service"),
         ("spiffe://td.consul/ns/default/dc/dc1/svc", "not_a_service"),
+        // Found by fuzzing: Display would drop the segment (non-canonical).
+        (
+            "spiffe://td.consul/ap/default/ns/default/dc/dc1/svc/web",
+            "non_canonical",
+        ),
         (
             "spiffe://td.consul/ns/default/dc/dc1/svc/web/extra",
             "not_a_service",
