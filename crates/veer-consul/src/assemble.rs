@@ -1,0 +1,576 @@
+//! From parsed agent answers to a complete [`Spec`], sans IO.
+//!
+//! [`State`] holds the latest parsed answer of every watch. [`wanted`] says
+//! which per-service watches should run for it, [`missing`] what has not
+//! arrived yet, and [`assemble`] builds the spec — the only place in this
+//! crate that constructs a [`Spec`]. [`same_spec`] tells whether a new spec
+//! differs from the last one, so an update that changes nothing does not
+//! swap snapshots.
+use crate::api::{
+    CatalogInstance, ConnectInstance, Leaf, Mesh, Mode, ProxyDefaults, Registration, Roots,
+    ServiceDefaults,
+};
+use crate::Error;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use veer_core::intentions::{Action, Intention, Intentions};
+use veer_core::route::Protocol;
+use veer_core::snapshot::{ListenSpec, Spec, Timeouts, UpstreamSpec};
+use veer_core::spiffe::ServiceId;
+
+/// Consul's default transparent outbound listener port.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// The service name Consul's implicit-upstream discovery leaves out.
+const CONSUL_SERVICE: &str = "consul";
+
+/// A service whose instances are watched: a name, in the local datacenter
+/// (`None`) or another one (explicit upstreams with `Datacenter`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub name: String,
+    pub datacenter: Option<String>,
+}
+
+impl ServiceKey {
+    pub fn local(name: &str) -> ServiceKey {
+        ServiceKey {
+            name: name.to_string(),
+            datacenter: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.datacenter {
+            Some(dc) => write!(f, "{}@{dc}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// The latest parsed answer of every watch; `None` / absent = not yet.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub registration: Option<Registration>,
+    pub roots: Option<Roots>,
+    pub leaf: Option<Leaf>,
+    /// Every intention the token can read (filtered to ours in [`assemble`]).
+    pub intentions: Option<Vec<Intention>>,
+    pub default_action: Option<Action>,
+    /// Service names in the catalog.
+    pub catalog: Option<BTreeSet<String>>,
+    /// `/v1/health/connect/:name` per watched service.
+    pub connect: BTreeMap<ServiceKey, Vec<ConnectInstance>>,
+    /// `/v1/catalog/service/:name` per watched mesh service (for `virtual`).
+    pub instances: BTreeMap<ServiceKey, Vec<CatalogInstance>>,
+    pub service_defaults: Option<BTreeMap<String, ServiceDefaults>>,
+    pub proxy_defaults: Option<ProxyDefaults>,
+    pub mesh: Option<Mesh>,
+}
+
+/// Settings that do not come from the agent.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// `--transparent`: transparent mode whatever the registration says.
+    pub transparent: bool,
+    /// [`Spec::source`].
+    pub source: String,
+}
+
+/// A spec and the problems met while assembling it that did not prevent it.
+#[derive(Debug)]
+pub struct Assembled {
+    pub spec: Spec,
+    pub warnings: Vec<String>,
+}
+
+/// Whether the proxy runs in transparent mode: `--transparent`, else the
+/// first `Mode` set among the registration, the `service-defaults` of its
+/// service and `proxy-defaults`; `None` while that cannot be told yet.
+pub fn transparent(state: &State, settings: &Settings) -> Option<bool> {
+    if settings.transparent {
+        return Some(true);
+    }
+    let reg = state.registration.as_ref()?;
+    let modes = [
+        Some(reg.mode),
+        state
+            .service_defaults
+            .as_ref()?
+            .get(&reg.destination_service)
+            .and_then(|d| d.mode),
+        state.proxy_defaults.as_ref()?.mode,
+    ];
+    Some(modes.into_iter().flatten().find(|m| *m != Mode::Unset) == Some(Mode::Transparent))
+}
+
+/// The per-service watches the state calls for: each key maps to whether
+/// its destination's own instances (`/v1/catalog/service/:name`, for the
+/// `virtual` tagged address) are needed besides its sidecars
+/// (`/v1/health/connect/:name`).
+///
+/// Explicit upstreams are always watched. In transparent mode every catalog
+/// service except `consul` and this proxy's own service is a candidate; a
+/// candidate with no Connect instance at all is not an upstream and does
+/// not need its instances read.
+pub fn wanted(state: &State, settings: &Settings) -> BTreeMap<ServiceKey, bool> {
+    let mut out = BTreeMap::new();
+    let Some(reg) = &state.registration else {
+        return out;
+    };
+    for u in &reg.upstreams {
+        out.insert(
+            ServiceKey {
+                name: u.name.clone(),
+                datacenter: u.datacenter.clone(),
+            },
+            false,
+        );
+    }
+    if transparent(state, settings) == Some(true) {
+        if let Some(catalog) = &state.catalog {
+            for name in catalog {
+                if name != CONSUL_SERVICE && *name != reg.destination_service {
+                    out.insert(ServiceKey::local(name), false);
+                }
+            }
+        }
+        for (k, need) in out.iter_mut() {
+            *need = k.datacenter.is_none() && state.connect.get(k).is_some_and(|c| !c.is_empty());
+        }
+    }
+    out
+}
+
+/// What has not arrived yet, for logs and [`Error::Incomplete`]; empty when
+/// [`assemble`] can build a spec.
+pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
+    let mut m = Vec::new();
+    let mut need = |ok: bool, what: &str| {
+        if !ok {
+            m.push(what.to_string());
+        }
+    };
+    need(state.registration.is_some(), "the proxy registration");
+    need(state.roots.is_some(), "the CA roots");
+    need(state.leaf.is_some(), "the leaf certificate");
+    need(state.intentions.is_some(), "the intentions");
+    need(
+        state.default_action.is_some(),
+        "the default intention decision",
+    );
+    need(
+        state.service_defaults.is_some(),
+        "the service-defaults entries",
+    );
+    need(state.proxy_defaults.is_some(), "the proxy-defaults entry");
+    need(state.mesh.is_some(), "the mesh entry");
+    if transparent(state, settings) == Some(true) {
+        need(state.catalog.is_some(), "the catalog services");
+    }
+    let mut svc: Vec<String> = Vec::new();
+    for (k, need_instances) in wanted(state, settings) {
+        if !state.connect.contains_key(&k) {
+            svc.push(format!("{k} (sidecars)"));
+        } else if need_instances && !state.instances.contains_key(&k) {
+            svc.push(format!("{k} (instances)"));
+        }
+    }
+    if !svc.is_empty() {
+        m.push(format!("upstream services: {}", svc.join(", ")));
+    }
+    m
+}
+
+fn protocol_of(
+    name: &str,
+    explicit: Option<&str>,
+    sd: &BTreeMap<String, ServiceDefaults>,
+    pd: &ProxyDefaults,
+    warnings: &mut Vec<String>,
+) -> Protocol {
+    let p = sd
+        .get(name)
+        .and_then(|d| d.protocol.as_deref())
+        .or(explicit)
+        .or(pd.protocol.as_deref());
+    match p {
+        None => Protocol::Tcp,
+        Some(s) => Protocol::parse(&s.to_ascii_lowercase()).unwrap_or_else(|| {
+            warnings.push(format!(
+                "upstream {name}: protocol {s:?} is unknown; using tcp"
+            ));
+            Protocol::Tcp
+        }),
+    }
+}
+
+/// Builds the complete spec, or says what is missing
+/// ([`Error::Incomplete`]) or unusable ([`Error::Decode`]).
+///
+/// - identity: the leaf's SPIFFE ID; roots: every root; chain: the leaf's
+///   `CertPEM` (leaf, then appended intermediates).
+/// - intentions: those whose destination matches our identity, in
+///   evaluation order; default: the probed default decision.
+/// - listen: inbound = the registration's bind; outbound =
+///   127.0.0.1 and `[::1]` on the outbound port (registration, then
+///   service-defaults, then proxy-defaults `TransparentProxy.OutboundListenerPort`,
+///   else 15001) in transparent mode, none otherwise.
+/// - upstreams, sorted by name: endpoints = passing sidecars'
+///   `Service.Address` (else `Node.Address`) : `Service.Port`; identity
+///   datacenter = the instances' node datacenter; virtual IPs (transparent
+///   mode, local datacenter) = `consul-virtual` of any sidecar or instance
+///   and `virtual` of those in our partition; a VIP claimed by two services
+///   stays with the first (by name) and is reported; protocol =
+///   service-defaults, else the explicit upstream's `Config.protocol`, else
+///   proxy-defaults `Config.protocol`, else tcp; dialed directly =
+///   service-defaults or a sidecar says so, with the passing sidecars' IPs
+///   as instances; explicit upstreams add `local_bind` (to the implicit
+///   entry of the same service, or an entry of their own).
+pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> {
+    let m = missing(state, settings);
+    if !m.is_empty() {
+        return Err(Error::Incomplete(m.join("; ")));
+    }
+    let (
+        Some(reg),
+        Some(roots),
+        Some(leaf),
+        Some(all_ixns),
+        Some(default),
+        Some(sd),
+        Some(pd),
+        Some(mesh),
+    ) = (
+        &state.registration,
+        &state.roots,
+        &state.leaf,
+        &state.intentions,
+        state.default_action,
+        &state.service_defaults,
+        &state.proxy_defaults,
+        &state.mesh,
+    )
+    else {
+        unreachable!("missing() checked every part");
+    };
+    let transparent = transparent(state, settings) == Some(true);
+    let mut warnings = Vec::new();
+
+    let leaf_der = leaf
+        .chain
+        .first()
+        .ok_or_else(|| Error::decode("leaf certificate", "empty chain"))?;
+    let identity = veer_core::tls::peer_identity(leaf_der)
+        .map_err(|e| Error::decode("leaf certificate", e))?;
+    if identity.service != reg.destination_service {
+        return Err(Error::Incomplete(format!(
+            "the leaf certificate for {} (have one for {})",
+            reg.destination_service, identity.service
+        )));
+    }
+    if let Err(e) = chains_to_roots(&leaf.chain, &roots.certs) {
+        // E.g. right after an agent restart with a new CA, one of the two
+        // has arrived before the other; wait for both rather than hand out
+        // a spec Snapshot::build would refuse.
+        return Err(Error::Incomplete(format!(
+            "a leaf certificate that chains to the current roots ({e})"
+        )));
+    }
+    let intentions = Intentions::new(&identity, all_ixns.clone(), default)
+        .rules()
+        .to_vec();
+
+    // Upstreams.
+    let wanted = wanted(state, settings);
+    let explicit_keys: BTreeSet<ServiceKey> = reg
+        .upstreams
+        .iter()
+        .map(|u| ServiceKey {
+            name: u.name.clone(),
+            datacenter: u.datacenter.clone(),
+        })
+        .collect();
+    let mut by_key: BTreeMap<ServiceKey, UpstreamSpec> = BTreeMap::new();
+    for key in wanted.keys() {
+        let none = Vec::new();
+        let sidecars = state.connect.get(key).unwrap_or(&none);
+        let explicit = reg
+            .upstreams
+            .iter()
+            .find(|u| u.name == key.name && u.datacenter == key.datacenter);
+        if sidecars.is_empty() && !explicit_keys.contains(key) {
+            continue; // not a mesh service (or none registered yet)
+        }
+        let dc = sidecars
+            .iter()
+            .map(|i| i.datacenter.as_str())
+            .find(|d| !d.is_empty())
+            .map(str::to_string)
+            .or_else(|| key.datacenter.clone())
+            .unwrap_or_else(|| identity.datacenter.clone());
+        let (ns, part) = match explicit {
+            Some(u) => (u.namespace.as_str(), u.partition.as_str()),
+            None => (reg.namespace.as_str(), reg.partition.as_str()),
+        };
+        let id = ServiceId::new(&roots.trust_domain, part, ns, &dc, &key.name);
+        let mut u = UpstreamSpec::new(id);
+        u.protocol = protocol_of(
+            &key.name,
+            explicit.and_then(|e| e.protocol.as_deref()),
+            sd,
+            pd,
+            &mut warnings,
+        );
+        let passing: Vec<&ConnectInstance> = sidecars.iter().filter(|i| i.passing).collect();
+        let mut eps: Vec<SocketAddr> = passing.iter().filter_map(|i| i.endpoint()).collect();
+        eps.sort();
+        eps.dedup();
+        u.endpoints = eps;
+        if transparent && key.datacenter.is_none() {
+            let own_part = reg.partition.as_str();
+            let mut vips: Vec<IpAddr> = Vec::new();
+            let catalog = state.instances.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            let all = sidecars
+                .iter()
+                .map(|i| (&i.vips, i.partition.as_str()))
+                .chain(catalog.iter().map(|i| (&i.vips, i.partition.as_str())));
+            for (v, p) in all {
+                vips.extend(v.consul_virtual);
+                if p == own_part {
+                    vips.extend(v.virtual_ip);
+                }
+            }
+            vips.sort();
+            vips.dedup();
+            u.virtual_ips = vips;
+            let dd = sd.get(&key.name).is_some_and(|d| d.dialed_directly)
+                || sidecars.iter().any(|i| i.dialed_directly);
+            if dd {
+                u.dialed_directly = true;
+                let mut ips: Vec<IpAddr> = passing.iter().filter_map(|i| i.ip).collect();
+                ips.sort();
+                ips.dedup();
+                u.instances = ips;
+            }
+        }
+        u.connect_timeout = explicit
+            .and_then(|e| e.connect_timeout)
+            .or(reg.connect_timeout);
+        by_key.insert(key.clone(), u);
+    }
+    // Explicit upstream listeners: the first of a service goes on its entry,
+    // further ones get entries of their own without virtual IPs.
+    let mut extra = Vec::new();
+    let mut bound: BTreeSet<ServiceKey> = BTreeSet::new();
+    for e in &reg.upstreams {
+        let key = ServiceKey {
+            name: e.name.clone(),
+            datacenter: e.datacenter.clone(),
+        };
+        let Some(base) = by_key.get_mut(&key) else {
+            continue;
+        };
+        if bound.insert(key) {
+            base.local_bind = Some(e.bind);
+        } else {
+            let mut u = base.clone();
+            u.virtual_ips.clear();
+            u.dialed_directly = false;
+            u.instances.clear();
+            u.local_bind = Some(e.bind);
+            u.connect_timeout = e.connect_timeout.or(reg.connect_timeout);
+            extra.push(u);
+        }
+    }
+    let mut upstreams: Vec<UpstreamSpec> = by_key.into_values().chain(extra).collect();
+    // One VIP, one service: Snapshot::build refuses duplicates, and one bad
+    // registration must not stop every update.
+    let mut owner: HashMap<IpAddr, String> = HashMap::new();
+    for u in &mut upstreams {
+        let name = u.identity.service.clone();
+        u.virtual_ips.retain(|ip| match owner.get(ip) {
+            Some(first) if *first != name => {
+                warnings.push(format!(
+                    "virtual IP {ip} is registered for both {first} and {name}; it stays with {first}"
+                ));
+                false
+            }
+            _ => {
+                owner.insert(*ip, name.clone());
+                true
+            }
+        });
+    }
+
+    let outbound_port = reg
+        .outbound_port
+        .or_else(|| {
+            sd.get(&reg.destination_service)
+                .and_then(|d| d.outbound_port)
+        })
+        .or(pd.outbound_port)
+        .unwrap_or(DEFAULT_OUTBOUND_PORT);
+    let outbound = if transparent {
+        vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), outbound_port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), outbound_port),
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut timeouts = Timeouts::default();
+    if let Some(t) = reg.local_connect_timeout {
+        timeouts.local_connect = t;
+    }
+    if let Some(t) = reg.handshake_timeout {
+        timeouts.handshake = t;
+    }
+    if let Some(t) = reg.connect_timeout {
+        timeouts.connect = t;
+    }
+
+    let spec = Spec {
+        identity,
+        roots: roots.certs.clone(),
+        chain: leaf.chain.clone(),
+        key: leaf.key.clone_key(),
+        local_app: reg.local_app,
+        intentions,
+        default_action: default,
+        upstreams,
+        mesh_destinations_only: transparent && mesh.mesh_destinations_only(),
+        listen: ListenSpec {
+            inbound: reg.bind,
+            outbound,
+        },
+        timeouts,
+        source: settings.source.clone(),
+        expose: reg.expose.clone(),
+    };
+    Ok(Assembled { spec, warnings })
+}
+
+/// Checks that the leaf chains to one of the roots (as `Snapshot::build` will).
+fn chains_to_roots(
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(), String> {
+    let store = veer_core::tls::root_store(roots).map_err(|e| e.to_string())?;
+    let leaf = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &leaf,
+        &store,
+        &chain[1..],
+        rustls::pki_types::UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Whether two specs are the same (then the runtime need not swap).
+/// Exhaustive on purpose: a new `Spec` field fails to compile here until it
+/// is compared.
+pub fn same_spec(a: &Spec, b: &Spec) -> bool {
+    let Spec {
+        identity,
+        roots,
+        chain,
+        key,
+        local_app,
+        intentions,
+        default_action,
+        upstreams,
+        mesh_destinations_only,
+        listen,
+        timeouts,
+        source,
+        expose,
+    } = a;
+    *identity == b.identity
+        && *roots == b.roots
+        && *chain == b.chain
+        && key.secret_der() == b.key.secret_der()
+        && *local_app == b.local_app
+        && *intentions == b.intentions
+        && *default_action == b.default_action
+        && *upstreams == b.upstreams
+        && *mesh_destinations_only == b.mesh_destinations_only
+        && *listen == b.listen
+        && *timeouts == b.timeouts
+        && *source == b.source
+        && *expose == b.expose
+}
+
+/// A one-line summary of what changed between two specs, for logs.
+pub fn describe_change(old: Option<&Spec>, new: &Spec) -> String {
+    let Some(old) = old else {
+        return format!(
+            "first spec: {} upstreams, {} intentions (default {}), {} roots",
+            new.upstreams.len(),
+            new.intentions.len(),
+            new.default_action.as_str(),
+            new.roots.len()
+        );
+    };
+    let mut parts = Vec::new();
+    if old.identity != new.identity {
+        parts.push("identity".to_string());
+    }
+    if old.roots != new.roots {
+        parts.push(format!("roots ({} → {})", old.roots.len(), new.roots.len()));
+    }
+    if old.chain != new.chain || old.key.secret_der() != new.key.secret_der() {
+        parts.push("leaf".to_string());
+    }
+    if old.intentions != new.intentions || old.default_action != new.default_action {
+        parts.push(format!(
+            "intentions ({} → {}, default {})",
+            old.intentions.len(),
+            new.intentions.len(),
+            new.default_action.as_str()
+        ));
+    }
+    if old.upstreams != new.upstreams {
+        let names = |s: &Spec| -> BTreeSet<String> {
+            s.upstreams
+                .iter()
+                .map(|u| u.identity.service.clone())
+                .collect()
+        };
+        let (o, n) = (names(old), names(new));
+        let added: Vec<_> = n.difference(&o).cloned().collect();
+        let removed: Vec<_> = o.difference(&n).cloned().collect();
+        let changed = old
+            .upstreams
+            .iter()
+            .filter(|u| {
+                new.upstreams
+                    .iter()
+                    .any(|v| v.identity.service == u.identity.service && v != *u)
+            })
+            .count();
+        parts.push(format!(
+            "upstreams (added {added:?}, removed {removed:?}, {changed} changed)"
+        ));
+    }
+    if old.listen != new.listen || old.local_app != new.local_app || old.expose != new.expose {
+        parts.push("listeners".to_string());
+    }
+    if old.timeouts != new.timeouts {
+        parts.push("timeouts".to_string());
+    }
+    if old.mesh_destinations_only != new.mesh_destinations_only {
+        parts.push("mesh_destinations_only".to_string());
+    }
+    if parts.is_empty() {
+        parts.push("other".to_string());
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests;

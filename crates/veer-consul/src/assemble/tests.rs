@@ -1,0 +1,444 @@
+use super::*;
+use crate::api;
+use crate::watch::WatchKey;
+use veer_core::snapshot::Snapshot;
+
+const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn roots_json(ca: &veer_ca::Ca) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ActiveRootID": "aa:bb", "TrustDomain": TD,
+        "Roots": [{"ID": "aa:bb", "Name": "Consul CA Root Cert", "RootCert": ca.cert_pem, "Active": true}]
+    }))
+    .unwrap()
+}
+
+fn leaf_json(ca: &veer_ca::Ca, service: &str) -> Vec<u8> {
+    let l = ca.service_leaf("dc1", service).unwrap();
+    serde_json::to_vec(&serde_json::json!({
+        "SerialNumber": "08", "CertPEM": l.chain_pem, "PrivateKeyPEM": l.key_pem, "Service": service,
+        "ServiceURI": veer_ca::service_uri(TD, "default", "dc1", service),
+    }))
+    .unwrap()
+}
+
+fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
+    api::ConnectInstance {
+        id: id.into(),
+        node: "node-1".into(),
+        datacenter: "dc1".into(),
+        partition: "default".into(),
+        ip: Some(ip.parse().unwrap()),
+        port,
+        passing,
+        vips: api::Vips::default(),
+        dialed_directly: false,
+    }
+}
+
+fn dest(vip: &str) -> Vec<api::CatalogInstance> {
+    vec![api::CatalogInstance {
+        id: "x".into(),
+        kind: String::new(),
+        partition: "default".into(),
+        vips: api::Vips {
+            virtual_ip: Some(vip.parse().unwrap()),
+            consul_virtual: None,
+        },
+    }]
+}
+
+/// web's sidecar (explicit upstream db:9191) in a mesh of web, api, db and
+/// a service without sidecars (cache).
+fn world(ca: &veer_ca::Ca) -> (State, Settings) {
+    let (reg, _) = api::parse_registration(
+        "web-sidecar-proxy",
+        &fixture("1.8.7-agent-service-web-sidecar.json"),
+    )
+    .unwrap();
+    let (ixns, _) = api::parse_intentions(&fixture("1.8.7-intentions.json")).unwrap();
+    let mut s = State {
+        registration: Some(reg),
+        roots: Some(api::parse_roots(&roots_json(ca)).unwrap()),
+        leaf: Some(api::parse_leaf("web", &leaf_json(ca, "web")).unwrap()),
+        intentions: Some(ixns),
+        default_action: Some(Action::Allow),
+        catalog: Some(
+            [
+                "consul",
+                "web",
+                "web-sidecar-proxy",
+                "api",
+                "api-sidecar-proxy",
+                "db",
+                "db-sidecar-proxy",
+                "cache",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ),
+        service_defaults: Some(
+            api::parse_service_defaults(&fixture("1.8.7-config-service-defaults.json")).unwrap(),
+        ),
+        proxy_defaults: Some(api::ProxyDefaults::default()),
+        mesh: Some(api::Mesh::Unsupported),
+        ..State::default()
+    };
+    let k = ServiceKey::local;
+    s.connect.insert(
+        k("api"),
+        vec![inst("api-sidecar-proxy", "10.0.0.2", 21000, true)],
+    );
+    s.connect.insert(
+        k("db"),
+        vec![
+            inst("db-sidecar-proxy", "10.0.0.3", 21000, false),
+            inst("db2-sidecar-proxy", "10.0.0.4", 21000, true),
+        ],
+    );
+    for n in [
+        "api-sidecar-proxy",
+        "db-sidecar-proxy",
+        "web-sidecar-proxy",
+        "cache",
+    ] {
+        s.connect.insert(k(n), Vec::new());
+    }
+    s.instances.insert(k("api"), dest("10.96.0.20"));
+    s.instances.insert(k("db"), dest("10.96.0.30"));
+    (
+        s,
+        Settings {
+            transparent: true,
+            source: "consul test".into(),
+        },
+    )
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn nothing_arrived_is_incomplete() {
+    let s = State::default();
+    let m = missing(&s, &Settings::default());
+    assert_eq!(m.len(), 8, "{m:?}");
+    let e = assemble(&s, &Settings::default()).unwrap_err();
+    assert_eq!(e.classify(), "incomplete");
+    assert!(e.to_string().contains("the proxy registration"), "{e}");
+}
+
+#[test]
+fn transparent_spec_is_complete_and_builds() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (s, set) = world(&ca);
+    let a = assemble(&s, &set).unwrap();
+    assert!(a.warnings.is_empty(), "{:?}", a.warnings);
+    let spec = a.spec;
+    assert_eq!(
+        spec.identity.to_string(),
+        format!("spiffe://{TD}/ns/default/dc/dc1/svc/web")
+    );
+    assert_eq!(spec.listen.inbound, sa("0.0.0.0:21000"));
+    assert_eq!(
+        spec.listen.outbound,
+        vec![sa("127.0.0.1:15001"), sa("[::1]:15001")]
+    );
+    assert_eq!(spec.local_app, sa("127.0.0.1:8080"));
+    assert_eq!(spec.intentions.len(), 2);
+    assert_eq!(spec.default_action, Action::Allow);
+    assert!(!spec.mesh_destinations_only);
+    assert_eq!(spec.source, "consul test");
+    let names: Vec<&str> = spec
+        .upstreams
+        .iter()
+        .map(|u| u.identity.service.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["api", "db"],
+        "services without sidecars, consul and ourselves are not upstreams"
+    );
+    let api_u = &spec.upstreams[0];
+    assert_eq!(api_u.protocol, Protocol::Http, "from service-defaults");
+    assert_eq!(
+        api_u.virtual_ips,
+        vec!["10.96.0.20".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(api_u.endpoints, vec![sa("10.0.0.2:21000")]);
+    assert_eq!(api_u.local_bind, None);
+    assert_eq!(
+        api_u.identity.to_string(),
+        format!("spiffe://{TD}/ns/default/dc/dc1/svc/api")
+    );
+    let db = &spec.upstreams[1];
+    assert_eq!(
+        db.endpoints,
+        vec![sa("10.0.0.4:21000")],
+        "only passing sidecars"
+    );
+    assert_eq!(
+        db.virtual_ips,
+        vec!["10.96.0.30".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        db.local_bind,
+        Some(sa("127.0.0.1:9191")),
+        "explicit upstream merged"
+    );
+    assert_eq!(db.protocol, Protocol::Tcp);
+    let snap = Snapshot::build(spec, 1).unwrap();
+    assert_eq!(snap.routes.upstreams().len(), 2);
+    assert!(snap
+        .intentions
+        .evaluate(&veer_core::spiffe::ServiceId::new(
+            TD, "default", "default", "dc1", "api"
+        ))
+        .allowed());
+}
+
+#[test]
+fn direct_mode_has_only_explicit_upstreams_and_no_outbound() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, mut set) = world(&ca);
+    set.transparent = false;
+    s.catalog = None;
+    assert_eq!(
+        wanted(&s, &set).into_keys().collect::<Vec<_>>(),
+        vec![ServiceKey::local("db")]
+    );
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec.listen.outbound.is_empty());
+    assert_eq!(spec.upstreams.len(), 1);
+    assert!(spec.upstreams[0].virtual_ips.is_empty());
+    assert_eq!(spec.upstreams[0].local_bind, Some(sa("127.0.0.1:9191")));
+}
+
+#[test]
+fn mode_precedence() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, mut set) = world(&ca);
+    set.transparent = false;
+    assert_eq!(transparent(&s, &set), Some(false));
+    s.proxy_defaults.as_mut().unwrap().mode = Some(Mode::Transparent);
+    assert_eq!(transparent(&s, &set), Some(true), "proxy-defaults");
+    s.service_defaults.as_mut().unwrap().insert(
+        "web".into(),
+        api::ServiceDefaults {
+            mode: Some(Mode::Direct),
+            outbound_port: Some(15002),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        transparent(&s, &set),
+        Some(false),
+        "service-defaults beats proxy-defaults"
+    );
+    s.registration.as_mut().unwrap().mode = Mode::Transparent;
+    assert_eq!(transparent(&s, &set), Some(true), "registration beats both");
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert_eq!(
+        spec.listen.outbound[0],
+        sa("127.0.0.1:15002"),
+        "outbound port from service-defaults"
+    );
+    s.registration.as_mut().unwrap().outbound_port = Some(15003);
+    assert_eq!(
+        assemble(&s, &set).unwrap().spec.listen.outbound[1],
+        sa("[::1]:15003")
+    );
+    s.service_defaults = None;
+    assert_eq!(
+        transparent(&s, &set),
+        None,
+        "cannot tell before service-defaults arrive"
+    );
+}
+
+#[test]
+fn waits_for_every_wanted_service() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let w = wanted(&s, &set);
+    assert_eq!(w.get(&ServiceKey::local("api")), Some(&true));
+    assert_eq!(
+        w.get(&ServiceKey::local("cache")),
+        Some(&false),
+        "no sidecars: instances not needed"
+    );
+    assert!(!w.contains_key(&ServiceKey::local("consul")));
+    assert!(!w.contains_key(&ServiceKey::local("web")));
+    s.instances.remove(&ServiceKey::local("db"));
+    let e = assemble(&s, &set).unwrap_err();
+    assert!(e.to_string().contains("db (instances)"), "{e}");
+    s.catalog.as_mut().unwrap().insert("new".into());
+    let e = assemble(&s, &set).unwrap_err();
+    assert!(e.to_string().contains("new (sidecars)"), "{e}");
+}
+
+#[test]
+fn desired_watch_set() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (s, set) = world(&ca);
+    let w = crate::desired_watches(&s, &set);
+    for k in [
+        WatchKey::Registration,
+        WatchKey::Roots,
+        WatchKey::Leaf("web".into()),
+        WatchKey::Intentions,
+        WatchKey::Catalog,
+        WatchKey::Connect(ServiceKey::local("cache")),
+        WatchKey::Instances(ServiceKey::local("api")),
+        WatchKey::Mesh,
+    ] {
+        assert!(w.contains(&k), "{k}");
+    }
+    assert!(!w.contains(&WatchKey::Instances(ServiceKey::local("cache"))));
+    let w0 = crate::desired_watches(&State::default(), &Settings::default());
+    assert_eq!(w0.len(), 6, "before the registration: the fixed set only");
+}
+
+#[test]
+fn duplicate_vip_stays_with_the_first() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    s.instances
+        .insert(ServiceKey::local("db"), dest("10.96.0.20"));
+    let a = assemble(&s, &set).unwrap();
+    assert_eq!(a.warnings.len(), 1, "{:?}", a.warnings);
+    assert!(a.warnings[0].contains("10.96.0.20"));
+    assert!(a.spec.upstreams[1].virtual_ips.is_empty());
+    Snapshot::build(a.spec, 1).unwrap();
+}
+
+#[test]
+fn consul_virtual_and_partitions() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let c = s.connect.get_mut(&ServiceKey::local("api")).unwrap();
+    c[0].vips.consul_virtual = Some("240.0.0.2".parse().unwrap());
+    c[0].vips.virtual_ip = Some("10.1.1.1".parse().unwrap());
+    c[0].partition = "other".into();
+    let spec = assemble(&s, &set).unwrap().spec;
+    let v: Vec<String> = spec.upstreams[0]
+        .virtual_ips
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    assert_eq!(
+        v,
+        vec!["10.96.0.20", "240.0.0.2"],
+        "`virtual` of another partition is ignored"
+    );
+}
+
+#[test]
+fn dialed_directly_from_service_defaults() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    s.service_defaults.as_mut().unwrap().insert(
+        "db".into(),
+        api::ServiceDefaults {
+            dialed_directly: true,
+            ..Default::default()
+        },
+    );
+    let spec = assemble(&s, &set).unwrap().spec;
+    let db = &spec.upstreams[1];
+    assert!(db.dialed_directly);
+    assert_eq!(db.instances, vec!["10.0.0.4".parse::<IpAddr>().unwrap()]);
+}
+
+#[test]
+fn second_explicit_listener_for_one_service() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let reg = s.registration.as_mut().unwrap();
+    let mut again = reg.upstreams[0].clone();
+    again.bind = sa("127.0.0.1:9192");
+    reg.upstreams.push(again);
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert_eq!(spec.upstreams.len(), 3);
+    assert_eq!(spec.upstreams[2].local_bind, Some(sa("127.0.0.1:9192")));
+    assert!(spec.upstreams[2].virtual_ips.is_empty());
+    Snapshot::build(spec, 1).unwrap();
+}
+
+#[test]
+fn leaf_from_another_ca_waits() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let other = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    s.leaf = Some(api::parse_leaf("web", &leaf_json(&other, "web")).unwrap());
+    let e = assemble(&s, &set).unwrap_err();
+    assert_eq!(e.classify(), "incomplete");
+    assert!(e.to_string().contains("chains to the current roots"), "{e}");
+    s.leaf = Some(api::parse_leaf("api", &leaf_json(&ca, "api")).unwrap());
+    assert!(assemble(&s, &set)
+        .unwrap_err()
+        .to_string()
+        .contains("leaf certificate for web"));
+}
+
+#[test]
+fn unchanged_update_is_the_same_spec() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let a = assemble(&s, &set).unwrap().spec;
+    let b = assemble(&s, &set).unwrap().spec;
+    assert!(same_spec(&a, &b));
+    // Reordered instances or an unrelated intention change nothing.
+    s.connect
+        .get_mut(&ServiceKey::local("db"))
+        .unwrap()
+        .reverse();
+    let mut ixns = s.intentions.take().unwrap();
+    ixns.push(veer_core::intentions::Intention::new(
+        veer_core::intentions::Target::new("default", "default", "x"),
+        veer_core::intentions::Target::new("default", "default", "db"),
+        Action::Deny,
+    ));
+    s.intentions = Some(ixns.clone());
+    assert!(same_spec(&a, &assemble(&s, &set).unwrap().spec));
+    // A deny for us does.
+    ixns.push(veer_core::intentions::Intention::new(
+        veer_core::intentions::Target::new("default", "default", "api"),
+        veer_core::intentions::Target::new("default", "default", "*"),
+        Action::Deny,
+    ));
+    s.intentions = Some(ixns);
+    let c = assemble(&s, &set).unwrap().spec;
+    assert!(!same_spec(&a, &c));
+    assert!(
+        describe_change(Some(&a), &c).starts_with("intentions (2 → 3"),
+        "{}",
+        describe_change(Some(&a), &c)
+    );
+    // So does a changed endpoint.
+    s.connect
+        .get_mut(&ServiceKey::local("db"))
+        .unwrap()
+        .iter_mut()
+        .find(|i| i.id == "db-sidecar-proxy")
+        .unwrap()
+        .passing = true;
+    let d = assemble(&s, &set).unwrap().spec;
+    assert!(!same_spec(&c, &d));
+    assert!(
+        describe_change(Some(&c), &d).contains("1 changed"),
+        "{}",
+        describe_change(Some(&c), &d)
+    );
+}

@@ -1,0 +1,489 @@
+//! [`ConsulSource`]: the event loop that runs the watches, keeps the
+//! [`State`], and hands out complete specs.
+use crate::api;
+use crate::assemble::{self, Settings, State};
+use crate::blocking::Backoff;
+use crate::http::Client;
+use crate::options::{Options, ProxyTarget};
+use crate::watch::{self, DefaultOutcome, Msg, Payload, ProbeTarget, WatchKey};
+use crate::Error;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use veer_core::intentions::Action;
+use veer_core::snapshot::Spec;
+
+/// After this many consecutive failures without any answer, a per-service
+/// watch counts as "no instances" so that one unreadable service does not
+/// hold back the first spec.
+const GIVE_UP_AFTER: u32 = 3;
+
+/// Aborts its task when dropped.
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The watches a state calls for (pure): the fixed set, the leaf of our
+/// service, the catalog in transparent mode, and the per-service watches of
+/// [`assemble::wanted`].
+pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey> {
+    let mut w: BTreeSet<WatchKey> = [
+        WatchKey::Registration,
+        WatchKey::Roots,
+        WatchKey::Intentions,
+        WatchKey::ServiceDefaults,
+        WatchKey::ProxyDefaults,
+        WatchKey::Mesh,
+    ]
+    .into();
+    if let Some(reg) = &state.registration {
+        w.insert(WatchKey::Leaf(reg.destination_service.clone()));
+    }
+    if assemble::transparent(state, settings) == Some(true) {
+        w.insert(WatchKey::Catalog);
+    }
+    for (k, instances) in assemble::wanted(state, settings) {
+        if instances {
+            w.insert(WatchKey::Instances(k.clone()));
+        }
+        w.insert(WatchKey::Connect(k));
+    }
+    w
+}
+
+/// Follows one proxy's configuration on the local Consul agent; see the
+/// crate documentation for the whole picture.
+pub struct ConsulSource {
+    client: Client,
+    opts: Options,
+    settings: Settings,
+    state: State,
+    proxy_id: Option<String>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    watches: HashMap<WatchKey, Task>,
+    failures: HashMap<WatchKey, u32>,
+    probe: Option<Task>,
+    probe_again: bool,
+    last: Option<Spec>,
+    last_warnings: Vec<String>,
+    last_missing: Vec<String>,
+    /// Since when the agent has been unreachable, if it is.
+    down_since: Option<std::time::Instant>,
+}
+
+impl std::fmt::Debug for ConsulSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulSource")
+            .field("agent", &self.client.addr())
+            .field("proxy_id", &self.proxy_id)
+            .field("watches", &self.watches.len())
+            .finish()
+    }
+}
+
+impl ConsulSource {
+    /// Checks the options and builds the HTTP client (loading TLS files).
+    /// Nothing is sent until [`first`](Self::first), [`next`](Self::next)
+    /// or [`run`](Self::run).
+    pub fn new(opts: Options) -> Result<ConsulSource, Error> {
+        let client = Client::new(&opts)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(ConsulSource {
+            client,
+            settings: Settings {
+                transparent: opts.transparent,
+                source: String::new(),
+            },
+            opts,
+            state: State::default(),
+            proxy_id: None,
+            tx,
+            rx,
+            watches: HashMap::new(),
+            failures: HashMap::new(),
+            probe: None,
+            probe_again: false,
+            last: None,
+            last_warnings: Vec::new(),
+            last_missing: Vec::new(),
+            down_since: None,
+        })
+    }
+
+    /// The proxy's service ID, once known (after `--sidecar-for` is resolved).
+    pub fn proxy_id(&self) -> Option<&str> {
+        self.proxy_id.as_deref()
+    }
+
+    /// The current state (for diagnostics and tests).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Waits until registration, roots, leaf, intentions (with the default
+    /// decision), config entries and the upstream set have all arrived and
+    /// returns the first complete spec. Network trouble and 5xx answers are
+    /// retried with back-off (logged); errors waiting cannot fix — unknown
+    /// proxy ID, not a proxy, no or several sidecars for `--sidecar-for`,
+    /// permission denied — are returned at once. Wrap it in a timeout to
+    /// bound the wait for an agent that never comes up.
+    pub async fn first(&mut self) -> Result<Spec, Error> {
+        self.start().await?;
+        self.wait_spec(true).await
+    }
+
+    /// Waits for the next complete spec that differs from the last one
+    /// handed out (the first one if none was). Never fails: trouble is
+    /// logged and the last good state kept until the agent answers again.
+    pub async fn next(&mut self) -> Spec {
+        loop {
+            if self.proxy_id.is_none() {
+                if let Err(e) = self.start().await {
+                    tracing::error!(error = %e, "cannot start following the Consul agent; retrying in 10s");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    continue;
+                }
+            }
+            match self.wait_spec(false).await {
+                Ok(s) => return s,
+                Err(e) => tracing::error!(error = %e, "unexpected error from the Consul source"),
+            }
+        }
+    }
+
+    /// Calls `apply` with every new complete spec (the first one too, if
+    /// [`first`](Self::first) was not called), forever. Run it in its own
+    /// task; dropping the task stops every watch.
+    pub async fn run(mut self, mut apply: impl FnMut(Spec) + Send) {
+        loop {
+            let spec = self.next().await;
+            apply(spec);
+        }
+    }
+
+    /// Resolves the proxy ID and starts the watches.
+    async fn start(&mut self) -> Result<(), Error> {
+        if self.proxy_id.is_some() {
+            return Ok(());
+        }
+        let id = match self.opts.target.clone() {
+            ProxyTarget::ProxyId(id) => id,
+            ProxyTarget::SidecarFor(svc) => self.resolve_sidecar(&svc).await?,
+        };
+        tracing::info!(agent = %self.client.addr(), proxy_id = %id, "following the proxy registration on the Consul agent");
+        self.settings.source = format!("consul {} proxy {id}", self.client.addr());
+        self.proxy_id = Some(id);
+        self.reconcile();
+        Ok(())
+    }
+
+    async fn resolve_sidecar(&self, service_id: &str) -> Result<String, Error> {
+        let path = "/v1/agent/services";
+        let mut backoff = Backoff::default();
+        loop {
+            let r = self.client.get(path, Duration::from_secs(30)).await;
+            let r = r
+                .and_then(|r| r.ok(path))
+                .and_then(|r| api::sidecars_for(service_id, &r.body));
+            match r {
+                Ok(ids) => {
+                    return match ids.len() {
+                        0 => Err(Error::NoSidecar(service_id.to_string())),
+                        1 => Ok(ids.into_iter().next().expect("one")),
+                        _ => Err(Error::AmbiguousSidecar {
+                            service: service_id.to_string(),
+                            ids: ids.join(", "),
+                        }),
+                    };
+                }
+                Err(e) if e.is_fatal_at_start() => return Err(e),
+                Err(e) => {
+                    let d = backoff.failure();
+                    if backoff.should_warn() {
+                        tracing::warn!(error = %e, retry_in = ?d, "cannot list the agent's services to find the sidecar");
+                    }
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    /// Processes messages until a new complete spec is ready.
+    async fn wait_spec(&mut self, fatal: bool) -> Result<Spec, Error> {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                m = self.rx.recv() => {
+                    let Some(m) = m else {
+                        return Err(Error::Config("the watch channel closed".into()));
+                    };
+                    self.handle(m, fatal)?;
+                    while let Ok(m) = self.rx.try_recv() {
+                        self.handle(m, fatal)?;
+                    }
+                    self.reconcile();
+                    if let Some(spec) = self.try_spec() {
+                        return Ok(spec);
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.last.is_none() {
+                        let m = assemble::missing(&self.state, &self.settings);
+                        tracing::info!(missing = %m.join("; "), "waiting for the Consul agent");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one message to the state.
+    fn handle(&mut self, m: Msg, fatal: bool) -> Result<(), Error> {
+        let Msg { key, result } = m;
+        let current = if key == WatchKey::DefaultProbe {
+            self.probe.is_some()
+        } else {
+            self.watches.contains_key(&key)
+        };
+        if !current {
+            return Ok(()); // from a watch stopped since
+        }
+        let p = match result {
+            Ok(p) => {
+                self.failures.remove(&key);
+                if let Some(t) = self.down_since.take() {
+                    tracing::info!(agent = %self.client.addr(), after = ?t.elapsed(), "the Consul agent answers again; catching up");
+                }
+                p
+            }
+            Err(e) => {
+                if e.is_unreachable() {
+                    if self.down_since.is_none() {
+                        tracing::warn!(agent = %self.client.addr(), error = %e, "the Consul agent is unreachable; keeping the last good configuration and retrying with back-off");
+                        self.down_since = Some(std::time::Instant::now());
+                    }
+                } else if self.down_since.is_some() {
+                    // It answers, if with an error.
+                    self.down_since = None;
+                }
+                let essential = matches!(
+                    key,
+                    WatchKey::Registration
+                        | WatchKey::Roots
+                        | WatchKey::Leaf(_)
+                        | WatchKey::Intentions
+                        | WatchKey::Catalog
+                        | WatchKey::DefaultProbe
+                );
+                if fatal && self.last.is_none() && essential && e.is_fatal_at_start() {
+                    return Err(e);
+                }
+                let n = self.failures.entry(key.clone()).or_insert(0);
+                *n += 1;
+                if *n >= GIVE_UP_AFTER {
+                    match &key {
+                        WatchKey::Connect(k) if !self.state.connect.contains_key(k) => {
+                            tracing::warn!(service = %k, error = %e, "cannot read this service's sidecars; treating it as having none for now");
+                            self.state.connect.insert(k.clone(), Vec::new());
+                        }
+                        WatchKey::Instances(k) if !self.state.instances.contains_key(k) => {
+                            tracing::warn!(service = %k, error = %e, "cannot read this service's instances; using no virtual addresses from them for now");
+                            self.state.instances.insert(k.clone(), Vec::new());
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let s = &mut self.state;
+        match (key, p) {
+            (WatchKey::Registration, Payload::Registration(r)) => {
+                if let Some(old) = &s.registration {
+                    if old.destination_service != r.destination_service {
+                        s.leaf = None; // the leaf watch follows in reconcile()
+                    }
+                    if old.bind != r.bind || old.expose != r.expose {
+                        tracing::warn!("the proxy's bind address or expose paths changed in Consul; listeners bound at start keep their addresses until veer restarts");
+                    }
+                }
+                s.registration = Some(r);
+            }
+            (WatchKey::Roots, Payload::Roots(r)) => {
+                if s.roots.as_ref().map(|o| &o.trust_domain) != Some(&r.trust_domain) {
+                    self.probe_again = true;
+                }
+                s.roots = Some(r);
+            }
+            (WatchKey::Leaf(_), Payload::Leaf(l)) => s.leaf = Some(l),
+            (WatchKey::Intentions, Payload::Intentions(i)) => {
+                s.intentions = Some(i);
+                self.probe_again = true;
+            }
+            (WatchKey::Catalog, Payload::Catalog(c)) => s.catalog = Some(c),
+            (WatchKey::Connect(k), Payload::Connect(c)) => {
+                s.connect.insert(k, c);
+            }
+            (WatchKey::Instances(k), Payload::Instances(c)) => {
+                s.instances.insert(k, c);
+            }
+            (WatchKey::ServiceDefaults, Payload::ServiceDefaults(d)) => {
+                s.service_defaults = Some(d)
+            }
+            (WatchKey::ProxyDefaults, Payload::ProxyDefaults(d)) => s.proxy_defaults = Some(d),
+            (WatchKey::Mesh, Payload::Mesh(m)) => s.mesh = Some(m),
+            (WatchKey::DefaultProbe, Payload::Default(o)) => {
+                self.probe = None;
+                match o {
+                    DefaultOutcome::Known { action, via } => {
+                        if s.default_action != Some(action) {
+                            tracing::info!(
+                                default = action.as_str(),
+                                via,
+                                "default intention decision"
+                            );
+                        }
+                        s.default_action = Some(action);
+                    }
+                    DefaultOutcome::Unknown(why) => {
+                        if s.default_action.is_none() {
+                            tracing::warn!(reason = %why, "cannot tell the default intention decision; using deny (a wildcard-source intention decides every inbound connection anyway)");
+                            s.default_action = Some(Action::Deny);
+                        }
+                    }
+                }
+            }
+            (k, p) => tracing::error!(watch = %k, payload = ?p, "mismatched watch answer (bug)"),
+        }
+        Ok(())
+    }
+
+    /// Starts and stops watches to match the state; starts the default probe
+    /// when needed.
+    fn reconcile(&mut self) {
+        let Some(id) = self.proxy_id.clone() else {
+            return;
+        };
+        let want = desired_watches(&self.state, &self.settings);
+        let stale: Vec<WatchKey> = self
+            .watches
+            .keys()
+            .filter(|k| !want.contains(*k))
+            .cloned()
+            .collect();
+        for k in stale {
+            self.watches.remove(&k);
+            self.failures.remove(&k);
+            match &k {
+                WatchKey::Connect(s) => {
+                    self.state.connect.remove(s);
+                }
+                WatchKey::Instances(s) => {
+                    self.state.instances.remove(s);
+                }
+                WatchKey::Catalog => self.state.catalog = None,
+                WatchKey::Leaf(_) => self.state.leaf = None,
+                _ => {}
+            }
+            tracing::debug!(watch = %k, "stopped watch");
+        }
+        for k in want {
+            if !self.watches.contains_key(&k) {
+                let fut = watch::run(
+                    self.client.clone(),
+                    k.clone(),
+                    id.clone(),
+                    self.opts.wait,
+                    self.tx.clone(),
+                );
+                self.watches.insert(k.clone(), Task(tokio::spawn(fut)));
+                tracing::debug!(watch = %k, "started watch");
+            }
+        }
+        // The default decision: once at start, and again after intentions
+        // change (cheap, and it notices an agent restarted with other ACLs).
+        let need = self.state.default_action.is_none() || self.probe_again;
+        if need && self.probe.is_none() {
+            if let Some(t) = self.probe_target() {
+                self.probe_again = false;
+                let fut = watch::probe_default(self.client.clone(), t, self.tx.clone());
+                self.probe = Some(Task(tokio::spawn(fut)));
+            }
+        }
+    }
+
+    fn probe_target(&self) -> Option<ProbeTarget> {
+        let reg = self.state.registration.as_ref()?;
+        let roots = self.state.roots.as_ref()?;
+        let leaf = self.state.leaf.as_ref()?;
+        let me = veer_core::tls::peer_identity(leaf.chain.first()?).ok()?;
+        Some(ProbeTarget {
+            service: reg.destination_service.clone(),
+            trust_domain: roots.trust_domain.clone(),
+            datacenter: me.datacenter,
+            namespace: reg.namespace.clone(),
+            partition: reg.partition.clone(),
+        })
+    }
+
+    /// A new spec, when the state is complete and differs from the last.
+    fn try_spec(&mut self) -> Option<Spec> {
+        match assemble::assemble(&self.state, &self.settings) {
+            Ok(a) => {
+                self.last_missing.clear();
+                if a.warnings != self.last_warnings {
+                    for w in &a.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    self.last_warnings = a.warnings;
+                }
+                if let Some(last) = &self.last {
+                    if assemble::same_spec(last, &a.spec) {
+                        return None;
+                    }
+                }
+                tracing::info!(change = %assemble::describe_change(self.last.as_ref(), &a.spec), "new configuration from Consul");
+                self.last = Some(a.spec.clone());
+                Some(a.spec)
+            }
+            Err(Error::Incomplete(what)) => {
+                let m = vec![what];
+                if self.last.is_some() && m != self.last_missing {
+                    tracing::info!(waiting_for = %m[0], "Consul update held back until it is complete");
+                }
+                self.last_missing = m;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot assemble a spec from Consul's answers; keeping the last good one");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::ServiceKey;
+
+    #[test]
+    fn per_service_watch_key_display() {
+        let k = WatchKey::Connect(ServiceKey {
+            name: "db".into(),
+            datacenter: Some("dc2".into()),
+        });
+        assert_eq!(k.to_string(), "connect:db@dc2");
+        assert_eq!(watch::path_of(&k, "x"), "/v1/health/connect/db?dc=dc2");
+        assert_eq!(
+            watch::path_of(&WatchKey::Registration, "web sidecar"),
+            "/v1/agent/service/web%20sidecar"
+        );
+    }
+}
