@@ -24,13 +24,20 @@ struct Undo {
 fn get(ns: &Netns, addr: &str) -> Result<String, String> {
     let a: std::net::SocketAddr = addr.parse().unwrap();
     ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(6)).map_err(|e| e.to_string())?;
+        let mut s =
+            TcpStream::connect_timeout(&a, Duration::from_secs(6)).map_err(|e| e.to_string())?;
         let _ = s.set_read_timeout(Some(Duration::from_secs(6)));
-        s.write_all(format!("GET / HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
         let mut out = String::new();
         match s.read_to_string(&mut out) {
             Ok(_) if out.is_empty() => Err("connection closed with no answer".into()),
-            Ok(_) => Ok(out.rsplit("\r\n\r\n").next().unwrap_or("").trim().to_string()),
+            Ok(_) => Ok(out
+                .rsplit("\r\n\r\n")
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()),
             Err(e) => Err(e.to_string()),
         }
     })
@@ -38,10 +45,20 @@ fn get(ns: &Netns, addr: &str) -> Result<String, String> {
 
 fn check_tools() -> Result<(), String> {
     if !veer_testsupport::is_root() {
-        return Err("veer demo needs root (network namespaces and iptables): run it with sudo".into());
+        return Err(
+            "veer demo needs root (network namespaces and iptables): run it with sudo".into(),
+        );
     }
-    for tool in ["ip", "iptables-restore", "ip6tables-restore", "setpriv", "nsenter"] {
-        if veer_testsupport::tool(tool).is_none() && !std::path::Path::new("/usr/sbin").join(tool).exists() {
+    for tool in [
+        "ip",
+        "iptables-restore",
+        "ip6tables-restore",
+        "setpriv",
+        "nsenter",
+    ] {
+        if veer_testsupport::tool(tool).is_none()
+            && !std::path::Path::new("/usr/sbin").join(tool).exists()
+        {
             return Err(format!(
                 "veer demo needs `{tool}`; install it with: apt-get install -y iptables iproute2 util-linux"
             ));
@@ -76,9 +93,17 @@ pub fn demo(keep: bool) -> ExitCode {
         u.dirs.push(m.files.path().to_path_buf());
         u.dirs.push(m.ca.dir.path().to_path_buf());
     }
-    println!("  client namespace {}: app \"web\" + veer sidecar (UID 5995, outbound 127.0.0.1:15001)", m.client.name());
-    println!("  server namespace {}: veer sidecar (inbound :20000) + app \"api\" on 127.0.0.1:8080", m.server.name());
-    println!("  api's virtual IPs: {API_VIP}, fd00::20; intentions on api: allow web, default deny");
+    println!(
+        "  client namespace {}: app \"web\" + veer sidecar (UID 5995, outbound 127.0.0.1:15001)",
+        m.client.name()
+    );
+    println!(
+        "  server namespace {}: veer sidecar (inbound :20000) + app \"api\" on 127.0.0.1:8080",
+        m.server.name()
+    );
+    println!(
+        "  api's virtual IPs: {API_VIP}, fd00::20; intentions on api: allow web, default deny"
+    );
     println!();
 
     let mut ok = true;
@@ -89,16 +114,51 @@ pub fn demo(keep: bool) -> ExitCode {
         };
         let good = r.is_ok() == want_ok;
         ok &= good;
-        println!("{n}. {what}\n   -> {shown} {}", if good { "[as expected]" } else { "[UNEXPECTED]" });
+        println!(
+            "{n}. {what}\n   -> {shown} {}",
+            if good {
+                "[as expected]"
+            } else {
+                "[UNEXPECTED]"
+            }
+        );
     };
-    step(1, &format!("allowed: web calls api at its virtual IP {API_VIP}:80 (mTLS between the sidecars)"), get(&m.client, &format!("{API_VIP}:80")), true);
-    step(2, "allowed over IPv6: web calls api at [fd00::20]:80", get(&m.client, "[fd00::20]:80"), true);
+    step(
+        1,
+        &format!(
+            "allowed: web calls api at its virtual IP {API_VIP}:80 (mTLS between the sidecars)"
+        ),
+        get(&m.client, &format!("{API_VIP}:80")),
+        true,
+    );
+    step(
+        2,
+        "allowed over IPv6: web calls api at [fd00::20]:80",
+        get(&m.client, "[fd00::20]:80"),
+        true,
+    );
     step(3, &format!("passthrough: web calls {PLAIN_IP}:9000, a server outside the mesh (plain TCP, spliced)"), get(&m.client, &format!("{PLAIN_IP}:9000")), true);
     m.reconfigure_api("deny", &mesh::deny("web"));
-    step(4, "denied: api's intentions now deny web (file changed, applied without a restart)", get(&m.client, &format!("{API_VIP}:80")), false);
-    if m.api.wait_log("reason=denied_by_intention", Duration::from_secs(3)) {
-        if let Some(line) = m.api.log_text().lines().rev().find(|l| l.contains("reason=denied_by_intention")) {
-            println!("   api sidecar logged: {}", line.split_once("WARN ").map(|x| x.1).unwrap_or(line));
+    step(
+        4,
+        "denied: api's intentions now deny web (file changed, applied without a restart)",
+        get(&m.client, &format!("{API_VIP}:80")),
+        false,
+    );
+    if m.api
+        .wait_log("reason=denied_by_intention", Duration::from_secs(3))
+    {
+        if let Some(line) = m
+            .api
+            .log_text()
+            .lines()
+            .rev()
+            .find(|l| l.contains("reason=denied_by_intention"))
+        {
+            println!(
+                "   api sidecar logged: {}",
+                line.split_once("WARN ").map(|x| x.1).unwrap_or(line)
+            );
         }
     }
     m.reconfigure_api("deny", &mesh::allow("web"));
@@ -106,7 +166,11 @@ pub fn demo(keep: bool) -> ExitCode {
     if keep {
         println!("The mesh stays up; try it yourself, then press Ctrl-C to tear it down:");
         println!("  ip netns exec {} curl http://{API_VIP}/", m.client.name());
-        println!("  logs: {} and {}", m.web.log.display(), m.api.log.display());
+        println!(
+            "  logs: {} and {}",
+            m.web.log.display(),
+            m.api.log.display()
+        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -125,7 +189,10 @@ pub fn demo(keep: bool) -> ExitCode {
 /// On Ctrl-C or SIGTERM: stop the sidecars, delete the namespaces, exit.
 fn watch_signals(undo: Arc<Mutex<Undo>>) {
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {
@@ -138,10 +205,14 @@ fn watch_signals(undo: Arc<Mutex<Undo>>) {
         eprintln!("\nveer demo: interrupted; tearing down");
         let u = undo.lock().unwrap_or_else(|e| e.into_inner());
         for pid in &u.pids {
-            let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
         }
         for ns in &u.namespaces {
-            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
         }
         for d in &u.dirs {
             let _ = std::fs::remove_dir_all(d);

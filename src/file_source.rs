@@ -1,13 +1,19 @@
 //! The static-file control-plane source: reloads when the configuration
 //! file or any file it names changes (polled every second), or on SIGHUP.
-//! A bad new configuration is logged and the current snapshot stays.
+//! A bad new configuration is logged and the current snapshot stays; one
+//! that cannot be read (a file unreadable or half-written, or no fd free)
+//! is tried again every 10 s, and a change of mode or owner (`chmod`,
+//! `chown`) counts as a change.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use veer_proxy::state::Shared;
 
-type Stamp = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+type Stamp = Vec<Option<(std::time::SystemTime, u64, u64, (i64, i64))>>;
+
+/// How soon a configuration that could not be loaded is tried again.
+const RETRY: Duration = Duration::from_secs(10);
 
 fn stamp(files: &[PathBuf]) -> Stamp {
     use std::os::unix::fs::MetadataExt;
@@ -19,6 +25,7 @@ fn stamp(files: &[PathBuf]) -> Stamp {
                     m.modified().unwrap_or(std::time::UNIX_EPOCH),
                     m.len(),
                     m.ino(),
+                    (m.ctime(), m.ctime_nsec()),
                 )
             })
         })
@@ -28,19 +35,25 @@ fn stamp(files: &[PathBuf]) -> Stamp {
 pub async fn watch(config: PathBuf, mut files: Vec<PathBuf>, shared: Arc<Shared>) {
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut last = stamp(&files);
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => false,
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
         };
         let now = stamp(&files);
-        if !forced && now == last {
+        let retry = retry_at.is_some_and(|t| tokio::time::Instant::now() >= t);
+        if !forced && !retry && now == last {
             continue;
         }
         last = now;
-        if let Some(f) = reload(&config, &shared, forced) {
-            files = f;
-            last = stamp(&files);
+        match reload(&config, &shared, forced) {
+            Some(f) => {
+                files = f;
+                last = stamp(&files);
+                retry_at = None;
+            }
+            None => retry_at = Some(tokio::time::Instant::now() + RETRY),
         }
     }
 }

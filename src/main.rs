@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use veer_core::config::AdminBind;
 
 mod demo;
 mod file_source;
@@ -22,7 +23,8 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct LogArgs {
     /// Log filter: a level (error, warn, info, debug, trace) or a tracing
-    /// filter such as `info,veer::access=off`. Also from VEER_LOG.
+    /// filter such as `info,veer::access=off` (which turns off the one-line
+    /// access log written when each connection closes). Also from VEER_LOG.
     #[arg(long, env = "VEER_LOG", default_value = "info")]
     pub log_level: String,
     /// Log format.
@@ -30,22 +32,84 @@ pub struct LogArgs {
     pub log_format: String,
 }
 
+/// Consul as the control plane (instead of --config).
+#[derive(clap::Args, Clone, Default)]
+pub struct ConsulArgs {
+    /// Follow this proxy registration on the local Consul agent
+    /// (e.g. web-sidecar-proxy).
+    #[arg(long, conflicts_with = "sidecar_for")]
+    pub proxy_id: Option<String>,
+    /// Follow the sidecar proxy registered for this service ID.
+    #[arg(long)]
+    pub sidecar_for: Option<String>,
+    /// Transparent mode for agents that predate `Proxy.Mode` (Consul < 1.10):
+    /// outbound listener and implicit upstreams.
+    #[arg(long)]
+    pub transparent: bool,
+    /// The agent's HTTP API (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500;
+    /// http://, https:// or unix://).
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// ACL token (default: CONSUL_HTTP_TOKEN).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// File holding the ACL token (default: CONSUL_HTTP_TOKEN_FILE).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle for an https agent address (default: CONSUL_CACERT).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the sidecar.
     Run {
-        /// The TOML configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// The TOML configuration file (the static source).
+        #[arg(long, short, required_unless_present_any = ["proxy_id", "sidecar_for"], conflicts_with_all = ["proxy_id", "sidecar_for"])]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        consul: Box<ConsulArgs>,
         /// Worker threads of the data plane.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
-        /// On SIGTERM: stop accepting inbound, keep outbound serving, and
-        /// wait this long for open connections before exiting.
+        /// On SIGTERM or POST /quitquitquit: stop accepting inbound, keep
+        /// outbound serving, and wait up to this long for open connections
+        /// before exiting 0. A second SIGTERM, or SIGINT, exits at once.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         shutdown_grace_period: Duration,
+        /// Keep the outbound listener serving at least this long after
+        /// SIGTERM even when no connection is open (for apps that still dial
+        /// out while they shut down, when veer is not a native sidecar that
+        /// Kubernetes stops after the app).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        shutdown_min_wait: Duration,
+        /// The admin endpoint (/ready, /stats/prometheus, /config_dump,
+        /// /drain, /quitquitquit); "" turns it off. Overrides `[admin] bind`;
+        /// default 127.0.0.1:19000.
+        #[arg(long, env = "VEER_ADMIN_BIND", value_parser = parse_admin_bind)]
+        admin_bind: Option<AdminBind>,
+        /// A separate listener for /stats/prometheus (and /ready), like
+        /// Consul's envoy_prometheus_bind_addr; "" turns it off. Overrides
+        /// `[admin] prometheus_bind`; default off.
+        #[arg(long, env = "VEER_PROMETHEUS_BIND", value_parser = parse_admin_bind)]
+        prometheus_bind: Option<AdminBind>,
         #[command(flatten)]
         log: LogArgs,
+    },
+    /// Wait until a running veer is ready (GET /ready answers 200), for
+    /// application entrypoints: `veer await-ready && exec my-app`.
+    #[command(name = "await-ready")]
+    AwaitReady {
+        /// The admin endpoint of the veer to wait for.
+        #[arg(long, env = "VEER_ADMIN_ADDR", default_value = AdminBind::DEFAULT)]
+        admin: std::net::SocketAddr,
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Time between two polls.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        interval: Duration,
     },
     /// Check a configuration file (and the files it names) without starting anything.
     Validate {
@@ -71,6 +135,10 @@ enum Cmd {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     veer_core::duration::parse(s)
+}
+
+fn parse_admin_bind(s: &str) -> Result<AdminBind, String> {
+    AdminBind::parse(s)
 }
 
 pub fn init_logs(log: &LogArgs) {
@@ -100,12 +168,13 @@ fn main() -> ExitCode {
         Cmd::Validate { config } => match veer_core::config::load(&config) {
             Ok(l) => {
                 println!(
-                    "{}: ok ({} as {}, {} upstreams, {} intentions)",
+                    "{}: ok ({} as {}, {} upstreams, {} intentions, {} expose paths)",
                     config.display(),
                     l.spec.listen.inbound,
                     l.spec.identity,
                     l.spec.upstreams.len(),
-                    l.spec.intentions.len()
+                    l.spec.intentions.len(),
+                    l.spec.expose.len()
                 );
                 ExitCode::SUCCESS
             }
@@ -116,13 +185,50 @@ fn main() -> ExitCode {
         },
         Cmd::Run {
             config,
+            consul,
             concurrency,
             shutdown_grace_period,
+            shutdown_min_wait,
+            admin_bind,
+            prometheus_bind,
             log,
         } => {
             init_logs(&log);
-            run::run(config, concurrency.max(1), shutdown_grace_period)
+            let source = match config {
+                Some(path) => run::Source::File(path),
+                None => run::Source::Consul(Box::new(veer_consul::Flags {
+                    http_addr: consul.http_addr,
+                    token: consul.token,
+                    token_file: consul.token_file,
+                    ca_file: consul.ca_file,
+                    proxy_id: consul.proxy_id,
+                    sidecar_for: consul.sidecar_for,
+                    transparent: consul.transparent,
+                })),
+            };
+            run::run(run::RunOpts {
+                source,
+                threads: concurrency.max(1),
+                grace: shutdown_grace_period,
+                min_wait: shutdown_min_wait,
+                admin_bind,
+                prometheus_bind,
+            })
         }
+        Cmd::AwaitReady {
+            admin,
+            timeout,
+            interval,
+        } => match veer_admin::client::await_ready(admin, timeout, interval) {
+            Ok(took) => {
+                eprintln!("veer: ready (after {} ms)", took.as_millis());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("veer: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Demo { keep, log } => {
             init_logs(&log);
             demo::demo(keep)

@@ -1,23 +1,104 @@
-//! `veer run`: start from a configuration file, serve, reload, shut down.
+//! `veer run`: start from a configuration file or from the Consul agent,
+//! serve, follow changes, shut down.
+//!
+//! Start-up binds everything at once (admin, Prometheus and expose
+//! listeners on the admin thread, then the inbound and outbound listeners)
+//! and reports readiness: `/ready` turns 200, systemd gets `READY=1`, the
+//! log says "veer ready". From then on the lifecycle controller
+//! ([`veer_admin::Lifecycle`]) owns draining and exiting, whether asked by
+//! a signal or by the admin endpoint.
 use crate::file_source;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use veer_admin::lifecycle::Exit;
+use veer_admin::{AdminAddrs, AdminServer, Lifecycle, ShutdownOpts, Signals};
+use veer_core::config::{AdminBind, AdminSpec};
 use veer_proxy::accept::Listeners;
 use veer_proxy::state::Shared;
 
-pub fn run(config: PathBuf, threads: usize, grace: Duration) -> ExitCode {
-    let loaded = match veer_core::config::load(&config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("veer: {e}");
-            return ExitCode::from(2);
+/// Where snapshots come from.
+pub enum Source {
+    /// A TOML file, reloaded when it or a file it names changes, or on SIGHUP.
+    File(PathBuf),
+    /// The local Consul agent (`--proxy-id` / `--sidecar-for`).
+    Consul(Box<veer_consul::Flags>),
+}
+
+/// What `veer run` was asked to do.
+pub struct RunOpts {
+    pub source: Source,
+    pub threads: usize,
+    pub grace: Duration,
+    pub min_wait: Duration,
+    /// `--admin-bind`, overriding the file.
+    pub admin_bind: Option<AdminBind>,
+    /// `--prometheus-bind`, overriding the file.
+    pub prometheus_bind: Option<AdminBind>,
+}
+
+/// The admin addresses: the command line over the file over the defaults.
+/// Returns them and whether the admin address was chosen explicitly.
+fn admin_addrs(file: &AdminSpec, opts: &RunOpts) -> (AdminAddrs, bool) {
+    let admin = opts.admin_bind.unwrap_or(file.bind);
+    let prometheus = match opts.prometheus_bind {
+        Some(b) => b.addr().filter(|_| b != AdminBind::Default),
+        None => file.prometheus_bind,
+    };
+    (
+        AdminAddrs {
+            admin: admin.addr(),
+            prometheus,
+        },
+        admin != AdminBind::Default,
+    )
+}
+
+/// Starts the admin thread. When the admin address is only the default and
+/// it is taken (another sidecar in the same network namespace), veer runs
+/// without it rather than not at all; an address asked for explicitly must
+/// bind.
+fn start_admin(
+    addrs: AdminAddrs,
+    explicit: bool,
+    shared: &Arc<Shared>,
+    lifecycle: &Arc<Lifecycle>,
+) -> std::io::Result<AdminServer> {
+    match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
+        Err(e) if !explicit && addrs.admin.is_some() && e.to_string().starts_with("admin ") => {
+            tracing::error!(error = %e, "default admin endpoint not started (set --admin-bind or [admin] bind)");
+            let without = AdminAddrs {
+                admin: None,
+                ..addrs
+            };
+            AdminServer::start(without, shared.clone(), lifecycle.clone())
         }
+        r => r,
+    }
+}
+
+/// The first snapshot's spec and what keeps following the source.
+enum Follow {
+    File { path: PathBuf, files: Vec<PathBuf> },
+    Consul(Box<veer_consul::ConsulSource>),
+}
+
+pub fn run(opts: RunOpts) -> ExitCode {
+    // A file is read (and refused, naming key and line) before anything starts.
+    let loaded = match &opts.source {
+        Source::File(path) => match veer_core::config::load(path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Source::Consul(_) => None,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(opts.threads)
         .thread_name("veer-worker")
         .enable_all()
         .build()
@@ -28,13 +109,82 @@ pub fn run(config: PathBuf, threads: usize, grace: Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let files = loaded.files.clone();
-        let shared = match Shared::new(loaded.spec) {
+    let shutdown = ShutdownOpts {
+        grace: opts.grace,
+        min_wait: opts.min_wait,
+    };
+    let code = rt.block_on(async move {
+        // First, so that a SIGTERM during start-up is acted on, not fatal.
+        let signals = match Signals::install() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("veer: {}: {e}", config.display());
+                eprintln!("veer: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // SIGHUP (reload) is handled by the file source once it runs; from
+        // here on an early one is ignored rather than fatal.
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        // Both sources hand over only complete specs (leaf, roots, the lot):
+        // nothing serves with a half-built snapshot.
+        let (spec, admin_spec, follow, what) = match (&opts.source, loaded) {
+            (Source::File(path), Some(l)) => (
+                l.spec,
+                l.admin,
+                Follow::File {
+                    path: path.clone(),
+                    files: l.files,
+                },
+                path.display().to_string(),
+            ),
+            (Source::Consul(flags), _) => {
+                let mut source = match veer_consul::Options::from_env_and_flags(flags)
+                    .and_then(veer_consul::ConsulSource::new)
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("veer: consul: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                tracing::info!(
+                    "waiting for the first complete configuration from the Consul agent"
+                );
+                let spec = tokio::select! {
+                    r = source.first() => match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("veer: consul: {e}");
+                            return ExitCode::from(2);
+                        }
+                    },
+                    _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                };
+                let what = format!("consul proxy {}", source.proxy_id().unwrap_or("-"));
+                (
+                    spec,
+                    AdminSpec::default(),
+                    Follow::Consul(Box::new(source)),
+                    what,
+                )
+            }
+            (Source::File(_), None) => unreachable!("a file source is loaded above"),
+        };
+        let (addrs, explicit) = admin_addrs(&admin_spec, &opts);
+        let shared = match Shared::new(spec) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("veer: {what}: {e}");
                 return ExitCode::from(2);
+            }
+        };
+        let lifecycle = Lifecycle::new();
+        lifecycle.set_snapshot_applied();
+        let admin = match start_admin(addrs, explicit, &shared, &lifecycle) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::FAILURE;
             }
         };
         let listeners = match Listeners::start(shared.clone()).await {
@@ -44,77 +194,71 @@ pub fn run(config: PathBuf, threads: usize, grace: Duration) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let snap = shared.snapshot();
-        tracing::info!(
-            identity = %snap.identity,
-            upstreams = snap.routes.upstreams().len(),
-            intentions = snap.intentions.rules().len(),
-            "veer ready"
-        );
-        drop(snap);
-        tokio::spawn(file_source::watch(config, files, shared.clone()));
-        lifecycle(shared, listeners, grace).await
-    })
+        lifecycle.set_listeners_bound();
+        announce_ready(&shared, &lifecycle, &admin);
+        match follow {
+            Follow::File { path, files } => {
+                tokio::spawn(file_source::watch(path, files, shared.clone()));
+            }
+            Follow::Consul(source) => {
+                let sh = shared.clone();
+                tokio::spawn(source.run(move |spec| match sh.apply(spec) {
+                    Ok(s) => tracing::info!(
+                        version = s.version,
+                        upstreams = s.routes.upstreams().len(),
+                        intentions = s.intentions.rules().len(),
+                        leaf_serial = %s.tls.leaf.serial,
+                        "snapshot applied (consul)"
+                    ),
+                    Err(e) => tracing::error!(
+                        "update from consul rejected, keeping the current snapshot: {e}"
+                    ),
+                }));
+            }
+        }
+        let exit = match lifecycle
+            .drive(&shared, &listeners, shutdown, Some(signals))
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("veer: lifecycle: {e}");
+                listeners.stop_all();
+                return ExitCode::FAILURE;
+            }
+        };
+        if exit != Exit::Immediate {
+            // Let the admin request that asked for the exit get its answer.
+            // (Blocks this thread for at most a second; the workers run on.)
+            admin.stop();
+        }
+        tracing::info!(?exit, "veer stopped");
+        ExitCode::SUCCESS
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
-fn active(shared: &Shared) -> u64 {
-    use veer_proxy::metrics::Direction::*;
-    let m = &shared.metrics;
-    [Inbound, Outbound]
-        .iter()
-        .map(|d| {
-            m.d(*d)
-                .opened
-                .load(Relaxed)
-                .saturating_sub(m.d(*d).closed.load(Relaxed))
-        })
-        .sum()
-}
-
-/// SIGTERM: stop accepting inbound, keep outbound serving for the app,
-/// wait for open connections up to the grace period, exit 0. A second
-/// SIGTERM or a SIGINT exits at once.
-async fn lifecycle(
-    shared: std::sync::Arc<Shared>,
-    listeners: Listeners,
-    grace: Duration,
-) -> ExitCode {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("veer: cannot install signal handlers");
-        return ExitCode::FAILURE;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {
-            tracing::info!("SIGINT: exiting now");
-            listeners.abort();
-            return ExitCode::SUCCESS;
-        }
+fn announce_ready(shared: &Shared, lifecycle: &Lifecycle, admin: &AdminServer) {
+    let r = lifecycle.readiness(shared);
+    let snap = shared.snapshot();
+    let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(
+        identity = %snap.identity,
+        upstreams = snap.routes.upstreams().len(),
+        intentions = snap.intentions.rules().len(),
+        expose = ?admin.expose,
+        admin = %show(admin.admin),
+        prometheus = %show(admin.prometheus),
+        ready = r.ready,
+        "veer ready"
+    );
+    if r.ready {
+        veer_admin::sdnotify::notify_logged(&format!(
+            "READY=1\nSTATUS=serving as {}",
+            snap.identity
+        ));
+    } else {
+        tracing::warn!(missing = ?r.missing, "not ready yet");
     }
-    tracing::info!(grace = ?grace, active = active(&shared), "SIGTERM: draining; inbound listener closed, outbound keeps serving");
-    listeners.stop_inbound();
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        if active(&shared) == 0 {
-            tracing::info!("all connections finished; exiting");
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                active = active(&shared),
-                "grace period over; exiting with connections open"
-            );
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = term.recv() => { tracing::info!("second SIGTERM: exiting now"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: exiting now"); break; }
-        }
-    }
-    listeners.stop_all();
-    ExitCode::SUCCESS
 }

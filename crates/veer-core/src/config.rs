@@ -60,6 +60,8 @@ struct File {
     #[serde(default)]
     timeouts: TimeoutsSection,
     #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
     admin: AdminSection,
     #[serde(default)]
     expose: Vec<S<ExposeSection>>,
@@ -164,6 +166,13 @@ struct TimeoutsSection {
     handshake: Option<S<String>>,
     idle: Option<S<String>>,
     half_close: Option<S<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    /// Connections open at once per listener; default 100,000.
+    max_connections: Option<S<i64>>,
 }
 
 /// Resolves spans to lines and builds errors.
@@ -307,6 +316,7 @@ pub struct AdminSpec {
 }
 
 /// A loaded configuration: the spec and the files to watch for changes.
+#[derive(Debug)]
 pub struct Loaded {
     pub spec: Spec,
     /// The config file and every file it names.
@@ -468,6 +478,19 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         handshake: cx.duration(&t.handshake, "timeouts.handshake", d.handshake)?,
         idle: cx.duration(&t.idle, "timeouts.idle", d.idle)?,
         half_close: cx.duration(&t.half_close, "timeouts.half_close", d.half_close)?,
+        max_connections: match &file.limits.max_connections {
+            None => d.max_connections,
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    cx.err(
+                        v.span(),
+                        "limits.max_connections",
+                        format!("{} is not a positive number of connections", v.get_ref()),
+                    )
+                })?,
+        },
     };
 
     // [[upstreams]]

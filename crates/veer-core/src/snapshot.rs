@@ -15,7 +15,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Timeouts, with Envoy's and Consul's defaults.
+/// Timeouts, with Envoy's and Consul's defaults, and the per-listener
+/// connection limit (`[limits]`; kept here so that every control-plane
+/// source gets its default from `Timeouts::default()`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Timeouts {
     /// Dialing an upstream, a dialed-directly instance or a passthrough
@@ -29,6 +31,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Closing a half-closed connection with no traffic in the open direction.
     pub half_close: Duration,
+    /// Connections open at once per listener (`[limits] max_connections`);
+    /// past it, new connections are closed at once (linkerd: 100,000).
+    pub max_connections: usize,
 }
 
 impl Default for Timeouts {
@@ -39,6 +44,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             idle: Duration::from_secs(3600),
             half_close: Duration::from_secs(60),
+            max_connections: 100_000,
         }
     }
 }
@@ -238,7 +244,9 @@ impl Snapshot {
         let mut upstreams = Vec::with_capacity(spec.upstreams.len());
         for u in spec.upstreams {
             for ip in &u.virtual_ips {
-                if let Some(first) = seen.insert(*ip, u.identity.service.clone()) {
+                // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
+                let key = veer_canonical_ip(*ip);
+                if let Some(first) = seen.insert(key, u.identity.service.clone()) {
                     return Err(SnapshotError::DuplicateVip {
                         ip: *ip,
                         first,
@@ -350,9 +358,16 @@ impl Snapshot {
                 "idle": crate::duration::format(self.timeouts.idle),
                 "half_close": crate::duration::format(self.timeouts.half_close),
             },
+            "limits": {
+                "max_connections": self.timeouts.max_connections,
+            },
             "expose": expose,
         })
     }
+}
+
+fn veer_canonical_ip(ip: IpAddr) -> IpAddr {
+    crate::addr::canonical(SocketAddr::new(ip, 0)).ip()
 }
 
 fn verify_leaf(

@@ -7,11 +7,13 @@
 use crate::state::Shared;
 use crate::{inbound, net, outbound};
 use std::collections::HashMap;
+use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -30,9 +32,63 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Accepts until `stop` flips to true. Out of file descriptors, it logs
-/// (at most once a second), waits 100 ms and tries again, so it never spins;
-/// the pending connections wait in the backlog.
+/// One open connection's place in its listener's count; freed on drop, also
+/// when the connection's task panics.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A file descriptor held back so that a listener out of descriptors can
+/// still accept, and at once close, a pending connection: its client gets a
+/// reset now instead of waiting in the backlog for a handshake timeout.
+fn reserve_fd() -> Option<File> {
+    File::open("/dev/null").or_else(|_| File::open("/")).ok()
+}
+
+/// At most one warning a second per listener and kind; counts the rest.
+struct Throttle {
+    last: Option<tokio::time::Instant>,
+    quiet: u64,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle {
+            last: None,
+            quiet: 0,
+        }
+    }
+    /// `Some(events not logged since the last warning)` when one may be logged.
+    fn take(&mut self) -> Option<u64> {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last = Some(tokio::time::Instant::now());
+            Some(std::mem::take(&mut self.quiet))
+        } else {
+            self.quiet += 1;
+            None
+        }
+    }
+}
+
+/// Accepts until `stop` flips to true.
+///
+/// - At most [`Shared::max_connections`] connections are open at once per
+///   listener; past that, a new connection is reset at once and counted in
+///   `veer_connections_overflow_total{listener}`.
+/// - Out of file descriptors, it sheds: a held-back descriptor is released
+///   to accept the pending connection, which is reset at once and counted in
+///   `veer_connections_shed_total{listener}`; without one it waits 100 ms
+///   before trying again. It never spins, and serves again as soon as
+///   descriptors free up.
+///
+/// Both log at most one warning a second per listener.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     what: &'static str,
@@ -43,29 +99,79 @@ pub async fn serve<F, Fut>(
     F: Fn(TcpStream, ClientAddr) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut last_warn: Option<tokio::time::Instant> = None;
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut reserve = reserve_fd();
+    let mut warn_fds = Throttle::new();
+    let mut warn_overflow = Throttle::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
-                    tokio::spawn(handler(s, ClientAddr::from(peer)));
+                    if reserve.is_none() {
+                        reserve = reserve_fd();
+                    }
+                    // Only this task adds to `open`, so the check cannot race past the limit.
+                    let max = shared.max_connections();
+                    if open.load(Relaxed) >= max {
+                        net::reset_on_close(&s);
+                        drop(s);
+                        shared.metrics.count("connections_overflow_total", "listener", what);
+                        if let Some(quiet) = warn_overflow.take() {
+                            tracing::warn!(listener = what, max_connections = max, also_refused = quiet, "connection refused: the listener has max_connections open");
+                        }
+                        continue;
+                    }
+                    open.fetch_add(1, Relaxed);
+                    let slot = Slot(open.clone());
+                    let conn = handler(s, ClientAddr::from(peer));
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     shared.metrics.accept_errors.fetch_add(1, Relaxed);
-                    if resource_exhausted(&e) {
-                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                            tracing::warn!(listener = what, error = %e, "cannot accept: out of resources; shedding until some free up");
-                            last_warn = Some(tokio::time::Instant::now());
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    } else {
+                    if !resource_exhausted(&e) {
                         tracing::debug!(listener = what, error = %e, "accept failed");
+                        continue;
+                    }
+                    let shed = shed_one(&listener, &mut reserve).await;
+                    if shed {
+                        shared.metrics.count("connections_shed_total", "listener", what);
+                    }
+                    if let Some(quiet) = warn_fds.take() {
+                        tracing::warn!(listener = what, error = %e, also_failed = quiet, "cannot accept: out of resources; shedding new connections until some free up");
+                    }
+                    if reserve.is_none() {
+                        // Nothing to shed with: let the backlog wait a little.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             },
             _ = stopped(&mut stop) => break,
         }
     }
+}
+
+/// Out of descriptors: closes the reserve, accepts one pending connection
+/// and resets it, then takes the reserve again. Returns whether one was shed.
+/// When none is pending, the listener's readiness is cleared by tokio, so
+/// the accept loop waits instead of retrying.
+async fn shed_one(listener: &TcpListener, reserve: &mut Option<File>) -> bool {
+    if reserve.take().is_none() {
+        return false;
+    }
+    let r = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await;
+    let shed = match r {
+        Poll::Ready(Ok((s, _))) => {
+            net::reset_on_close(&s);
+            drop(s);
+            true
+        }
+        _ => false,
+    };
+    *reserve = reserve_fd();
+    shed
 }
 
 /// The running listeners.
@@ -78,10 +184,19 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds every listener of the current snapshot and starts accepting.
+    /// Raises the soft open-file limit to the hard one
+    /// ([`crate::sys::raise_fd_limit`]), binds every listener of the current
+    /// snapshot and starts accepting.
     /// The inbound and the first outbound listener must bind; the IPv6
     /// outbound listener is skipped with a warning when the host has no IPv6.
     pub async fn start(shared: Arc<Shared>) -> io::Result<Listeners> {
+        match crate::sys::raise_fd_limit() {
+            Ok((before, after)) if after > before => {
+                tracing::info!(from = before, to = after, "raised the open-file limit")
+            }
+            Ok((_, limit)) => tracing::debug!(limit, "open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
         let snap = shared.snapshot();
         let (stop_inbound, stop_in_rx) = watch::channel(false);
         let (stop_outbound, stop_out_rx) = watch::channel(false);

@@ -58,9 +58,18 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     net::tune(&tcp);
     let snap = shared.snapshot();
     let acceptor = TlsAcceptor::from(snap.tls.server.clone());
-    let res = tokio::time::timeout(snap.timeouts.handshake, acceptor.accept(tcp)).await;
+    let mut accept = acceptor.accept(tcp);
+    let res = tokio::time::timeout(snap.timeouts.handshake, &mut accept).await;
     let tls = match res {
-        Err(_) => return refuse(&shared, peer, None, InboundError::HandshakeTimeout),
+        Err(_) => {
+            // Slow or silent (slowloris): reset, so that no FIN_WAIT or
+            // TIME_WAIT state outlives the connection.
+            if let Some(tcp) = accept.get_ref() {
+                net::reset_on_close(tcp);
+            }
+            drop(accept);
+            return refuse(&shared, peer, None, InboundError::HandshakeTimeout);
+        }
         Ok(Err(e)) => {
             let label = tls::rustls_error(&e)
                 .map(tls::classify_tls_error)
@@ -154,5 +163,7 @@ fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundErr
     };
     shared.metrics.count(metric, "reason", label);
     shared.metrics.closed(Direction::Inbound, 0, 0);
-    tracing::warn!(peer = %peer, source = %source.unwrap_or("-"), reason = %label, "inbound connection refused: {e}");
+    if let Some(suppressed) = shared.may_warn() {
+        tracing::warn!(peer = %peer, source = %source.unwrap_or("-"), reason = %label, suppressed, "inbound connection refused: {e}");
+    }
 }

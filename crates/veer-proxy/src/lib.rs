@@ -2,7 +2,8 @@
 //! relay, and atomic snapshot swaps.
 //!
 //! Pipeline stages, one module each:
-//! - [`accept`]: listeners and accept loops (never spin on `EMFILE`).
+//! - [`accept`]: listeners and accept loops: a connection limit per
+//!   listener, shedding (never spinning) when out of file descriptors.
 //! - [`inbound`]: mTLS handshake → peer identity → intentions → dial the
 //!   local app → relay.
 //! - [`outbound`]: original destination → [`veer_core::route::route`] →

@@ -196,7 +196,9 @@ async fn connect_mesh(
                     "upstream",
                     upstream.name(),
                 );
-                tracing::warn!(upstream = %upstream.name(), endpoint = %ep.addr, reason = %e.classify(), "upstream endpoint failed, trying the next: {e}");
+                if let Some(n) = shared.may_warn() {
+                    tracing::warn!(upstream = %upstream.name(), endpoint = %ep.addr, reason = %e.classify(), suppressed = n, "upstream endpoint failed, trying the next: {e}");
+                }
             }
         }
     }
@@ -269,13 +271,16 @@ fn fail(
     shared.metrics.closed(Direction::Outbound, 0, 0);
     // Refused outright: reset, as Envoy does when no filter chain matches.
     net::reset_on_close(tcp);
+    let Some(suppressed) = shared.may_warn() else {
+        return;
+    };
     let orig = orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
     match &e {
         OutboundError::Route(RouteError::Loop(_)) => {
-            tracing::error!(peer = %peer, orig_dst = %orig, reason = %label, "outbound connection refused: {e}")
+            tracing::error!(peer = %peer, orig_dst = %orig, reason = %label, suppressed, "outbound connection refused: {e}")
         }
         _ => {
-            tracing::warn!(peer = %peer, orig_dst = %orig, upstream = %upstream.unwrap_or("-"), reason = %label, "outbound connection failed: {e}")
+            tracing::warn!(peer = %peer, orig_dst = %orig, upstream = %upstream.unwrap_or("-"), reason = %label, suppressed, "outbound connection failed: {e}")
         }
     }
 }

@@ -399,23 +399,30 @@ async fn splice_half(
     }
 }
 
-/// Is this splice error "the kernel cannot splice these fds" (fall back)?
+/// Is this splice error "the kernel cannot splice these fds", or "no fd
+/// left for a pipe" (fall back to copying, which needs no fds)?
 fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+        Some(libc::EINVAL)
+            | Some(libc::ENOSYS)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::EMFILE)
+            | Some(libc::ENFILE)
     )
 }
 
 /// Relays two plain TCP legs with `splice(2)`; falls back to [`copy`] when
-/// splice is refused before any byte moved, or when `VEER_DISABLE_SPLICE` is set.
+/// splice is refused (or no pipe can be made) before any byte moved, or
+/// when `VEER_DISABLE_SPLICE` is set.
 pub async fn splice(
     a: TcpStream,
     b: TcpStream,
     limits: Limits,
     revoke: Option<Arc<Notify>>,
 ) -> Outcome {
-    if std::env::var_os("VEER_DISABLE_SPLICE").is_some() {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *DISABLED.get_or_init(|| std::env::var_os("VEER_DISABLE_SPLICE").is_some()) {
         return copy(a, b, limits, revoke).await;
     }
     let ab = AtomicU64::new(0);

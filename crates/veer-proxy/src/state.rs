@@ -2,7 +2,7 @@
 //! connections (for closing those a new intention denies), and metrics.
 use crate::metrics::Metrics;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{watch, Notify};
@@ -24,6 +24,60 @@ pub struct Shared {
     started: Instant,
     /// Unix seconds of the last applied snapshot.
     applied_at: AtomicU64,
+    /// The current snapshot's per-listener connection limit, read by the
+    /// accept loops without touching the snapshot.
+    max_connections: AtomicUsize,
+    /// Rate limit of the warnings logged per refused or failed connection.
+    pub warn_budget: WarnBudget,
+}
+
+/// A lock-free budget for warnings logged per connection (refusals,
+/// failures, overflow): at most [`WarnBudget::PER_SEC`] a second, so that a
+/// flood of bad peers can neither flood the log nor stall the workers on a
+/// slow log pipe. Everything is still counted in the metrics.
+pub struct WarnBudget {
+    second: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnBudget {
+    pub const PER_SEC: u64 = 20;
+
+    pub fn new() -> WarnBudget {
+        WarnBudget {
+            second: AtomicU64::new(u64::MAX),
+            used: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a warning may be logged now (`n` similar warnings
+    /// were suppressed since the last one logged); `None` when over budget.
+    pub fn take(&self, now_ms: u64) -> Option<u64> {
+        let sec = now_ms / 1000;
+        let seen = self.second.load(Relaxed);
+        if seen != sec
+            && self
+                .second
+                .compare_exchange(seen, sec, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Relaxed);
+        }
+        if self.used.fetch_add(1, Relaxed) < Self::PER_SEC {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for WarnBudget {
+    fn default() -> Self {
+        WarnBudget::new()
+    }
 }
 
 /// An inbound connection's place in the registry; removed on drop.
@@ -50,6 +104,7 @@ impl Shared {
     /// Builds the first snapshot; fails when the spec is unusable.
     pub fn new(spec: Spec) -> Result<Arc<Shared>, SnapshotError> {
         let first = Snapshot::build(spec, 1)?;
+        let max_connections = AtomicUsize::new(first.timeouts.max_connections);
         let (snap, _) = watch::channel(Arc::new(first));
         Ok(Arc::new(Shared {
             snap,
@@ -59,6 +114,8 @@ impl Shared {
             version: AtomicU64::new(1),
             started: Instant::now(),
             applied_at: AtomicU64::new(unix_now()),
+            max_connections,
+            warn_budget: WarnBudget::new(),
         }))
     }
 
@@ -81,6 +138,16 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Connections each listener may hold open at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Relaxed)
+    }
+
+    /// A warning about one connection may be logged now: `Some(suppressed)`.
+    pub fn may_warn(&self) -> Option<u64> {
+        self.warn_budget.take(self.now_ms())
+    }
+
     /// Seconds since the current snapshot was applied.
     pub fn snapshot_age_secs(&self) -> u64 {
         unix_now().saturating_sub(self.applied_at.load(Relaxed))
@@ -99,6 +166,8 @@ impl Shared {
             }
         };
         self.snap.send_replace(snap.clone());
+        self.max_connections
+            .store(snap.timeouts.max_connections, Relaxed);
         self.applied_at.store(unix_now(), Relaxed);
         self.metrics.snapshot_swaps.fetch_add(1, Relaxed);
         let conns = self.lock_conns();
@@ -140,5 +209,24 @@ impl Shared {
     /// Open inbound connections in the registry.
     pub fn registered(&self) -> usize {
         self.lock_conns().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarnBudget;
+
+    #[test]
+    fn warn_budget_allows_a_few_a_second_and_reports_the_rest() {
+        let b = WarnBudget::new();
+        for _ in 0..WarnBudget::PER_SEC {
+            assert_eq!(b.take(1_000), Some(0));
+        }
+        for _ in 0..500 {
+            assert_eq!(b.take(1_999), None);
+        }
+        // The next second: allowed again, with the count of those not logged.
+        assert_eq!(b.take(2_000), Some(500));
+        assert_eq!(b.take(2_001), Some(0));
     }
 }

@@ -23,8 +23,11 @@ pub struct Pipe {
 
 /// Requested pipe capacity; the kernel may give less (per-user pipe limits).
 const PIPE_SIZE: usize = 256 * 1024;
-/// Pipes kept per thread for reuse.
-const POOL_MAX: usize = 32;
+/// Pipes kept per thread for reuse. Kept small: pooled pipes hold two fds
+/// each and count, at their enlarged size, against the per-user pipe quota
+/// (`fs.pipe-user-pages-soft`) that every sidecar running as the proxy's
+/// UID on a node shares.
+pub const POOL_MAX: usize = 8;
 
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
@@ -102,6 +105,38 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (capped by
+/// `fs.nr_open`, as the kernel refuses more), so that a sidecar is limited
+/// by what its operator allows rather than by the usual soft default of
+/// 1024. Returns the soft limit before and after.
+pub fn raise_fd_limit() -> io::Result<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    let mut want = lim.rlim_max;
+    if want == libc::RLIM_INFINITY {
+        want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if want <= lim.rlim_cur {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = want;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, want))
 }
 
 /// Number of open file descriptors of this process (for metrics and tests).

@@ -2,10 +2,12 @@
 //!
 //! - [`netns`]: real network namespaces and veth pairs (needs root), with a loud
 //!   skip when not root.
+//! - [`consul`]: a real Consul dev agent on a Unix socket, reachable from every namespace.
 //! - [`ca`]: a Consul-style test CA on top of `veer-ca`, written to a temp dir.
 //! - [`echo`]: a scriptable blocking TCP app that records what it sees.
 //! - [`mesh`]: two namespaces, redirect rules and two real veer sidecars.
 pub mod ca;
+pub mod consul;
 pub mod echo;
 pub mod envoy;
 pub mod mesh;
@@ -29,7 +31,9 @@ pub fn require_root(test: &str) -> bool {
 /// effective UID).
 pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A unique-enough suffix for names of namespaces, files and chains made by one test process.

@@ -40,6 +40,21 @@ impl Sidecar {
     /// Starts `veer run --config <config>` in `ns` as UID 5995 (stderr to
     /// `log`) and waits for "veer ready".
     pub fn start(bin: &Path, ns: &Netns, config: PathBuf, log: PathBuf, extra: &[&str]) -> Sidecar {
+        let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), config.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        Sidecar::start_with(bin, ns, &args, &[], config, log)
+    }
+
+    /// Starts `veer run <args>` in `ns` as UID 5995 with extra environment
+    /// variables, and waits for "veer ready".
+    pub fn start_with(
+        bin: &Path,
+        ns: &Netns,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+        config: PathBuf,
+        log: PathBuf,
+    ) -> Sidecar {
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = ns.command("setpriv");
         cmd.args([
@@ -48,9 +63,9 @@ impl Sidecar {
             "--clear-groups",
         ])
         .arg(bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(extra)
+        .arg("run")
+        .args(args)
+        .envs(env.iter().copied())
         .env(
             "VEER_LOG",
             std::env::var("VEER_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -65,7 +80,7 @@ impl Sidecar {
             log,
             name: ns.name().to_string(),
         };
-        if !s.wait_log("veer ready", Duration::from_secs(15)) {
+        if !s.wait_log("veer ready", Duration::from_secs(30)) {
             let log = s.log_text();
             if let Some(c) = s.child.as_mut() {
                 let _ = c.kill();

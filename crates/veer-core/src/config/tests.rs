@@ -228,3 +228,209 @@ fn ipv6_listener_can_be_turned_off() {
     );
     assert_eq!(parse_in(&d, &text).unwrap().spec.listen.outbound.len(), 1);
 }
+
+#[test]
+fn admin_defaults_and_overrides() {
+    let d = certs("api");
+    let l = parse_in(&d, GOOD).unwrap();
+    assert_eq!(l.admin.bind, AdminBind::Default);
+    assert_eq!(
+        l.admin.bind.addr(),
+        Some("127.0.0.1:19000".parse().unwrap())
+    );
+    assert_eq!(
+        l.admin.prometheus_bind, None,
+        "prometheus is off by default"
+    );
+
+    let text = format!(
+        "{GOOD}\n[admin]\nbind = \"127.0.0.1:19100\"\nprometheus_bind = \"0.0.0.0:20200\"\n"
+    );
+    let l = parse_in(&d, &text).unwrap();
+    assert_eq!(
+        l.admin.bind,
+        AdminBind::Addr("127.0.0.1:19100".parse().unwrap())
+    );
+    assert_eq!(
+        l.admin.prometheus_bind,
+        Some("0.0.0.0:20200".parse().unwrap())
+    );
+
+    let text = format!("{GOOD}\n[admin]\nbind = \"\"\nprometheus_bind = \"\"\n");
+    let l = parse_in(&d, &text).unwrap();
+    assert_eq!(l.admin.bind, AdminBind::Off);
+    assert_eq!(l.admin.bind.addr(), None);
+    assert_eq!(l.admin.prometheus_bind, None);
+
+    assert_eq!(AdminBind::parse(""), Ok(AdminBind::Off));
+    assert!(AdminBind::parse("localhost:19000").is_err());
+}
+
+#[test]
+fn admin_mistakes_name_key_and_line() {
+    let d = certs("api");
+    for (tail, key, needle) in [
+        (
+            "[admin]\nbind = \"19000\"\n",
+            "admin.bind",
+            "bind = \"19000\"",
+        ),
+        (
+            "[admin]\nprometheus_bind = \"0.0.0.0:20000\"\n",
+            "admin.prometheus_bind",
+            "prometheus_bind",
+        ),
+        (
+            "[admin]\nbind = \"127.0.0.1:20200\"\nprometheus_bind = \"0.0.0.0:20200\"\n",
+            "admin.prometheus_bind",
+            "prometheus_bind",
+        ),
+    ] {
+        let text = format!("{GOOD}\n{tail}");
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{tail} should fail"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        let want = text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        assert_eq!(e.line, Some(want), "{e}");
+    }
+}
+
+const EXPOSE: &str = r#"
+[[expose]]
+listener = "0.0.0.0:20300"
+path = "/healthz"
+local_path_port = 8080
+
+[[expose]]
+listener = "0.0.0.0:20300"
+path = "/ready"
+local_path_port = 8081
+protocol = "http"
+
+[[expose]]
+listener = "0.0.0.0:20400"
+path = "/live"
+local_path_port = 8080
+"#;
+
+#[test]
+fn expose_paths_parse_and_dump() {
+    let d = certs("api");
+    let l = parse_in(&d, &format!("{GOOD}{EXPOSE}")).unwrap();
+    assert_eq!(
+        l.spec.expose,
+        vec![
+            ExposePath::new("0.0.0.0:20300".parse().unwrap(), "/healthz", 8080),
+            ExposePath::new("0.0.0.0:20300".parse().unwrap(), "/ready", 8081),
+            ExposePath::new("0.0.0.0:20400".parse().unwrap(), "/live", 8080),
+        ]
+    );
+    assert!(parse_in(&d, GOOD).unwrap().spec.expose.is_empty());
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    let dump = snap.dump();
+    assert_eq!(dump["expose"][1]["path"], "/ready");
+    assert_eq!(dump["expose"][1]["local_path_port"], 8081);
+    assert_eq!(dump["expose"][1]["protocol"], "http");
+    assert_eq!(dump["expose"][2]["listener"], "0.0.0.0:20400");
+}
+
+#[test]
+fn expose_mistakes_name_key_and_line() {
+    let d = certs("api");
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            EXPOSE.replace("\"/healthz\"", "\"healthz\""),
+            "expose[0].path",
+            "\"healthz\"",
+        ),
+        (
+            EXPOSE.replace("\"/healthz\"", "\"/healthz?x=1\""),
+            "expose[0].path",
+            "healthz?x",
+        ),
+        (
+            EXPOSE.replace("local_path_port = 8081", "local_path_port = 70000"),
+            "expose[1].local_path_port",
+            "70000",
+        ),
+        (
+            EXPOSE.replace("local_path_port = 8081", "local_path_port = 0"),
+            "expose[1].local_path_port",
+            "local_path_port = 0",
+        ),
+        (
+            EXPOSE.replace("protocol = \"http\"", "protocol = \"http2\""),
+            "expose[1].protocol",
+            "http2",
+        ),
+        (
+            EXPOSE.replace("\"/ready\"", "\"/healthz\""),
+            "expose[1].path",
+            "path = \"/healthz\"\nlocal_path_port = 8081",
+        ),
+        (
+            EXPOSE.replace("0.0.0.0:20400", "0.0.0.0:20000"),
+            "expose[2].listener",
+            "0.0.0.0:20000",
+        ),
+        (
+            EXPOSE.replace("0.0.0.0:20400", "127.0.0.1:20300"),
+            "expose[2].listener",
+            "127.0.0.1:20300",
+        ),
+        (
+            EXPOSE.replace("0.0.0.0:20400", "localhost:20400"),
+            "expose[2].listener",
+            "localhost:20400",
+        ),
+    ];
+    for (tail, key, needle) in cases {
+        let text = format!("{GOOD}{tail}");
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{key} should fail:\n{tail}"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        // The last place the needle (which may span lines) starts.
+        let lines: Vec<&str> = text.lines().collect();
+        let parts: Vec<&str> = needle.split('\n').collect();
+        let want = (0..lines.len())
+            .rev()
+            .find(|i| {
+                parts
+                    .iter()
+                    .enumerate()
+                    .all(|(k, p)| lines.get(i + k).is_some_and(|l| l.contains(p)))
+            })
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(want), "{e}");
+    }
+}
+
+#[test]
+fn admin_collides_with_expose() {
+    let d = certs("api");
+    let text = format!("{GOOD}{EXPOSE}\n[admin]\nprometheus_bind = \"0.0.0.0:20300\"\n");
+    let e = parse_in(&d, &text).err().unwrap();
+    assert_eq!(e.key.as_deref(), Some("admin.prometheus_bind"), "{e}");
+}
+
+#[test]
+fn limits_max_connections() {
+    let d = certs("api");
+    let l = parse_in(&d, GOOD).unwrap();
+    assert_eq!(l.spec.timeouts.max_connections, 100_000, "default");
+    let text = format!("{GOOD}\n[limits]\nmax_connections = 250\n\n[timeouts]\nidle = \"90s\"\n");
+    let l = parse_in(&d, &text).unwrap();
+    assert_eq!(l.spec.timeouts.max_connections, 250);
+    assert_eq!(l.spec.timeouts.idle, std::time::Duration::from_secs(90));
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert_eq!(snap.dump()["limits"]["max_connections"], 250);
+    for bad in ["0", "-1"] {
+        let text = format!("{GOOD}\n[limits]\nmax_connections = {bad}\n");
+        let e = parse_in(&d, &text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("limits.max_connections"), "{e}");
+        assert_eq!(e.line, Some(text.lines().count()), "{e}");
+    }
+}

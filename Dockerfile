@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+#
+# veer images, from one build of a static (musl) binary:
+#
+#   docker build -t veer .                     # the sidecar: distroless static, runs as 5995:5995
+#   docker build --target init -t veer-init .  # `veer redirect-traffic` with iptables, for the
+#                                              # init container (runs as root with NET_ADMIN)
+#
+# On an arm64 builder: --build-arg TARGET=aarch64-unknown-linux-musl.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+ARG TARGET=x86_64-unknown-linux-musl
+# musl-gcc builds ring's C and assembly for the musl target.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add ${TARGET}
+WORKDIR /src
+COPY . .
+# A static, stripped release binary; Cargo.lock is honoured as committed.
+ENV CARGO_PROFILE_RELEASE_STRIP=symbols
+RUN cargo build --release --locked --target ${TARGET} --bin veer \
+ && /src/target/${TARGET}/release/veer --version
+
+# The init container: Consul's redirection rules need iptables-restore
+# (nf_tables or legacy back end), so this one is a small Debian image.
+FROM debian:${DEBIAN_RELEASE}-slim AS init
+ARG TARGET=x86_64-unknown-linux-musl
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/${TARGET}/release/veer /usr/local/bin/veer
+USER 0:0
+ENTRYPOINT ["/usr/local/bin/veer"]
+CMD ["redirect-traffic", "-h"]
+
+# The sidecar (the default target): nothing but the binary, CA certificates
+# and an unprivileged user. UID 5995 is the proxy UID that Consul's
+# redirection rules exempt (consul-k8s uses the same).
+FROM gcr.io/distroless/static-debian12:nonroot AS sidecar
+ARG TARGET=x86_64-unknown-linux-musl
+LABEL org.opencontainers.image.title="veer" \
+      org.opencontainers.image.description="A pure-Rust sidecar data plane for Consul's service mesh (transparent proxy)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /src/target/${TARGET}/release/veer /usr/local/bin/veer
+USER 5995:5995
+# 20000 inbound mTLS, 15001 outbound (loopback), 19000 admin (loopback),
+# 20200 Prometheus and /ready, 20300+ expose paths for probes.
+EXPOSE 20000 20200
+ENTRYPOINT ["/usr/local/bin/veer"]
+CMD ["run", "--config", "/etc/veer/veer.toml"]

@@ -1,0 +1,294 @@
+//! The measured systems, each in a fresh copy of the test topology:
+//!
+//! ```text
+//!  ns client 10.77.0.1                      ns server 10.77.0.2, 10.77.0.4
+//!  load generator (this process, root)      app 0.0.0.0:8080 (one thread) / iperf3 -s :8080
+//!    --REDIRECT--> web sidecar :15001 --mTLS--> PREROUTING --> api sidecar :20000 --> 127.0.0.1:8080
+//!  iperf3 -c 10.77.0.4:5202 (passthrough) --------------------------------> iperf3 -s 10.77.0.4:5202
+//! ```
+//!
+//! `direct` has no redirect rules and no sidecars: the client dials
+//! 10.77.0.2:8080 and 10.77.0.4:5202 itself.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
+use veer_testsupport::envoy::{self, Bootstrap, Envoy};
+use veer_testsupport::mesh::{self, Sidecar, API_VIP, API_VIP6, PLAIN_IP, SERVER_IP};
+use veer_testsupport::netns::Netns;
+
+/// The plain (non-mesh) iperf3 server's port; excluded from inbound redirection.
+pub const PLAIN_PORT: u16 = 5202;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Veer,
+    Envoy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Veer => "veer",
+            Kind::Envoy => "envoy",
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Tools {
+    pub veer: PathBuf,
+    pub envoy: Option<PathBuf>,
+    pub iperf3: PathBuf,
+    pub me: PathBuf,
+}
+
+/// One system under test with its namespaces, app and sidecars.
+pub struct System {
+    pub kind: Kind,
+    // Field order is drop order: processes first, then namespaces and files.
+    veer: Vec<Sidecar>,
+    envoy: Vec<Envoy>,
+    app: Option<Proc>,
+    _plain: Proc,
+    pub client: Netns,
+    pub server: Netns,
+    pub files: TempDir,
+    _ca: TestCa,
+}
+
+fn web_toml(ca: &TestCa) -> String {
+    let (cert, key) = ca.service("web");
+    format!(
+        r#"[service]
+name = "web"
+datacenter = "dc1"
+trust_domain = "{TRUST_DOMAIN}"
+
+[tls]
+ca_file = "{roots}"
+cert_file = "{cert}"
+key_file = "{key}"
+
+[inbound]
+bind = "0.0.0.0:20000"
+local_app = "127.0.0.1:8080"
+
+[outbound]
+bind = "127.0.0.1:15001"
+
+[intentions]
+default_action = "deny"
+
+[[upstreams]]
+name = "api"
+virtual_ips = ["{API_VIP}", "{API_VIP6}"]
+endpoints = ["{SERVER_IP}:20000"]
+"#,
+        roots = ca.roots().display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+fn api_toml(ca: &TestCa) -> String {
+    // mesh::api_config plus the outbound listener every sidecar has.
+    mesh::api_config(ca, "deny", &mesh::allow("web")).replace(
+        "\n[intentions]",
+        "\n[outbound]\nbind = \"127.0.0.1:15001\"\n\n[intentions]",
+    )
+}
+
+/// Starts `program args` in `ns`, reads its first stdout line (or waits for
+/// a listening port with `ss` when `port` is given).
+fn spawn_in(ns: &Netns, program: &Path, args: &[&str], wait_port: Option<u16>) -> Proc {
+    let mut cmd = ns.command(program);
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    if wait_port.is_some() {
+        cmd.stdout(Stdio::null());
+    } else {
+        cmd.stdout(Stdio::piped());
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{program:?}: {e}"));
+    if let Some(port) = wait_port {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            let out = ns
+                .sh_ok(&format!("ss -Htln 'sport = :{port}'"))
+                .unwrap_or_default();
+            if !out.trim().is_empty() {
+                return Proc(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{program:?} did not listen on :{port}");
+    }
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("app stdout");
+    assert_eq!(line.trim(), "listening", "{program:?} did not start");
+    Proc(child)
+}
+
+impl System {
+    pub fn start(kind: Kind, tools: &Tools, concurrency: usize) -> System {
+        let ca = TestCa::new(TRUST_DOMAIN);
+        let files = TempDir::new("veer-bench-");
+        let (client, server) = envoy::namespaces();
+        for ns in [&client, &server] {
+            // Room for the connection-rate runs and 10k idle connections.
+            ns.sh_ok(
+                "sysctl -q -w net.ipv4.ip_local_port_range='10000 65000' \
+                 net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=16384",
+            )
+            .expect("sysctl");
+        }
+        if kind != Kind::Direct {
+            mesh::redirect(&tools.veer, &client, &[]);
+            mesh::redirect(
+                &tools.veer,
+                &server,
+                &["-exclude-inbound-port", &PLAIN_PORT.to_string()],
+            );
+        }
+        let app = spawn_in(&server, &tools.me, &["__app", "0.0.0.0:8080"], None);
+        let plain = spawn_in(
+            &server,
+            &tools.iperf3,
+            &["-s", "-B", PLAIN_IP, "-p", &PLAIN_PORT.to_string()],
+            Some(PLAIN_PORT),
+        );
+        let mut sys = System {
+            kind,
+            veer: Vec::new(),
+            envoy: Vec::new(),
+            app: Some(app),
+            _plain: plain,
+            client,
+            server,
+            files,
+            _ca: ca,
+        };
+        let conc = concurrency.to_string();
+        // Per-connection access logs off: Consul's Envoy has none by default.
+        let extra = [
+            "--concurrency",
+            &conc,
+            "--log-level",
+            "info,veer::access=off",
+        ];
+        match kind {
+            Kind::Direct => {}
+            Kind::Veer => {
+                let api = sys.files.write("api.toml", &api_toml(&sys._ca));
+                let web = sys.files.write("web.toml", &web_toml(&sys._ca));
+                sys.veer.push(Sidecar::start(
+                    &tools.veer,
+                    &sys.server,
+                    api,
+                    sys.files.join("api.log"),
+                    &extra,
+                ));
+                sys.veer.push(Sidecar::start(
+                    &tools.veer,
+                    &sys.client,
+                    web,
+                    sys.files.join("web.log"),
+                    &extra,
+                ));
+            }
+            Kind::Envoy => {
+                let bin = tools.envoy.as_deref().expect("envoy binary");
+                // Circuit breakers raised so 10k connections fit (Envoy's
+                // default is 1024 per cluster, as Consul leaves it).
+                let mut api = Bootstrap::sidecar(&sys._ca, "api").allow("web");
+                api.max_connections = Some(65_536);
+                let mut web = Bootstrap::sidecar(&sys._ca, "web").upstream(
+                    "api",
+                    &[API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()],
+                    &[format!("{SERVER_IP}:20000").parse().unwrap()],
+                );
+                web.max_connections = Some(65_536);
+                sys.envoy.push(Envoy::start(
+                    bin,
+                    &sys.server,
+                    &api,
+                    sys.files.path(),
+                    concurrency,
+                ));
+                sys.envoy.push(Envoy::start(
+                    bin,
+                    &sys.client,
+                    &web,
+                    sys.files.path(),
+                    concurrency,
+                ));
+            }
+        }
+        sys
+    }
+
+    /// Where the client sends HTTP (and the mesh bulk streams).
+    pub fn target(&self) -> SocketAddr {
+        match self.kind {
+            Kind::Direct => format!("{SERVER_IP}:8080").parse().unwrap(),
+            _ => format!("{API_VIP}:80").parse().unwrap(),
+        }
+    }
+
+    /// The non-mesh destination (passthrough through the client sidecar).
+    pub fn plain_target(&self) -> SocketAddr {
+        format!("{PLAIN_IP}:{PLAIN_PORT}").parse().unwrap()
+    }
+
+    /// The sidecar processes: (name, pid), server side first.
+    pub fn sidecars(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for (s, name) in self.veer.iter().zip(["api", "web"]) {
+            out.push((name.to_string(), s.pid().unwrap()));
+        }
+        for (e, name) in self.envoy.iter().zip(["api", "web"]) {
+            out.push((name.to_string(), e.pid().unwrap()));
+        }
+        out
+    }
+
+    /// Replaces the HTTP app with `iperf3 -s` on the same port.
+    pub fn swap_app_for_iperf(&mut self, tools: &Tools) {
+        self.app = None;
+        std::thread::sleep(Duration::from_millis(100));
+        self.app = Some(spawn_in(
+            &self.server,
+            &tools.iperf3,
+            &["-s", "-p", "8080"],
+            Some(8080),
+        ));
+    }
+
+    /// Runs `iperf3 -c` in the client namespace; the JSON report.
+    pub fn iperf(&self, tools: &Tools, dst: SocketAddr, secs: u32, streams: u32) -> String {
+        let out = self
+            .client
+            .command(&tools.iperf3)
+            .args(["-c", &dst.ip().to_string(), "-p", &dst.port().to_string()])
+            .args(["-t", &secs.to_string(), "-P", &streams.to_string(), "-J"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("iperf3");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

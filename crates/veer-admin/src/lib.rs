@@ -1,0 +1,23 @@
+//! veer's operational surface, kept off the data plane.
+//!
+//! - [`lifecycle`]: the one controller that owns readiness, drain and exit.
+//!   Signals, `POST /drain` and `POST /quitquitquit` are all requests to it.
+//! - [`server`]: the admin endpoint (`/ready`, `/stats/prometheus`,
+//!   `/config_dump`, `/drain`, `/quitquitquit`) and the separate Prometheus
+//!   listener, served with hyper on their own thread and current-thread
+//!   runtime, so data-plane load cannot starve probes or scrapes.
+//! - [`expose`]: plain-HTTP expose-path listeners (Consul's probe
+//!   overwrite), on that same admin thread.
+//! - [`client`]: a minimal HTTP/1 GET, for `veer await-ready`.
+//! - [`sdnotify`]: systemd readiness notification.
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod expose;
+mod http;
+pub mod lifecycle;
+pub mod sdnotify;
+pub mod server;
+
+pub use lifecycle::{Lifecycle, Request, ShutdownOpts, Signals};
+pub use server::{AdminAddrs, AdminServer};

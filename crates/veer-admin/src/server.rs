@@ -1,0 +1,338 @@
+//! The admin endpoint and the Prometheus listener, on their own thread.
+//!
+//! Admin (default `127.0.0.1:19000`, as Envoy's under Consul):
+//!
+//! | route | |
+//! |---|---|
+//! | `GET /ready` | `200 LIVE` when ready; `503 PRE_INITIALIZING` / `503 DRAINING` |
+//! | `GET /stats/prometheus`, `GET /metrics` | metrics, Prometheus text format |
+//! | `GET /config_dump` | the current snapshot as JSON (no private keys) |
+//! | `POST /drain` (alias `POST /drain_listeners`) | stop accepting inbound; outbound keeps serving |
+//! | `POST /quitquitquit` | graceful exit (as SIGTERM) |
+//!
+//! The Prometheus listener (Consul's `envoy_prometheus_bind_addr`, usually
+//! `0.0.0.0:20200`) serves only the read-only `/stats/prometheus`,
+//! `/metrics` and `/ready`, so it can face the network.
+//!
+//! Both run, with the expose-path listeners, on one thread with a
+//! current-thread runtime: the data plane's workers never delay them, and
+//! they never take a data-plane worker.
+use crate::expose::Exposer;
+use crate::http::{respond, serve, stopped, text, Body, Tracker};
+use crate::lifecycle::{Lifecycle, Request};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW};
+use hyper::{Method, Response, StatusCode};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use veer_proxy::state::Shared;
+
+/// Connections each admin-thread listener serves at once.
+const MAX_CONNS: usize = 256;
+/// How long [`AdminServer::stop`] lets in-flight requests finish.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Where to listen; `None` is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdminAddrs {
+    pub admin: Option<SocketAddr>,
+    pub prometheus: Option<SocketAddr>,
+}
+
+/// The running admin thread.
+pub struct AdminServer {
+    /// The bound admin address (port 0 resolved).
+    pub admin: Option<SocketAddr>,
+    pub prometheus: Option<SocketAddr>,
+    /// The expose-path listeners bound at start.
+    pub expose: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+fn bind(addr: SocketAddr, what: &str) -> io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+impl AdminServer {
+    /// Binds the admin and Prometheus listeners and the snapshot's expose
+    /// paths, and serves them on a new thread. Fails when any of them
+    /// cannot bind.
+    pub fn start(
+        addrs: AdminAddrs,
+        shared: Arc<Shared>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> io::Result<AdminServer> {
+        let admin = addrs.admin.map(|a| bind(a, "admin")).transpose()?;
+        let prom = addrs
+            .prometheus
+            .map(|a| bind(a, "prometheus"))
+            .transpose()?;
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let prom_addr = prom.as_ref().map(|l| l.local_addr()).transpose()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<SocketAddr>>>(1);
+        let thread = std::thread::Builder::new()
+            .name("veer-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let tracker = Tracker::default();
+                    let ctx = Arc::new(Ctx {
+                        shared: shared.clone(),
+                        lifecycle,
+                    });
+                    let mut exposer = Exposer::new(shared, stop_rx.clone(), tracker.clone());
+                    let bound = match exposer.reconcile_initial() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    for (l, what, handler) in [
+                        (admin, "admin", admin_routes as Routes),
+                        (prom, "prometheus", prometheus_routes as Routes),
+                    ] {
+                        let Some(l) = l else { continue };
+                        let l = match TcpListener::from_std(l) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let ctx = ctx.clone();
+                        tokio::spawn(serve(
+                            l,
+                            what,
+                            move |req, _peer| handler(req, ctx.clone()),
+                            stop_rx.clone(),
+                            tracker.clone(),
+                            MAX_CONNS,
+                        ));
+                    }
+                    let _ = ready_tx.send(Ok(bound));
+                    let mut stop_rx = stop_rx;
+                    tokio::select! {
+                        _ = exposer.run() => {}
+                        _ = stopped(&mut stop_rx) => {}
+                    }
+                    let _ = tokio::time::timeout(STOP_WAIT, tracker.idle()).await;
+                });
+            })?;
+        let expose = match ready_rx.recv() {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(io::Error::other("the admin thread failed to start"));
+            }
+        };
+        if let Some(a) = admin_addr {
+            tracing::info!(addr = %a, "admin endpoint listening");
+        }
+        if let Some(a) = prom_addr {
+            tracing::info!(addr = %a, "prometheus endpoint listening");
+        }
+        Ok(AdminServer {
+            admin: admin_addr,
+            prometheus: prom_addr,
+            expose,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops every listener on the admin thread, lets in-flight requests
+    /// (such as the `/quitquitquit` that caused the exit) finish for up to
+    /// a second, and joins the thread.
+    pub fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>;
+type Routes = fn(hyper::Request<Incoming>, Arc<Ctx>) -> Fut;
+
+const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn admin_routes(req: hyper::Request<Incoming>, ctx: Arc<Ctx>) -> Fut {
+    Box::pin(async move {
+        let m = req.method().clone();
+        let get = m == Method::GET || m == Method::HEAD;
+        let post = m == Method::POST;
+        match req.uri().path() {
+            "/ready" if get => ready(&ctx),
+            "/stats/prometheus" | "/metrics" if get => metrics(&ctx),
+            "/config_dump" if get => config_dump(&ctx),
+            "/drain" | "/drain_listeners" if post => {
+                ctx.lifecycle.request(Request::Drain);
+                tracing::info!("admin: drain requested");
+                text(StatusCode::OK, "OK\n")
+            }
+            "/quitquitquit" if post => {
+                ctx.lifecycle.request(Request::Quit);
+                tracing::info!("admin: graceful exit requested");
+                text(StatusCode::OK, "OK\n")
+            }
+            "/" if get => text(StatusCode::OK, INDEX),
+            "/ready" | "/stats/prometheus" | "/metrics" | "/config_dump" | "/" => {
+                not_allowed("GET, HEAD")
+            }
+            "/drain" | "/drain_listeners" | "/quitquitquit" => not_allowed("POST"),
+            _ => text(StatusCode::NOT_FOUND, "not found; see GET /\n"),
+        }
+    })
+}
+
+fn prometheus_routes(req: hyper::Request<Incoming>, ctx: Arc<Ctx>) -> Fut {
+    Box::pin(async move {
+        let m = req.method().clone();
+        let get = m == Method::GET || m == Method::HEAD;
+        match req.uri().path() {
+            "/ready" if get => ready(&ctx),
+            "/stats/prometheus" | "/metrics" if get => metrics(&ctx),
+            "/ready" | "/stats/prometheus" | "/metrics" => not_allowed("GET, HEAD"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    })
+}
+
+const INDEX: &str = "veer admin\n\
+GET  /ready             200 when ready, 503 before and while draining\n\
+GET  /stats/prometheus  metrics (also /metrics)\n\
+GET  /config_dump       the current snapshot as JSON\n\
+POST /drain             stop accepting inbound connections; outbound keeps serving\n\
+POST /quitquitquit      graceful exit: drain, wait for connections (grace period), exit\n";
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn ready(ctx: &Ctx) -> Response<Body> {
+    let r = ctx.lifecycle.readiness(&ctx.shared);
+    if r.ready {
+        text(StatusCode::OK, "LIVE\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}: {}\n", r.state, r.missing.join(", ")),
+        )
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The Prometheus text: the data plane's counters, then process and
+/// lifecycle gauges.
+pub fn render_metrics(shared: &Shared, lifecycle: &Lifecycle) -> String {
+    use veer_proxy::metrics::{max_fds, open_fds};
+    let snap = shared.snapshot();
+    let ready = lifecycle.readiness(shared).ready;
+    let nan = f64::NAN;
+    let extra: [(&str, &str, f64); 8] = [
+        (
+            "open_fds",
+            "Open file descriptors of the process.",
+            open_fds().map_or(nan, |n| n as f64),
+        ),
+        (
+            "max_fds",
+            "The process's limit on open file descriptors.",
+            max_fds().map_or(nan, |n| n as f64),
+        ),
+        (
+            "snapshot_age_seconds",
+            "Seconds since the current snapshot was applied.",
+            shared.snapshot_age_secs() as f64,
+        ),
+        (
+            "snapshot_version",
+            "Version of the current snapshot (increases with every swap).",
+            snap.version as f64,
+        ),
+        (
+            "leaf_expiry_seconds",
+            "Seconds until the leaf certificate expires (negative once expired).",
+            (snap.tls.leaf.not_after - unix_now()) as f64,
+        ),
+        (
+            "ready",
+            "1 when /ready answers 200.",
+            if ready { 1.0 } else { 0.0 },
+        ),
+        (
+            "draining",
+            "1 once a drain or a shutdown began.",
+            if lifecycle.current() >= Request::Drain {
+                1.0
+            } else {
+                0.0
+            },
+        ),
+        (
+            "uptime_seconds",
+            "Seconds since the process started serving.",
+            shared.now_ms() as f64 / 1000.0,
+        ),
+    ];
+    shared.metrics.render(&extra)
+}
+
+fn metrics(ctx: &Ctx) -> Response<Body> {
+    respond(
+        StatusCode::OK,
+        PROMETHEUS_TYPE,
+        render_metrics(&ctx.shared, &ctx.lifecycle),
+    )
+}
+
+fn config_dump(ctx: &Ctx) -> Response<Body> {
+    let dump = ctx.shared.snapshot().dump();
+    let mut body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
+    body.push(b'\n');
+    respond(StatusCode::OK, "application/json", body)
+}

@@ -1,0 +1,331 @@
+//! End-to-end tests of Consul as the control plane (issue 4): a real Consul
+//! 1.8.7 agent, sidecars configured only by it (`veer run --proxy-id`), in
+//! network namespaces with Consul's redirect rules, traffic through both.
+//! The agent serves its API on a Unix socket, which every namespace sees.
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use veer_testsupport::ca::TempDir;
+use veer_testsupport::consul::Agent;
+use veer_testsupport::echo::{spawn_app, App};
+use veer_testsupport::mesh::{redirect, Sidecar, API_VIP, CLIENT_IP, PLAIN_IP, SERVER_IP};
+use veer_testsupport::netns::{veth, Netns};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_veer"))
+}
+
+/// Namespaces, apps and sidecars for web (client) and api (server), both
+/// configured from `agent`.
+struct World {
+    web: Sidecar,
+    api: Sidecar,
+    app: App,
+    plain: App,
+    client: Netns,
+    _server: Netns,
+    _files: TempDir,
+}
+
+fn world(agent: &Agent) -> World {
+    let files = TempDir::new("veer-consul-e2e-");
+    let client = Netns::new("cc").unwrap();
+    let server = Netns::new("cs").unwrap();
+    veth(
+        &client,
+        &[&format!("{CLIENT_IP}/24")],
+        &server,
+        &[&format!("{SERVER_IP}/24"), &format!("{PLAIN_IP}/24")],
+    )
+    .unwrap();
+    client
+        .ip(&["route", "add", "default", "via", SERVER_IP])
+        .unwrap();
+    redirect(&bin(), &client, &[]);
+    redirect(&bin(), &server, &["-exclude-inbound-port", "9000"]);
+    let app = spawn_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "api");
+    let plain = spawn_app(
+        Some(&server),
+        format!("{PLAIN_IP}:9000").parse().unwrap(),
+        "plain",
+    );
+    agent.register("api", SERVER_IP, 8080, 20000, Some(API_VIP));
+    agent.register("web", CLIENT_IP, 8080, 20000, None);
+    let env = [("CONSUL_HTTP_ADDR", agent.addr.as_str())];
+    let args = |id: &str| -> Vec<OsString> {
+        vec!["--proxy-id".into(), id.into(), "--transparent".into()]
+    };
+    let web = Sidecar::start_with(
+        &bin(),
+        &client,
+        &args("web-sidecar-proxy"),
+        &env,
+        PathBuf::new(),
+        files.join("web.log"),
+    );
+    let api = Sidecar::start_with(
+        &bin(),
+        &server,
+        &args("api-sidecar-proxy"),
+        &env,
+        PathBuf::new(),
+        files.join("api.log"),
+    );
+    World {
+        web,
+        api,
+        app,
+        plain,
+        client,
+        _server: server,
+        _files: files,
+    }
+}
+
+fn echo(ns: &Netns, addr: &str, msg: &str) -> std::io::Result<String> {
+    let a: SocketAddr = addr.parse().unwrap();
+    let msg = msg.to_string();
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(10))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        s.write_all(format!("E{msg}").as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+fn agent_or_skip(name: &str, hcl: &[&str]) -> Option<Agent> {
+    if !veer_testsupport::require_root(name) {
+        return None;
+    }
+    match Agent::start(hcl, None) {
+        Some(a) => Some(a),
+        None => {
+            if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
+                panic!("{name}: consul is not installed (run .ci/install-deps)");
+            }
+            eprintln!("\n*** SKIPPED {name}: consul not installed (run .ci/install-deps) ***\n");
+            None
+        }
+    }
+}
+
+fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn consul_configured_sidecars_carry_traffic_and_follow_intentions_and_endpoints() {
+    let Some(agent) = agent_or_skip(
+        "consul_configured_sidecars_carry_traffic_and_follow_intentions_and_endpoints",
+        &[],
+    ) else {
+        return;
+    };
+    let w = world(&agent);
+    // (a) web reaches api by its virtual IP through both sidecars, with
+    // certificates issued by Consul.
+    assert_eq!(
+        echo(&w.client, &format!("{API_VIP}:8080"), "hi").unwrap(),
+        "hi"
+    );
+    assert_eq!(w.app.accepted(), 1);
+    assert!(
+        w.api.wait_log("svc/web", Duration::from_secs(3)),
+        "{}",
+        w.api.log_text()
+    );
+
+    // (b) a deny intention blocks new connections within a second and
+    // closes open ones.
+    let mut open = w
+        .client
+        .run(|| TcpStream::connect(format!("{API_VIP}:8080")).unwrap());
+    open.write_all(b"E1").unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).unwrap();
+    let id = agent.intention("web", "api", "deny");
+    let t0 = Instant::now();
+    open.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut rest = Vec::new();
+    let _ = open.read_to_end(&mut rest);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "open connection not closed after the deny: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        echo(&w.client, &format!("{API_VIP}:8080"), "no").unwrap_or_default(),
+        ""
+    );
+    assert_eq!(w.app.accepted(), 2);
+    agent.delete_intention(&id);
+    assert!(until(Duration::from_secs(3), || echo(
+        &w.client,
+        &format!("{API_VIP}:8080"),
+        "back"
+    )
+    .ok()
+    .as_deref()
+        == Some("back")));
+
+    // (d) a second api instance whose sidecar address is broken (a plain
+    // server): web fails over from it; once deregistered it is never tried.
+    let bad = format!(
+        r#"{{"Name":"api-sidecar-proxy","ID":"api-bad-sidecar-proxy","Kind":"connect-proxy","Address":"{PLAIN_IP}","Port":9000,"Check":{{"TTL":"24h","Status":"passing"}},"Proxy":{{"DestinationServiceName":"api","LocalServicePort":8080}}}}"#
+    );
+    agent.call("PUT", "/v1/agent/service/register", Some(&bad));
+    assert!(
+        until(Duration::from_secs(5), || {
+            let _ = echo(&w.client, &format!("{API_VIP}:8080"), "x");
+            w.plain.accepted() > 0
+        }),
+        "the new endpoint was never tried"
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            echo(&w.client, &format!("{API_VIP}:8080"), "ok").unwrap(),
+            "ok",
+            "failover to the good endpoint"
+        );
+    }
+    agent.call(
+        "PUT",
+        "/v1/agent/service/deregister/api-bad-sidecar-proxy",
+        None,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let tried = w.plain.accepted();
+    for _ in 0..6 {
+        assert_eq!(
+            echo(&w.client, &format!("{API_VIP}:8080"), "ok").unwrap(),
+            "ok"
+        );
+    }
+    assert_eq!(
+        w.plain.accepted(),
+        tried,
+        "a deregistered endpoint was still dialled"
+    );
+    drop(w.web);
+}
+
+#[test]
+fn ca_rotation_keeps_traffic_flowing() {
+    let Some(agent) = agent_or_skip("ca_rotation_keeps_traffic_flowing", &[]) else {
+        return;
+    };
+    let w = world(&agent);
+    assert_eq!(
+        echo(&w.client, &format!("{API_VIP}:8080"), "before").unwrap(),
+        "before"
+    );
+    let before_web = w.web.log_text().matches("snapshot applied").count();
+    let before_api = w.api.log_text().matches("snapshot applied").count();
+    // A new root key forces a rotation with cross-signing.
+    let key = std::process::Command::new("openssl")
+        .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout"])
+        .output()
+        .unwrap();
+    let key = String::from_utf8(key.stdout).unwrap().replace('\n', "\\n");
+    agent.call(
+        "PUT",
+        "/v1/connect/ca/configuration",
+        Some(&format!(r#"{{"Provider":"consul","Config":{{"LeafCertTTL":"72h","PrivateKey":"{key}","RotationPeriod":"2160h"}}}}"#)),
+    );
+    // Traffic keeps flowing, connection after connection, until both
+    // sidecars have new roots and new leaves (Consul re-issues leaves within
+    // its 30 s jitter window).
+    let (mut ok, mut failed) = (0, 0);
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        match echo(&w.client, &format!("{API_VIP}:8080"), "during") {
+            Ok(s) if s == "during" => ok += 1,
+            other => {
+                failed += 1;
+                eprintln!("failed during rotation: {other:?}");
+            }
+        }
+        let web_n = w.web.log_text().matches("snapshot applied").count();
+        let api_n = w.api.log_text().matches("snapshot applied").count();
+        // Roots first, then the leaf: at least two swaps each.
+        if web_n >= before_web + 2 && api_n >= before_api + 2 && ok > 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed during the rotation");
+    assert!(
+        w.web.log_text().matches("snapshot applied").count() >= before_web + 2,
+        "web did not get the new CA:\n{}",
+        w.web.log_text()
+    );
+    assert!(
+        w.api.log_text().matches("snapshot applied").count() >= before_api + 2,
+        "api did not get the new CA:\n{}",
+        w.api.log_text()
+    );
+    assert_eq!(
+        echo(&w.client, &format!("{API_VIP}:8080"), "after").unwrap(),
+        "after"
+    );
+}
+
+#[test]
+fn agent_down_does_not_interrupt_traffic_and_updates_resume() {
+    let Some(mut agent) = agent_or_skip(
+        "agent_down_does_not_interrupt_traffic_and_updates_resume",
+        &[],
+    ) else {
+        return;
+    };
+    let w = world(&agent);
+    assert_eq!(
+        echo(&w.client, &format!("{API_VIP}:8080"), "up").unwrap(),
+        "up"
+    );
+    agent.stop();
+    for _ in 0..10 {
+        assert_eq!(
+            echo(&w.client, &format!("{API_VIP}:8080"), "down").unwrap(),
+            "down"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A dev agent comes back empty (new CA, no services): register again.
+    agent.run();
+    agent.register("api", SERVER_IP, 8080, 20000, Some(API_VIP));
+    agent.register("web", CLIENT_IP, 8080, 20000, None);
+    // Both sidecars catch up with the new CA, then follow a new intention.
+    assert!(until(Duration::from_secs(60), || echo(
+        &w.client,
+        &format!("{API_VIP}:8080"),
+        "again"
+    )
+    .ok()
+    .as_deref()
+        == Some("again")));
+    agent.intention("web", "api", "deny");
+    assert!(
+        until(Duration::from_secs(5), || echo(
+            &w.client,
+            &format!("{API_VIP}:8080"),
+            "deny"
+        )
+        .unwrap_or_default()
+        .is_empty()),
+        "the deny intention written after the restart was not applied:\n{}",
+        w.api.log_text()
+    );
+}
