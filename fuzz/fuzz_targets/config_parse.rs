@@ -11,7 +11,8 @@
 //! - every `Err` has a non-empty message, names the file, and when it has a
 //!   line, the line is within the text (1 ..= number of '\n' + 1);
 //! - on `Ok`, the identities it built print as SPIFFE IDs that parse back to
-//!   the same identities.
+//!   the same identities, and no virtual IP is claimed twice (comparing
+//!   `::ffff:a.b.c.d` and `a.b.c.d` as one address, as routing does).
 //!
 //! The configuration can name any file. So that the fuzzer never reads
 //! outside its directory (`/dev/zero`, `/dev/stdin`...), inputs whose
@@ -80,10 +81,12 @@ fn stays_inside(text: &str) -> bool {
     let Some(toml::Value::Table(tls)) = doc.get("tls") else {
         return true;
     };
-    ["ca_file", "cert_file", "key_file"].iter().all(|k| match tls.get(*k) {
-        Some(toml::Value::String(s)) => !s.contains('/'),
-        _ => true,
-    })
+    ["ca_file", "cert_file", "key_file"]
+        .iter()
+        .all(|k| match tls.get(*k) {
+            Some(toml::Value::String(s)) => !s.contains('/'),
+            _ => true,
+        })
 }
 
 fn check_roundtrip(id: &ServiceId) {
@@ -106,6 +109,22 @@ fuzz_target!(|data: &[u8]| {
             for u in &loaded.spec.upstreams {
                 check_roundtrip(&u.identity);
             }
+            let mut vips: Vec<std::net::IpAddr> = loaded
+                .spec
+                .upstreams
+                .iter()
+                .flat_map(|u| u.virtual_ips.iter())
+                .map(|ip| veer_core::addr::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
+                .collect();
+            let n = vips.len();
+            vips.sort();
+            vips.dedup();
+            assert_eq!(
+                vips.len(),
+                n,
+                "a virtual IP is claimed twice: {:?}",
+                loaded.spec.upstreams
+            );
             assert_eq!(loaded.files.len(), 4);
             assert_eq!(loaded.files[0], path);
         }

@@ -113,7 +113,11 @@ struct IdIn {
 impl IdIn {
     fn id(&self) -> ServiceId {
         ServiceId::new(
-            if self.other_trust_domain { "other.consul" } else { "td.consul" },
+            if self.other_trust_domain {
+                "other.consul"
+            } else {
+                "td.consul"
+            },
             self.partition.s(),
             self.namespace.s(),
             if self.dc2 { "dc2" } else { "dc1" },
@@ -181,7 +185,13 @@ fn precedence(r: &RuleIn) -> u8 {
     TABLE[count_exact(&r.destination)][count_exact(&r.source)]
 }
 
-type Key = (std::cmp::Reverse<u8>, &'static str, &'static str, &'static str, &'static str);
+type Key = (
+    std::cmp::Reverse<u8>,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
 
 /// §5.4: precedence descending, then names ascending.
 fn sort_key(r: &RuleIn) -> Key {
@@ -195,7 +205,9 @@ fn sort_key(r: &RuleIn) -> Key {
 }
 
 fn same_intention(a: &Intention, b: &RuleIn) -> bool {
-    a.source == b.source.target() && a.destination == b.destination.target() && a.action == action(b.allow)
+    a.source == b.source.target()
+        && a.destination == b.destination.target()
+        && a.action == action(b.allow)
 }
 
 // ---- the target ------------------------------------------------------------
@@ -222,7 +234,11 @@ fuzz_target!(|input: Input| {
         .collect();
     for_dest.sort_by_key(|r| sort_key(r));
     let rules = ixns.rules();
-    assert_eq!(rules.len(), for_dest.len(), "rules(): {rules:?}\nmodel: {for_dest:?}");
+    assert_eq!(
+        rules.len(),
+        for_dest.len(),
+        "rules(): {rules:?}\nmodel: {for_dest:?}"
+    );
     for (got, want) in rules.iter().zip(&for_dest) {
         assert_eq!(got.precedence(), precedence(want), "{got}");
         let key = (
@@ -235,7 +251,13 @@ fuzz_target!(|input: Input| {
         let wk = sort_key(want);
         assert_eq!(
             key,
-            (wk.0, wk.1.to_string(), wk.2.to_string(), wk.3.to_string(), wk.4.to_string()),
+            (
+                wk.0,
+                wk.1.to_string(),
+                wk.2.to_string(),
+                wk.3.to_string(),
+                wk.4.to_string()
+            ),
             "order of rules(): {rules:?}"
         );
     }
@@ -262,8 +284,15 @@ fuzz_target!(|input: Input| {
         let best = candidates.iter().map(|r| sort_key(r)).min();
         match best {
             None => {
-                assert_eq!(decision.action, default, "{src} -> {dest}: no intention matches");
-                assert_eq!(decision.reason, Reason::Default, "{src} -> {dest}: {rules:?}");
+                assert_eq!(
+                    decision.action, default,
+                    "{src} -> {dest}: no intention matches"
+                );
+                assert_eq!(
+                    decision.reason,
+                    Reason::Default,
+                    "{src} -> {dest}: {rules:?}"
+                );
             }
             Some(best) => {
                 let winners: Vec<&&RuleIn> =

@@ -203,7 +203,12 @@ fuzz_target!(|input: Input| {
         up.instances = u.instances.iter().map(|a| a.ip()).collect();
         up.dialed_directly = u.dialed_directly;
         up.endpoints = (0..n_ep)
-            .map(|k| Endpoint::new(SocketAddr::new(Ipv4Addr::new(10, 77, i as u8, k as u8).into(), 20000)))
+            .map(|k| {
+                Endpoint::new(SocketAddr::new(
+                    Ipv4Addr::new(10, 77, i as u8, k as u8).into(),
+                    20000,
+                ))
+            })
             .collect();
         model.upstreams.push((
             up.virtual_ips.iter().copied().map(unmap).collect(),

@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             assert!(matches!(e, IdentityError::BadCertificate(_)), "{e:?}");
             assert_eq!(id.as_ref().err(), Some(e), "peer_identity vs uri_sans");
-            assert!(info.is_err(), "CertInfo parsed a certificate uri_sans refused");
+            assert!(
+                info.is_err(),
+                "CertInfo parsed a certificate uri_sans refused"
+            );
         }
         Ok(uris) => {
             match (uris.len(), &id) {
