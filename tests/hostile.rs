@@ -459,7 +459,7 @@ fn black_holed_endpoint_fails_over_within_the_connect_timeout() {
     assert_eq!(
         sample(
             &text,
-            "veer_upstream_endpoint_failures_total{upstream=\"api\"}"
+            "veer_upstream_endpoint_failures_total{upstream=\"api\",reason=\"timeout\"}"
         ),
         1,
         "{text}"

@@ -128,6 +128,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         idle: snap.timeouts.idle,
         half_close: snap.timeouts.half_close,
     };
+    let local_app = snap.local_app;
     drop(snap);
     let out = relay::copy(tls, app, limits, Some(reg.revoke.clone())).await;
     drop(reg);
@@ -143,6 +144,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         direction = "inbound",
         peer = %peer,
         source = %source,
+        upstream = %local_app,
         rx_bytes = out.a_to_b,
         tx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -167,8 +167,8 @@ async fn forward(
         orig_dst = %orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into()),
         upstream = %upstream,
         relay = %if out.spliced { "splice" } else { "copy" },
-        tx_bytes = out.a_to_b,
-        rx_bytes = out.b_to_a,
+        rx_bytes = out.a_to_b,
+        tx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
         close = %out.reason.as_str(),
         "connection closed"
@@ -191,11 +191,9 @@ async fn connect_mesh(
             }
             Err(e) => {
                 upstream.mark_failed(ep, shared.now_ms() + ENDPOINT_BACKOFF.as_millis() as u64);
-                shared.metrics.count(
-                    "upstream_endpoint_failures_total",
-                    "upstream",
-                    upstream.name(),
-                );
+                shared
+                    .metrics
+                    .endpoint_failure(upstream.name(), e.classify());
                 if let Some(n) = shared.may_warn() {
                     tracing::warn!(upstream = %upstream.name(), endpoint = %ep.addr, reason = %e.classify(), suppressed = n, "upstream endpoint failed, trying the next: {e}");
                 }
