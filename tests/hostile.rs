@@ -121,6 +121,13 @@ fn slowloris_does_not_stop_real_clients() {
         (left, longest)
     });
     rx.recv().expect("attacker connected");
+    // The attackers' connections are established in the kernel at once;
+    // wait (bounded) until veer has accepted them, so the real calls below
+    // really compete with 5,000 held connections, even on a loaded machine.
+    let accepted_by = Instant::now() + Duration::from_secs(4);
+    while fds(api) - fds0 < N * 9 / 10 && Instant::now() < accepted_by {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let held = fds(api) - fds0;
     // A real client through both sidecars is served at once meanwhile.
     let mut worst = Duration::ZERO;
