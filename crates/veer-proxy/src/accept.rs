@@ -123,7 +123,9 @@ pub async fn serve<F, Fut>(
                     }
                     open.fetch_add(1, Relaxed);
                     let slot = Slot(open.clone());
-                    let conn = handler(s, ClientAddr::from(peer));
+                    // Boxed: the task then holds a pointer, not a second copy
+                    // of the (several KiB) connection future.
+                    let conn = Box::pin(handler(s, ClientAddr::from(peer)));
                     tokio::spawn(async move {
                         conn.await;
                         drop(slot);
