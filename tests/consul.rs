@@ -11,7 +11,7 @@ use veer_testsupport::ca::TempDir;
 use veer_testsupport::consul::Agent;
 use veer_testsupport::echo::{spawn_app, App};
 use veer_testsupport::mesh::{redirect, Sidecar, API_VIP, CLIENT_IP, PLAIN_IP, SERVER_IP};
-use veer_testsupport::netns::{veth, Netns};
+use veer_testsupport::netns::Netns;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_veer"))
@@ -31,18 +31,7 @@ struct World {
 
 fn world(agent: &Agent) -> World {
     let files = TempDir::new("veer-consul-e2e-");
-    let client = Netns::new("cc").unwrap();
-    let server = Netns::new("cs").unwrap();
-    veth(
-        &client,
-        &[&format!("{CLIENT_IP}/24")],
-        &server,
-        &[&format!("{SERVER_IP}/24"), &format!("{PLAIN_IP}/24")],
-    )
-    .unwrap();
-    client
-        .ip(&["route", "add", "default", "via", SERVER_IP])
-        .unwrap();
+    let (client, server) = veer_testsupport::mesh::namespaces();
     redirect(&bin(), &client, &[]);
     redirect(&bin(), &server, &["-exclude-inbound-port", "9000"]);
     let app = spawn_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "api");

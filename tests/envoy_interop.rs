@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
-use veer_testsupport::envoy::{self, Bootstrap, Envoy};
+use veer_testsupport::envoy::{Bootstrap, Envoy};
 use veer_testsupport::mesh::{self, Sidecar, API_VIP, API_VIP6, PLAIN_IP, SERVER_IP};
 use veer_testsupport::netns::Netns;
 
@@ -96,7 +96,7 @@ impl Topo {
     fn new() -> Topo {
         let ca = TestCa::new(TRUST_DOMAIN);
         let files = TempDir::new("veer-envoy-");
-        let (client, server) = envoy::namespaces();
+        let (client, server) = veer_testsupport::mesh::namespaces();
         mesh::redirect(&veer(), &client, &[]);
         mesh::redirect(&veer(), &server, &["-exclude-inbound-port", "9000"]);
         let app = App::spawn(&server, "127.0.0.1:8080");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
-use veer_testsupport::envoy::{self, Bootstrap, Envoy};
+use veer_testsupport::envoy::{Bootstrap, Envoy};
 use veer_testsupport::mesh::{self, Sidecar, API_VIP, API_VIP6, PLAIN_IP, SERVER_IP};
 use veer_testsupport::netns::Netns;
 
@@ -148,7 +148,7 @@ impl System {
     pub fn start(kind: Kind, tools: &Tools, concurrency: usize) -> System {
         let ca = TestCa::new(TRUST_DOMAIN);
         let files = TempDir::new("veer-bench-");
-        let (client, server) = envoy::namespaces();
+        let (client, server) = veer_testsupport::mesh::namespaces();
         for ns in [&client, &server] {
             // Room for the connection-rate runs and 10k idle connections.
             ns.sh_ok(

@@ -653,30 +653,3 @@ impl Drop for Envoy {
         }
     }
 }
-
-/// The two namespaces of [`crate::mesh::Mesh`] without anything in them:
-/// client 10.77.0.1/fd77::1 (default routes via the server), server
-/// 10.77.0.2 + 10.77.0.4 / fd77::2, joined by a veth pair.
-pub fn namespaces() -> (Netns, Netns) {
-    use crate::mesh::{CLIENT_IP, PLAIN_IP, SERVER_IP};
-    let client = Netns::new("vc").expect("client netns");
-    let server = Netns::new("vs").expect("server netns");
-    crate::netns::veth(
-        &client,
-        &[&format!("{CLIENT_IP}/24"), "fd77::1/64"],
-        &server,
-        &[
-            &format!("{SERVER_IP}/24"),
-            &format!("{PLAIN_IP}/24"),
-            "fd77::2/64",
-        ],
-    )
-    .expect("veth");
-    client
-        .ip(&["route", "add", "default", "via", SERVER_IP])
-        .expect("v4 route");
-    client
-        .ip(&["-6", "route", "add", "default", "via", "fd77::2"])
-        .expect("v6 route");
-    (client, server)
-}

@@ -266,6 +266,33 @@ pub fn deny(source: &str) -> String {
     format!("[[intentions.rules]]\nsource = \"{source}\"\naction = \"deny\"\n")
 }
 
+/// The two namespaces of the topology, linked by a veth pair, with their
+/// addresses and the client's default routes (IPv4 and IPv6) via the server;
+/// no rules, no processes. Used by [`Mesh`], the Envoy interop tests and the
+/// benchmarks.
+pub fn namespaces() -> (Netns, Netns) {
+    let client = Netns::new("vc").expect("client netns");
+    let server = Netns::new("vs").expect("server netns");
+    veth(
+        &client,
+        &[&format!("{CLIENT_IP}/24"), "fd77::1/64"],
+        &server,
+        &[
+            &format!("{SERVER_IP}/24"),
+            &format!("{PLAIN_IP}/24"),
+            "fd77::2/64",
+        ],
+    )
+    .expect("veth");
+    client
+        .ip(&["route", "add", "default", "via", SERVER_IP])
+        .expect("v4 route");
+    client
+        .ip(&["-6", "route", "add", "default", "via", "fd77::2"])
+        .expect("v6 route");
+    (client, server)
+}
+
 /// The whole topology. Fields drop in order: sidecars first (so their logs
 /// can still be printed), namespaces, then files.
 pub struct Mesh {
@@ -294,25 +321,7 @@ impl Mesh {
     pub fn with(bin: &Path, web_extra: &str, api_rules: &str) -> Mesh {
         let ca = TestCa::new(TRUST_DOMAIN);
         let files = TempDir::new("veer-mesh-");
-        let client = Netns::new("vc").expect("client netns");
-        let server = Netns::new("vs").expect("server netns");
-        veth(
-            &client,
-            &[&format!("{CLIENT_IP}/24"), "fd77::1/64"],
-            &server,
-            &[
-                &format!("{SERVER_IP}/24"),
-                &format!("{PLAIN_IP}/24"),
-                "fd77::2/64",
-            ],
-        )
-        .expect("veth");
-        client
-            .ip(&["route", "add", "default", "via", SERVER_IP])
-            .expect("v4 route");
-        client
-            .ip(&["-6", "route", "add", "default", "via", "fd77::2"])
-            .expect("v6 route");
+        let (client, server) = namespaces();
         // The dialed-directly instance that never answers: packets dropped.
         client
             .sh_ok(&format!("iptables -A OUTPUT -d {BLACKHOLE_IP} -j DROP"))
