@@ -120,7 +120,13 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
             InboundError::Denied(decision, why),
         );
     }
-    let app = match net::dial(EndpointAddr(snap.local_app), snap.timeouts.local_connect).await {
+    let dialed = net::dial(
+        EndpointAddr(snap.local_app),
+        snap.timeouts.local_connect,
+        &shared.own_dials,
+    )
+    .await;
+    let (app, _own) = match dialed {
         Ok(s) => s,
         Err(e) => return refuse(&shared, peer, Some(&source.to_string()), e.into()),
     };

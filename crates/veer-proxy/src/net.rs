@@ -1,11 +1,13 @@
 //! Socket plumbing: binding listeners, original destinations, dialing with
 //! a deadline, and the socket options every leg gets.
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use veer_core::addr::{EndpointAddr, OrigDstAddr};
+use veer_core::addr::{canonical, ClientAddr, EndpointAddr, OrigDstAddr};
 
 /// Binds a listener with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -85,14 +87,99 @@ impl DialError {
     }
 }
 
-/// Dials `addr`, giving up after `timeout`.
-pub async fn dial(addr: EndpointAddr, timeout: Duration) -> Result<TcpStream, DialError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr.0)).await {
-        Err(_) => Err(DialError::Timeout(addr, timeout)),
-        Ok(Err(e)) => Err(DialError::Io(addr, e)),
-        Ok(Ok(s)) => {
-            tune(&s);
-            Ok(s)
+/// The local addresses of veer's own dials that are open. A connection
+/// accepted on the transparent outbound listener *from* one of them is
+/// veer's own traffic redirected back to itself (the proxy UID is not
+/// excluded from redirection): relaying it would dial again and loop until
+/// the process ran out of descriptors.
+///
+/// A dial's local address is registered between `connect(2)` and its
+/// completion, before veer can see the redirected connection in most cases;
+/// when the accept side wins that race, the loop is still cut one hop later.
+#[derive(Default)]
+pub struct OwnDials(Arc<Mutex<HashSet<SocketAddr>>>);
+
+impl OwnDials {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `peer` is the local end of one of veer's open dials.
+    pub fn contains(&self, peer: ClientAddr) -> bool {
+        self.lock().contains(&peer.0)
+    }
+
+    fn register(&self, local: SocketAddr) -> OwnDial {
+        let local = canonical(local);
+        self.lock().insert(local);
+        OwnDial {
+            set: self.0.clone(),
+            local,
         }
     }
+
+    /// How many dials are registered (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Keeps one dial's local address in [`OwnDials`] while it lives.
+pub struct OwnDial {
+    set: Arc<Mutex<HashSet<SocketAddr>>>,
+    local: SocketAddr,
+}
+
+impl Drop for OwnDial {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.local);
+    }
+}
+
+/// Dials `addr`, giving up after `timeout`; the connection stays registered
+/// in `own` while the returned [`OwnDial`] lives.
+pub async fn dial(
+    addr: EndpointAddr,
+    timeout: Duration,
+    own: &OwnDials,
+) -> Result<(TcpStream, OwnDial), DialError> {
+    match tokio::time::timeout(timeout, connect(addr.0, own)).await {
+        Err(_) => Err(DialError::Timeout(addr, timeout)),
+        Ok(Err(e)) => Err(DialError::Io(addr, e)),
+        Ok(Ok((s, reg))) => {
+            tune(&s);
+            Ok((s, reg))
+        }
+    }
+}
+
+/// A non-blocking connect whose local address is registered as soon as the
+/// kernel has chosen it (when `connect(2)` returns), before the handshake
+/// completes.
+async fn connect(addr: SocketAddr, own: &OwnDials) -> io::Result<(TcpStream, OwnDial)> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("local address is not an IP address"))?;
+    let reg = own.register(local);
+    let s = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    s.writable().await?;
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    Ok((s, reg))
 }

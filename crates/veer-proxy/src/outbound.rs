@@ -5,7 +5,7 @@
 //! upstream's identity, checked before any byte of the app is sent.
 //! Passthrough routes dial plain TCP and relay with splice.
 use crate::metrics::Direction;
-use crate::net::{self, DialError};
+use crate::net::{self, DialError, OwnDial};
 use crate::relay::{self, Limits, Outcome};
 use crate::state::Shared;
 use rustls::pki_types::ServerName;
@@ -48,6 +48,10 @@ pub enum OutboundError {
     },
     #[error("no endpoint of {0} could be reached")]
     AllEndpointsFailed(String),
+    /// The connection comes from one of veer's own dials: its traffic was
+    /// redirected back to it.
+    #[error("the connection comes from veer's own dial ({0}); refusing to loop (is the proxy UID excluded from redirection?)")]
+    OwnTraffic(ClientAddr),
 }
 
 impl OutboundError {
@@ -60,6 +64,7 @@ impl OutboundError {
             OutboundError::Handshake(_, l, _) => l,
             OutboundError::ServerIdentity { .. } => "server_identity",
             OutboundError::AllEndpointsFailed(_) => "all_endpoints_failed",
+            OutboundError::OwnTraffic(_) => "loop",
         }
     }
 }
@@ -72,6 +77,10 @@ pub async fn handle_transparent(shared: Arc<Shared>, tcp: TcpStream, peer: Clien
         Ok(o) => o,
         Err(e) => return fail(&shared, peer, None, None, OutboundError::NoOrigDst(e), &tcp),
     };
+    if shared.own_dials.contains(peer) {
+        let e = OutboundError::OwnTraffic(peer);
+        return fail(&shared, peer, Some(orig), None, e, &tcp);
+    }
     let snap = shared.snapshot();
     match route::route(&snap.routes, orig) {
         Ok(r) => forward(shared, snap, tcp, peer, Some(orig), r).await,
@@ -120,7 +129,7 @@ async fn forward(
     };
     let (out, upstream): (Outcome, String) = match route {
         Route::Passthrough { addr } => {
-            let up = match net::dial(addr, snap.timeouts.connect).await {
+            let (up, _own) = match net::dial(addr, snap.timeouts.connect, &shared.own_dials).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some("passthrough"), e.into(), &tcp),
             };
@@ -131,7 +140,7 @@ async fn forward(
             )
         }
         Route::Mesh { upstream } => {
-            let tls = match connect_mesh(&shared, &snap, &upstream).await {
+            let (tls, _own) = match connect_mesh(&shared, &snap, &upstream).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
@@ -142,7 +151,7 @@ async fn forward(
             )
         }
         Route::Direct { upstream, addr } => {
-            let tls = match connect_tls(&snap, &upstream, addr).await {
+            let (tls, _own) = match connect_tls(&shared, &snap, &upstream, addr).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
@@ -181,10 +190,10 @@ async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
-) -> Result<TlsStream<TcpStream>, OutboundError> {
+) -> Result<(TlsStream<TcpStream>, OwnDial), OutboundError> {
     let now = shared.now_ms();
     for ep in upstream.pick_order(now) {
-        match connect_tls(snap, upstream, ep.addr).await {
+        match connect_tls(shared, snap, upstream, ep.addr).await {
             Ok(s) => {
                 upstream.mark_ok(ep);
                 return Ok(s);
@@ -207,11 +216,12 @@ async fn connect_mesh(
 
 /// mTLS to one address, then the server's identity check.
 async fn connect_tls(
+    shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
-) -> Result<TlsStream<TcpStream>, OutboundError> {
-    let tcp = net::dial(addr, upstream.connect_timeout).await?;
+) -> Result<(TlsStream<TcpStream>, OwnDial), OutboundError> {
+    let (tcp, own) = net::dial(addr, upstream.connect_timeout, &shared.own_dials).await?;
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
     let connector = TlsConnector::from(snap.tls.client.clone());
@@ -251,7 +261,7 @@ async fn connect_tls(
             want: upstream.identity.to_string(),
         });
     }
-    Ok(tls)
+    Ok((tls, own))
 }
 
 fn fail(
@@ -274,7 +284,7 @@ fn fail(
     };
     let orig = orig.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
     match &e {
-        OutboundError::Route(RouteError::Loop(_)) => {
+        OutboundError::Route(RouteError::Loop(_)) | OutboundError::OwnTraffic(_) => {
             tracing::error!(peer = %peer, orig_dst = %orig, reason = %label, suppressed, "outbound connection refused: {e}")
         }
         _ => {

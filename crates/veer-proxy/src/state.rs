@@ -29,6 +29,8 @@ pub struct Shared {
     max_connections: AtomicUsize,
     /// Rate limit of the warnings logged per refused or failed connection.
     pub warn_budget: WarnBudget,
+    /// veer's own open dials, to recognise its traffic redirected back.
+    pub own_dials: crate::net::OwnDials,
 }
 
 /// A lock-free budget for warnings logged per connection (refusals,
@@ -116,6 +118,7 @@ impl Shared {
             applied_at: AtomicU64::new(unix_now()),
             max_connections,
             warn_budget: WarnBudget::new(),
+            own_dials: Default::default(),
         }))
     }
 
