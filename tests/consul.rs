@@ -94,10 +94,7 @@ fn agent_or_skip(name: &str, hcl: &[&str]) -> Option<Agent> {
     match Agent::start(hcl, None) {
         Some(a) => Some(a),
         None => {
-            if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
-                panic!("{name}: consul is not installed (run .ci/install-deps)");
-            }
-            eprintln!("\n*** SKIPPED {name}: consul not installed (run .ci/install-deps) ***\n");
+            veer_testsupport::skip(name, "consul not installed (run .ci/install-deps)");
             None
         }
     }

@@ -28,10 +28,7 @@ fn envoy_bin(test: &str) -> Option<PathBuf> {
     }
     let bin = veer_testsupport::tool("envoy");
     if bin.is_none() {
-        if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
-            panic!("{test}: no envoy binary (run .ci/install-deps) and VEER_REQUIRE_ROOT is set");
-        }
-        eprintln!("\n*** SKIPPED {test}: no envoy binary; run .ci/install-deps ***\n");
+        veer_testsupport::skip(test, "no envoy binary; run .ci/install-deps");
     }
     bin
 }

@@ -45,6 +45,23 @@ fn echo(ns: &Netns, addr: &str, msg: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// The sidecar's Prometheus text, scraped with curl inside `ns`.
+fn scrape(ns: &Netns) -> String {
+    ns.sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
+        .expect("admin endpoint answers")
+}
+
+/// The sum of every sample labelled `reason="<reason>"`.
+fn count_reason(stats: &str, reason: &str) -> u64 {
+    let label = format!("reason=\"{reason}\"");
+    stats
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -268,6 +285,23 @@ fn bad_peers_are_refused_and_the_app_sees_nothing() {
         0,
         "no refused peer may reach the local app"
     );
+
+    // Each refusal is counted under its own reason.
+    let stats = scrape(&m.server);
+    for reason in [
+        "denied_by_default",
+        "cert_untrusted",
+        "cert_expired",
+        "cert_not_yet_valid",
+        "cert_bad_usage",
+        "no_client_cert",
+        "not_tls",
+    ] {
+        assert!(
+            count_reason(&stats, reason) >= 1,
+            "reason {reason} not counted:\n{stats}"
+        );
+    }
 
     // Everyone else keeps being served: web with its real cert works.
     let web = (m.ca.dir.join("web.pem"), m.ca.dir.join("web-key.pem"));
@@ -500,6 +534,136 @@ fn connection_to_the_outbound_listener_itself_is_refused_not_looped() {
         1,
         "exactly one refusal, no loop"
     );
+}
+
+#[test]
+fn proxy_traffic_redirected_back_is_refused_not_looped() {
+    need_root!("proxy_traffic_redirected_back_is_refused_not_looped");
+    let m = Mesh::new(&bin());
+    let before = m.web.pid().map(support_fds).unwrap_or(0);
+    // The mistake of a redirect without the proxy UID's exclusion: veer's
+    // own dials come back to its outbound listener.
+    m.client
+        .sh_ok(&format!(
+            "iptables -t nat -D CONSUL_PROXY_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN"
+        ))
+        .expect("drop the proxy UID exclusion");
+    for (dst, what) in [
+        (format!("{PLAIN_IP}:9000"), "passthrough"),
+        (format!("{API_VIP}:80"), "mesh"),
+    ] {
+        let t = Instant::now();
+        let r = echo(&m.client, &dst, "loop?");
+        assert!(
+            r.as_deref().map_or(true, |o| o.is_empty()),
+            "{what}: a looped call got an answer: {r:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        m.web
+            .wait_log("comes from veer's own dial", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    // Cut within a hop or two, not after thousands.
+    let loops = count_reason(&scrape(&m.client), "loop");
+    assert!((1..=6).contains(&loops), "{loops} loop refusals");
+    assert_eq!(m.plain.accepted(), 0, "the looped call reached its server");
+    // Nothing piles up: descriptors back to where they were.
+    let pid = m.web.pid().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || support_fds(pid) <= before + 2),
+        "web holds {} fds, {before} before",
+        support_fds(pid)
+    );
+}
+
+fn support_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn upstream_presenting_another_identity_or_an_untrusted_chain_is_refused() {
+    need_root!("upstream_presenting_another_identity_or_an_untrusted_chain_is_refused");
+    let m = Mesh::new(&bin());
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "ok").unwrap(),
+        "ok"
+    );
+    // The api's sidecar is swapped for one that is really db (default
+    // allow, so only web's check can stop the call).
+    let reload = |text: String, n: usize| {
+        m.files.write("api.toml", &text);
+        assert!(
+            m.api
+                .wait_log_count("configuration reloaded", n, Duration::from_secs(5)),
+            "{}",
+            m.api.log_text()
+        );
+    };
+    m.ca.service("db");
+    let db = mesh::api_config(&m.ca, "allow", "")
+        .replace("name = \"api\"", "name = \"db\"")
+        .replace("api.pem", "db.pem")
+        .replace("api-key.pem", "db-key.pem");
+    reload(db, 1);
+    let r = echo(&m.client, &format!("{API_VIP}:80"), "to db?");
+    assert!(r.as_deref().map_or(true, |o| o.is_empty()), "{r:?}");
+    assert!(
+        m.web
+            .wait_log("reason=server_identity", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    assert!(m.web.log_text().contains("/svc/db, expected spiffe://"));
+
+    // A leaf for api from a CA web does not trust (the api side trusts it).
+    let other = Ca::new_root(TRUST_DOMAIN).unwrap();
+    let fake = other
+        .issue(&LeafSpec::service(TRUST_DOMAIN, "dc1", "api"))
+        .unwrap();
+    m.files.write("fake-api.pem", &fake.chain_pem);
+    m.files.write("fake-api-key.pem", &fake.key_pem);
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(m.ca.roots()).unwrap(),
+        other.cert_pem
+    );
+    m.files.write("both-roots.pem", &bundle);
+    let (cert, key) = m.ca.service("api");
+    let roots = m.ca.roots();
+    let untrusted = mesh::api_config(&m.ca, "allow", "")
+        .replace(
+            &roots.display().to_string(),
+            &m.files.join("both-roots.pem").display().to_string(),
+        )
+        .replace(
+            &cert.display().to_string(),
+            &m.files.join("fake-api.pem").display().to_string(),
+        )
+        .replace(
+            &key.display().to_string(),
+            &m.files.join("fake-api-key.pem").display().to_string(),
+        );
+    reload(untrusted, 2);
+    let r = echo(&m.client, &format!("{API_VIP}:80"), "to an impostor?");
+    assert!(r.as_deref().map_or(true, |o| o.is_empty()), "{r:?}");
+    assert!(
+        m.web
+            .wait_log("reason=cert_untrusted", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    let stats = scrape(&m.client);
+    assert!(count_reason(&stats, "server_identity") >= 1, "{stats}");
+    assert!(count_reason(&stats, "cert_untrusted") >= 1, "{stats}");
 }
 
 #[test]

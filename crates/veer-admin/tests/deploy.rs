@@ -22,7 +22,9 @@ fn read(rel: &str) -> String {
 }
 
 fn loud_skip(what: &str) {
-    eprintln!("\n*** SKIPPED {what} ***\n");
+    // Straight to stderr, past the test harness's capture.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {what} ***\n");
 }
 
 /// A temporary folder, removed on drop.

@@ -23,10 +23,10 @@ fn logs() {
 fn consul_bin(test: &str) -> Option<PathBuf> {
     let bin = veer_testsupport::tool("consul");
     if bin.is_none() {
-        if std::env::var_os("VEER_REQUIRE_ROOT").is_some() {
-            panic!("{test}: no consul binary (run .ci/install-deps) and VEER_REQUIRE_ROOT is set");
-        }
-        eprintln!("\n*** SKIPPED veer-consul {test}: consul binary not found (/opt/veer-tools/bin/consul); run .ci/install-deps ***\n");
+        veer_testsupport::skip(
+            &format!("veer-consul {test}"),
+            "consul binary not found (/opt/veer-tools/bin/consul); run .ci/install-deps",
+        );
     }
     bin
 }

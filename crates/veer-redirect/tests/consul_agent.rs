@@ -108,7 +108,10 @@ fn put(addr: &str, path: &str, body: &str) -> u16 {
 #[test]
 fn proxy_id_from_consul_187() {
     let Some(bin) = veer_testsupport::tool("consul") else {
-        eprintln!("\n*** SKIPPED veer-redirect proxy_id_from_consul_187: consul binary not found (/opt/veer-tools/bin/consul) ***\n");
+        veer_testsupport::skip(
+            "veer-redirect proxy_id_from_consul_187",
+            "consul binary not found (/opt/veer-tools/bin/consul); run .ci/install-deps",
+        );
         return;
     };
     let agent = start_agent(&bin);
