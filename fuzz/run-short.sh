@@ -32,7 +32,7 @@ cd "$here"
 
 secs="${1:-10}"
 if [[ $# -gt 0 ]]; then shift; fi
-all_targets=(spiffe_parse uri_san config_parse intentions route duration)
+all_targets=(spiffe_parse uri_san config_parse intentions route duration consul_api expose_http)
 if [[ $# -gt 0 ]]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 if ! [[ "$secs" =~ ^[0-9]+$ ]] || [[ "$secs" -lt 1 ]]; then
     echo "usage: $0 [SECONDS_PER_TARGET] [TARGET...]" >&2

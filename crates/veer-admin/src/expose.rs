@@ -8,17 +8,20 @@
 //! expose paths binds, re-routes or closes listeners (requests in flight
 //! finish). They keep serving while veer drains, so probes keep reflecting
 //! the app until the process exits.
-use crate::http::{serve, stopped, text, Body, Tracker};
+use crate::http::{serve, server_builder, stopped, text, Body, Tracker};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use hyper::{HeaderMap, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use veer_core::route::Protocol;
@@ -180,18 +183,22 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let path = req.uri().path().to_string();
-    let port = routes
-        .borrow()
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map(|(_, port)| *port);
-    let Some(port) = port else {
-        return text(StatusCode::NOT_FOUND, "no such expose path\n");
-    };
+    let routes = routes.borrow().clone();
     let connect_timeout = shared.snapshot().timeouts.local_connect;
     let method = req.method().clone();
-    let resp = forward(req, port, connect_timeout).await;
+    let path = req.uri().path().to_string();
+    let (port, resp) = respond(req, &routes, |port| async move {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+        }
+    })
+    .await;
     tracing::debug!(
         target: "veer::access",
         direction = "expose",
@@ -204,6 +211,69 @@ async fn handle(
         "expose request"
     );
     resp
+}
+
+/// The expose-path decision and forwarding for one request, with the
+/// connection to the local app made by `dial(port)`: the path must equal
+/// one of `routes` exactly (else 404 and the app sees nothing); the app gets
+/// the request in origin form without hop-by-hop headers. Returns the port
+/// used (0 for none) and the response.
+async fn respond<B, D, F, S>(
+    req: Request<B>,
+    routes: &[(String, u16)],
+    dial: D,
+) -> (u16, Response<Body>)
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    D: FnOnce(u16) -> F,
+    F: Future<Output = io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let path = req.uri().path();
+    let Some(port) = routes
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, port)| *port)
+    else {
+        return (0, text(StatusCode::NOT_FOUND, "no such expose path\n"));
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let resp = match dial(port).await {
+        Ok(io) => forward(req, io, addr).await,
+        Err(e) => bad_gateway(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("upstream connect error: {addr}: {e}"),
+        ),
+    };
+    (port, resp)
+}
+
+/// Serves one HTTP/1 connection of an expose listener on `io`, reaching the
+/// local app through `dial(port)`: the listeners' own request handling over
+/// any byte stream, for fuzzing and in-memory tests.
+#[doc(hidden)]
+pub async fn serve_connection<I, D, F, S>(
+    io: I,
+    routes: Vec<(String, u16)>,
+    dial: D,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    D: Fn(u16) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let routes = Arc::new(routes);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let routes = routes.clone();
+        let dial = dial.clone();
+        async move { Ok::<_, Infallible>(respond(req, &routes, dial).await.1) }
+    });
+    server_builder()
+        .serve_connection(TokioIo::new(io), svc)
+        .await
 }
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1), plus any the
@@ -237,29 +307,14 @@ fn bad_gateway(status: StatusCode, msg: String) -> Response<Body> {
     text(status, format!("{msg}\n"))
 }
 
-async fn forward(
-    mut req: Request<Incoming>,
-    port: u16,
-    connect_timeout: Duration,
-) -> Response<Body> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return bad_gateway(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {addr}: {e}"),
-            )
-        }
-        Err(_) => {
-            return bad_gateway(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {addr}: timed out"),
-            )
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+async fn forward<B, S>(mut req: Request<B>, io: S, addr: SocketAddr) -> Response<Body>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
         Ok(x) => x,
         Err(e) => {
             return bad_gateway(

@@ -61,6 +61,14 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// The HTTP/1 server settings every listener here uses.
+pub(crate) fn server_builder() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    b
+}
+
 /// Serves HTTP/1 on `listener` with `handler` until `stop`; then open
 /// connections finish their in-flight request and close.
 pub(crate) async fn serve<H, F>(
@@ -105,10 +113,7 @@ pub(crate) async fn serve<H, F>(
                 let f = h(req, peer);
                 async move { Ok::<_, Infallible>(f.await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = server_builder().serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             let r = tokio::select! {
                 r = conn.as_mut() => r,

@@ -434,3 +434,16 @@ fn limits_max_connections() {
         assert_eq!(e.line, Some(text.lines().count()), "{e}");
     }
 }
+
+/// Fuzzing finding 4 (`fuzz/regressions/config_parse/duplicate-vip-v4-mapped`):
+/// a virtual IP written once as IPv4 and once IPv4-mapped is one address.
+#[test]
+fn a_virtual_ip_claimed_twice_in_two_spellings_is_refused() {
+    let d = certs("api");
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"other\"\nvirtual_ips = [\"::ffff:10.96.0.20\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    let e = parse_in(&d, &text).unwrap_err();
+    assert!(e.msg.contains("10.96.0.20"), "{e}");
+    assert!(e.to_string().contains("virtual"), "{e}");
+}
