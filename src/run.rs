@@ -4,7 +4,12 @@
 //! Start-up binds everything at once (admin, Prometheus and expose
 //! listeners on the admin thread, then the inbound and outbound listeners)
 //! and reports readiness: `/ready` turns 200, systemd gets `READY=1`, the
-//! log says "veer ready". From then on the lifecycle controller
+//! log says "veer ready". Configured by Consul, veer first waits for a
+//! complete configuration; meanwhile the admin (and Prometheus) addresses
+//! answer `503 PRE_INITIALIZING` and SIGTERM or SIGINT exit at once. The
+//! Prometheus listener follows the registration's
+//! `envoy_prometheus_bind_addr` unless `--prometheus-bind` is given. From
+//! then on the lifecycle controller
 //! ([`veer_admin::Lifecycle`]) owns draining and exiting, whether asked by
 //! a signal or by the admin endpoint.
 use crate::file_source;
@@ -14,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use veer_admin::lifecycle::Exit;
-use veer_admin::{AdminAddrs, AdminServer, Lifecycle, ShutdownOpts, Signals};
+use veer_admin::{AdminAddrs, AdminServer, Lifecycle, PreInitAdmin, ShutdownOpts, Signals};
 use veer_core::config::{AdminBind, AdminSpec};
 use veer_proxy::accept::Listeners;
 use veer_proxy::state::Shared;
@@ -115,7 +120,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
     };
     let code = rt.block_on(async move {
         // First, so that a SIGTERM during start-up is acted on, not fatal.
-        let signals = match Signals::install() {
+        let mut signals = match Signals::install() {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("veer: cannot install signal handlers: {e}");
@@ -150,6 +155,22 @@ pub fn run(opts: RunOpts) -> ExitCode {
                 tracing::info!(
                     "waiting for the first complete configuration from the Consul agent"
                 );
+                // Until then /ready answers 503 rather than refusing.
+                let (addrs, explicit) = admin_addrs(&AdminSpec::default(), &opts);
+                let pre = match PreInitAdmin::start(
+                    addrs,
+                    "waiting for the first complete configuration from the Consul agent",
+                ) {
+                    Ok(p) => Some(p),
+                    Err(e) if !explicit => {
+                        tracing::warn!(error = %e, "admin endpoint not served while waiting for Consul");
+                        None
+                    }
+                    Err(e) => {
+                        eprintln!("veer: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
                 let spec = tokio::select! {
                     r = source.first() => match r {
                         Ok(s) => s,
@@ -158,15 +179,22 @@ pub fn run(opts: RunOpts) -> ExitCode {
                             return ExitCode::from(2);
                         }
                     },
-                    _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                    sig = signals.recv() => {
+                        tracing::info!(signal = sig, "stopped before the first configuration arrived");
+                        return ExitCode::SUCCESS;
+                    }
                 };
+                if let Some(p) = pre {
+                    p.stop();
+                }
                 let what = format!("consul proxy {}", source.proxy_id().unwrap_or("-"));
-                (
-                    spec,
-                    AdminSpec::default(),
-                    Follow::Consul(Box::new(source)),
-                    what,
-                )
+                // Consul's envoy_prometheus_bind_addr, unless the command
+                // line says otherwise.
+                let admin = AdminSpec {
+                    prometheus_bind: source.prometheus_bind(),
+                    ..AdminSpec::default()
+                };
+                (spec, admin, Follow::Consul(Box::new(source)), what)
             }
             (Source::File(_), None) => unreachable!("a file source is loaded above"),
         };

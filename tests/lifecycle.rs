@@ -399,3 +399,71 @@ fn default_admin_address_taken_is_not_fatal_an_explicit_one_is() {
     assert!(err.contains("admin listener 127.0.0.1:19000"), "{err}");
     drop(taken);
 }
+
+#[test]
+fn before_the_first_consul_configuration_ready_says_so_and_sigterm_exits() {
+    need_root!("before_the_first_consul_configuration_ready_says_so_and_sigterm_exits");
+    let ns = Netns::new("vp").unwrap();
+    let files = TempDir::new("veer-preinit-");
+    let log = files.join("veer.log");
+    // An agent address where nothing listens: veer keeps retrying.
+    let mut child = ns
+        .command(bin())
+        .args([
+            "run",
+            "--proxy-id",
+            "web-sidecar-proxy",
+            "--transparent",
+            "--http-addr",
+            "http://127.0.0.1:1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = || {
+        ns.sh_ok("curl -sS --max-time 2 -w ' %{http_code}' http://127.0.0.1:19000/ready")
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || ready().ends_with(" 503")),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let r = ready();
+    assert!(
+        r.starts_with("PRE_INITIALIZING: waiting for the first complete configuration"),
+        "{r}"
+    );
+    // await-ready keeps waiting, and says why when it gives up.
+    let out = ns
+        .command(bin())
+        .args(["await-ready", "--timeout", "300ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // SIGTERM before any configuration: a clean, quick exit.
+    let t = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "SIGTERM ignored while waiting for Consul"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("stopped before the first configuration arrived"),
+        "{text}"
+    );
+}

@@ -20,4 +20,4 @@ pub mod sdnotify;
 pub mod server;
 
 pub use lifecycle::{Lifecycle, Request, ShutdownOpts, Signals};
-pub use server::{AdminAddrs, AdminServer};
+pub use server::{AdminAddrs, AdminServer, PreInitAdmin};

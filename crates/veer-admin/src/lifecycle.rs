@@ -84,6 +84,15 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
         })
     }
+
+    /// The next SIGTERM or SIGINT, by name: for the time before
+    /// [`Lifecycle::drive`] runs (nothing to drain yet, so either exits).
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Why [`Lifecycle::drive`] returned.

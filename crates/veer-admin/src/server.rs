@@ -186,6 +186,88 @@ impl Drop for AdminServer {
     }
 }
 
+/// The admin and Prometheus addresses while veer waits for its first
+/// complete configuration (from the Consul agent): `/ready` answers
+/// `503 PRE_INITIALIZING` with what veer is waiting for, everything else
+/// `503`, so probes and `veer await-ready` get an answer rather than a
+/// refused connection. Stopped (and its ports freed) just before the real
+/// admin endpoint binds them.
+pub struct PreInitAdmin {
+    pub admin: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PreInitAdmin {
+    pub fn start(addrs: AdminAddrs, waiting_for: &str) -> io::Result<PreInitAdmin> {
+        let listeners = [addrs.admin, addrs.prometheus]
+            .into_iter()
+            .flatten()
+            .map(|a| bind(a, "admin"))
+            .collect::<io::Result<Vec<_>>>()?;
+        let admin = match (addrs.admin, listeners.first()) {
+            (Some(_), Some(l)) => Some(l.local_addr()?),
+            _ => None,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let body: Arc<str> = format!("PRE_INITIALIZING: {waiting_for}\n").into();
+        let thread = std::thread::Builder::new()
+            .name("veer-admin-pre".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let tracker = Tracker::default();
+                    for l in listeners {
+                        let Ok(l) = TcpListener::from_std(l) else {
+                            continue;
+                        };
+                        let body = body.clone();
+                        tokio::spawn(serve(
+                            l,
+                            "admin",
+                            move |_req, _peer| {
+                                let b = body.clone();
+                                async move {
+                                    text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
+                                }
+                            },
+                            stop_rx.clone(),
+                            tracker.clone(),
+                            MAX_CONNS,
+                        ));
+                    }
+                    let mut stop_rx = stop_rx;
+                    stopped(&mut stop_rx).await;
+                    let _ = tokio::time::timeout(STOP_WAIT, tracker.idle()).await;
+                });
+            })?;
+        Ok(PreInitAdmin {
+            admin,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the listeners and joins the thread.
+    pub fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PreInitAdmin {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
 type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>;
 type Routes = fn(hyper::Request<Incoming>, Arc<Ctx>) -> Fut;
 

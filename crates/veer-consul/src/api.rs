@@ -273,6 +273,9 @@ pub struct Registration {
     pub handshake_timeout: Option<Duration>,
     /// `Proxy.Config.connect_timeout_ms` (all upstreams' default).
     pub connect_timeout: Option<Duration>,
+    /// `Proxy.Config.envoy_prometheus_bind_addr` (`0.0.0.0:20200` under
+    /// consul-k8s with metrics on).
+    pub prometheus_bind: Option<SocketAddr>,
 }
 
 /// Parses `/v1/agent/service/:id` into a [`Registration`]; warnings name the
@@ -430,6 +433,15 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
             .map_err(|e| bad("Proxy.Config.handshake_timeout_ms", e))?,
         connect_timeout: weak_ms(conf("connect_timeout_ms"))
             .map_err(|e| bad("Proxy.Config.connect_timeout_ms", e))?,
+        prometheus_bind: weak_str(conf("envoy_prometheus_bind_addr")).and_then(|a| {
+            let parsed = a.parse().ok();
+            if parsed.is_none() {
+                warnings.push(format!(
+                    "Proxy.Config.envoy_prometheus_bind_addr {a:?} is not an IP:port; no Prometheus listener"
+                ));
+            }
+            parsed
+        }),
     };
     Ok((reg, warnings))
 }

@@ -121,6 +121,12 @@ impl ConsulSource {
         self.proxy_id.as_deref()
     }
 
+    /// `Proxy.Config.envoy_prometheus_bind_addr` of the registration, once
+    /// known: where Consul asks the sidecar to serve Prometheus metrics.
+    pub fn prometheus_bind(&self) -> Option<std::net::SocketAddr> {
+        self.state.registration.as_ref()?.prometheus_bind
+    }
+
     /// The current state (for diagnostics and tests).
     pub fn state(&self) -> &State {
         &self.state
@@ -309,11 +315,14 @@ impl ConsulSource {
                     if old.destination_service != r.destination_service {
                         s.leaf = None; // the leaf watch follows in reconcile()
                     }
-                    if old.bind != r.bind || old.expose != r.expose {
-                        tracing::warn!("the proxy's bind address or expose paths changed in Consul; listeners bound at start keep their addresses until veer restarts");
+                    if old.bind != r.bind
+                        || old.expose != r.expose
+                        || old.prometheus_bind != r.prometheus_bind
+                    {
+                        tracing::warn!("the proxy's bind address, expose paths or Prometheus address changed in Consul; listeners bound at start keep their addresses until veer restarts");
                     }
                 }
-                s.registration = Some(r);
+                s.registration = Some(*r);
             }
             (WatchKey::Roots, Payload::Roots(r)) => {
                 if s.roots.as_ref().map(|o| &o.trust_domain) != Some(&r.trust_domain) {

@@ -72,7 +72,7 @@ pub enum DefaultOutcome {
 /// A parsed answer.
 #[derive(Debug)]
 pub enum Payload {
-    Registration(Registration),
+    Registration(Box<Registration>),
     Roots(Roots),
     Leaf(Leaf),
     Intentions(Vec<Intention>),
@@ -142,7 +142,7 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
     Ok(match key {
         WatchKey::Registration => {
             let (reg, w) = api::parse_registration(proxy_id, b)?;
-            (Payload::Registration(reg), w)
+            (Payload::Registration(Box::new(reg)), w)
         }
         WatchKey::Roots => (Payload::Roots(api::parse_roots(b)?), Vec::new()),
         WatchKey::Leaf(s) => (Payload::Leaf(api::parse_leaf(s, b)?), Vec::new()),

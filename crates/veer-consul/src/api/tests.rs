@@ -392,3 +392,29 @@ fn weak_numbers() {
     assert!(weak_port(Some(&serde_json::json!(70000))).is_err());
     assert_eq!(weak_port(Some(&serde_json::json!(0))).unwrap(), None);
 }
+
+#[test]
+fn registration_prometheus_bind_from_proxy_config() {
+    let with = |v: &str| {
+        let mut j: Value =
+            serde_json::from_slice(&fixture("1.8.7-agent-service-web-sidecar.json")).unwrap();
+        j["Proxy"]["Config"] = serde_json::json!({ "envoy_prometheus_bind_addr": v });
+        parse_registration("web-sidecar-proxy", &serde_json::to_vec(&j).unwrap()).unwrap()
+    };
+    let (r, w) = with("0.0.0.0:20200");
+    assert_eq!(r.prometheus_bind, Some(sa("0.0.0.0:20200")));
+    assert!(w.is_empty(), "{w:?}");
+    // A bad address is a warning, not a refused registration.
+    let (r, w) = with("somewhere:20200");
+    assert_eq!(r.prometheus_bind, None);
+    assert!(
+        w.iter().any(|w| w.contains("envoy_prometheus_bind_addr")),
+        "{w:?}"
+    );
+    let (r, _) = parse_registration(
+        "web-sidecar-proxy",
+        &fixture("1.8.7-agent-service-web-sidecar.json"),
+    )
+    .unwrap();
+    assert_eq!(r.prometheus_bind, None);
+}
