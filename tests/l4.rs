@@ -583,6 +583,42 @@ fn proxy_traffic_redirected_back_is_refused_not_looped() {
     );
 }
 
+/// The kernel gives veer's dials and the app's connections the same source
+/// ports whenever their destinations differ; none of that is a loop. With
+/// the client namespace down to two ephemeral ports, a held passthrough
+/// call makes veer's dial take the second port, and of two held mesh calls
+/// one gets a source port that one of veer's open dials already uses.
+#[test]
+fn app_connections_sharing_source_ports_with_veers_dials_are_served() {
+    need_root!("app_connections_sharing_source_ports_with_veers_dials_are_served");
+    let m = Mesh::new(&bin());
+    m.client
+        .sh_ok("sysctl -qw net.ipv4.ip_local_port_range='40000 40001' net.ipv4.tcp_tw_reuse=1")
+        .expect("port range");
+    let vip = format!("{API_VIP}:80");
+    let open = |dst: &str| {
+        let mut s = None;
+        assert!(wait_until(Duration::from_secs(5), || {
+            s = connect(&m.client, dst).ok();
+            s.is_some()
+        }));
+        let mut s = s.unwrap();
+        s.write_all(b"Eo").unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one)
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", m.web.log_text()));
+        s
+    };
+    for _ in 0..3 {
+        let x = open(&format!("{PLAIN_IP}:9000"));
+        let b = open(&vip);
+        let c = open(&vip);
+        drop((x, b, c));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(count_reason(&scrape(&m.client), "loop"), 0);
+}
+
 fn support_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())

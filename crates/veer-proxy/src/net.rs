@@ -87,38 +87,44 @@ impl DialError {
     }
 }
 
-/// The local addresses of veer's own dials that are open. A connection
-/// accepted on the transparent outbound listener *from* one of them is
-/// veer's own traffic redirected back to itself (the proxy UID is not
-/// excluded from redirection): relaying it would dial again and loop until
-/// the process ran out of descriptors.
+/// veer's own open dials, as (local address, remote address). A connection
+/// accepted on the transparent outbound listener whose peer and original
+/// destination are one of them is veer's own traffic redirected back to
+/// itself (the proxy UID is not excluded from redirection): relaying it
+/// would dial again and loop until the process ran out of descriptors.
 ///
-/// A dial's local address is registered between `connect(2)` and its
-/// completion, before veer can see the redirected connection in most cases;
-/// when the accept side wins that race, the loop is still cut one hop later.
+/// Both ends are needed: the kernel gives the same local port to
+/// connections with different destinations, so an app's connection can
+/// share its source address with one of veer's dials; it can never share
+/// the whole 4-tuple.
+///
+/// A dial is registered between `connect(2)` and its completion, before
+/// veer can see the redirected connection in most cases; when the accept
+/// side wins that race, the loop is still cut one hop later.
 #[derive(Default)]
-pub struct OwnDials(Arc<Mutex<HashSet<SocketAddr>>>);
+pub struct OwnDials(Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>);
 
 impl OwnDials {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `peer` is the local end of one of veer's open dials.
-    pub fn contains(&self, peer: ClientAddr) -> bool {
-        self.lock().contains(&peer.0)
+    /// Whether a connection from `peer` to `orig` is one of veer's own dials.
+    pub fn contains(&self, peer: ClientAddr, orig: OrigDstAddr) -> bool {
+        self.lock().contains(&(peer.0, orig.0))
     }
 
-    fn register(&self, local: SocketAddr) -> OwnDial {
-        let local = canonical(local);
-        self.lock().insert(local);
+    /// Keeps `local` → `remote` registered while the returned guard lives.
+    pub fn register(&self, local: SocketAddr, remote: SocketAddr) -> OwnDial {
+        let key = (canonical(local), canonical(remote));
+        self.lock().insert(key);
         OwnDial {
             set: self.0.clone(),
-            local,
+            key,
         }
     }
 
-    /// How many dials are registered (for tests and metrics).
+    /// How many dials are registered.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -128,10 +134,10 @@ impl OwnDials {
     }
 }
 
-/// Keeps one dial's local address in [`OwnDials`] while it lives.
+/// Keeps one dial in [`OwnDials`] while it lives.
 pub struct OwnDial {
-    set: Arc<Mutex<HashSet<SocketAddr>>>,
-    local: SocketAddr,
+    set: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>,
+    key: (SocketAddr, SocketAddr),
 }
 
 impl Drop for OwnDial {
@@ -139,7 +145,7 @@ impl Drop for OwnDial {
         self.set
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.local);
+            .remove(&self.key);
     }
 }
 
@@ -175,7 +181,7 @@ async fn connect(addr: SocketAddr, own: &OwnDials) -> io::Result<(TcpStream, Own
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("local address is not an IP address"))?;
-    let reg = own.register(local);
+    let reg = own.register(local, addr);
     let s = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     s.writable().await?;
     if let Some(e) = s.take_error()? {
@@ -183,3 +189,6 @@ async fn connect(addr: SocketAddr, own: &OwnDials) -> io::Result<(TcpStream, Own
     }
     Ok((s, reg))
 }
+
+#[cfg(test)]
+mod tests;

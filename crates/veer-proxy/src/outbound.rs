@@ -77,7 +77,7 @@ pub async fn handle_transparent(shared: Arc<Shared>, tcp: TcpStream, peer: Clien
         Ok(o) => o,
         Err(e) => return fail(&shared, peer, None, None, OutboundError::NoOrigDst(e), &tcp),
     };
-    if shared.own_dials.contains(peer) {
+    if shared.own_dials.contains(peer, orig) {
         let e = OutboundError::OwnTraffic(peer);
         return fail(&shared, peer, Some(orig), None, e, &tcp);
     }
