@@ -294,9 +294,12 @@ pub fn fixed_rate(
                 let mut lat =
                     Vec::with_capacity((dur.as_secs_f64() / interval.as_secs_f64()) as usize + 16);
                 let mut buf = Vec::with_capacity(4096);
+                // A stalled sidecar cannot stretch the step: give up 5 s
+                // after the scheduled end whatever is left.
+                let give_up = end + Duration::from_secs(5);
                 for k in 0u32.. {
                     let due = start + interval * k;
-                    if due >= end {
+                    if due >= end || Instant::now() >= give_up {
                         break;
                     }
                     let now = Instant::now();

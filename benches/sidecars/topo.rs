@@ -279,11 +279,15 @@ impl System {
         ));
     }
 
-    /// Runs `iperf3 -c` in the client namespace; the JSON report.
+    /// Runs `iperf3 -c` in the client namespace; the JSON report. Bounded:
+    /// a 5 s connect timeout, and killed 15 s after the test should end.
     pub fn iperf(&self, tools: &Tools, dst: SocketAddr, secs: u32, streams: u32) -> String {
         let out = self
             .client
-            .command(&tools.iperf3)
+            .command("timeout")
+            .args(["-k", "5", &(secs + 15).to_string()])
+            .arg(&tools.iperf3)
+            .args(["--connect-timeout", "5000"])
             .args(["-c", &dst.ip().to_string(), "-p", &dst.port().to_string()])
             .args(["-t", &secs.to_string(), "-P", &streams.to_string(), "-J"])
             .stdin(Stdio::null())
