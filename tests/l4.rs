@@ -578,7 +578,7 @@ fn proxy_traffic_redirected_back_is_refused_not_looped() {
     let pid = m.web.pid().unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || support_fds(pid) <= before + 2),
-        "web holds {} fds, {before} before",
+        "web holds {} sockets, {before} before",
         support_fds(pid)
     );
 }
@@ -619,9 +619,18 @@ fn app_connections_sharing_source_ports_with_veers_dials_are_served() {
     assert_eq!(count_reason(&scrape(&m.client), "loop"), 0);
 }
 
+/// Open sockets of a process (pooled splice pipes are not counted: the
+/// pool keeps a few by design).
 fn support_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -837,4 +846,51 @@ fn several_roots_at_once_and_intermediate_chains_are_trusted() {
     let web = (m.ca.dir.join("web.pem"), m.ca.dir.join("web-key.pem"));
     assert_eq!(s_client(&m, Some((&web.0, &web.1)), "old root"), "old root");
     assert_eq!(m.app.accepted(), 2);
+}
+
+/// New connections between two sidecars resume their TLS session (as
+/// Envoy's do): no certificates or signatures after the first, also with
+/// many connections starting at once; both sides count it.
+#[test]
+fn new_connections_resume_tls_sessions() {
+    need_root!("new_connections_resume_tls_sessions");
+    let m = Mesh::new(&bin());
+    let vip = format!("{API_VIP}:80");
+    for i in 0..20 {
+        assert_eq!(
+            echo(&m.client, &vip, &format!("s{i}")).unwrap(),
+            format!("s{i}")
+        );
+    }
+    // 8 at a time.
+    for round in 0..10 {
+        std::thread::scope(|sc| {
+            for k in 0..8 {
+                let (c, v) = (&m.client, &vip);
+                sc.spawn(move || {
+                    let msg = format!("p{round}.{k}");
+                    assert_eq!(echo(c, v, &msg).unwrap(), msg);
+                });
+            }
+        });
+    }
+    let sample = |text: &str, dir: &str, kind: &str| -> u64 {
+        let key = format!("veer_tls_handshakes_total{{direction=\"{dir}\",kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let web = scrape(&m.client);
+    let api = scrape(&m.server);
+    let (full, resumed) = (
+        sample(&web, "outbound", "full"),
+        sample(&web, "outbound", "resumed"),
+    );
+    eprintln!("outbound handshakes: {full} full, {resumed} resumed");
+    assert_eq!(full + resumed, 100, "{web}");
+    // The first, and about one per connection of the first concurrent
+    // round (each connection brings back one single-use ticket).
+    assert!(full <= 12, "{full} full handshakes of 100");
+    assert_eq!(sample(&api, "inbound", "full"), full, "{api}");
+    assert_eq!(sample(&api, "inbound", "resumed"), resumed, "{api}");
 }

@@ -163,8 +163,24 @@ impl CertInfo {
     }
 }
 
+/// ring's suites, AES-128-GCM first. rustls prefers AES-256-GCM; Envoy
+/// (BoringSSL) and Consul's defaults prefer AES-128-GCM, which is as sound
+/// for mesh traffic and about a third cheaper per byte with AES-NI (10
+/// rounds instead of 14). As a server veer follows the client's order.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::CipherSuite as C;
+    let mut p = rustls::crypto::ring::default_provider();
+    let rank = |s: C| match s {
+        C::TLS13_AES_128_GCM_SHA256 => 0,
+        C::TLS13_CHACHA20_POLY1305_SHA256 => 1,
+        C::TLS13_AES_256_GCM_SHA384 => 2,
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 3,
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => 4,
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 5,
+        _ => 6,
+    };
+    p.cipher_suites.sort_by_key(|s| rank(s.suite()));
+    Arc::new(p)
 }
 
 /// Builds a root store from PEM roots (all of them are trusted, as during a
@@ -208,6 +224,11 @@ pub fn server_config(
             msg: e.to_string(),
         })?;
     cfg.max_fragment_size = None;
+    // One ticket per connection: new connections resume (no certificates,
+    // no signatures) as Envoy's do. Tickets are single-use in TLS 1.3, so
+    // connections that start together before any ticket came back make
+    // full handshakes; more tickets per connection would cover them, at
+    // the cost of a fuller session cache (256 sessions, ~1 KiB each).
     cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }

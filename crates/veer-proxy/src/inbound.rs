@@ -87,6 +87,9 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         }
         Ok(Ok(s)) => s,
     };
+    shared
+        .metrics
+        .handshake(Direction::Inbound, tls.get_ref().1.handshake_kind());
     let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
         return refuse(
             &shared,
@@ -124,9 +127,10 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         EndpointAddr(snap.local_app),
         snap.timeouts.local_connect,
         &shared.own_dials,
+        0,
     )
     .await;
-    let (app, _own) = match dialed {
+    let app = match dialed {
         Ok(s) => s,
         Err(e) => return refuse(&shared, peer, Some(&source.to_string()), e.into()),
     };

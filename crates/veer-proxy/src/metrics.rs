@@ -38,6 +38,11 @@ pub struct PerDirection {
     pub rx_bytes: AtomicU64,
     /// Bytes from veer to the connection's client (sent).
     pub tx_bytes: AtomicU64,
+    /// Completed mTLS handshakes with a full exchange (certificates,
+    /// signatures) and resumed ones (a session ticket): inbound as the
+    /// server, outbound as the client.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
 }
 
 /// All of veer's metrics.
@@ -133,6 +138,15 @@ impl Metrics {
         p.closed.fetch_add(1, Relaxed);
         p.rx_bytes.fetch_add(rx, Relaxed);
         p.tx_bytes.fetch_add(tx, Relaxed);
+    }
+
+    /// Counts a completed handshake of direction `d`.
+    pub fn handshake(&self, d: Direction, kind: Option<rustls::HandshakeKind>) {
+        let p = self.d(d);
+        match kind {
+            Some(rustls::HandshakeKind::Resumed) => p.tls_resumed.fetch_add(1, Relaxed),
+            _ => p.tls_full.fetch_add(1, Relaxed),
+        };
     }
 
     /// Counts one event of `name` with `label = value`.
@@ -232,6 +246,18 @@ impl Metrics {
                 "veer_connections_active{{direction=\"{}\"}} {active}",
                 d.as_str()
             );
+        }
+        let _ = writeln!(out, "# HELP veer_tls_handshakes_total Completed mTLS handshakes, full or resumed from a session ticket.\n# TYPE veer_tls_handshakes_total counter");
+        for d in [Direction::Inbound, Direction::Outbound] {
+            let p = self.d(d);
+            for (kind, n) in [("full", &p.tls_full), ("resumed", &p.tls_resumed)] {
+                let _ = writeln!(
+                    out,
+                    "veer_tls_handshakes_total{{direction=\"{}\",kind=\"{kind}\"}} {}",
+                    d.as_str(),
+                    n.load(Relaxed)
+                );
+            }
         }
         per(
             &mut out,

@@ -1,11 +1,14 @@
 //! Socket plumbing: binding listeners, original destinations, dialing with
 //! a deadline, and the socket options every leg gets.
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use veer_core::addr::{canonical, ClientAddr, EndpointAddr, OrigDstAddr};
 
@@ -87,37 +90,45 @@ impl DialError {
     }
 }
 
-/// veer's own open dials, as (local address, remote address). A connection
-/// accepted on the transparent outbound listener whose peer and original
-/// destination are one of them is veer's own traffic redirected back to
-/// itself (the proxy UID is not excluded from redirection): relaying it
-/// would dial again and loop until the process ran out of descriptors.
+/// veer's own open dials, as (local address, remote address) → hops. A
+/// connection accepted on the transparent outbound listener whose peer and
+/// original destination are one of them is veer's own traffic redirected
+/// back to itself. That happens for two reasons:
+///
+/// - the kernel reused a NAT entry: an app's earlier connection with the
+///   same 4-tuple was redirected, its conntrack entry is still there (after
+///   a reset or in TIME_WAIT) and a new SYN with the same addresses takes
+///   its mapping, whoever sends it. Relaying the connection once more, to
+///   its original destination, from a new source port, gets it through;
+/// - the proxy UID is not excluded from redirection: then that dial comes
+///   back too, and relaying again would loop until the process ran out of
+///   descriptors.
+///
+/// So a dial made for a connection that was itself veer's own (hops 1) is
+/// refused when it comes back; the loop is cut on its second turn.
 ///
 /// Both ends are needed: the kernel gives the same local port to
 /// connections with different destinations, so an app's connection can
-/// share its source address with one of veer's dials; it can never share
-/// the whole 4-tuple.
-///
-/// A dial is registered between `connect(2)` and its completion, before
-/// veer can see the redirected connection in most cases; when the accept
-/// side wins that race, the loop is still cut one hop later.
+/// share its source address with one of veer's dials, never the whole
+/// 4-tuple while veer's is open.
 #[derive(Default)]
-pub struct OwnDials(Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>);
+pub struct OwnDials(Arc<Mutex<HashMap<(SocketAddr, SocketAddr), u8>>>);
 
 impl OwnDials {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SocketAddr), u8>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a connection from `peer` to `orig` is one of veer's own dials.
-    pub fn contains(&self, peer: ClientAddr, orig: OrigDstAddr) -> bool {
-        self.lock().contains(&(peer.0, orig.0))
+    /// If a connection from `peer` to `orig` is one of veer's own dials:
+    /// how many times its traffic had already come back (0 or 1).
+    pub fn hops(&self, peer: ClientAddr, orig: OrigDstAddr) -> Option<u8> {
+        self.lock().get(&(peer.0, orig.0)).copied()
     }
 
     /// Keeps `local` → `remote` registered while the returned guard lives.
-    pub fn register(&self, local: SocketAddr, remote: SocketAddr) -> OwnDial {
+    pub fn register(&self, local: SocketAddr, remote: SocketAddr, hops: u8) -> OwnDial {
         let key = (canonical(local), canonical(remote));
-        self.lock().insert(key);
+        self.lock().insert(key, hops);
         OwnDial {
             set: self.0.clone(),
             key,
@@ -136,40 +147,95 @@ impl OwnDials {
 
 /// Keeps one dial in [`OwnDials`] while it lives.
 pub struct OwnDial {
-    set: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>,
+    set: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), u8>>>,
     key: (SocketAddr, SocketAddr),
 }
 
 impl Drop for OwnDial {
     fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
-}
-
-/// Dials `addr`, giving up after `timeout`; the connection stays registered
-/// in `own` while the returned [`OwnDial`] lives.
-pub async fn dial(
-    addr: EndpointAddr,
-    timeout: Duration,
-    own: &OwnDials,
-) -> Result<(TcpStream, OwnDial), DialError> {
-    match tokio::time::timeout(timeout, connect(addr.0, own)).await {
-        Err(_) => Err(DialError::Timeout(addr, timeout)),
-        Ok(Err(e)) => Err(DialError::Io(addr, e)),
-        Ok(Ok((s, reg))) => {
-            tune(&s);
-            Ok((s, reg))
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+        // Give memory back after a burst: the set follows the open dials.
+        if set.capacity() > 64 && set.len() < set.capacity() / 4 {
+            let keep = set.len() * 2;
+            set.shrink_to(keep);
         }
     }
 }
 
-/// A non-blocking connect whose local address is registered as soon as the
-/// kernel has chosen it (when `connect(2)` returns), before the handshake
-/// completes.
-async fn connect(addr: SocketAddr, own: &OwnDials) -> io::Result<(TcpStream, OwnDial)> {
+/// A connection veer dialed, registered in [`OwnDials`] for exactly as long
+/// as its socket is open: the registration (the first field) is dropped
+/// before the socket closes, so a later connection that reuses the freed
+/// 4-tuple (after a reset, there is no TIME_WAIT) is never taken for veer's.
+pub struct Dialed {
+    _own: OwnDial,
+    tcp: TcpStream,
+}
+
+impl Dialed {
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+impl AsyncRead for Dialed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Dialed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// Dials `addr`, giving up after `timeout`; the connection is registered in
+/// `own` (with `hops`, see [`OwnDials`]) while it is open.
+pub async fn dial(
+    addr: EndpointAddr,
+    timeout: Duration,
+    own: &OwnDials,
+    hops: u8,
+) -> Result<Dialed, DialError> {
+    match tokio::time::timeout(timeout, connect(addr.0, own, hops)).await {
+        Err(_) => Err(DialError::Timeout(addr, timeout)),
+        Ok(Err(e)) => Err(DialError::Io(addr, e)),
+        Ok(Ok(d)) => {
+            tune(&d.tcp);
+            Ok(d)
+        }
+    }
+}
+
+/// A non-blocking connect whose 4-tuple is registered as soon as the kernel
+/// has chosen the local address (when `connect(2)` returns), before the
+/// handshake completes.
+async fn connect(addr: SocketAddr, own: &OwnDials, hops: u8) -> io::Result<Dialed> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_nonblocking(true)?;
     match sock.connect(&addr.into()) {
@@ -181,13 +247,17 @@ async fn connect(addr: SocketAddr, own: &OwnDials) -> io::Result<(TcpStream, Own
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("local address is not an IP address"))?;
-    let reg = own.register(local, addr);
-    let s = TcpStream::from_std(std::net::TcpStream::from(sock))?;
-    s.writable().await?;
-    if let Some(e) = s.take_error()? {
+    // Registered now; from here on a failure, a timeout or a cancel drops
+    // the `Dialed`, which ends the registration before closing the socket.
+    let d = Dialed {
+        _own: own.register(local, addr, hops),
+        tcp: TcpStream::from_std(std::net::TcpStream::from(sock))?,
+    };
+    d.tcp.writable().await?;
+    if let Some(e) = d.tcp.take_error()? {
         return Err(e);
     }
-    Ok((s, reg))
+    Ok(d)
 }
 
 #[cfg(test)]

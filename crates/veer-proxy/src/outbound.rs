@@ -5,7 +5,7 @@
 //! upstream's identity, checked before any byte of the app is sent.
 //! Passthrough routes dial plain TCP and relay with splice.
 use crate::metrics::Direction;
-use crate::net::{self, DialError, OwnDial};
+use crate::net::{self, DialError, Dialed};
 use crate::relay::{self, Limits, Outcome};
 use crate::state::Shared;
 use rustls::pki_types::ServerName;
@@ -50,7 +50,7 @@ pub enum OutboundError {
     AllEndpointsFailed(String),
     /// The connection comes from one of veer's own dials: its traffic was
     /// redirected back to it.
-    #[error("the connection comes from veer's own dial ({0}); refusing to loop (is the proxy UID excluded from redirection?)")]
+    #[error("the connection comes from veer's own dial ({0}), redirected back a second time; refusing to loop (is the proxy UID excluded from redirection?)")]
     OwnTraffic(ClientAddr),
 }
 
@@ -77,13 +77,25 @@ pub async fn handle_transparent(shared: Arc<Shared>, tcp: TcpStream, peer: Clien
         Ok(o) => o,
         Err(e) => return fail(&shared, peer, None, None, OutboundError::NoOrigDst(e), &tcp),
     };
-    if shared.own_dials.contains(peer, orig) {
-        let e = OutboundError::OwnTraffic(peer);
-        return fail(&shared, peer, Some(orig), None, e, &tcp);
-    }
     let snap = shared.snapshot();
+    match shared.own_dials.hops(peer, orig) {
+        None => {}
+        Some(0) => {
+            // veer's own dial, redirected back (see net::OwnDials): once
+            // more, straight to where it was going.
+            tracing::debug!(peer = %peer, orig_dst = %orig, "veer's own dial came back to it; relaying it to its destination");
+            let route = Route::Passthrough {
+                addr: EndpointAddr(orig.0),
+            };
+            return forward(shared, snap, tcp, peer, Some(orig), route, 1).await;
+        }
+        Some(_) => {
+            let e = OutboundError::OwnTraffic(peer);
+            return fail(&shared, peer, Some(orig), None, e, &tcp);
+        }
+    }
     match route::route(&snap.routes, orig) {
-        Ok(r) => forward(shared, snap, tcp, peer, Some(orig), r).await,
+        Ok(r) => forward(shared, snap, tcp, peer, Some(orig), r, 0).await,
         Err(e) => fail(&shared, peer, Some(orig), None, e.into(), &tcp),
     }
 }
@@ -109,7 +121,7 @@ pub async fn handle_explicit(
         );
     };
     match route::route_explicit(&upstream) {
-        Ok(r) => forward(shared, snap, tcp, peer, None, r).await,
+        Ok(r) => forward(shared, snap, tcp, peer, None, r, 0).await,
         Err(e) => fail(&shared, peer, None, Some(upstream.name()), e.into(), &tcp),
     }
 }
@@ -121,6 +133,7 @@ async fn forward(
     peer: ClientAddr,
     orig: Option<OrigDstAddr>,
     route: Route,
+    hops: u8,
 ) {
     let started = Instant::now();
     let limits = Limits {
@@ -129,7 +142,8 @@ async fn forward(
     };
     let (out, upstream): (Outcome, String) = match route {
         Route::Passthrough { addr } => {
-            let (up, _own) = match net::dial(addr, snap.timeouts.connect, &shared.own_dials).await {
+            let dialed = net::dial(addr, snap.timeouts.connect, &shared.own_dials, hops).await;
+            let up = match dialed {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some("passthrough"), e.into(), &tcp),
             };
@@ -140,7 +154,7 @@ async fn forward(
             )
         }
         Route::Mesh { upstream } => {
-            let (tls, _own) = match connect_mesh(&shared, &snap, &upstream).await {
+            let tls = match connect_mesh(&shared, &snap, &upstream).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
@@ -151,7 +165,7 @@ async fn forward(
             )
         }
         Route::Direct { upstream, addr } => {
-            let (tls, _own) = match connect_tls(&shared, &snap, &upstream, addr).await {
+            let tls = match connect_tls(&shared, &snap, &upstream, addr).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
@@ -190,7 +204,7 @@ async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
-) -> Result<(TlsStream<TcpStream>, OwnDial), OutboundError> {
+) -> Result<TlsStream<Dialed>, OutboundError> {
     let now = shared.now_ms();
     for ep in upstream.pick_order(now) {
         match connect_tls(shared, snap, upstream, ep.addr).await {
@@ -220,8 +234,8 @@ async fn connect_tls(
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
-) -> Result<(TlsStream<TcpStream>, OwnDial), OutboundError> {
-    let (tcp, own) = net::dial(addr, upstream.connect_timeout, &shared.own_dials).await?;
+) -> Result<TlsStream<Dialed>, OutboundError> {
+    let tcp = net::dial(addr, upstream.connect_timeout, &shared.own_dials, 0).await?;
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
     let connector = TlsConnector::from(snap.tls.client.clone());
@@ -236,6 +250,9 @@ async fn connect_tls(
             }
             Ok(Ok(s)) => s,
         };
+    shared
+        .metrics
+        .handshake(Direction::Outbound, tls.get_ref().1.handshake_kind());
     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
     let got = match leaf.map(|c| tls::peer_identity(c)) {
         Some(Ok(id)) => id,
@@ -261,7 +278,7 @@ async fn connect_tls(
             want: upstream.identity.to_string(),
         });
     }
-    Ok((tls, own))
+    Ok(tls)
 }
 
 fn fail(

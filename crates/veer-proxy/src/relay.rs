@@ -49,6 +49,16 @@ impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
         self.get_ref().0
     }
 }
+impl Leg for crate::net::Dialed {
+    fn tcp(&self) -> &TcpStream {
+        crate::net::Dialed::tcp(self)
+    }
+}
+impl Leg for tokio_rustls::client::TlsStream<crate::net::Dialed> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
 
 /// Timers of one relayed connection.
 #[derive(Clone, Copy, Debug)]
@@ -415,9 +425,9 @@ fn unsupported(e: &io::Error) -> bool {
 /// Relays two plain TCP legs with `splice(2)`; falls back to [`copy`] when
 /// splice is refused (or no pipe can be made) before any byte moved, or
 /// when `VEER_DISABLE_SPLICE` is set.
-pub async fn splice(
+pub async fn splice<B: Leg>(
     a: TcpStream,
-    b: TcpStream,
+    b: B,
     limits: Limits,
     revoke: Option<Arc<Notify>>,
 ) -> Outcome {
@@ -439,8 +449,8 @@ pub async fn splice(
         Timer(CloseReason),
     }
     let end = {
-        let f_ab = splice_half(&a, &b, &ab, &started);
-        let f_ba = splice_half(&b, &a, &ba, &started);
+        let f_ab = splice_half(&a, b.tcp(), &ab, &started);
+        let f_ba = splice_half(b.tcp(), &a, &ba, &started);
         let rv = revoked(revoke.clone());
         tokio::pin!(f_ab, f_ba, rv);
         std::future::poll_fn(|cx| {
@@ -498,7 +508,7 @@ pub async fn splice(
         End::Timer(r) => {
             if r != CloseReason::Idle {
                 crate::net::reset_on_close(&a);
-                crate::net::reset_on_close(&b);
+                crate::net::reset_on_close(b.tcp());
             }
             r
         }
