@@ -894,3 +894,67 @@ fn new_connections_resume_tls_sessions() {
     assert_eq!(sample(&api, "inbound", "full"), full, "{api}");
     assert_eq!(sample(&api, "inbound", "resumed"), resumed, "{api}");
 }
+
+/// `VEER_DISABLE_SPLICE` sends passthrough through the userspace copy relay
+/// (the fallback for kernels that refuse splice), bytes intact; and
+/// `--log-format json` writes one JSON object per line, the access log
+/// included.
+#[test]
+fn splice_fallback_and_json_logs() {
+    need_root!("splice_fallback_and_json_logs");
+    let mut m = Mesh::new(&bin());
+    m.web.signal("INT");
+    assert_eq!(m.web.wait_exit(Duration::from_secs(5)), Some(0));
+    let cfg = m.web.config.clone();
+    let args: Vec<std::ffi::OsString> = vec![
+        "--config".into(),
+        cfg.clone().into(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    m.web = mesh::Sidecar::start_with(
+        &bin(),
+        &m.client,
+        &args,
+        &[("VEER_DISABLE_SPLICE", "1")],
+        cfg,
+        m.files.join("web-json.log"),
+    );
+    // 4 MiB through the passthrough path, checksummed by the server.
+    let mut s = connect(&m.client, &format!("{PLAIN_IP}:9000")).unwrap();
+    let mut src = Stream::new();
+    let mut sum = Checksum::default();
+    s.write_all(b"S").unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..64 {
+        src.fill(&mut buf);
+        sum.update(&buf);
+        s.write_all(&buf).unwrap();
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, format!("{} {}\n", 64 * 64 * 1024, sum.finish()));
+    assert!(
+        m.web.wait_log("\"relay\":\"copy\"", Duration::from_secs(2)),
+        "{}",
+        m.web.log_text()
+    );
+    let text = m.web.log_text();
+    let mut access = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["target"] == "veer::access" {
+            access += 1;
+            assert_eq!(v["upstream"], "passthrough", "{line}");
+            assert_eq!(v["relay"], "copy", "{line}");
+            assert_eq!(v["rx_bytes"], 64 * 64 * 1024 + 1, "{line}");
+        }
+    }
+    assert_eq!(access, 1, "{text}");
+}

@@ -50,7 +50,7 @@ pub enum OutboundError {
     AllEndpointsFailed(String),
     /// The connection comes from one of veer's own dials: its traffic was
     /// redirected back to it.
-    #[error("the connection comes from veer's own dial ({0}), redirected back a second time; refusing to loop (is the proxy UID excluded from redirection?)")]
+    #[error("the connection comes from veer's own dial ({0}), redirected back to it again and again; refusing to loop (is the proxy UID excluded from redirection?)")]
     OwnTraffic(ClientAddr),
 }
 
@@ -80,14 +80,14 @@ pub async fn handle_transparent(shared: Arc<Shared>, tcp: TcpStream, peer: Clien
     let snap = shared.snapshot();
     match shared.own_dials.hops(peer, orig) {
         None => {}
-        Some(0) => {
+        Some(hops) if hops < net::MAX_TURNS => {
             // veer's own dial, redirected back (see net::OwnDials): once
-            // more, straight to where it was going.
-            tracing::debug!(peer = %peer, orig_dst = %orig, "veer's own dial came back to it; relaying it to its destination");
+            // more, straight to where it was going, from a new port.
+            tracing::debug!(peer = %peer, orig_dst = %orig, hops, "veer's own dial came back to it; relaying it to its destination");
             let route = Route::Passthrough {
                 addr: EndpointAddr(orig.0),
             };
-            return forward(shared, snap, tcp, peer, Some(orig), route, 1).await;
+            return forward(shared, snap, tcp, peer, Some(orig), route, hops + 1).await;
         }
         Some(_) => {
             let e = OutboundError::OwnTraffic(peer);
