@@ -97,6 +97,22 @@ fn prometheus_counters_match_the_traffic() {
         1
     );
     assert_eq!(value(&api, "veer_ready"), 1);
+    // Bytes are counted as they move: the open connection's are there.
+    assert_eq!(
+        value(&web, "veer_received_bytes_total{direction=\"outbound\"}"),
+        5,
+        "{web}"
+    );
+    assert_eq!(
+        value(&web, "veer_sent_bytes_total{direction=\"outbound\"}"),
+        4,
+        "{web}"
+    );
+    assert_eq!(
+        value(&api, "veer_received_bytes_total{direction=\"inbound\"}"),
+        5,
+        "{api}"
+    );
     assert!(value(&api, "veer_open_fds") >= 4, "{api}");
     assert!(value(&api, "veer_snapshot_age_seconds") < 60);
 
@@ -115,7 +131,7 @@ fn prometheus_counters_match_the_traffic() {
     let mut rest = Vec::new();
     held.read_to_end(&mut rest).unwrap();
 
-    // Byte counts are added when a connection closes; wait for the last one.
+    // Wait for the last connection to close, then compare the totals.
     let mut web = String::new();
     let mut api = String::new();
     assert!(

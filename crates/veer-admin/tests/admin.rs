@@ -170,9 +170,14 @@ fn ready_stats_config_dump_and_drain() {
     shared
         .metrics
         .opened(veer_proxy::metrics::Direction::Inbound);
+    let live = shared.metrics.live(veer_proxy::metrics::Direction::Inbound);
+    live.a_to_b
+        .fetch_add(100, std::sync::atomic::Ordering::Relaxed);
+    live.b_to_a
+        .fetch_add(2000, std::sync::atomic::Ordering::Relaxed);
     shared
         .metrics
-        .closed(veer_proxy::metrics::Direction::Inbound, 100, 2000);
+        .closed(veer_proxy::metrics::Direction::Inbound);
     shared
         .metrics
         .count("intention_denials_total", "reason", "denied_by_default");

@@ -140,15 +140,10 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     };
     let local_app = snap.local_app;
     drop(snap);
-    let out = relay::copy(tls, app, limits, Some(reg.revoke.clone())).await;
+    let live = Some(shared.metrics.live(Direction::Inbound));
+    let out = relay::copy(tls, app, limits, Some(reg.revoke.clone()), live).await;
     drop(reg);
-    shared.metrics.copy_bytes.fetch_add(
-        out.a_to_b + out.b_to_a,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    shared
-        .metrics
-        .closed(Direction::Inbound, out.a_to_b, out.b_to_a);
+    shared.metrics.closed(Direction::Inbound);
     tracing::info!(
         target: "veer::access",
         direction = "inbound",
@@ -174,7 +169,7 @@ fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundErr
         InboundError::LocalApp(_) => "local_app_connect_failures_total",
     };
     shared.metrics.count(metric, "reason", label);
-    shared.metrics.closed(Direction::Inbound, 0, 0);
+    shared.metrics.closed(Direction::Inbound);
     if let Some(suppressed) = shared.may_warn() {
         tracing::warn!(peer = %peer, source = %source.unwrap_or("-"), reason = %label, suppressed, "inbound connection refused: {e}");
     }

@@ -133,11 +133,22 @@ impl Metrics {
         self.d(d).opened.fetch_add(1, Relaxed);
     }
 
-    pub fn closed(&self, d: Direction, rx: u64, tx: u64) {
+    /// A connection of direction `d` ended (its bytes were counted while
+    /// they moved, through [`Metrics::live`]).
+    pub fn closed(&self, d: Direction) {
+        self.d(d).closed.fetch_add(1, Relaxed);
+    }
+
+    /// The counters a relay of direction `d` adds its bytes to as they
+    /// move: received from / sent to the downstream client, and by mode.
+    pub fn live(&self, d: Direction) -> crate::relay::Live<'_> {
         let p = self.d(d);
-        p.closed.fetch_add(1, Relaxed);
-        p.rx_bytes.fetch_add(rx, Relaxed);
-        p.tx_bytes.fetch_add(tx, Relaxed);
+        crate::relay::Live {
+            a_to_b: &p.rx_bytes,
+            b_to_a: &p.tx_bytes,
+            copied: &self.copy_bytes,
+            spliced: &self.splice_bytes,
+        }
     }
 
     /// Counts a completed handshake of direction `d`.
@@ -434,7 +445,7 @@ mod tests {
         m.opened(Direction::Inbound);
         m.opened(Direction::Outbound);
         m.opened(Direction::Outbound);
-        m.closed(Direction::Outbound, 10, 20);
+        m.closed(Direction::Outbound);
         assert_eq!(m.active(), 2);
     }
 

@@ -10,7 +10,6 @@ use crate::relay::{self, Limits, Outcome};
 use crate::state::Shared;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -140,6 +139,7 @@ async fn forward(
         idle: snap.timeouts.idle,
         half_close: snap.timeouts.half_close,
     };
+    let live = Some(shared.metrics.live(Direction::Outbound));
     let (out, upstream): (Outcome, String) = match route {
         Route::Passthrough { addr } => {
             let dialed = net::dial(addr, snap.timeouts.connect, &shared.own_dials, hops).await;
@@ -149,7 +149,7 @@ async fn forward(
             };
             drop(snap);
             (
-                relay::splice(tcp, up, limits, None).await,
+                relay::splice(tcp, up, limits, None, live).await,
                 "passthrough".to_string(),
             )
         }
@@ -160,7 +160,7 @@ async fn forward(
             };
             drop(snap);
             (
-                relay::copy(tcp, tls, limits, None).await,
+                relay::copy(tcp, tls, limits, None, live).await,
                 upstream.name().to_string(),
             )
         }
@@ -171,18 +171,12 @@ async fn forward(
             };
             drop(snap);
             (
-                relay::copy(tcp, tls, limits, None).await,
+                relay::copy(tcp, tls, limits, None, live).await,
                 upstream.name().to_string(),
             )
         }
     };
-    let m = &shared.metrics;
-    if out.spliced {
-        m.splice_bytes.fetch_add(out.a_to_b + out.b_to_a, Relaxed);
-    } else {
-        m.copy_bytes.fetch_add(out.a_to_b + out.b_to_a, Relaxed);
-    }
-    m.closed(Direction::Outbound, out.a_to_b, out.b_to_a);
+    shared.metrics.closed(Direction::Outbound);
     tracing::info!(
         target: "veer::access",
         direction = "outbound",
@@ -293,7 +287,7 @@ fn fail(
     shared
         .metrics
         .count("outbound_failures_total", "reason", label);
-    shared.metrics.closed(Direction::Outbound, 0, 0);
+    shared.metrics.closed(Direction::Outbound);
     // Refused outright: reset, as Envoy does when no filter chain matches.
     net::reset_on_close(tcp);
     let Some(suppressed) = shared.may_warn() else {

@@ -60,6 +60,27 @@ impl Leg for tokio_rustls::client::TlsStream<crate::net::Dialed> {
     }
 }
 
+/// Counters a relay adds to as bytes move (not only when the connection
+/// ends), so that a scrape during a long transfer sees its bytes.
+#[derive(Clone, Copy)]
+pub struct Live<'a> {
+    /// Bytes from the downstream leg (a) to the upstream leg (b).
+    pub a_to_b: &'a AtomicU64,
+    pub b_to_a: &'a AtomicU64,
+    /// Bytes moved by userspace copy and by splice (both directions).
+    pub copied: &'a AtomicU64,
+    pub spliced: &'a AtomicU64,
+}
+
+impl Live<'_> {
+    fn add(counter: Option<&AtomicU64>, total: Option<&AtomicU64>, n: usize) {
+        if let (Some(c), Some(t)) = (counter, total) {
+            c.fetch_add(n as u64, Relaxed);
+            t.fetch_add(n as u64, Relaxed);
+        }
+    }
+}
+
 /// Timers of one relayed connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -199,6 +220,7 @@ impl Half {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        live: Option<(&AtomicU64, &AtomicU64)>,
     ) -> Poll<Result<(), HalfErr>>
     where
         R: AsyncRead + Unpin,
@@ -218,6 +240,7 @@ impl Half {
                         self.pos += n;
                         self.bytes += n as u64;
                         self.need_flush = true;
+                        Live::add(live.map(|l| l.0), live.map(|l| l.1), n);
                     }
                 }
             }
@@ -297,6 +320,7 @@ pub async fn copy<A: Leg, B: Leg>(
     mut b: B,
     limits: Limits,
     revoke: Option<Arc<Notify>>,
+    live: Option<Live<'_>>,
 ) -> Outcome {
     let mut ab = Half::new();
     let mut ba = Half::new();
@@ -309,14 +333,14 @@ pub async fn copy<A: Leg, B: Leg>(
             return Poll::Ready(Err(CloseReason::Revoked));
         }
         if !ab.done {
-            match ab.poll_copy(cx, &mut a, &mut b) {
+            match ab.poll_copy(cx, &mut a, &mut b, live.map(|l| (l.a_to_b, l.copied))) {
                 Poll::Ready(Err(HalfErr::Read)) => return Poll::Ready(Ok(Some(Fault::A))),
                 Poll::Ready(Err(HalfErr::Write)) => return Poll::Ready(Ok(Some(Fault::B))),
                 _ => {}
             }
         }
         if !ba.done {
-            match ba.poll_copy(cx, &mut b, &mut a) {
+            match ba.poll_copy(cx, &mut b, &mut a, live.map(|l| (l.b_to_a, l.copied))) {
                 Poll::Ready(Err(HalfErr::Read)) => return Poll::Ready(Ok(Some(Fault::B))),
                 Poll::Ready(Err(HalfErr::Write)) => return Poll::Ready(Ok(Some(Fault::A))),
                 _ => {}
@@ -360,6 +384,7 @@ async fn splice_half(
     dst: &TcpStream,
     moved: &AtomicU64,
     started: &AtomicU64,
+    live: Option<(&AtomicU64, &AtomicU64)>,
 ) -> Result<(), (bool, io::Error)> {
     loop {
         // Wait for data before taking a pipe: idle directions hold none.
@@ -397,6 +422,7 @@ async fn splice_half(
                 Ok(m) => {
                     left -= m;
                     moved.fetch_add(m as u64, Relaxed);
+                    Live::add(live.map(|l| l.0), live.map(|l| l.1), m);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable().await.map_err(|e| (false, e))?;
@@ -430,10 +456,11 @@ pub async fn splice<B: Leg>(
     b: B,
     limits: Limits,
     revoke: Option<Arc<Notify>>,
+    live: Option<Live<'_>>,
 ) -> Outcome {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *DISABLED.get_or_init(|| std::env::var_os("VEER_DISABLE_SPLICE").is_some()) {
-        return copy(a, b, limits, revoke).await;
+        return copy(a, b, limits, revoke, live).await;
     }
     let ab = AtomicU64::new(0);
     let ba = AtomicU64::new(0);
@@ -449,8 +476,20 @@ pub async fn splice<B: Leg>(
         Timer(CloseReason),
     }
     let end = {
-        let f_ab = splice_half(&a, b.tcp(), &ab, &started);
-        let f_ba = splice_half(b.tcp(), &a, &ba, &started);
+        let f_ab = splice_half(
+            &a,
+            b.tcp(),
+            &ab,
+            &started,
+            live.map(|l| (l.a_to_b, l.spliced)),
+        );
+        let f_ba = splice_half(
+            b.tcp(),
+            &a,
+            &ba,
+            &started,
+            live.map(|l| (l.b_to_a, l.spliced)),
+        );
         let rv = revoked(revoke.clone());
         tokio::pin!(f_ab, f_ba, rv);
         std::future::poll_fn(|cx| {
@@ -501,7 +540,7 @@ pub async fn splice<B: Leg>(
     let reason = match end {
         End::Fallback => {
             tracing::debug!("splice refused by the kernel; relaying with copies");
-            return copy(a, b, limits, revoke).await;
+            return copy(a, b, limits, revoke, live).await;
         }
         End::Done => CloseReason::Complete,
         End::Fault(f) => finish(&a, &b, Some(f)),

@@ -111,7 +111,7 @@ fn copy_buffers_are_bounded_and_freed_when_idle() {
                     idle: Duration::from_secs(600),
                     half_close: Duration::from_secs(600),
                 };
-                relay::copy(a, b, l, None).await
+                relay::copy(a, b, l, None, None).await
             });
         }
     });

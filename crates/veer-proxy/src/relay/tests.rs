@@ -25,14 +25,14 @@ fn limits() -> Limits {
 type Relay = fn(TcpStream, TcpStream, Limits) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 fn by_copy(a: TcpStream, b: TcpStream, l: Limits) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
-    Box::pin(copy(a, b, l, None))
+    Box::pin(copy(a, b, l, None, None))
 }
 fn by_splice(
     a: TcpStream,
     b: TcpStream,
     l: Limits,
 ) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
-    Box::pin(splice(a, b, l, None))
+    Box::pin(splice(a, b, l, None, None))
 }
 const RELAYS: [(&str, Relay); 2] = [("copy", by_copy), ("splice", by_splice)];
 
@@ -149,9 +149,9 @@ async fn revocation_closes() {
         let (_client, _server, a, b) = wire().await;
         let n = Arc::new(Notify::new());
         let r = if name == "copy" {
-            tokio::spawn(copy(a, b, limits(), Some(n.clone())))
+            tokio::spawn(copy(a, b, limits(), Some(n.clone()), None))
         } else {
-            tokio::spawn(splice(a, b, limits(), Some(n.clone())))
+            tokio::spawn(splice(a, b, limits(), Some(n.clone()), None))
         };
         n.notify_one();
         let o = tokio::time::timeout(Duration::from_secs(5), r)
