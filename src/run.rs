@@ -275,6 +275,7 @@ fn announce_ready(shared: &Shared, lifecycle: &Lifecycle, admin: &AdminServer) {
         identity = %snap.identity,
         upstreams = snap.routes.upstreams().len(),
         intentions = snap.intentions.rules().len(),
+        leaf_serial = %snap.tls.leaf.serial,
         expose = ?admin.expose,
         admin = %show(admin.admin),
         prometheus = %show(admin.prometheus),

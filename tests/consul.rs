@@ -30,6 +30,11 @@ struct World {
 }
 
 fn world(agent: &Agent) -> World {
+    world_with(agent, &[])
+}
+
+/// [`world`] with extra environment for both sidecars (e.g. a token).
+fn world_with(agent: &Agent, extra_env: &[(&str, &str)]) -> World {
     let files = TempDir::new("veer-consul-e2e-");
     let (client, server) = veer_testsupport::mesh::namespaces();
     redirect(&bin(), &client, &[]);
@@ -42,7 +47,8 @@ fn world(agent: &Agent) -> World {
     );
     agent.register("api", SERVER_IP, 8080, 20000, Some(API_VIP));
     agent.register("web", CLIENT_IP, 8080, 20000, None);
-    let env = [("CONSUL_HTTP_ADDR", agent.addr.as_str())];
+    let mut env = vec![("CONSUL_HTTP_ADDR", agent.addr.as_str())];
+    env.extend_from_slice(extra_env);
     let args = |id: &str| -> Vec<OsString> {
         vec!["--proxy-id".into(), id.into(), "--transparent".into()]
     };
@@ -88,10 +94,14 @@ fn echo(ns: &Netns, addr: &str, msg: &str) -> std::io::Result<String> {
 }
 
 fn agent_or_skip(name: &str, hcl: &[&str]) -> Option<Agent> {
+    agent_with_token_or_skip(name, hcl, None)
+}
+
+fn agent_with_token_or_skip(name: &str, hcl: &[&str], token: Option<&str>) -> Option<Agent> {
     if !veer_testsupport::require_root(name) {
         return None;
     }
-    match Agent::start(hcl, None) {
+    match Agent::start(hcl, token) {
         Some(a) => Some(a),
         None => {
             veer_testsupport::skip(name, "consul not installed (run .ci/install-deps)");
@@ -219,6 +229,28 @@ fn ca_rotation_keeps_traffic_flowing() {
     );
     let before_web = w.web.log_text().matches("snapshot applied").count();
     let before_api = w.api.log_text().matches("snapshot applied").count();
+    let serial_before = last_leaf_serial(&w.api.log_text());
+    assert!(!serial_before.is_empty(), "{}", w.api.log_text());
+    // A connection open across the whole rotation (echoed every 100 ms).
+    let a: SocketAddr = format!("{API_VIP}:8080").parse().unwrap();
+    let mut held = w
+        .client
+        .run(move || {
+            let s = TcpStream::connect_timeout(&a, Duration::from_secs(10))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap();
+    held.write_all(b"E").unwrap();
+    let mut ping = |i: usize| {
+        let msg = format!("[{i}]");
+        held.write_all(msg.as_bytes())?;
+        let mut back = vec![0u8; msg.len()];
+        held.read_exact(&mut back)?;
+        assert_eq!(back, msg.as_bytes());
+        Ok::<_, std::io::Error>(())
+    };
+    ping(0).unwrap();
     // A new root key forces a rotation with cross-signing.
     let key = std::process::Command::new("openssl")
         .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout"])
@@ -243,6 +275,7 @@ fn ca_rotation_keeps_traffic_flowing() {
                 eprintln!("failed during rotation: {other:?}");
             }
         }
+        ping(ok + failed).expect("the connection opened before the rotation broke");
         let web_n = w.web.log_text().matches("snapshot applied").count();
         let api_n = w.api.log_text().matches("snapshot applied").count();
         // Roots first, then the leaf: at least two swaps each.
@@ -266,6 +299,20 @@ fn ca_rotation_keeps_traffic_flowing() {
         echo(&w.client, &format!("{API_VIP}:8080"), "after").unwrap(),
         "after"
     );
+    ping(100_000).expect("the connection opened before the rotation broke");
+    let serial_after = last_leaf_serial(&w.api.log_text());
+    assert_ne!(serial_before, serial_after, "api still serves its old leaf");
+}
+
+/// The `leaf_serial` of the last "veer ready" or "snapshot applied" line.
+fn last_leaf_serial(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            let rest = l.split("leaf_serial=").nth(1)?;
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -314,4 +361,41 @@ fn agent_down_does_not_interrupt_traffic_and_updates_resume() {
         "the deny intention written after the restart was not applied:\n{}",
         w.api.log_text()
     );
+}
+
+/// (f) An agent with ACLs on and `default_policy = "deny"`: the sidecars,
+/// given a token, find out the default decision from the agent (deny), so
+/// web cannot call api until an intention allows it, which then applies
+/// without a restart.
+#[test]
+fn acl_default_deny_is_honoured_with_a_token() {
+    let Some(agent) = agent_with_token_or_skip(
+        "acl_default_deny_is_honoured_with_a_token",
+        &[r#"acl { enabled = true default_policy = "deny" tokens { master = "root" } }"#],
+        Some("root"),
+    ) else {
+        return;
+    };
+    let w = world_with(&agent, &[("CONSUL_HTTP_TOKEN", "root")]);
+    let vip = format!("{API_VIP}:80");
+    // No intention: the agent's default (deny) applies at api's sidecar.
+    let r = echo(&w.client, &vip, "no");
+    assert!(r.as_deref().map_or(true, |o| o.is_empty()), "{r:?}");
+    assert!(
+        w.api
+            .wait_log("reason=denied_by_default", Duration::from_secs(5)),
+        "{}",
+        w.api.log_text()
+    );
+    assert_eq!(w.app.accepted(), 0);
+    // An allow intention opens the way, no restart.
+    agent.intention("web", "api", "allow");
+    assert!(
+        until(Duration::from_secs(5), || echo(&w.client, &vip, "yes")
+            .is_ok_and(|o| o == "yes")),
+        "{}",
+        w.api.log_text()
+    );
+    assert!(w.app.accepted() >= 1);
+    let _ = &w.plain;
 }
