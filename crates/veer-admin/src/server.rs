@@ -51,8 +51,30 @@ pub struct AdminServer {
     pub prometheus: Option<SocketAddr>,
     /// The expose-path listeners bound at start.
     pub expose: Vec<SocketAddr>,
+    thread: AdminThread,
+}
+
+/// A thread serving listeners until told to stop; told on drop too.
+struct AdminThread {
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl AdminThread {
+    /// Stops the listeners, lets in-flight requests finish (up to
+    /// [`STOP_WAIT`]) and joins the thread.
+    fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminThread {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
 }
 
 struct Ctx {
@@ -164,25 +186,18 @@ impl AdminServer {
             admin: admin_addr,
             prometheus: prom_addr,
             expose,
-            stop,
-            thread: Some(thread),
+            thread: AdminThread {
+                stop,
+                thread: Some(thread),
+            },
         })
     }
 
     /// Stops every listener on the admin thread, lets in-flight requests
     /// (such as the `/quitquitquit` that caused the exit) finish for up to
     /// a second, and joins the thread.
-    pub fn stop(mut self) {
-        self.stop.send_replace(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
@@ -194,8 +209,7 @@ impl Drop for AdminServer {
 /// admin endpoint binds them.
 pub struct PreInitAdmin {
     pub admin: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    thread: AdminThread,
 }
 
 impl PreInitAdmin {
@@ -248,23 +262,16 @@ impl PreInitAdmin {
             })?;
         Ok(PreInitAdmin {
             admin,
-            stop,
-            thread: Some(thread),
+            thread: AdminThread {
+                stop,
+                thread: Some(thread),
+            },
         })
     }
 
     /// Closes the listeners and joins the thread.
-    pub fn stop(mut self) {
-        self.stop.send_replace(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for PreInitAdmin {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
