@@ -11,9 +11,11 @@ use crate::state::Shared;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use veer_core::addr::{ClientAddr, EndpointAddr};
 use veer_core::intentions::Decision;
+use veer_core::snapshot::Snapshot;
 use veer_core::tls::{self, IdentityError};
 
 /// Why an inbound connection was refused; `classify()` gives a metric label.
@@ -57,35 +59,8 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     shared.metrics.opened(Direction::Inbound);
     net::tune(&tcp);
     let snap = shared.snapshot();
-    let acceptor = TlsAcceptor::from(snap.tls.server.clone());
-    let mut accept = acceptor.accept(tcp);
-    let res = tokio::time::timeout(snap.timeouts.handshake, &mut accept).await;
-    let tls = match res {
-        Err(_) => {
-            // Slow or silent (slowloris): reset, so that no FIN_WAIT or
-            // TIME_WAIT state outlives the connection.
-            if let Some(tcp) = accept.get_ref() {
-                net::reset_on_close(tcp);
-            }
-            drop(accept);
-            return refuse(&shared, peer, None, InboundError::HandshakeTimeout);
-        }
-        Ok(Err(e)) => {
-            let label = tls::rustls_error(&e)
-                .map(tls::classify_tls_error)
-                .unwrap_or(match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => "eof_during_handshake",
-                    std::io::ErrorKind::ConnectionReset => "reset_during_handshake",
-                    _ => "handshake_io",
-                });
-            return refuse(
-                &shared,
-                peer,
-                None,
-                InboundError::Handshake(label, e.to_string()),
-            );
-        }
-        Ok(Ok(s)) => s,
+    let Some(tls) = handshake(&shared, &snap, tcp, peer).await else {
+        return;
     };
     shared
         .metrics
@@ -156,6 +131,52 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         close = %out.reason.as_str(),
         "connection closed"
     );
+}
+
+/// The TLS handshake of an inbound connection, within the handshake
+/// timeout; refuses (logged and counted) and returns `None` on failure. Its
+/// own future, so that the handshake state does not stay in the
+/// connection's future once it is done.
+async fn handshake(
+    shared: &Shared,
+    snap: &Snapshot,
+    tcp: TcpStream,
+    peer: ClientAddr,
+) -> Option<Box<TlsStream<TcpStream>>> {
+    let acceptor = TlsAcceptor::from(snap.tls.server.clone());
+    let mut accept = acceptor.accept(tcp);
+    let res = tokio::time::timeout(snap.timeouts.handshake, &mut accept).await;
+    match res {
+        Err(_) => {
+            // Slow or silent (slowloris): reset, so that no FIN_WAIT or
+            // TIME_WAIT state outlives the connection.
+            if let Some(tcp) = accept.get_ref() {
+                net::reset_on_close(tcp);
+            }
+            drop(accept);
+            refuse(shared, peer, None, InboundError::HandshakeTimeout);
+            None
+        }
+        Ok(Err(e)) => {
+            let label = tls::rustls_error(&e)
+                .map(tls::classify_tls_error)
+                .unwrap_or(match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => "eof_during_handshake",
+                    std::io::ErrorKind::ConnectionReset => "reset_during_handshake",
+                    _ => "handshake_io",
+                });
+            refuse(
+                shared,
+                peer,
+                None,
+                InboundError::Handshake(label, e.to_string()),
+            );
+            None
+        }
+        // Boxed: the connection's future then holds a pointer, not the
+        // TLS state inline in its own layout and again in the relay's.
+        Ok(Ok(s)) => Some(Box::new(s)),
+    }
 }
 
 fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {

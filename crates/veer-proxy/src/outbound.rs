@@ -198,7 +198,7 @@ async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
-) -> Result<TlsStream<Dialed>, OutboundError> {
+) -> Result<Box<TlsStream<Dialed>>, OutboundError> {
     let now = shared.now_ms();
     for ep in upstream.pick_order(now) {
         match connect_tls(shared, snap, upstream, ep.addr).await {
@@ -228,7 +228,7 @@ async fn connect_tls(
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
-) -> Result<TlsStream<Dialed>, OutboundError> {
+) -> Result<Box<TlsStream<Dialed>>, OutboundError> {
     let tcp = net::dial(addr, upstream.connect_timeout, &shared.own_dials, 0).await?;
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
@@ -272,7 +272,9 @@ async fn connect_tls(
             want: upstream.identity.to_string(),
         });
     }
-    Ok(tls)
+    // Boxed: the connection's future then holds a pointer, not the TLS
+    // state inline in its own layout and again in the relay's.
+    Ok(Box::new(tls))
 }
 
 fn fail(

@@ -49,6 +49,11 @@ impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
         self.get_ref().0
     }
 }
+impl<T: Leg> Leg for Box<T> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+}
 impl Leg for crate::net::Dialed {
     fn tcp(&self) -> &TcpStream {
         crate::net::Dialed::tcp(self)

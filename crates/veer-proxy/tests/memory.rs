@@ -242,8 +242,12 @@ fn inbound_mtls_connection_memory() {
         "an idle mTLS connection keeps {} bytes more after traffic",
         per(idle) - per(open)
     );
+    // 11.1 KiB measured (2026-12-02): rustls's connection state (its 4 KiB
+    // read buffer, the peer chain, the keys), the boxed connection future
+    // (2 KiB) and the app socket's side; 15.1 KiB before the TLS stream
+    // was boxed out of the future.
     assert!(
-        per(idle) < 48 * 1024,
+        per(idle) < 13 * 1024,
         "{} bytes per idle mTLS connection",
         per(idle)
     );
