@@ -12,6 +12,14 @@ use veer_testsupport::echo::{Checksum, Stream};
 use veer_testsupport::mesh::{self, Mesh, API_VIP, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP};
 use veer_testsupport::netns::Netns;
 
+mod support;
+
+/// Open sockets of a process (pooled splice pipes are not counted: the
+/// pool keeps a few by design).
+fn sockets(pid: u32) -> usize {
+    support::sockets_and_pipes(pid).0
+}
+
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_veer"))
 }
@@ -43,12 +51,6 @@ fn echo(ns: &Netns, addr: &str, msg: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
-}
-
-/// The sidecar's Prometheus text, scraped with curl inside `ns`.
-fn scrape(ns: &Netns) -> String {
-    ns.sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
-        .expect("admin endpoint answers")
 }
 
 /// The sum of every sample labelled `reason="<reason>"`.
@@ -287,7 +289,7 @@ fn bad_peers_are_refused_and_the_app_sees_nothing() {
     );
 
     // Each refusal is counted under its own reason.
-    let stats = scrape(&m.server);
+    let stats = support::scrape(&m.server);
     for reason in [
         "denied_by_default",
         "cert_untrusted",
@@ -540,7 +542,7 @@ fn connection_to_the_outbound_listener_itself_is_refused_not_looped() {
 fn proxy_traffic_redirected_back_is_refused_not_looped() {
     need_root!("proxy_traffic_redirected_back_is_refused_not_looped");
     let m = Mesh::new(&bin());
-    let before = m.web.pid().map(support_fds).unwrap_or(0);
+    let before = m.web.pid().map(sockets).unwrap_or(0);
     // The mistake of a redirect without the proxy UID's exclusion: veer's
     // own dials come back to its outbound listener.
     m.client
@@ -570,16 +572,17 @@ fn proxy_traffic_redirected_back_is_refused_not_looped() {
         "{}",
         m.web.log_text()
     );
-    // Cut within a hop or two, not after thousands.
-    let loops = count_reason(&scrape(&m.client), "loop");
+    // Cut after a few turns (net::MAX_TURNS), one refusal per call, not
+    // after thousands of dials.
+    let loops = count_reason(&support::scrape(&m.client), "loop");
     assert!((1..=6).contains(&loops), "{loops} loop refusals");
     assert_eq!(m.plain.accepted(), 0, "the looped call reached its server");
     // Nothing piles up: descriptors back to where they were.
     let pid = m.web.pid().unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || support_fds(pid) <= before + 2),
+        wait_until(Duration::from_secs(5), || sockets(pid) <= before + 2),
         "web holds {} sockets, {before} before",
-        support_fds(pid)
+        sockets(pid)
     );
 }
 
@@ -616,22 +619,7 @@ fn app_connections_sharing_source_ports_with_veers_dials_are_served() {
         drop((x, b, c));
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(count_reason(&scrape(&m.client), "loop"), 0);
-}
-
-/// Open sockets of a process (pooled splice pipes are not counted: the
-/// pool keeps a few by design).
-fn support_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    assert_eq!(count_reason(&support::scrape(&m.client), "loop"), 0);
 }
 
 #[test]
@@ -706,7 +694,7 @@ fn upstream_presenting_another_identity_or_an_untrusted_chain_is_refused() {
         "{}",
         m.web.log_text()
     );
-    let stats = scrape(&m.client);
+    let stats = support::scrape(&m.client);
     assert!(count_reason(&stats, "server_identity") >= 1, "{stats}");
     assert!(count_reason(&stats, "cert_untrusted") >= 1, "{stats}");
 }
@@ -880,8 +868,8 @@ fn new_connections_resume_tls_sessions() {
             .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
             .unwrap_or(0)
     };
-    let web = scrape(&m.client);
-    let api = scrape(&m.server);
+    let web = support::scrape(&m.client);
+    let api = support::scrape(&m.server);
     let (full, resumed) = (
         sample(&web, "outbound", "full"),
         sample(&web, "outbound", "resumed"),

@@ -244,8 +244,7 @@ pub async fn dial(
 /// has chosen the local address (when `connect(2)` returns), before the
 /// handshake completes.
 async fn connect(addr: SocketAddr, own: &OwnDials, hops: u8) -> io::Result<Dialed> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    sock.set_nonblocking(true)?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
     match sock.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
