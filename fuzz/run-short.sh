@@ -45,7 +45,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
-if ! rustc --version | grep -q nightly; then
+if ! rustc --version | grep nightly >/dev/null; then
     export RUSTC_BOOTSTRAP=1
 fi
 host="$(rustc -vV | sed -n 's/^host: //p')"

@@ -8,11 +8,11 @@ use crate::metrics::Direction;
 use crate::net;
 use crate::relay::{self, Limits};
 use crate::state::Shared;
+use crate::tls_stream::ServerTls;
+use rustls::server::UnbufferedServerConnection;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use veer_core::addr::{ClientAddr, EndpointAddr};
 use veer_core::intentions::Decision;
 use veer_core::snapshot::Snapshot;
@@ -64,8 +64,8 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     };
     shared
         .metrics
-        .handshake(Direction::Inbound, tls.get_ref().1.handshake_kind());
-    let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        .handshake(Direction::Inbound, tls.conn().handshake_kind());
+    let Some(leaf) = tls.conn().peer_certificates().and_then(|c| c.first()) else {
         return refuse(
             &shared,
             peer,
@@ -142,18 +142,29 @@ async fn handshake(
     snap: &Snapshot,
     tcp: TcpStream,
     peer: ClientAddr,
-) -> Option<Box<TlsStream<TcpStream>>> {
-    let acceptor = TlsAcceptor::from(snap.tls.server.clone());
-    let mut accept = acceptor.accept(tcp);
-    let res = tokio::time::timeout(snap.timeouts.handshake, &mut accept).await;
+) -> Option<Box<ServerTls<TcpStream>>> {
+    let conn = match UnbufferedServerConnection::new(snap.tls.server.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(
+                shared,
+                peer,
+                None,
+                InboundError::Handshake("tls_setup", e.to_string()),
+            );
+            return None;
+        }
+    };
+    // Boxed: the connection's future then holds a pointer, not the TLS
+    // state inline in its own layout and again in the relay's.
+    let mut tls = Box::new(ServerTls::new(tcp, conn));
+    let res = tokio::time::timeout(snap.timeouts.handshake, tls.handshake()).await;
     match res {
         Err(_) => {
             // Slow or silent (slowloris): reset, so that no FIN_WAIT or
             // TIME_WAIT state outlives the connection.
-            if let Some(tcp) = accept.get_ref() {
-                net::reset_on_close(tcp);
-            }
-            drop(accept);
+            net::reset_on_close(tls.io());
+            drop(tls);
             refuse(shared, peer, None, InboundError::HandshakeTimeout);
             None
         }
@@ -173,9 +184,7 @@ async fn handshake(
             );
             None
         }
-        // Boxed: the connection's future then holds a pointer, not the
-        // TLS state inline in its own layout and again in the relay's.
-        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Ok(())) => Some(tls),
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`outbound`]: original destination → [`veer_core::route::route`] →
 //!   connect (mTLS with SPIFFE check, or plain) → relay.
 //! - [`relay`]: splice or buffered copy, half-close, resets, timers.
+//! - [`tls_stream`]: TLS on rustls's unbuffered API, with buffers held
+//!   only while bytes are in flight.
 //! - [`state`]: the current snapshot, the open-connection registry, metrics.
 #![deny(unsafe_code)]
 
@@ -20,3 +22,4 @@ pub mod outbound;
 pub mod relay;
 pub mod state;
 pub mod sys;
+pub mod tls_stream;

@@ -8,13 +8,13 @@ use crate::metrics::Direction;
 use crate::net::{self, DialError, Dialed};
 use crate::relay::{self, Limits, Outcome};
 use crate::state::Shared;
+use crate::tls_stream::ClientTls;
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 use veer_core::addr::{ClientAddr, EndpointAddr, OrigDstAddr};
 use veer_core::route::{self, Route, RouteError, Upstream};
 use veer_core::snapshot::Snapshot;
@@ -198,7 +198,7 @@ async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
-) -> Result<Box<TlsStream<Dialed>>, OutboundError> {
+) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     let now = shared.now_ms();
     for ep in upstream.pick_order(now) {
         match connect_tls(shared, snap, upstream, ep.addr).await {
@@ -228,26 +228,29 @@ async fn connect_tls(
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
-) -> Result<Box<TlsStream<Dialed>>, OutboundError> {
+) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     let tcp = net::dial(addr, upstream.connect_timeout, &shared.own_dials, 0).await?;
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
-    let connector = TlsConnector::from(snap.tls.client.clone());
-    let tls =
-        match tokio::time::timeout(snap.timeouts.handshake, connector.connect(name, tcp)).await {
-            Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
-            Ok(Err(e)) => {
-                let label = tls::rustls_error(&e)
-                    .map(tls::classify_tls_error)
-                    .unwrap_or("handshake_io");
-                return Err(OutboundError::Handshake(addr, label, e.to_string()));
-            }
-            Ok(Ok(s)) => s,
-        };
+    let conn = UnbufferedClientConnection::new(snap.tls.client.clone(), name)
+        .map_err(|e| OutboundError::Handshake(addr, "tls_setup", e.to_string()))?;
+    // Boxed: the connection's future then holds a pointer, not the TLS
+    // state inline in its own layout and again in the relay's.
+    let mut tls = Box::new(ClientTls::new(tcp, conn));
+    match tokio::time::timeout(snap.timeouts.handshake, tls.handshake()).await {
+        Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
+        Ok(Err(e)) => {
+            let label = tls::rustls_error(&e)
+                .map(tls::classify_tls_error)
+                .unwrap_or("handshake_io");
+            return Err(OutboundError::Handshake(addr, label, e.to_string()));
+        }
+        Ok(Ok(())) => {}
+    }
     shared
         .metrics
-        .handshake(Direction::Outbound, tls.get_ref().1.handshake_kind());
-    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        .handshake(Direction::Outbound, tls.conn().handshake_kind());
+    let leaf = tls.conn().peer_certificates().and_then(|c| c.first());
     let got = match leaf.map(|c| tls::peer_identity(c)) {
         Some(Ok(id)) => id,
         Some(Err(e)) => {
@@ -272,9 +275,7 @@ async fn connect_tls(
             want: upstream.identity.to_string(),
         });
     }
-    // Boxed: the connection's future then holds a pointer, not the TLS
-    // state inline in its own layout and again in the relay's.
-    Ok(Box::new(tls))
+    Ok(tls)
 }
 
 fn fail(

@@ -39,16 +39,6 @@ impl Leg for TcpStream {
         self
     }
 }
-impl Leg for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
 impl<T: Leg> Leg for Box<T> {
     fn tcp(&self) -> &TcpStream {
         (**self).tcp()
@@ -57,11 +47,6 @@ impl<T: Leg> Leg for Box<T> {
 impl Leg for crate::net::Dialed {
     fn tcp(&self) -> &TcpStream {
         crate::net::Dialed::tcp(self)
-    }
-}
-impl Leg for tokio_rustls::client::TlsStream<crate::net::Dialed> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0.tcp()
     }
 }
 
