@@ -4,7 +4,7 @@
 //! the connection and fills it 4 KiB per `read(2)`. Here the ciphertext
 //! buffers are ours:
 //! - `rx` (ciphertext read, not yet processed) is allocated when the socket
-//!   is readable, filled with reads of up to [`RX_SIZE`] (two full
+//!   is readable, filled with reads of up to [`RX_SIZE`] (four full
 //!   records), and freed as soon as it is empty and the socket would block;
 //! - `tx` (ciphertext to send) is freed once sent and the stream flushed;
 //! - `plain` holds only the rest of a record that did not fit the reader's
@@ -30,11 +30,13 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Ciphertext read per `read(2)`: two full TLS records.
-pub const RX_SIZE: usize = 32 * 1024;
-/// The largest ciphertext held while a handshake message is incomplete
-/// (rustls's own limit on a handshake message, plus a record header).
-const RX_MAX: usize = 64 * 1024 + 5;
+/// Ciphertext read per `read(2)`: four full TLS records (16 KiB of
+/// plaintext, 5 bytes of header and up to 256 of overhead each), as many
+/// as fill the relay's copy buffer.
+pub const RX_SIZE: usize = 4 * (16 * 1024 + 5 + 256);
+/// The most ciphertext held while a handshake message is incomplete
+/// (rustls itself refuses handshake messages over 64 KiB).
+const RX_MAX: usize = RX_SIZE + 64 * 1024;
 /// Plaintext encrypted per write call.
 const MAX_WRITE: usize = 64 * 1024;
 

@@ -1,6 +1,6 @@
 //! Memory held per connection, measured with a counting allocator that
 //! counts only veer's runtime threads (the test's clients and servers run
-//! on another runtime): copy buffers are bounded (16 KiB per direction) and
+//! on another runtime): copy buffers are bounded (64 KiB per direction) and
 //! freed when a connection is idle, and nothing stays behind when
 //! connections close.
 mod common;
@@ -175,7 +175,7 @@ fn copy_buffers_are_bounded_and_freed_when_idle() {
         per(idle) - per(connected)
     );
     assert!(per(idle) < 4096, "{} bytes per idle connection", per(idle));
-    // A stalled direction holds one 16 KiB buffer, never more.
+    // A stalled direction holds one copy buffer, never more.
     assert!(
         per(stalled) >= per(idle) + relay::BUF_SIZE as i64 / 2,
         "the connections did not stall: {} bytes per connection",
