@@ -400,6 +400,7 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
         lat.offered, lat.p50_ms, lat.p99_ms, lat.p999_ms, lat.max_ms, lat.samples, lat.errors
     );
     // 3. New connections.
+    let hs0 = outbound_handshakes(&sys, kind);
     let mut probe = Probe::new(set, kind, &pids, out, "newconn");
     let nc = load::new_conns(
         &sys.client,
@@ -415,6 +416,13 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
         "  new connections: {:.0}/s ({} errors)",
         nc.per_sec, nc.errors
     );
+    if let (Some(a), Some(b)) = (hs0, outbound_handshakes(&sys, kind)) {
+        let (full, resumed) = (b.0 - a.0, b.1 - a.1);
+        eprintln!(
+            "  new connections' TLS handshakes: {full} full, {resumed} resumed ({:.1} % full)",
+            100.0 * full as f64 / (full + resumed).max(1) as f64
+        );
+    }
     // 4. Idle connections.
     let (mut rss_conns, mut idle_open, mut idle_errors) = (Vec::new(), 0, 0);
     if kind != Kind::Direct && set.idle > 0 {
@@ -607,4 +615,22 @@ fn main() {
         .map_or(0, |d| d.as_secs());
     let _ = std::fs::write(out.join(format!("run-{stamp}.md")), &md);
     eprintln!("written to {}", latest.display());
+}
+
+/// veer's client sidecar's outbound TLS handshakes so far: (full, resumed).
+fn outbound_handshakes(sys: &System, kind: Kind) -> Option<(u64, u64)> {
+    if kind != Kind::Veer {
+        return None;
+    }
+    let text = sys
+        .client
+        .sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
+        .ok()?;
+    let get = |k: &str| {
+        let series = format!("veer_tls_handshakes_total{{direction=\"outbound\",kind=\"{k}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((get("full")?, get("resumed")?))
 }

@@ -182,6 +182,14 @@ pub struct TlsMaterial {
     pub client: Arc<ClientConfig>,
     pub leaf: CertInfo,
     pub roots: Vec<CertInfo>,
+    /// What `server` and `client` were built from, so that the next
+    /// snapshot can keep them (and their session tickets) when only other
+    /// parts changed.
+    source: (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        Vec<CertificateDer<'static>>,
+    ),
 }
 
 /// One immutable configuration snapshot.
@@ -213,6 +221,19 @@ impl Snapshot {
     /// Builds a snapshot: checks the leaf is ours and chains to the roots,
     /// makes both rustls configurations and the routing table.
     pub fn build(spec: Spec, version: u64) -> Result<Snapshot, SnapshotError> {
+        Snapshot::build_after(spec, version, None)
+    }
+
+    /// Like [`Snapshot::build`], keeping `prev`'s TLS configurations when
+    /// the leaf chain, key and roots are unchanged: a catalog, intention or
+    /// timeout change then does not drop the session tickets (every new
+    /// connection would make a full handshake). New roots or a new leaf
+    /// build new configurations, so no session resumes across them.
+    pub fn build_after(
+        spec: Spec,
+        version: u64,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, SnapshotError> {
         if spec.roots.is_empty() {
             return Err(SnapshotError::NoRoots);
         }
@@ -234,8 +255,20 @@ impl Snapshot {
             .iter()
             .map(|r| CertInfo::parse(r).map_err(TlsError::from))
             .collect::<Result<Vec<_>, _>>()?;
-        let server = tls::server_config(spec.chain.clone(), spec.key.clone_key(), &spec.roots)?;
-        let client = tls::client_config(spec.chain, spec.key, &spec.roots)?;
+        let same = prev.filter(|p| {
+            let (chain, key, roots) = &p.tls.source;
+            *chain == spec.chain
+                && key.secret_der() == spec.key.secret_der()
+                && *roots == spec.roots
+        });
+        let (server, client) = match same {
+            Some(p) => (p.tls.server.clone(), p.tls.client.clone()),
+            None => (
+                tls::server_config(spec.chain.clone(), spec.key.clone_key(), &spec.roots)?,
+                tls::client_config(spec.chain.clone(), spec.key.clone_key(), &spec.roots)?,
+            ),
+        };
+        let source = (spec.chain, spec.key, spec.roots);
 
         let mut seen: std::collections::HashMap<IpAddr, String> = Default::default();
         let mut own = vec![spec.listen.inbound];
@@ -277,6 +310,7 @@ impl Snapshot {
                 client,
                 leaf,
                 roots,
+                source,
             },
             intentions,
             routes,

@@ -161,7 +161,7 @@ impl Shared {
     /// new intentions deny are closed. On error the current snapshot stays.
     pub fn apply(&self, spec: Spec) -> Result<Arc<Snapshot>, SnapshotError> {
         let version = self.version.fetch_add(1, Relaxed) + 1;
-        let snap = match Snapshot::build(spec, version) {
+        let snap = match Snapshot::build_after(spec, version, Some(&self.snapshot())) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 self.metrics.snapshot_errors.fetch_add(1, Relaxed);

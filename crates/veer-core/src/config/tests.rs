@@ -447,3 +447,29 @@ fn a_virtual_ip_claimed_twice_in_two_spellings_is_refused() {
     assert!(e.msg.contains("10.96.0.20"), "{e}");
     assert!(e.to_string().contains("virtual"), "{e}");
 }
+
+/// A new snapshot keeps the TLS configurations (and with them the session
+/// tickets) when only routing or intentions changed, and builds new ones
+/// when the leaf or the roots changed.
+#[test]
+fn tls_configs_are_kept_across_snapshots_unless_the_material_changes() {
+    use crate::snapshot::Snapshot;
+    use std::sync::Arc;
+    let d = certs("api");
+    let first = Snapshot::build(parse_in(&d, GOOD).unwrap().spec, 1).unwrap();
+    let more = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"other\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    let routed = Snapshot::build_after(parse_in(&d, &more).unwrap().spec, 2, Some(&first)).unwrap();
+    assert!(Arc::ptr_eq(&first.tls.server, &routed.tls.server));
+    assert!(Arc::ptr_eq(&first.tls.client, &routed.tls.client));
+    // The same files read again: still the same configurations.
+    let again = Snapshot::build_after(parse_in(&d, GOOD).unwrap().spec, 3, Some(&routed)).unwrap();
+    assert!(Arc::ptr_eq(&routed.tls.server, &again.tls.server));
+    // Another CA and leaf (a rotation): new configurations.
+    let d2 = certs("api");
+    let rotated =
+        Snapshot::build_after(parse_in(&d2, GOOD).unwrap().spec, 4, Some(&again)).unwrap();
+    assert!(!Arc::ptr_eq(&again.tls.server, &rotated.tls.server));
+    assert!(!Arc::ptr_eq(&again.tls.client, &rotated.tls.client));
+}
