@@ -863,11 +863,11 @@ fn new_connections_resume_tls_sessions() {
             }
         });
     }
-    let sample = |text: &str, dir: &str, kind: &str| -> u64 {
-        let key = format!("veer_tls_handshakes_total{{direction=\"{dir}\",kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
-            .unwrap_or(0)
+    let sample = |text: &str, dir: &str, kind: &str| {
+        support::sample(
+            text,
+            &format!("veer_tls_handshakes_total{{direction=\"{dir}\",kind=\"{kind}\"}}"),
+        )
     };
     let web = support::scrape(&m.client);
     let api = support::scrape(&m.server);

@@ -228,8 +228,8 @@ pub fn server_config(
     // do. TLS 1.3 tickets are single-use, so connections that start
     // together each need one: four per connection keep the client's store
     // (rustls keeps up to 8 per upstream) stocked for bursts (16 parallel
-    // new connections: 20 % full handshakes with one ticket, 8 % with
-    // four). Stateless tickets: the server keeps no session cache (which
+    // new connections in benches/run.sh: 20 % full handshakes with one
+    // ticket, 8-13 % with four). Stateless tickets: the server keeps no session cache (which
     // held 256 sessions for all clients together), and a new snapshot
     // (new roots or leaf) brings a new ticket key, so no connection
     // resumes past a CA change.

@@ -6,7 +6,7 @@
 //! (L7) check will sit for HTTP upstreams.
 use crate::metrics::Direction;
 use crate::net;
-use crate::relay::{self, Limits};
+use crate::relay::{self, Leg, Limits};
 use crate::state::Shared;
 use crate::tls_stream::ServerTls;
 use rustls::server::UnbufferedServerConnection;
@@ -163,7 +163,7 @@ async fn handshake(
         Err(_) => {
             // Slow or silent (slowloris): reset, so that no FIN_WAIT or
             // TIME_WAIT state outlives the connection.
-            net::reset_on_close(tls.io());
+            net::reset_on_close(tls.tcp());
             drop(tls);
             refuse(shared, peer, None, InboundError::HandshakeTimeout);
             None

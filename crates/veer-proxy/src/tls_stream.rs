@@ -24,11 +24,12 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, UnbufferedConnectionCommon, UnbufferedStatus,
 };
+use std::future::Future;
 use std::io;
 use std::ops::DerefMut;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Ciphertext read per `read(2)`: four full TLS records (16 KiB of
 /// plaintext, 5 bytes of header and up to 256 of overhead each), as many
@@ -84,15 +85,6 @@ pub struct TlsStream<IO, C> {
     failed: Option<rustls::Error>,
 }
 
-/// Where `process` stopped.
-#[derive(Debug, PartialEq, Eq)]
-enum Stop {
-    /// Every complete record is processed (or the reader is full).
-    Done,
-    /// Both sides closed.
-    Closed,
-}
-
 /// What to do with decrypted application data while processing.
 enum Plain<'a, 'b> {
     /// Copy into the reader's buffer; stop when it is full.
@@ -105,6 +97,46 @@ enum Plain<'a, 'b> {
 
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Appends to `tx` what `put` writes into a slice, starting with `guess`
+/// bytes of room and growing to the size rustls asks for. `put` returns the
+/// bytes written, `Err(Some(n))` for "needs `n`", or `Err(None)` to give
+/// up; `false` when it gave up (nothing appended).
+fn append(
+    tx: &mut Vec<u8>,
+    guess: usize,
+    mut put: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> bool {
+    let at = tx.len();
+    tx.resize(at + guess, 0);
+    loop {
+        match put(&mut tx[at..]) {
+            Ok(n) => {
+                tx.truncate(at + n);
+                return true;
+            }
+            Err(Some(need)) => tx.resize(at + need, 0),
+            Err(None) => {
+                tx.truncate(at);
+                return false;
+            }
+        }
+    }
+}
+
+fn encode_room(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        EncodeError::AlreadyEncoded => None,
+    }
+}
+
+fn encrypt_room(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        EncryptError::EncryptExhausted => None,
+    }
 }
 
 impl<IO: Leg, C: Side> TlsStream<IO, C> {
@@ -127,10 +159,6 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
     /// The rustls connection (peer certificates, handshake kind, ...).
     pub fn conn(&self) -> &C {
         &self.conn
-    }
-
-    pub fn io(&self) -> &IO {
-        &self.io
     }
 
     /// Runs the handshake to its end. A rustls error comes back as an
@@ -168,18 +196,9 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
     fn send_alert(&mut self) {
         let UnbufferedStatus { state, .. } = self.conn.process(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
-            let mut buf = vec![0u8; 64];
-            loop {
-                match e.encode(&mut buf) {
-                    Ok(n) => {
-                        let _ = self.io.tcp().try_write(&buf[..n]);
-                        break;
-                    }
-                    Err(EncodeError::InsufficientSize(s)) if s.required_size <= 1024 => {
-                        buf.resize(s.required_size, 0)
-                    }
-                    Err(_) => break,
-                }
+            let mut alert = Vec::new();
+            if append(&mut alert, 64, |b| e.encode(b).map_err(encode_room)) {
+                let _ = self.io.tcp().try_write(&alert);
             }
         }
     }
@@ -187,14 +206,15 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
     /// Processes the records in `rx`: handshake messages, alerts, key
     /// updates and application data (to `plain_to`); encodes what rustls
     /// wants to send into `tx`; encrypts `write` and the close_notify when
-    /// `close`, once the connection can send. Returns where it stopped and
-    /// how many bytes of `write` it took.
+    /// `close`, once the connection can send. Stops when every complete
+    /// record is processed, the reader is full, or both sides closed;
+    /// returns how many bytes of `write` it took.
     fn process(
         &mut self,
         mut plain_to: Plain<'_, '_>,
         write: Option<&[u8]>,
         close: bool,
-    ) -> Result<(Stop, usize), rustls::Error> {
+    ) -> Result<usize, rustls::Error> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -212,7 +232,7 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
         } = self;
         let result = loop {
             let UnbufferedStatus { mut discard, state } = conn.process(&mut rx[..]);
-            let mut stop = None;
+            let mut stop = false;
             let mut error = None;
             match state {
                 Err(e) => error = Some(e),
@@ -223,7 +243,7 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
                         Plain::SetAside => true,
                     };
                     if !room {
-                        stop = Some(Stop::Done);
+                        stop = true;
                     } else {
                         // One record per ReadTraffic state.
                         while let Some(rec) = r.next_record() {
@@ -246,7 +266,7 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
                                 }
                             }
                             if matches!(&plain_to, Plain::Into(buf) if buf.remaining() == 0) {
-                                stop = Some(Stop::Done);
+                                stop = true;
                                 break;
                             }
                         }
@@ -260,75 +280,32 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
                 Ok(ConnectionState::PeerClosed) => *peer_closed = true,
                 Ok(ConnectionState::Closed) => {
                     *peer_closed = true;
-                    stop = Some(Stop::Closed);
+                    stop = true;
                 }
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    let at = tx.len();
-                    loop {
-                        match e.encode(&mut tx[at..]) {
-                            Ok(n) => {
-                                tx.truncate(at + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(s)) => {
-                                tx.resize(at + s.required_size, 0)
-                            }
-                            Err(EncodeError::AlreadyEncoded) => {
-                                tx.truncate(at);
-                                break;
-                            }
-                        }
-                    }
+                    append(tx, 0, |b| e.encode(b).map_err(encode_room));
                 }
                 // What was encoded sits in `tx`, which is sent in order
                 // before anything queued later.
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                Ok(ConnectionState::BlockedHandshake) => stop = Some(Stop::Done),
+                Ok(ConnectionState::BlockedHandshake) => stop = true,
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
                     if let Some(data) = write.take() {
-                        let at = tx.len();
-                        tx.resize(at + data.len() + 64 * (data.len() / 16384 + 1), 0);
-                        loop {
-                            match w.encrypt(data, &mut tx[at..]) {
-                                Ok(n) => {
-                                    tx.truncate(at + n);
-                                    written = data.len();
-                                    break;
-                                }
-                                Err(EncryptError::InsufficientSize(s)) => {
-                                    tx.resize(at + s.required_size, 0)
-                                }
-                                Err(EncryptError::EncryptExhausted) => {
-                                    tx.truncate(at);
-                                    error = Some(rustls::Error::EncryptError);
-                                    break;
-                                }
-                            }
+                        // Room for the records' headers and tags.
+                        let guess = data.len() + 64 * (data.len() / 16384 + 1);
+                        if append(tx, guess, |b| w.encrypt(data, b).map_err(encrypt_room)) {
+                            written = data.len();
+                        } else {
+                            error = Some(rustls::Error::EncryptError);
                         }
                     }
                     if close && !*close_queued && error.is_none() {
-                        let at = tx.len();
-                        tx.resize(at + 64, 0);
-                        loop {
-                            match w.queue_close_notify(&mut tx[at..]) {
-                                Ok(n) => {
-                                    tx.truncate(at + n);
-                                    break;
-                                }
-                                Err(EncryptError::InsufficientSize(s)) => {
-                                    tx.resize(at + s.required_size, 0)
-                                }
-                                Err(EncryptError::EncryptExhausted) => {
-                                    tx.truncate(at);
-                                    break;
-                                }
-                            }
-                        }
+                        append(tx, 64, |b| w.queue_close_notify(b).map_err(encrypt_room));
                         *close_queued = true;
                     }
-                    stop = Some(Stop::Done);
+                    stop = true;
                 }
-                Ok(_) => stop = Some(Stop::Done),
+                Ok(_) => stop = true,
             }
             if discard > 0 {
                 rx.drain(..discard);
@@ -338,8 +315,8 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
                 *failed = Some(e.clone());
                 break Err(e);
             }
-            if let Some(s) = stop {
-                break Ok((s, written));
+            if stop {
+                break Ok(written);
             }
         };
         result
@@ -347,6 +324,14 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
 
     /// Reads more ciphertext into `rx`. `Ready(Ok(0))` is TCP EOF.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Wait for data before taking a buffer: a quiet connection holds
+        // none, and polling it allocates nothing.
+        if self.io.tcp().poll_read_ready(cx)?.is_pending() {
+            if self.rx.is_empty() {
+                self.rx = Vec::new();
+            }
+            return Poll::Pending;
+        }
         if self.rx.capacity() == 0 {
             self.rx = Vec::with_capacity(RX_SIZE);
         } else if self.rx.len() == self.rx.capacity() {
@@ -358,27 +343,24 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
             }
             self.rx.reserve(RX_SIZE.min(RX_MAX - self.rx.len()));
         }
-        loop {
-            match self.io.tcp().try_read_buf(&mut self.rx) {
-                Ok(0) => {
-                    self.tcp_eof = true;
-                    return Poll::Ready(Ok(0));
+        // tokio's read: a short read clears the readiness, so the next
+        // call waits instead of trying a read that would block.
+        match std::pin::pin!(self.io.read_buf(&mut self.rx)).poll(cx) {
+            Poll::Ready(Ok(0)) => {
+                self.tcp_eof = true;
+                Poll::Ready(Ok(0))
+            }
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+            Poll::Ready(Err(e)) => {
+                self.tcp_eof = true;
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                if self.rx.is_empty() {
+                    // Nothing held while the connection is quiet.
+                    self.rx = Vec::new();
                 }
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.rx.is_empty() {
-                        // Nothing held while the connection is quiet.
-                        self.rx = Vec::new();
-                    }
-                    ready!(self.io.tcp().poll_read_ready(cx))?;
-                    if self.rx.capacity() == 0 {
-                        self.rx = Vec::with_capacity(RX_SIZE);
-                    }
-                }
-                Err(e) => {
-                    self.tcp_eof = true;
-                    return Poll::Ready(Err(e));
-                }
+                Poll::Pending
             }
         }
     }
@@ -431,13 +413,13 @@ impl<IO: Leg, C: Side> AsyncRead for TlsStream<IO, C> {
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();
-            let stop = match this.process(Plain::Into(buf), None, false) {
-                Ok((stop, _)) => stop,
+            match this.process(Plain::Into(buf), None, false) {
+                Ok(_) => {}
                 // What was decrypted before the bad record goes out first;
                 // the error comes with the next read.
                 Err(_) if buf.filled().len() > before => return Poll::Ready(Ok(())),
                 Err(e) => return Poll::Ready(Err(tls_err(e))),
-            };
+            }
             // Key-update answers and the like: send without waiting.
             if this.tx_pos < this.tx.len() {
                 if let Poll::Ready(Err(e)) = this.poll_send(cx) {
@@ -447,7 +429,7 @@ impl<IO: Leg, C: Side> AsyncRead for TlsStream<IO, C> {
             if buf.filled().len() > before || this.take_plain(buf) {
                 return Poll::Ready(Ok(()));
             }
-            if this.peer_closed || stop == Stop::Closed {
+            if this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
             if this.tcp_eof {
@@ -475,7 +457,7 @@ impl<IO: Leg, C: Side> AsyncWrite for TlsStream<IO, C> {
         }
         let data = &data[..data.len().min(MAX_WRITE)];
         let had_plain = this.plain.len() - this.plain_pos;
-        let (_, n) = this
+        let n = this
             .process(Plain::SetAside, Some(data), false)
             .map_err(tls_err)?;
         if this.plain.len() - this.plain_pos > had_plain {
