@@ -3,11 +3,13 @@
 //! - [`netns`]: real network namespaces and veth pairs (needs root), with a loud
 //!   skip when not root.
 //! - [`consul`]: a real Consul dev agent on a Unix socket, reachable from every namespace.
+//! - [`consul_xds`]: Consul-shaped xDS resources (mirroring Consul v1.16.0 goldens).
 //! - [`ca`]: a Consul-style test CA on top of `veer-ca`, written to a temp dir.
 //! - [`echo`]: a scriptable blocking TCP app that records what it sees.
 //! - [`mesh`]: two namespaces, redirect rules and two real veer sidecars.
 pub mod ca;
 pub mod consul;
+pub mod consul_xds;
 pub mod echo;
 pub mod envoy;
 pub mod mesh;

@@ -13,3 +13,4 @@
 #![deny(unsafe_code)]
 
 pub mod resources;
+pub mod translate;

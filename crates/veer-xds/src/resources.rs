@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The resource kinds Consul serves over Delta ADS (v3 only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,4 +69,86 @@ pub struct Resources {
     pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
     pub routes: BTreeMap<String, RouteConfiguration>,
     pub secrets: BTreeMap<String, Secret>,
+}
+
+/// One resource, decoded and checked on its own by
+/// [`crate::translate::decode`]: what the ADS client stores in
+/// [`Resources`] once it has accepted it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    Listener(Listener),
+    Cluster(Cluster),
+    Endpoints(ClusterLoadAssignment),
+    Route(RouteConfiguration),
+    Secret(Secret),
+}
+
+impl Decoded {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Decoded::Listener(_) => Kind::Listener,
+            Decoded::Cluster(_) => Kind::Cluster,
+            Decoded::Endpoints(_) => Kind::Endpoints,
+            Decoded::Route(_) => Kind::Route,
+            Decoded::Secret(_) => Kind::Secret,
+        }
+    }
+}
+
+/// The names to subscribe to for the by-name kinds (EDS, RDS, SDS), as
+/// [`crate::translate::wanted`] derives them from the accepted listeners
+/// and clusters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub endpoints: BTreeSet<String>,
+    pub routes: BTreeSet<String>,
+    pub secrets: BTreeSet<String>,
+}
+
+impl Wanted {
+    /// The names wanted for one by-name kind; `None` for LDS and CDS
+    /// (wildcard).
+    pub fn names(&self, kind: Kind) -> Option<&BTreeSet<String>> {
+        match kind {
+            Kind::Endpoints => Some(&self.endpoints),
+            Kind::Route => Some(&self.routes),
+            Kind::Secret => Some(&self.secrets),
+            Kind::Listener | Kind::Cluster => None,
+        }
+    }
+}
+
+impl Resources {
+    /// Stores an accepted resource under `name`, replacing any of that kind
+    /// and name.
+    pub fn insert(&mut self, name: String, d: Decoded) {
+        match d {
+            Decoded::Listener(r) => {
+                self.listeners.insert(name, r);
+            }
+            Decoded::Cluster(r) => {
+                self.clusters.insert(name, r);
+            }
+            Decoded::Endpoints(r) => {
+                self.endpoints.insert(name, r);
+            }
+            Decoded::Route(r) => {
+                self.routes.insert(name, r);
+            }
+            Decoded::Secret(r) => {
+                self.secrets.insert(name, r);
+            }
+        }
+    }
+
+    /// Removes a resource; true if it was there.
+    pub fn remove(&mut self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Listener => self.listeners.remove(name).is_some(),
+            Kind::Cluster => self.clusters.remove(name).is_some(),
+            Kind::Endpoints => self.endpoints.remove(name).is_some(),
+            Kind::Route => self.routes.remove(name).is_some(),
+            Kind::Secret => self.secrets.remove(name).is_some(),
+        }
+    }
 }

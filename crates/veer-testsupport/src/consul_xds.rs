@@ -1,0 +1,940 @@
+//! Consul-shaped xDS resources, built with envoy-types, for veer's xDS
+//! tests (translation tables, the ADS client, end-to-end runs in network
+//! namespaces).
+//!
+//! Each builder mirrors one of Consul v1.16.0's golden files (MPL-2.0,
+//! `agent/xds/testdata/...` in hashicorp/consul, tag v1.16.0) field for
+//! field: names, addresses, stat prefixes, filter order, cluster settings.
+//! What is parameterised: the certificates (so that they chain to a test
+//! CA; the goldens carry Consul's "Test CA 2" EC material, which expires in
+//! 2029), every address (so that a test can serve them in network
+//! namespaces), and how TLS material is delivered (inline PEM as v1.16
+//! sends it, or SDS secrets `connect-leaf`/`connect-root` as newer Consul
+//! versions do).
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, CircuitBreakers, Cluster, OutlierDetection};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, config_source, data_source, socket_address, Address, AggregatedConfigSource,
+    ApiVersion, CidrRange, ConfigSource, DataSource, HealthStatus, SocketAddress, TrafficDirection,
+    TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, rbac, Permission, Policy, Principal, Rbac,
+};
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, CertificateValidationContext, CommonTlsContext,
+    DownstreamTlsContext, SdsSecretConfig, Secret, SubjectAltNameMatcher, TlsCertificate,
+    TlsParameters, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    regex_matcher, string_matcher, RegexMatcher, StringMatcher,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, UInt32Value, UInt64Value};
+use envoy_types::util::pack_any;
+use prost::Name;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+/// The TLS material of the sidecar (service `web`): its leaf chain and key,
+/// and the CA roots, PEM.
+#[derive(Clone, Debug)]
+pub struct Certs {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub roots_pem: String,
+}
+
+impl Certs {
+    /// A Consul-style leaf for `service` in `datacenter`, signed by `ca`.
+    pub fn issue(ca: &veer_ca::Ca, datacenter: &str, service: &str) -> Certs {
+        let leaf = ca.service_leaf(datacenter, service).expect("leaf");
+        Certs {
+            chain_pem: leaf.chain_pem,
+            key_pem: leaf.key_pem,
+            roots_pem: ca.cert_pem.clone(),
+        }
+    }
+}
+
+/// How TLS material reaches the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsDelivery {
+    /// Inline PEM in every listener and cluster (Consul <= 1.16).
+    Inline,
+    /// SDS secrets `connect-leaf` and `connect-root` over ADS (newer Consul).
+    Sds,
+}
+
+/// The SDS secret names newer Consul versions use.
+pub const LEAF_SECRET: &str = "connect-leaf";
+pub const ROOT_SECRET: &str = "connect-root";
+
+/// What the builders are parameterised by. [`Params::golden`] gives the
+/// goldens' values; change any field to serve them elsewhere.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub trust_domain: String,
+    pub datacenter: String,
+    pub certs: Certs,
+    pub tls: TlsDelivery,
+    /// `public_listener` (golden: 0.0.0.0:9999).
+    pub public: SocketAddr,
+    /// `local_app` (golden: 127.0.0.1:8080).
+    pub local_app: SocketAddr,
+    /// `outbound_listener` (golden: 127.0.0.1:15001).
+    pub outbound: SocketAddr,
+    /// Explicit upstream `db` (golden: 127.0.0.1:9191).
+    pub db_bind: SocketAddr,
+    /// Prepared query `geo-cache` (golden: 127.10.10.10:8181).
+    pub geo_cache_bind: SocketAddr,
+    /// Virtual IPs by service (golden: google 10.0.0.1 and 240.0.0.1;
+    /// mongo 6.6.6.6).
+    pub vips: BTreeMap<String, Vec<IpAddr>>,
+    /// Dialed-directly instance IPs by service (golden: kafka 9.9.9.9;
+    /// mongo 10.10.10.10 and 10.10.10.12).
+    pub instances: BTreeMap<String, Vec<IpAddr>>,
+    /// Endpoints (sidecar public listeners) by service (golden: db
+    /// 10.10.1.1:8080 and 10.10.1.2:8080; geo-cache 10.10.1.1:8080 and
+    /// 10.20.1.2:8080; google 9.9.9.9:9090; no-endpoints none).
+    pub endpoints: BTreeMap<String, Vec<SocketAddr>>,
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn ips(v: &[&str]) -> Vec<IpAddr> {
+    v.iter().map(|s| s.parse().expect("ip")).collect()
+}
+
+impl Params {
+    /// The goldens' trust domain, datacenter and addresses, with `certs`.
+    pub fn golden(certs: Certs) -> Params {
+        let mut vips = BTreeMap::new();
+        vips.insert("google".into(), ips(&["10.0.0.1", "240.0.0.1"]));
+        vips.insert("mongo".into(), ips(&["6.6.6.6"]));
+        let mut instances = BTreeMap::new();
+        instances.insert("kafka".into(), ips(&["9.9.9.9"]));
+        instances.insert("mongo".into(), ips(&["10.10.10.10", "10.10.10.12"]));
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert("db".into(), vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")]);
+        endpoints.insert(
+            "geo-cache".into(),
+            vec![sa("10.10.1.1:8080"), sa("10.20.1.2:8080")],
+        );
+        endpoints.insert("google".into(), vec![sa("9.9.9.9:9090")]);
+        endpoints.insert("no-endpoints".into(), vec![]);
+        // Not in a v1.16.0 endpoints golden (dial-instances-directly has
+        // none); values of the same shape.
+        endpoints.insert("kafka".into(), vec![sa("10.10.2.1:8080")]);
+        endpoints.insert("mongo".into(), vec![sa("10.10.3.1:8080")]);
+        Params {
+            trust_domain: crate::ca::TRUST_DOMAIN.to_string(),
+            datacenter: "dc1".into(),
+            certs,
+            tls: TlsDelivery::Inline,
+            public: sa("0.0.0.0:9999"),
+            local_app: sa("127.0.0.1:8080"),
+            outbound: sa("127.0.0.1:15001"),
+            db_bind: sa("127.0.0.1:9191"),
+            geo_cache_bind: sa("127.10.10.10:8181"),
+            vips,
+            instances,
+            endpoints,
+        }
+    }
+
+    /// `<svc>.default.<dc>.internal.<td>`: the cluster name and SNI.
+    pub fn sni(&self, svc: &str) -> String {
+        format!(
+            "{svc}.default.{}.internal.{}",
+            self.datacenter, self.trust_domain
+        )
+    }
+
+    /// `spiffe://<td>/ns/default/dc/<dc>/svc/<svc>`.
+    pub fn spiffe(&self, dc: &str, svc: &str) -> String {
+        format!("spiffe://{}/ns/default/dc/{dc}/svc/{svc}", self.trust_domain)
+    }
+
+    fn query_cluster(&self) -> String {
+        format!(
+            "geo-cache.default.{}.query.{}",
+            self.datacenter, self.trust_domain
+        )
+    }
+}
+
+/// One set of resources, by kind, in Consul's order within each kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConsulXds {
+    pub listeners: Vec<Listener>,
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    pub secrets: Vec<Secret>,
+}
+
+impl ConsulXds {
+    /// Every resource as `(type URL, name, Any)`, in Consul's send order
+    /// (SDS, CDS, EDS, LDS), for an ADS server to serve.
+    pub fn resources(&self) -> Vec<(String, String, Any)> {
+        let mut out = Vec::new();
+        for s in &self.secrets {
+            out.push((Secret::type_url(), s.name.clone(), pack_any(s.clone())));
+        }
+        for c in &self.clusters {
+            out.push((Cluster::type_url(), c.name.clone(), pack_any(c.clone())));
+        }
+        for e in &self.endpoints {
+            out.push((
+                ClusterLoadAssignment::type_url(),
+                e.cluster_name.clone(),
+                pack_any(e.clone()),
+            ));
+        }
+        for l in &self.listeners {
+            out.push((Listener::type_url(), l.name.clone(), pack_any(l.clone())));
+        }
+        out
+    }
+
+    /// The `public_listener:*` listener.
+    pub fn public_listener_mut(&mut self) -> &mut Listener {
+        self.listeners
+            .iter_mut()
+            .find(|l| l.name.starts_with("public_listener:"))
+            .expect("a public listener")
+    }
+
+    /// Replaces the public listener's network RBAC filter (the first filter
+    /// of its mTLS chain) with `f`, e.g. one of the `rbac_*` builders.
+    pub fn set_public_rbac(&mut self, f: Filter) {
+        let l = self.public_listener_mut();
+        l.filter_chains[0].filters[0] = f;
+    }
+
+    pub fn listener_mut(&mut self, name: &str) -> &mut Listener {
+        self.listeners
+            .iter_mut()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    }
+
+    pub fn cluster_mut(&mut self, name: &str) -> &mut Cluster {
+        self.clusters
+            .iter_mut()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+}
+
+// ---------------------------------------------------------------- pieces
+
+fn socket(a: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: a.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn inline(s: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineString(s.to_string())),
+        ..Default::default()
+    })
+}
+
+fn ads() -> Option<ConfigSource> {
+    Some(ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    })
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: ads(),
+    }
+}
+
+fn secs(s: i64) -> Option<Duration> {
+    Some(Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// `tcp_proxy` with Consul's stat prefix.
+pub fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
+            stat_prefix: stat_prefix.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }))),
+    }
+}
+
+fn original_dst() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            OriginalDst {},
+        ))),
+        ..Default::default()
+    }
+}
+
+/// A network RBAC filter as Consul writes it (`statPrefix connect_authz`);
+/// `None` = no `rules` field.
+pub fn rbac_filter(rules: Option<Rbac>) -> Filter {
+    Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(NetworkRbac {
+            rules,
+            stat_prefix: "connect_authz".into(),
+            ..Default::default()
+        }))),
+    }
+}
+
+/// `connection_limit` as Consul writes it for `max_inbound_connections`
+/// (golden `listeners/listener-max-inbound-connections`).
+pub fn connection_limit_filter(max: u64) -> Filter {
+    Filter {
+        name: "envoy.filters.network.connection_limit".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(ConnectionLimit {
+            stat_prefix: "inbound_connection_limit".into(),
+            max_connections: Some(UInt64Value { value: max }),
+            ..Default::default()
+        }))),
+    }
+}
+
+// v1.16 writes the deprecated `match_subject_alt_names`.
+#[allow(deprecated)]
+fn common_tls(p: &Params, sans: Vec<String>) -> CommonTlsContext {
+    let matchers: Vec<StringMatcher> = sans
+        .into_iter()
+        .map(|s| StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(s)),
+            ..Default::default()
+        })
+        .collect();
+    match p.tls {
+        TlsDelivery::Inline => CommonTlsContext {
+            tls_params: Some(TlsParameters::default()),
+            tls_certificates: vec![TlsCertificate {
+                certificate_chain: inline(&p.certs.chain_pem),
+                private_key: inline(&p.certs.key_pem),
+                ..Default::default()
+            }],
+            validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: inline(&p.certs.roots_pem),
+                    // v1.16 uses the deprecated field.
+                    match_subject_alt_names: matchers,
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        },
+        TlsDelivery::Sds => {
+            let validation = if matchers.is_empty() {
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    ROOT_SECRET,
+                ))
+            } else {
+                // Envoy's form for SDS roots plus SAN matching; SAN
+                // matchers in the typed form newer Consul versions use.
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: matchers
+                                .into_iter()
+                                .map(|m| SubjectAltNameMatcher {
+                                    san_type: 3, // URI
+                                    matcher: Some(m),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                        ..Default::default()
+                    },
+                )
+            };
+            CommonTlsContext {
+                tls_params: Some(TlsParameters::default()),
+                tls_certificate_sds_secret_configs: vec![sds(LEAF_SECRET)],
+                validation_context_type: Some(validation),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn upstream_tls(p: &Params, sni: &str, sans: Vec<String>) -> TransportSocket {
+    TransportSocket {
+        name: "tls".into(),
+        config_type: Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                pack_any(UpstreamTlsContext {
+                    common_tls_context: Some(common_tls(p, sans)),
+                    sni: sni.into(),
+                    ..Default::default()
+                }),
+            ),
+        ),
+    }
+}
+
+fn downstream_tls(p: &Params) -> TransportSocket {
+    TransportSocket {
+        name: "tls".into(),
+        config_type: Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                pack_any(DownstreamTlsContext {
+                    common_tls_context: Some(common_tls(p, vec![])),
+                    require_client_certificate: Some(BoolValue { value: true }),
+                    ..Default::default()
+                }),
+            ),
+        ),
+    }
+}
+
+/// The SDS secrets (`connect-leaf`, `connect-root`) for [`TlsDelivery::Sds`].
+pub fn secrets(p: &Params) -> Vec<Secret> {
+    vec![
+        Secret {
+            name: LEAF_SECRET.into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline(&p.certs.chain_pem),
+                private_key: inline(&p.certs.key_pem),
+                ..Default::default()
+            })),
+        },
+        Secret {
+            name: ROOT_SECRET.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: inline(&p.certs.roots_pem),
+                    ..Default::default()
+                },
+            )),
+        },
+    ]
+}
+
+// ---------------------------------------------------------------- listeners
+
+/// `public_listener:<addr>`: mTLS, `rbac` with `rules: {}`, `tcp_proxy` to
+/// `local_app`.
+pub fn public_listener(p: &Params) -> Listener {
+    Listener {
+        name: format!("public_listener:{}", p.public),
+        address: Some(socket(p.public)),
+        filter_chains: vec![FilterChain {
+            filters: vec![
+                rbac_filter(Some(Rbac::default())),
+                tcp_proxy_filter("public_listener", "local_app"),
+            ],
+            transport_socket: Some(downstream_tls(p)),
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+fn explicit_listener(name: String, bind: SocketAddr, stat: &str, cluster: String) -> Listener {
+    Listener {
+        name,
+        address: Some(socket(bind)),
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_proxy_filter(stat, &cluster)],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+fn db_listener(p: &Params) -> Listener {
+    explicit_listener(
+        format!("db:{}", p.db_bind),
+        p.db_bind,
+        &format!("upstream.db.default.default.{}", p.datacenter),
+        p.sni("db"),
+    )
+}
+
+fn geo_cache_listener(p: &Params) -> Listener {
+    explicit_listener(
+        format!("prepared_query:geo-cache:{}", p.geo_cache_bind),
+        p.geo_cache_bind,
+        "upstream.prepared_query_geo-cache",
+        p.query_cluster(),
+    )
+}
+
+fn prefix_chain(p: &Params, ips: &[IpAddr], svc: &str, cluster: String) -> FilterChain {
+    FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            prefix_ranges: ips
+                .iter()
+                .map(|ip| CidrRange {
+                    address_prefix: ip.to_string(),
+                    prefix_len: Some(UInt32Value {
+                        value: if ip.is_ipv4() { 32 } else { 128 },
+                    }),
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy_filter(
+            &format!("upstream.{svc}.default.default.{}", p.datacenter),
+            &cluster,
+        )],
+        ..Default::default()
+    }
+}
+
+fn default_chain() -> FilterChain {
+    FilterChain {
+        filters: vec![tcp_proxy_filter(
+            "upstream.original-destination",
+            "original-destination",
+        )],
+        ..Default::default()
+    }
+}
+
+fn outbound_listener(p: &Params, chains: Vec<FilterChain>, default: bool) -> Listener {
+    Listener {
+        name: format!("outbound_listener:{}", p.outbound),
+        address: Some(socket(p.outbound)),
+        filter_chains: chains,
+        default_filter_chain: default.then(default_chain),
+        listener_filters: vec![original_dst()],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------- clusters
+
+fn eds_cluster(p: &Params, name: String, sans: Vec<String>, alt_stat: bool, timeout: i64) -> Cluster {
+    Cluster {
+        alt_stat_name: if alt_stat { name.clone() } else { String::new() },
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: ads(),
+            ..Default::default()
+        }),
+        connect_timeout: secs(timeout),
+        circuit_breakers: Some(CircuitBreakers::default()),
+        outlier_detection: Some(OutlierDetection::default()),
+        common_lb_config: alt_stat.then(|| cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(Default::default()),
+            ..Default::default()
+        }),
+        transport_socket: Some(upstream_tls(p, &name, sans)),
+        name,
+        ..Default::default()
+    }
+}
+
+/// The EDS cluster of a service in the local datacenter.
+pub fn service_cluster(p: &Params, svc: &str) -> Cluster {
+    eds_cluster(p, p.sni(svc), vec![p.spiffe(&p.datacenter, svc)], true, 5)
+}
+
+fn geo_cache_cluster(p: &Params) -> Cluster {
+    eds_cluster(
+        p,
+        p.query_cluster(),
+        vec![
+            p.spiffe("dc1", "geo-cache-target"),
+            p.spiffe("dc2", "geo-cache-target"),
+        ],
+        false,
+        5,
+    )
+}
+
+/// `local_app`: STATIC, 5 s, one endpoint.
+pub fn local_app_cluster(p: &Params) -> Cluster {
+    static_cluster("local_app", p.local_app)
+}
+
+/// A STATIC cluster with one endpoint (`local_app`, `exposed_cluster_<port>`).
+pub fn static_cluster(name: &str, addr: SocketAddr) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        connect_timeout: secs(5),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(addr)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn original_dst_cluster(name: String, timeout: i64, tls: Option<TransportSocket>) -> Cluster {
+    Cluster {
+        name,
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        connect_timeout: secs(timeout),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        transport_socket: tls,
+        ..Default::default()
+    }
+}
+
+/// `original-destination`: ORIGINAL_DST, CLUSTER_PROVIDED, no TLS.
+pub fn original_destination_cluster() -> Cluster {
+    original_dst_cluster("original-destination".into(), 5, None)
+}
+
+fn passthrough_cluster(p: &Params, svc: &str, timeout: i64) -> Cluster {
+    original_dst_cluster(
+        format!("passthrough~{}", p.sni(svc)),
+        timeout,
+        Some(upstream_tls(p, &p.sni(svc), vec![p.spiffe(&p.datacenter, svc)])),
+    )
+}
+
+// ---------------------------------------------------------------- endpoints
+
+/// An assignment as Consul writes it: HEALTHY, weight 1; `endpoints: [{}]`
+/// when there are none.
+pub fn load_assignment(cluster: &str, eps: &[SocketAddr]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: eps
+                .iter()
+                .map(|a| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(*a)),
+                        ..Default::default()
+                    })),
+                    health_status: HealthStatus::Healthy as i32,
+                    load_balancing_weight: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn eps(p: &Params, svc: &str) -> Vec<SocketAddr> {
+    p.endpoints.get(svc).cloned().unwrap_or_default()
+}
+
+fn vips(p: &Params, svc: &str) -> Vec<IpAddr> {
+    p.vips.get(svc).cloned().unwrap_or_default()
+}
+
+fn finish(p: &Params, mut x: ConsulXds) -> ConsulXds {
+    if p.tls == TlsDelivery::Sds {
+        x.secrets = secrets(p);
+    }
+    x
+}
+
+// ---------------------------------------------------------------- goldens
+
+/// Mirrors `agent/xds/testdata/{listeners,clusters,endpoints}/transparent-proxy.latest.golden`
+/// (Consul v1.16.0): explicit upstream `db`, prepared query `geo-cache`,
+/// implicit upstream `google` on its virtual IPs, `no-endpoints` (a cluster
+/// with no hosts and no chain), the default chain to `original-destination`,
+/// and the public listener with `rules: {}`.
+pub fn transparent_proxy(p: &Params) -> ConsulXds {
+    let x = ConsulXds {
+        listeners: vec![
+            db_listener(p),
+            outbound_listener(
+                p,
+                vec![prefix_chain(p, &vips(p, "google"), "google", p.sni("google"))],
+                true,
+            ),
+            geo_cache_listener(p),
+            public_listener(p),
+        ],
+        clusters: vec![
+            service_cluster(p, "db"),
+            geo_cache_cluster(p),
+            service_cluster(p, "google"),
+            local_app_cluster(p),
+            service_cluster(p, "no-endpoints"),
+            original_destination_cluster(),
+        ],
+        endpoints: vec![
+            load_assignment(&p.sni("db"), &eps(p, "db")),
+            load_assignment(&p.query_cluster(), &eps(p, "geo-cache")),
+            load_assignment(&p.sni("google"), &eps(p, "google")),
+            load_assignment(&p.sni("no-endpoints"), &eps(p, "no-endpoints")),
+        ],
+        secrets: vec![],
+    };
+    finish(p, x)
+}
+
+/// Mirrors `agent/xds/testdata/{listeners,clusters}/transparent-proxy-catalog-destinations-only.latest.golden`
+/// (Consul v1.16.0): as [`transparent_proxy`], but `google` on its first
+/// virtual IP only (10.0.0.1 in the golden), no default chain and no
+/// `original-destination` cluster (mesh destinations only). Endpoints are
+/// those of `transparent-proxy` (that golden has none).
+pub fn transparent_proxy_catalog_destinations_only(p: &Params) -> ConsulXds {
+    let google: Vec<IpAddr> = vips(p, "google").into_iter().take(1).collect();
+    let mut x = transparent_proxy(p);
+    x.listeners[1] = outbound_listener(
+        p,
+        vec![prefix_chain(p, &google, "google", p.sni("google"))],
+        false,
+    );
+    x.clusters.retain(|c| c.name != "original-destination");
+    x
+}
+
+/// Mirrors `agent/xds/testdata/{listeners,clusters}/transparent-proxy-dial-instances-directly.latest.golden`
+/// (Consul v1.16.0): `kafka` dialed directly on its instance IPs only
+/// (`passthrough~kafka…`), `mongo` on its virtual IP (EDS cluster, 33 s
+/// connect timeout) and on its instance IPs (`passthrough~mongo…`, 33 s),
+/// plus `db` and `geo-cache` as in [`transparent_proxy`]. That golden has
+/// no endpoints; [`Params::endpoints`] gives kafka's and mongo's.
+pub fn transparent_proxy_dial_instances_directly(p: &Params) -> ConsulXds {
+    let inst = |s: &str| p.instances.get(s).cloned().unwrap_or_default();
+    let mongo_sni = p.sni("mongo");
+    let x = ConsulXds {
+        listeners: vec![
+            db_listener(p),
+            outbound_listener(
+                p,
+                vec![
+                    prefix_chain(p, &inst("mongo"), "mongo", format!("passthrough~{mongo_sni}")),
+                    prefix_chain(p, &vips(p, "mongo"), "mongo", mongo_sni.clone()),
+                    prefix_chain(
+                        p,
+                        &inst("kafka"),
+                        "kafka",
+                        format!("passthrough~{}", p.sni("kafka")),
+                    ),
+                ],
+                true,
+            ),
+            geo_cache_listener(p),
+            public_listener(p),
+        ],
+        clusters: vec![
+            service_cluster(p, "db"),
+            geo_cache_cluster(p),
+            service_cluster(p, "kafka"),
+            local_app_cluster(p),
+            eds_cluster(p, mongo_sni, vec![p.spiffe(&p.datacenter, "mongo")], true, 33),
+            original_destination_cluster(),
+            passthrough_cluster(p, "kafka", 5),
+            passthrough_cluster(p, "mongo", 33),
+        ],
+        endpoints: vec![
+            load_assignment(&p.sni("db"), &eps(p, "db")),
+            load_assignment(&p.query_cluster(), &eps(p, "geo-cache")),
+            load_assignment(&p.sni("kafka"), &eps(p, "kafka")),
+            load_assignment(&p.sni("mongo"), &eps(p, "mongo")),
+        ],
+        secrets: vec![],
+    };
+    finish(p, x)
+}
+
+/// Mirrors `agent/xds/testdata/listeners/connect-proxy-with-tproxy-and-permissive-mtls.latest.golden`
+/// (Consul v1.16.0): the outbound listener with only the default chain, and
+/// the public listener with `original_dst` and a second, plain chain
+/// matched on the local app's port (`permissive_public_listener`). Clusters
+/// and endpoints (not in that golden) are those of [`transparent_proxy`]
+/// for the upstreams it names.
+pub fn connect_proxy_with_tproxy_and_permissive_mtls(p: &Params) -> ConsulXds {
+    let mut public = public_listener(p);
+    public.filter_chains.push(FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: Some(UInt32Value {
+                value: u32::from(p.local_app.port()),
+            }),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy_filter("permissive_public_listener", "local_app")],
+        ..Default::default()
+    });
+    public.listener_filters = vec![original_dst()];
+    let x = ConsulXds {
+        listeners: vec![
+            db_listener(p),
+            outbound_listener(p, vec![], true),
+            geo_cache_listener(p),
+            public,
+        ],
+        clusters: vec![
+            service_cluster(p, "db"),
+            geo_cache_cluster(p),
+            local_app_cluster(p),
+            original_destination_cluster(),
+        ],
+        endpoints: vec![
+            load_assignment(&p.sni("db"), &eps(p, "db")),
+            load_assignment(&p.query_cluster(), &eps(p, "geo-cache")),
+        ],
+        secrets: vec![],
+    };
+    finish(p, x)
+}
+
+// ---------------------------------------------------------------- RBAC
+
+/// `authenticated.principal_name.safe_regex` as Consul writes it for a
+/// source service in the default namespace: any datacenter.
+// Consul writes the deprecated `google_re2: {}` engine.
+#[allow(deprecated)]
+pub fn spiffe_principal(trust_domain: &str, svc: &str) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
+            principal_name: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                    engine_type: Some(regex_matcher::EngineType::GoogleRe2(Default::default())),
+                    regex: format!("^spiffe://{trust_domain}/ns/default/dc/[^/]+/svc/{svc}$"),
+                })),
+                ..Default::default()
+            }),
+        })),
+    }
+}
+
+fn not_id(p: Principal) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::NotId(Box::new(p))),
+    }
+}
+
+fn and_ids(ids: Vec<Principal>) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::AndIds(principal::Set { ids })),
+    }
+}
+
+/// Consul's one L4 policy, `consul-intentions-layer4`, with `permissions: [{any: true}]`.
+pub fn layer4_rules(action: rbac::Action, principals: Vec<Principal>) -> Rbac {
+    let mut policies = std::collections::HashMap::new();
+    policies.insert(
+        "consul-intentions-layer4".to_string(),
+        Policy {
+            permissions: vec![Permission {
+                rule: Some(permission::Rule::Any(true)),
+            }],
+            principals,
+            ..Default::default()
+        },
+    );
+    Rbac {
+        action: action as i32,
+        policies,
+        ..Default::default()
+    }
+}
+
+/// Mirrors `agent/xds/testdata/rbac/default-deny-one-allow.golden` (Consul
+/// v1.16.0; trust domain `test.consul` there): ALLOW `web`.
+pub fn rbac_default_deny_one_allow(trust_domain: &str) -> Filter {
+    rbac_filter(Some(layer4_rules(
+        rbac::Action::Allow,
+        vec![spiffe_principal(trust_domain, "web")],
+    )))
+}
+
+/// Mirrors `agent/xds/testdata/rbac/default-deny-mixed-precedence.golden`
+/// (Consul v1.16.0), whose network filter is the same as
+/// `default-deny-one-allow`'s: ALLOW `web`.
+pub fn rbac_default_deny_mixed_precedence(trust_domain: &str) -> Filter {
+    rbac_default_deny_one_allow(trust_domain)
+}
+
+/// Mirrors `agent/xds/testdata/rbac/default-allow-one-deny.golden` (Consul
+/// v1.16.0): DENY `web`.
+pub fn rbac_default_allow_one_deny(trust_domain: &str) -> Filter {
+    rbac_filter(Some(layer4_rules(
+        rbac::Action::Deny,
+        vec![spiffe_principal(trust_domain, "web")],
+    )))
+}
+
+/// Mirrors `agent/xds/testdata/rbac/default-deny-allow-deny.golden` (Consul
+/// v1.16.0): ALLOW any service but `web` (`and_ids` of the wildcard and
+/// `not_id`).
+pub fn rbac_default_deny_allow_deny(trust_domain: &str) -> Filter {
+    rbac_filter(Some(layer4_rules(
+        rbac::Action::Allow,
+        vec![and_ids(vec![
+            spiffe_principal(trust_domain, "[^/]+"),
+            not_id(spiffe_principal(trust_domain, "web")),
+        ])],
+    )))
+}
+
+/// Mirrors `agent/xds/testdata/rbac/default-deny-kitchen-sink.golden`
+/// (Consul v1.16.0): ALLOW `cron`, `web`, and any service but `web`,
+/// `unsafe` and `cron`.
+pub fn rbac_default_deny_kitchen_sink(trust_domain: &str) -> Filter {
+    rbac_filter(Some(layer4_rules(
+        rbac::Action::Allow,
+        vec![
+            spiffe_principal(trust_domain, "cron"),
+            spiffe_principal(trust_domain, "web"),
+            and_ids(vec![
+                spiffe_principal(trust_domain, "[^/]+"),
+                not_id(spiffe_principal(trust_domain, "web")),
+                not_id(spiffe_principal(trust_domain, "unsafe")),
+                not_id(spiffe_principal(trust_domain, "cron")),
+            ]),
+        ],
+    )))
+}

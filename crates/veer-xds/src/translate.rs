@@ -1,0 +1,715 @@
+//! The translation of Consul's xDS resources into veer's one plain-data
+//! [`Spec`] (L4, transparent proxy), sans IO.
+//!
+//! - [`decode`] takes one resource as the ADS client receives it, checks it
+//!   on its own and returns it decoded, or the reason to NACK it (the
+//!   resource and the field path are named).
+//! - [`wanted`] names what to subscribe to by name (EDS, RDS, SDS).
+//! - [`missing`] says what a first configuration still waits for.
+//! - [`translate`] compiles the accepted resources into a [`Spec`].
+//!
+//! # The mapping (Envoy's semantics, Consul's shapes, v1.16 and newer)
+//!
+//! - `public_listener:*` (mTLS, client certificate required, else refused):
+//!   its address is `listen.inbound`; the `DownstreamTlsContext`'s leaf
+//!   (inline, or SDS `connect-leaf`) gives `chain`, `key` and, from its
+//!   SPIFFE URI, `identity`; its trusted CA (inline, or SDS `connect-root`)
+//!   gives `roots`. Network `rbac` filters become `Spec::rbac` (ALLOW/DENY;
+//!   `rules: {}` denies all; no `rules` enforces nothing; shadow rules are
+//!   ignored; permissions other than `any` are refused);
+//!   `connection_limit` gives `inbound_max_connections`; the `tcp_proxy`
+//!   cluster (STATIC, one endpoint) is `local_app`; permissive-mTLS chains
+//!   (`destination_port` + plain `tcp_proxy` to the same cluster) give
+//!   `permissive_ports`.
+//! - `outbound_listener:*` (`original_dst` required): its address joins
+//!   `listen.outbound`; each chain's `prefix_ranges` (single addresses only,
+//!   /32 or /128) are the virtual IPs of the EDS cluster its `tcp_proxy`
+//!   names (with `destination_port` when set), or, for a
+//!   `passthrough~<sni>` ORIGINAL_DST cluster with mTLS, the instance IPs of
+//!   the upstream with that SNI (`dialed_directly`). A `default_filter_chain`
+//!   to a plain ORIGINAL_DST cluster passes everything else through; its
+//!   absence means `mesh_destinations_only`.
+//! - Any other listener with one `tcp_proxy` chain is an explicit upstream
+//!   (`local_bind` = its address); `exposed_path_*` listeners (one plain HCM,
+//!   one exact-path route, router only; the one HTTP shape allowed at L4) are
+//!   `expose` paths to the route's STATIC cluster on 127.0.0.1.
+//! - EDS clusters (mTLS only): `sni`, the URI SAN matchers (old and typed
+//!   forms) as `san_matchers` (the first exact SPIFFE ID is the upstream's
+//!   `identity`), the trusted CA as per-upstream `roots` when it differs from
+//!   the listener's, `connect_timeout`, the default-priority circuit breaker
+//!   `max_connections`. Outlier detection is accepted: veer's own endpoint
+//!   failure marking does that job. RING_HASH, MAGLEV, LEAST_REQUEST and
+//!   RANDOM are accepted and approximated by (weighted) round robin, without
+//!   session affinity. Aggregate and DNS clusters are refused (they belong to
+//!   the discovery-chain work).
+//! - Endpoints: of the lowest priority that has any usable, those HEALTHY or
+//!   of UNKNOWN health (Consul sets `healthy_panic_threshold` 0), with their
+//!   weights; `endpoints: [{}]` is an upstream with no hosts.
+//! - Routes are stored but unused: every HCM but the exposed-path shape is
+//!   refused until L7 lands.
+//!
+//! What veer cannot enforce is refused, never skipped: HTTP connection
+//! managers on the public and outbound listeners, `ext_authz`, `jwt_authn`,
+//! `lua`, `wasm`, unknown filters and listener filters, transport sockets
+//! other than TLS, `tls_inspector`/`sni_cluster` chains, a TLS 1.3 minimum
+//! or cipher-suite lists, file data sources.
+use crate::resources::{Decoded, Kind, Resources, Wanted};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::google::protobuf::Any;
+use parse::{ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel};
+use prost::Message;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use veer_core::authz::MatchPattern;
+use veer_core::intentions::Action;
+use veer_core::route::Protocol;
+use veer_core::snapshot::{ExposePath, ListenSpec, Spec, Timeouts, UpstreamSpec};
+use veer_core::spiffe::ServiceId;
+
+mod parse;
+
+/// [`Spec::source`] of every spec built here.
+pub const SOURCE: &str = "xds";
+
+/// Why a resource is NACKed or a configuration cannot be compiled.
+/// `classify()` gives a metric label.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TranslateError {
+    /// The `Any`'s type URL is not the one of the kind it came as.
+    #[error("{kind} {name}: type URL {got:?} is not {want}")]
+    TypeUrl {
+        kind: &'static str,
+        name: String,
+        got: String,
+        want: &'static str,
+    },
+    /// The bytes are not a valid message of the kind.
+    #[error("{kind} {name}: cannot decode: {reason}")]
+    Decode {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    /// The resource's own name differs from the name it was sent under.
+    #[error("{kind} {name}: the resource calls itself {inner:?}")]
+    Name {
+        kind: &'static str,
+        name: String,
+        inner: String,
+    },
+    /// A well-formed field asking for something veer does not enforce.
+    #[error("{kind} {name}: {}", with_field(field, reason))]
+    Refused {
+        kind: &'static str,
+        name: String,
+        field: String,
+        reason: String,
+    },
+    /// A malformed field.
+    #[error("{kind} {name}: {}", with_field(field, reason))]
+    Invalid {
+        kind: &'static str,
+        name: String,
+        field: String,
+        reason: String,
+    },
+    /// Resources that do not fit together (each names the resources).
+    #[error("{0}")]
+    Inconsistent(String),
+    /// A first configuration still waits for these (see [`missing`]).
+    #[error("incomplete configuration: waiting for {}", .0.join("; "))]
+    Incomplete(Vec<String>),
+}
+
+fn with_field(field: &str, reason: &str) -> String {
+    if field.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{field}: {reason}")
+    }
+}
+
+impl TranslateError {
+    /// A short, bounded label for metrics.
+    pub fn classify(&self) -> &'static str {
+        match self {
+            TranslateError::TypeUrl { .. } => "type_url",
+            TranslateError::Decode { .. } => "decode",
+            TranslateError::Name { .. } => "name",
+            TranslateError::Refused { .. } => "refused",
+            TranslateError::Invalid { .. } => "invalid",
+            TranslateError::Inconsistent(_) => "inconsistent",
+            TranslateError::Incomplete(_) => "incomplete",
+        }
+    }
+
+    fn from_fault(kind: Kind, name: &str, f: Fault) -> TranslateError {
+        let (kind, name) = (noun(kind), name.to_string());
+        if f.unsupported {
+            TranslateError::Refused {
+                kind,
+                name,
+                field: f.field,
+                reason: f.reason,
+            }
+        } else {
+            TranslateError::Invalid {
+                kind,
+                name,
+                field: f.field,
+                reason: f.reason,
+            }
+        }
+    }
+}
+
+/// How errors name a kind.
+fn noun(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Listener => "listener",
+        Kind::Cluster => "cluster",
+        Kind::Endpoints => "endpoints",
+        Kind::Route => "route",
+        Kind::Secret => "secret",
+    }
+}
+
+fn unpack<T: Message + Default>(kind: Kind, name: &str, any: &Any) -> Result<T, TranslateError> {
+    if any.type_url != kind.type_url() {
+        return Err(TranslateError::TypeUrl {
+            kind: noun(kind),
+            name: name.to_string(),
+            got: any.type_url.clone(),
+            want: kind.type_url(),
+        });
+    }
+    T::decode(any.value.as_slice()).map_err(|e| TranslateError::Decode {
+        kind: noun(kind),
+        name: name.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn same_name(kind: Kind, name: &str, inner: &str) -> Result<(), TranslateError> {
+    if inner == name {
+        Ok(())
+    } else {
+        Err(TranslateError::Name {
+            kind: noun(kind),
+            name: name.to_string(),
+            inner: inner.to_string(),
+        })
+    }
+}
+
+/// Decodes one resource of `kind` sent under `name` and checks it on its
+/// own; `Err` = NACK it (the old one, if any, keeps serving).
+pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateError> {
+    let fault = |f| TranslateError::from_fault(kind, name, f);
+    Ok(match kind {
+        Kind::Listener => {
+            let l: Listener = unpack(kind, name, any)?;
+            same_name(kind, name, &l.name)?;
+            parse::listener(&l).map_err(fault)?;
+            Decoded::Listener(l)
+        }
+        Kind::Cluster => {
+            let c: Cluster = unpack(kind, name, any)?;
+            same_name(kind, name, &c.name)?;
+            parse::cluster(&c).map_err(fault)?;
+            Decoded::Cluster(c)
+        }
+        Kind::Endpoints => {
+            let e: ClusterLoadAssignment = unpack(kind, name, any)?;
+            same_name(kind, name, &e.cluster_name)?;
+            parse::endpoints_of(&e).map_err(fault)?;
+            Decoded::Endpoints(e)
+        }
+        Kind::Route => {
+            // Stored only: no accepted listener refers to RDS at L4.
+            let r: RouteConfiguration = unpack(kind, name, any)?;
+            same_name(kind, name, &r.name)?;
+            Decoded::Route(r)
+        }
+        Kind::Secret => {
+            let s: Secret = unpack(kind, name, any)?;
+            same_name(kind, name, &s.name)?;
+            parse::secret(&s).map_err(fault)?;
+            Decoded::Secret(s)
+        }
+    })
+}
+
+fn sds_names(leaf: &LeafSource, roots: &RootsSource, out: &mut BTreeSet<String>) {
+    if let LeafSource::Sds(n) = leaf {
+        out.insert(n.clone());
+    }
+    if let RootsSource::Sds(n) = roots {
+        out.insert(n.clone());
+    }
+}
+
+fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
+    match &m.kind {
+        ClusterKind::Eds { tls, .. } => Some(tls),
+        ClusterKind::OriginalDst(tls) => tls.as_ref(),
+        ClusterKind::Static(_) => None,
+    }
+}
+
+/// The names to subscribe to by name: the EDS name of every accepted EDS
+/// cluster, every SDS secret a listener or cluster names, every RDS route
+/// an HCM names.
+pub fn wanted(res: &Resources) -> Wanted {
+    let mut w = Wanted::default();
+    for l in res.listeners.values() {
+        if let Ok(ListenerModel::Public(p)) = parse::listener(l) {
+            sds_names(&p.tls.leaf, &p.tls.roots, &mut w.secrets);
+        }
+        w.routes.extend(parse::rds_names(l));
+    }
+    for c in res.clusters.values() {
+        if let Ok(m) = parse::cluster(c) {
+            if let ClusterKind::Eds { eds_name, .. } = &m.kind {
+                w.endpoints.insert(eds_name.clone());
+            }
+            if let Some(tls) = cluster_tls(&m) {
+                sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
+            }
+        }
+    }
+    w
+}
+
+/// The clusters a listener model sends traffic to.
+fn referenced(m: &ListenerModel) -> Vec<String> {
+    match m {
+        ListenerModel::Public(p) => {
+            let mut v = vec![p.cluster.clone()];
+            v.extend(p.permissive.iter().map(|(_, c)| c.clone()));
+            v
+        }
+        ListenerModel::Outbound(o) => {
+            let mut v: Vec<String> = o.chains.iter().map(|c| c.cluster.clone()).collect();
+            v.extend(o.default_cluster.clone());
+            v
+        }
+        ListenerModel::Upstream { cluster, .. } => vec![cluster.clone()],
+        ListenerModel::Expose(e) => vec![e.cluster.clone()],
+    }
+}
+
+/// What a first configuration still waits for; empty = [`translate`] can
+/// build a spec (or say why the resources do not fit together).
+pub fn missing(res: &Resources) -> Vec<String> {
+    let mut m = BTreeSet::new();
+    let models: Vec<(&String, ListenerModel)> = res
+        .listeners
+        .iter()
+        .filter_map(|(n, l)| parse::listener(l).ok().map(|m| (n, m)))
+        .collect();
+    if !models
+        .iter()
+        .any(|(_, l)| matches!(l, ListenerModel::Public(_)))
+    {
+        m.insert("the public listener (LDS)".to_string());
+    }
+    let mut secrets = BTreeSet::new();
+    for (name, l) in &models {
+        if let ListenerModel::Public(p) = l {
+            sds_names(&p.tls.leaf, &p.tls.roots, &mut secrets);
+        }
+        for c in referenced(l) {
+            match res.clusters.get(&c).map(parse::cluster) {
+                None => {
+                    m.insert(format!("cluster {c} (CDS), named by listener {name}"));
+                }
+                Some(Ok(cm)) => {
+                    if let ClusterKind::Eds { eds_name, .. } = &cm.kind {
+                        if !res.endpoints.contains_key(eds_name) {
+                            m.insert(format!("endpoints {eds_name} (EDS)"));
+                        }
+                    }
+                    if let Some(tls) = cluster_tls(&cm) {
+                        sds_names(&tls.leaf, &tls.roots, &mut secrets);
+                    }
+                }
+                Some(Err(_)) => {}
+            }
+        }
+    }
+    for s in secrets {
+        if !res.secrets.contains_key(&s) {
+            m.insert(format!("secret {s} (SDS)"));
+        }
+    }
+    m.into_iter().collect()
+}
+
+fn inconsistent(msg: impl Into<String>) -> TranslateError {
+    TranslateError::Inconsistent(msg.into())
+}
+
+/// Secrets resolved once per translation.
+struct Secrets<'a> {
+    res: &'a Resources,
+}
+
+impl Secrets<'_> {
+    fn secret(&self, name: &str, who: &str) -> Result<SecretModel, TranslateError> {
+        let s = self.res.secrets.get(name).ok_or_else(|| {
+            TranslateError::Incomplete(vec![format!("secret {name} (SDS), named by {who}")])
+        })?;
+        parse::secret(s).map_err(|f| TranslateError::from_fault(Kind::Secret, name, f))
+    }
+
+    fn leaf(
+        &self,
+        src: &LeafSource,
+        who: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TranslateError> {
+        match src {
+            LeafSource::Inline { chain, key } => Ok((chain.clone(), key.clone_key())),
+            LeafSource::Sds(n) => match self.secret(n, who)? {
+                SecretModel::Leaf { chain, key } => Ok((chain, key)),
+                SecretModel::Roots(_) => Err(inconsistent(format!(
+                    "{who}: secret {n} holds a validation context where a certificate is needed"
+                ))),
+            },
+        }
+    }
+
+    fn roots(
+        &self,
+        src: &RootsSource,
+        who: &str,
+    ) -> Result<Vec<CertificateDer<'static>>, TranslateError> {
+        match src {
+            RootsSource::Inline(r) => Ok(r.clone()),
+            RootsSource::Sds(n) => match self.secret(n, who)? {
+                SecretModel::Roots(r) => Ok(r),
+                SecretModel::Leaf { .. } => Err(inconsistent(format!(
+                    "{who}: secret {n} holds a certificate where a validation context is needed"
+                ))),
+            },
+        }
+    }
+}
+
+/// The upstream being built for one EDS (or passthrough-only) cluster.
+struct Building {
+    spec: UpstreamSpec,
+    /// The EDS cluster name (or the passthrough cluster's SNI).
+    cluster: String,
+}
+
+/// Compiles the accepted resources into a [`Spec`]. `Incomplete` when a
+/// part is still missing (see [`missing`]); `Inconsistent` when the
+/// resources do not fit together; `Refused`/`Invalid` for a resource that
+/// should not have been accepted.
+pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
+    let m = missing(res);
+    if !m.is_empty() {
+        return Err(TranslateError::Incomplete(m));
+    }
+    let secrets = Secrets { res };
+    let lfault = |n: &str| move |f| TranslateError::from_fault(Kind::Listener, n, f);
+    let mut public = None;
+    let mut outbound = Vec::new();
+    let mut explicit = Vec::new();
+    let mut exposes = Vec::new();
+    for (name, l) in &res.listeners {
+        match parse::listener(l).map_err(lfault(name))? {
+            ListenerModel::Public(p) => {
+                if let Some((first, _)) = &public {
+                    return Err(inconsistent(format!(
+                        "listeners {first} and {name}: more than one public listener"
+                    )));
+                }
+                public = Some((name.clone(), p));
+            }
+            ListenerModel::Outbound(o) => outbound.push((name.clone(), o)),
+            ListenerModel::Upstream { addr, cluster } => {
+                explicit.push((name.clone(), addr, cluster))
+            }
+            ListenerModel::Expose(e) => exposes.push((name.clone(), e)),
+        }
+    }
+    let Some((pname, public)) = public else {
+        return Err(TranslateError::Incomplete(vec!["the public listener (LDS)".into()]));
+    };
+    let who = format!("listener {pname}");
+    let (chain, key) = secrets.leaf(&public.tls.leaf, &who)?;
+    let roots = secrets.roots(&public.tls.roots, &who)?;
+    let identity = veer_core::tls::peer_identity(&chain[0]).map_err(|e| {
+        TranslateError::Invalid {
+            kind: "listener",
+            name: pname.clone(),
+            field: "filter_chains.transport_socket.common_tls_context.tls_certificates[0]"
+                .into(),
+            reason: format!("the leaf certificate has no usable SPIFFE service identity: {e}"),
+        }
+    })?;
+
+    // Parsed clusters, by name (every referenced one is present: `missing`).
+    let mut clusters: HashMap<&str, ClusterModel> = HashMap::new();
+    for (name, c) in &res.clusters {
+        let m = parse::cluster(c)
+            .map_err(|f| TranslateError::from_fault(Kind::Cluster, name, f))?;
+        clusters.insert(name.as_str(), m);
+    }
+    let cluster = |name: &str| clusters.get(name).expect("missing() checked referenced clusters");
+
+    // The local app.
+    let (local_app, local_connect) = match &cluster(&public.cluster).kind {
+        ClusterKind::Static(a) => (*a, cluster(&public.cluster).connect_timeout),
+        _ => {
+            return Err(inconsistent(format!(
+                "listener {pname}: tcp_proxy cluster {} is not a STATIC cluster with the local app's address",
+                public.cluster
+            )))
+        }
+    };
+    let mut permissive_ports = Vec::new();
+    for (port, c) in &public.permissive {
+        if *c != public.cluster {
+            return Err(inconsistent(format!(
+                "listener {pname}: the permissive chain for port {port} goes to cluster {c}, not to the local app's {}; veer relays permissive connections to the local app only",
+                public.cluster
+            )));
+        }
+        permissive_ports.push(*port);
+    }
+
+    // Upstreams.
+    let mut ups: Vec<Building> = Vec::new();
+    let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
+    let mut new_upstream = |ups: &mut Vec<Building>,
+                            cname: &str,
+                            tls: &parse::UpstreamTls,
+                            model: &ClusterModel,
+                            eds: Option<&str>|
+     -> Result<usize, TranslateError> {
+        let who = format!("cluster {cname}");
+        let identity = tls
+            .sans
+            .iter()
+            .find_map(|s| match &s.pattern {
+                MatchPattern::Exact(u) if !s.ignore_case => ServiceId::parse(u).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                inconsistent(format!(
+                    "{who}: no exact SPIFFE service ID among its subject-alt-name matchers, so veer cannot tell whom it reaches"
+                ))
+            })?;
+        let (uchain, _) = secrets.leaf(&tls.leaf, &who)?;
+        if uchain != chain {
+            return Err(inconsistent(format!(
+                "{who}: its client certificate differs from the public listener's; veer has one identity"
+            )));
+        }
+        let uroots = secrets.roots(&tls.roots, &who)?;
+        let mut spec = UpstreamSpec::new(identity);
+        spec.protocol = Protocol::Tcp;
+        spec.sni = Some(tls.sni.clone());
+        spec.san_matchers = tls.sans.clone();
+        spec.roots = (uroots != roots).then_some(uroots);
+        spec.connect_timeout = model.connect_timeout;
+        spec.max_connections = model.max_connections;
+        if let Some(eds) = eds {
+            let la = &res.endpoints[eds];
+            let eps = parse::endpoints_of(la)
+                .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
+            spec.endpoints = eps.iter().map(|e| e.addr).collect();
+            if eps.iter().any(|e| e.weight != 1) {
+                spec.endpoint_weights = eps.iter().map(|e| e.weight).collect();
+            }
+        }
+        ups.push(Building {
+            spec,
+            cluster: cname.to_string(),
+        });
+        Ok(ups.len() - 1)
+    };
+
+    let mut outbound_addrs = Vec::new();
+    let mut mesh_only: Option<bool> = None;
+    // Passthrough chains are applied after the VIP chains, so that they find
+    // the EDS upstream of the same SNI when there is one.
+    let mut passthrough: Vec<(String, usize, Vec<IpAddr>, String)> = Vec::new();
+    for (lname, o) in &outbound {
+        outbound_addrs.push(o.addr);
+        let only = match &o.default_cluster {
+            None => true,
+            Some(c) => match &cluster(c).kind {
+                ClusterKind::OriginalDst(None) => false,
+                _ => {
+                    return Err(inconsistent(format!(
+                        "listener {lname}: default_filter_chain goes to cluster {c}; only a plain ORIGINAL_DST (passthrough) cluster is supported there"
+                    )))
+                }
+            },
+        };
+        if mesh_only.is_some_and(|m| m != only) {
+            return Err(inconsistent(format!(
+                "listener {lname}: outbound listeners disagree on whether non-mesh destinations pass through"
+            )));
+        }
+        mesh_only = Some(only);
+        for ch in &o.chains {
+            let cm = cluster(&ch.cluster);
+            match &cm.kind {
+                ClusterKind::Eds { eds_name, tls } => {
+                    let key = (ch.cluster.clone(), ch.port);
+                    let i = match by_key.get(&key) {
+                        Some(i) => *i,
+                        None => {
+                            let i = new_upstream(&mut ups, &ch.cluster, tls, cm, Some(eds_name))?;
+                            ups[i].spec.destination_port = ch.port;
+                            by_key.insert(key, i);
+                            i
+                        }
+                    };
+                    ups[i].spec.virtual_ips.extend(ch.ips.iter().copied());
+                }
+                ClusterKind::OriginalDst(Some(tls)) => {
+                    if ch.port.is_some() {
+                        return Err(inconsistent(format!(
+                            "listener {lname}: filter_chains[{}]: a dialed-directly chain matched on destination_port is not supported; veer matches instance IPs on any port",
+                            ch.index
+                        )));
+                    }
+                    passthrough.push((
+                        ch.cluster.clone(),
+                        ch.index,
+                        ch.ips.clone(),
+                        tls.sni.clone(),
+                    ));
+                }
+                ClusterKind::OriginalDst(None) => {
+                    if only {
+                        return Err(inconsistent(format!(
+                            "listener {lname}: filter_chains[{}] passes {:?} through in plain TCP while the listener is for mesh destinations only; not supported",
+                            ch.index, ch.ips
+                        )));
+                    }
+                    // Same as the default chain: nothing to add.
+                }
+                ClusterKind::Static(_) => {
+                    return Err(inconsistent(format!(
+                        "listener {lname}: filter_chains[{}] goes to STATIC cluster {}; outbound chains go to upstreams",
+                        ch.index, ch.cluster
+                    )))
+                }
+            }
+        }
+    }
+    for (cname, _index, ips, sni) in passthrough {
+        let existing = ups.iter().position(|b| {
+            b.spec.sni.as_deref() == Some(sni.as_str()) && b.spec.local_bind.is_none()
+        });
+        let i = match existing {
+            Some(i) => i,
+            None => {
+                let cm = cluster(&cname);
+                let ClusterKind::OriginalDst(Some(tls)) = &cm.kind else {
+                    unreachable!("collected from an ORIGINAL_DST cluster with TLS");
+                };
+                // The EDS cluster of the same name gives endpoints, when there is one.
+                let eds = clusters.get(sni.as_str()).and_then(|m| match &m.kind {
+                    ClusterKind::Eds { eds_name, .. } => Some(eds_name.as_str()),
+                    _ => None,
+                });
+                let eds = eds.filter(|e| res.endpoints.contains_key(*e));
+                new_upstream(&mut ups, &cname, tls, cm, eds)?
+            }
+        };
+        ups[i].spec.dialed_directly = true;
+        ups[i].spec.instances.extend(ips);
+    }
+    for (lname, addr, cname) in &explicit {
+        let cm = cluster(cname);
+        let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
+            return Err(inconsistent(format!(
+                "listener {lname}: tcp_proxy cluster {cname} is not an EDS upstream cluster"
+            )));
+        };
+        let existing = ups
+            .iter()
+            .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
+        let i = match existing {
+            Some(i) => i,
+            None => new_upstream(&mut ups, cname, tls, cm, Some(eds_name))?,
+        };
+        ups[i].spec.local_bind = Some(*addr);
+    }
+    let mut upstreams: Vec<UpstreamSpec> = ups.into_iter().map(|b| b.spec).collect();
+    upstreams.sort_by(|a, b| {
+        (&a.identity.service, &a.sni, a.destination_port, a.local_bind).cmp(&(
+            &b.identity.service,
+            &b.sni,
+            b.destination_port,
+            b.local_bind,
+        ))
+    });
+
+    // Exposed paths.
+    let mut expose = Vec::new();
+    for (lname, e) in &exposes {
+        let ClusterKind::Static(a) = &cluster(&e.cluster).kind else {
+            return Err(inconsistent(format!(
+                "listener {lname}: route cluster {} is not a STATIC cluster",
+                e.cluster
+            )));
+        };
+        if a.ip() != IpAddr::from([127, 0, 0, 1]) {
+            return Err(inconsistent(format!(
+                "listener {lname}: route cluster {} is at {a}; veer serves exposed paths to 127.0.0.1 only",
+                e.cluster
+            )));
+        }
+        let mut p = ExposePath::new(e.addr, e.path.clone(), a.port());
+        if e.http2 {
+            p.protocol = Protocol::Http2;
+        }
+        expose.push(p);
+    }
+
+    let timeouts = Timeouts {
+        local_connect: local_connect.unwrap_or(Timeouts::default().local_connect),
+        ..Timeouts::default()
+    };
+    Ok(Spec {
+        identity,
+        roots,
+        chain,
+        key,
+        local_app,
+        intentions: Vec::new(),
+        default_action: Action::Deny,
+        upstreams,
+        mesh_destinations_only: mesh_only.unwrap_or(false),
+        listen: ListenSpec {
+            inbound: public.addr,
+            outbound: outbound_addrs,
+        },
+        timeouts,
+        source: SOURCE.to_string(),
+        expose,
+        rbac: Some(public.rbac),
+        permissive_ports,
+        inbound_max_connections: public
+            .max_connections
+            .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
+    })
+}
+
+#[cfg(test)]
+mod tests;
