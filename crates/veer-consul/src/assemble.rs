@@ -449,6 +449,9 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         timeouts,
         source: settings.source.clone(),
         expose: reg.expose.clone(),
+        rbac: None,
+        permissive_ports: Vec::new(),
+        inbound_max_connections: None,
     };
     Ok(Assembled { spec, warnings })
 }
@@ -489,6 +492,9 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         timeouts,
         source,
         expose,
+        rbac,
+        permissive_ports,
+        inbound_max_connections,
     } = a;
     *identity == b.identity
         && *roots == b.roots
@@ -503,6 +509,9 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         && *timeouts == b.timeouts
         && *source == b.source
         && *expose == b.expose
+        && *rbac == b.rbac
+        && *permissive_ports == b.permissive_ports
+        && *inbound_max_connections == b.inbound_max_connections
 }
 
 /// A one-line summary of what changed between two specs, for logs.

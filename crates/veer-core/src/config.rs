@@ -702,6 +702,9 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         timeouts,
         source: format!("file {}", path.display()),
         expose,
+        rbac: None,
+        permissive_ports: Vec::new(),
+        inbound_max_connections: None,
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
     let check = crate::snapshot::Snapshot::build(spec.clone(), 0);

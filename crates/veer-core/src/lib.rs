@@ -8,6 +8,7 @@
 //! - [`addr`]: typed addresses (client, original destination, endpoint, local app).
 //! - [`spiffe`]: Consul's SPIFFE service identities and SNI names.
 //! - [`intentions`]: Consul's L4 intention precedence and evaluation.
+//! - [`authz`]: Envoy network RBAC and the one inbound authorization of a snapshot.
 //! - [`route`]: the outbound routing decision.
 //! - [`tls`]: rustls configurations and peer-identity extraction.
 //! - [`config`]: the TOML file format and its validation.
@@ -15,6 +16,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod authz;
 pub mod config;
 pub mod duration;
 pub mod intentions;

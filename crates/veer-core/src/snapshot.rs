@@ -5,6 +5,7 @@
 //! into what the listeners read per connection: rustls configurations, the
 //! intentions for this service, and the routing table. A snapshot is never
 //! changed after it is built; the runtime swaps whole snapshots atomically.
+use crate::authz::{RbacRules, StringMatch};
 use crate::intentions::{Action, Intention, Intentions};
 use crate::route::{Endpoint, Protocol, RouteTable, Upstream};
 use crate::spiffe::ServiceId;
@@ -69,6 +70,24 @@ pub struct UpstreamSpec {
     pub instances: Vec<IpAddr>,
     pub local_bind: Option<SocketAddr>,
     pub connect_timeout: Option<Duration>,
+    /// The SNI sent to its endpoints; `None` = `identity.sni()`.
+    pub sni: Option<String>,
+    /// What the server certificate's URI SAN must match (any of them);
+    /// empty = exactly the SPIFFE ID of `identity`. Checked inside the TLS
+    /// handshake, before veer sends its own certificate.
+    pub san_matchers: Vec<StringMatch>,
+    /// The CAs its servers must chain to; `None` = the spec's `roots`.
+    pub roots: Option<Vec<CertificateDer<'static>>>,
+    /// The port its virtual IPs match; `None` = any port. A destination is
+    /// looked up by (ip, port) first, then by ip.
+    pub destination_port: Option<u16>,
+    /// Connections open at once to this upstream (Envoy circuit breaker
+    /// `max_connections`); past it new ones are refused (`reason=overflow`).
+    /// `None` = no limit beyond the listener's.
+    pub max_connections: Option<u32>,
+    /// Load-balancing weight of each endpoint, parallel to `endpoints`;
+    /// empty = all 1. Each weight must be at least 1.
+    pub endpoint_weights: Vec<u32>,
 }
 
 impl UpstreamSpec {
@@ -82,6 +101,12 @@ impl UpstreamSpec {
             instances: Vec::new(),
             local_bind: None,
             connect_timeout: None,
+            sni: None,
+            san_matchers: Vec::new(),
+            roots: None,
+            destination_port: None,
+            max_connections: None,
+            endpoint_weights: Vec::new(),
         }
     }
 }
@@ -134,6 +159,17 @@ pub struct Spec {
     pub source: String,
     /// Plain-HTTP expose paths (probe overwrite); empty when none.
     pub expose: Vec<ExposePath>,
+    /// Envoy network RBAC filters that decide inbound connections instead
+    /// of `intentions`/`default_action`: `None` = intentions decide;
+    /// `Some(vec![])` = no RBAC filter, all allowed; each filter must allow.
+    pub rbac: Option<Vec<RbacRules>>,
+    /// Inbound connections whose original destination port is one of these
+    /// are relayed as plain TCP to the local app (Consul's permissive mTLS);
+    /// empty = all inbound connections need mTLS.
+    pub permissive_ports: Vec<u16>,
+    /// Connections the inbound listener holds open at once (Envoy
+    /// `connection_limit`); `None` = `timeouts.max_connections`.
+    pub inbound_max_connections: Option<u32>,
 }
 
 impl Clone for Spec {
@@ -152,6 +188,9 @@ impl Clone for Spec {
             timeouts: self.timeouts.clone(),
             source: self.source.clone(),
             expose: self.expose.clone(),
+            rbac: self.rbac.clone(),
+            permissive_ports: self.permissive_ports.clone(),
+            inbound_max_connections: self.inbound_max_connections,
         }
     }
 }
