@@ -11,7 +11,9 @@
 //! namespaces), and how TLS material is delivered (inline PEM as v1.16
 //! sends it, or SDS secrets `connect-leaf`/`connect-root` as newer Consul
 //! versions do).
-use envoy_types::pb::envoy::config::cluster::v3::{cluster, CircuitBreakers, Cluster, OutlierDetection};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    cluster, CircuitBreakers, Cluster, OutlierDetection,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source, data_source, socket_address, Address, AggregatedConfigSource,
     ApiVersion, CidrRange, ConfigSource, DataSource, HealthStatus, SocketAddress, TrafficDirection,
@@ -126,7 +128,10 @@ impl Params {
         instances.insert("kafka".into(), ips(&["9.9.9.9"]));
         instances.insert("mongo".into(), ips(&["10.10.10.10", "10.10.10.12"]));
         let mut endpoints = BTreeMap::new();
-        endpoints.insert("db".into(), vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")]);
+        endpoints.insert(
+            "db".into(),
+            vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+        );
         endpoints.insert(
             "geo-cache".into(),
             vec![sa("10.10.1.1:8080"), sa("10.20.1.2:8080")],
@@ -163,7 +168,10 @@ impl Params {
 
     /// `spiffe://<td>/ns/default/dc/<dc>/svc/<svc>`.
     pub fn spiffe(&self, dc: &str, svc: &str) -> String {
-        format!("spiffe://{}/ns/default/dc/{dc}/svc/{svc}", self.trust_domain)
+        format!(
+            "spiffe://{}/ns/default/dc/{dc}/svc/{svc}",
+            self.trust_domain
+        )
     }
 
     fn query_cluster(&self) -> String {
@@ -348,14 +356,16 @@ fn common_tls(p: &Params, sans: Vec<String>) -> CommonTlsContext {
                 private_key: inline(&p.certs.key_pem),
                 ..Default::default()
             }],
-            validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
-                CertificateValidationContext {
-                    trusted_ca: inline(&p.certs.roots_pem),
-                    // v1.16 uses the deprecated field.
-                    match_subject_alt_names: matchers,
-                    ..Default::default()
-                },
-            )),
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContext(
+                    CertificateValidationContext {
+                        trusted_ca: inline(&p.certs.roots_pem),
+                        // v1.16 uses the deprecated field.
+                        match_subject_alt_names: matchers,
+                        ..Default::default()
+                    },
+                ),
+            ),
             ..Default::default()
         },
         TlsDelivery::Sds => {
@@ -545,9 +555,19 @@ fn outbound_listener(p: &Params, chains: Vec<FilterChain>, default: bool) -> Lis
 
 // ---------------------------------------------------------------- clusters
 
-fn eds_cluster(p: &Params, name: String, sans: Vec<String>, alt_stat: bool, timeout: i64) -> Cluster {
+fn eds_cluster(
+    p: &Params,
+    name: String,
+    sans: Vec<String>,
+    alt_stat: bool,
+    timeout: i64,
+) -> Cluster {
     Cluster {
-        alt_stat_name: if alt_stat { name.clone() } else { String::new() },
+        alt_stat_name: if alt_stat {
+            name.clone()
+        } else {
+            String::new()
+        },
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
         )),
@@ -639,7 +659,11 @@ fn passthrough_cluster(p: &Params, svc: &str, timeout: i64) -> Cluster {
     original_dst_cluster(
         format!("passthrough~{}", p.sni(svc)),
         timeout,
-        Some(upstream_tls(p, &p.sni(svc), vec![p.spiffe(&p.datacenter, svc)])),
+        Some(upstream_tls(
+            p,
+            &p.sni(svc),
+            vec![p.spiffe(&p.datacenter, svc)],
+        )),
     )
 }
 
@@ -697,7 +721,12 @@ pub fn transparent_proxy(p: &Params) -> ConsulXds {
             db_listener(p),
             outbound_listener(
                 p,
-                vec![prefix_chain(p, &vips(p, "google"), "google", p.sni("google"))],
+                vec![prefix_chain(
+                    p,
+                    &vips(p, "google"),
+                    "google",
+                    p.sni("google"),
+                )],
                 true,
             ),
             geo_cache_listener(p),
@@ -754,7 +783,12 @@ pub fn transparent_proxy_dial_instances_directly(p: &Params) -> ConsulXds {
             outbound_listener(
                 p,
                 vec![
-                    prefix_chain(p, &inst("mongo"), "mongo", format!("passthrough~{mongo_sni}")),
+                    prefix_chain(
+                        p,
+                        &inst("mongo"),
+                        "mongo",
+                        format!("passthrough~{mongo_sni}"),
+                    ),
                     prefix_chain(p, &vips(p, "mongo"), "mongo", mongo_sni.clone()),
                     prefix_chain(
                         p,
@@ -773,7 +807,13 @@ pub fn transparent_proxy_dial_instances_directly(p: &Params) -> ConsulXds {
             geo_cache_cluster(p),
             service_cluster(p, "kafka"),
             local_app_cluster(p),
-            eds_cluster(p, mongo_sni, vec![p.spiffe(&p.datacenter, "mongo")], true, 33),
+            eds_cluster(
+                p,
+                mongo_sni,
+                vec![p.spiffe(&p.datacenter, "mongo")],
+                true,
+                33,
+            ),
             original_destination_cluster(),
             passthrough_cluster(p, "kafka", 5),
             passthrough_cluster(p, "mongo", 33),
@@ -838,15 +878,17 @@ pub fn connect_proxy_with_tproxy_and_permissive_mtls(p: &Params) -> ConsulXds {
 #[allow(deprecated)]
 pub fn spiffe_principal(trust_domain: &str, svc: &str) -> Principal {
     Principal {
-        identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
-            principal_name: Some(StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
-                    engine_type: Some(regex_matcher::EngineType::GoogleRe2(Default::default())),
-                    regex: format!("^spiffe://{trust_domain}/ns/default/dc/[^/]+/svc/{svc}$"),
-                })),
-                ..Default::default()
-            }),
-        })),
+        identifier: Some(principal::Identifier::Authenticated(
+            principal::Authenticated {
+                principal_name: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        engine_type: Some(regex_matcher::EngineType::GoogleRe2(Default::default())),
+                        regex: format!("^spiffe://{trust_domain}/ns/default/dc/[^/]+/svc/{svc}$"),
+                    })),
+                    ..Default::default()
+                }),
+            },
+        )),
     }
 }
 

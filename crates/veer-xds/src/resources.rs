@@ -74,6 +74,9 @@ pub struct Resources {
 /// One resource, decoded and checked on its own by
 /// [`crate::translate::decode`]: what the ADS client stores in
 /// [`Resources`] once it has accepted it.
+// Short-lived (one per received resource, moved into `Resources`): boxing
+// would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decoded {
     Listener(Listener),

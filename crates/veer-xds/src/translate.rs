@@ -60,7 +60,9 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
-use parse::{ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel};
+use parse::{
+    ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel,
+};
 use prost::Message;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeSet, HashMap};
@@ -419,13 +421,12 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         return Err(TranslateError::Incomplete(m));
     }
     let secrets = Secrets { res };
-    let lfault = |n: &str| move |f| TranslateError::from_fault(Kind::Listener, n, f);
     let mut public = None;
     let mut outbound = Vec::new();
     let mut explicit = Vec::new();
     let mut exposes = Vec::new();
     for (name, l) in &res.listeners {
-        match parse::listener(l).map_err(lfault(name))? {
+        match parse::listener(l).map_err(|f| TranslateError::from_fault(Kind::Listener, name, f))? {
             ListenerModel::Public(p) => {
                 if let Some((first, _)) = &public {
                     return Err(inconsistent(format!(
@@ -442,29 +443,33 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         }
     }
     let Some((pname, public)) = public else {
-        return Err(TranslateError::Incomplete(vec!["the public listener (LDS)".into()]));
+        return Err(TranslateError::Incomplete(vec![
+            "the public listener (LDS)".into(),
+        ]));
     };
     let who = format!("listener {pname}");
     let (chain, key) = secrets.leaf(&public.tls.leaf, &who)?;
     let roots = secrets.roots(&public.tls.roots, &who)?;
-    let identity = veer_core::tls::peer_identity(&chain[0]).map_err(|e| {
-        TranslateError::Invalid {
+    let identity =
+        veer_core::tls::peer_identity(&chain[0]).map_err(|e| TranslateError::Invalid {
             kind: "listener",
             name: pname.clone(),
-            field: "filter_chains.transport_socket.common_tls_context.tls_certificates[0]"
-                .into(),
+            field: "filter_chains.transport_socket.common_tls_context.tls_certificates[0]".into(),
             reason: format!("the leaf certificate has no usable SPIFFE service identity: {e}"),
-        }
-    })?;
+        })?;
 
     // Parsed clusters, by name (every referenced one is present: `missing`).
     let mut clusters: HashMap<&str, ClusterModel> = HashMap::new();
     for (name, c) in &res.clusters {
-        let m = parse::cluster(c)
-            .map_err(|f| TranslateError::from_fault(Kind::Cluster, name, f))?;
+        let m =
+            parse::cluster(c).map_err(|f| TranslateError::from_fault(Kind::Cluster, name, f))?;
         clusters.insert(name.as_str(), m);
     }
-    let cluster = |name: &str| clusters.get(name).expect("missing() checked referenced clusters");
+    let cluster = |name: &str| {
+        clusters
+            .get(name)
+            .expect("missing() checked referenced clusters")
+    };
 
     // The local app.
     let (local_app, local_connect) = match &cluster(&public.cluster).kind {
@@ -490,11 +495,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     // Upstreams.
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
-    let mut new_upstream = |ups: &mut Vec<Building>,
-                            cname: &str,
-                            tls: &parse::UpstreamTls,
-                            model: &ClusterModel,
-                            eds: Option<&str>|
+    let new_upstream = |ups: &mut Vec<Building>,
+                        cname: &str,
+                        tls: &parse::UpstreamTls,
+                        model: &ClusterModel,
+                        eds: Option<&str>|
      -> Result<usize, TranslateError> {
         let who = format!("cluster {cname}");
         let identity = tls
@@ -652,12 +657,18 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
     let mut upstreams: Vec<UpstreamSpec> = ups.into_iter().map(|b| b.spec).collect();
     upstreams.sort_by(|a, b| {
-        (&a.identity.service, &a.sni, a.destination_port, a.local_bind).cmp(&(
-            &b.identity.service,
-            &b.sni,
-            b.destination_port,
-            b.local_bind,
-        ))
+        (
+            &a.identity.service,
+            &a.sni,
+            a.destination_port,
+            a.local_bind,
+        )
+            .cmp(&(
+                &b.identity.service,
+                &b.sni,
+                b.destination_port,
+                b.local_bind,
+            ))
     });
 
     // Exposed paths.

@@ -12,7 +12,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssig
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener,
 };
-use envoy_types::pb::envoy::config::rbac::v3::{permission, principal, rbac, Principal as PbPrincipal};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, rbac, Principal as PbPrincipal,
+};
 use envoy_types::pb::envoy::config::route::v3::{route, route_action, route_match};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
@@ -211,7 +213,11 @@ fn unpack<T: Message + Name + Default>(any: &Any, field: &str) -> R<T> {
     if any.type_url != T::type_url() {
         return Err(Fault::invalid(
             field,
-            format!("type URL {:?} where {} was expected", any.type_url, T::type_url()),
+            format!(
+                "type URL {:?} where {} was expected",
+                any.type_url,
+                T::type_url()
+            ),
         ));
     }
     T::decode(any.value.as_slice())
@@ -243,10 +249,11 @@ pub(crate) fn socket_addr(a: Option<&Address>) -> R<SocketAddr> {
                 )
             })?;
             let port = match sa.port_specifier {
-                Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p)
-                    .map_err(|_| {
+                Some(socket_address::PortSpecifier::PortValue(p)) => {
+                    u16::try_from(p).map_err(|_| {
                         Fault::invalid("socket_address.port_value", format!("{p} is not a port"))
-                    })?,
+                    })?
+                }
                 Some(socket_address::PortSpecifier::NamedPort(_)) => {
                     return Err(Fault::refused(
                         "socket_address.named_port",
@@ -346,10 +353,11 @@ fn refused_filter_reason(name: &str, url: &str) -> String {
         || t.contains("wasm")
     {
         format!("{what} is not enforced by veer")
-    } else if t.contains("tls_inspector") || t.contains("sni_cluster") || t.contains("http_inspector") {
-        format!(
-            "{what} is used for terminating-gateway destinations, which veer does not support"
-        )
+    } else if t.contains("tls_inspector")
+        || t.contains("sni_cluster")
+        || t.contains("http_inspector")
+    {
+        format!("{what} is used for terminating-gateway destinations, which veer does not support")
     } else {
         format!("{what} ({t}) is not a filter veer knows; refusing it rather than skipping it")
     }
@@ -479,7 +487,8 @@ fn common_tls(c: Option<&CommonTlsContext>) -> R<(LeafSource, RootsSource, Vec<S
     let (roots, sans) = match &c.validation_context_type {
         Some(V::ValidationContext(v)) => {
             let vat = format!("{at}.validation_context");
-            let roots = RootsSource::Inline(certs(v.trusted_ca.as_ref(), &format!("{vat}.trusted_ca"))?);
+            let roots =
+                RootsSource::Inline(certs(v.trusted_ca.as_ref(), &format!("{vat}.trusted_ca"))?);
             (roots, validation_sans(v, &vat)?)
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => (RootsSource::Sds(s.name.clone()), vec![]),
@@ -521,6 +530,7 @@ fn common_tls(c: Option<&CommonTlsContext>) -> R<(LeafSource, RootsSource, Vec<S
     Ok((leaf, roots, sans))
 }
 
+#[allow(deprecated)] // Consul v1.16 sends `match_subject_alt_names`.
 fn validation_sans(
     v: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext,
     at: &str,
@@ -532,7 +542,10 @@ fn validation_sans(
         ));
     }
     if v.crl.is_some() {
-        return Err(Fault::refused(&format!("{at}.crl"), "CRLs are not enforced by veer"));
+        return Err(Fault::refused(
+            &format!("{at}.crl"),
+            "CRLs are not enforced by veer",
+        ));
     }
     if v.allow_expired_certificate {
         return Err(Fault::refused(
@@ -594,7 +607,10 @@ pub(crate) fn upstream_tls(ts: &TransportSocket) -> R<UpstreamTls> {
     let (leaf, roots, sans) =
         common_tls(u.common_tls_context.as_ref()).at("transport_socket.typed_config")?;
     if u.sni.is_empty() {
-        return Err(Fault::invalid("transport_socket.typed_config.sni", "empty SNI"));
+        return Err(Fault::invalid(
+            "transport_socket.typed_config.sni",
+            "empty SNI",
+        ));
     }
     Ok(UpstreamTls {
         leaf,
@@ -606,6 +622,7 @@ pub(crate) fn upstream_tls(ts: &TransportSocket) -> R<UpstreamTls> {
 
 // ---------------------------------------------------------------- RBAC
 
+#[allow(deprecated)] // `source_ip` is named to refuse it.
 fn who(p: &PbPrincipal, depth: usize) -> R<Principal> {
     use principal::Identifier as I;
     if depth > 32 {
@@ -686,7 +703,10 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
             ));
         }
         if p.permissions.is_empty() {
-            return Err(Fault::invalid(&format!("{at}.permissions"), "no permissions"));
+            return Err(Fault::invalid(
+                &format!("{at}.permissions"),
+                "no permissions",
+            ));
         }
         for (i, perm) in p.permissions.iter().enumerate() {
             if !matches!(perm.rule, Some(permission::Rule::Any(true))) {
@@ -722,7 +742,10 @@ fn check_listener_filters(l: &Listener, need_original_dst: bool) -> R<bool> {
             _ => {
                 return Err(Fault::refused(
                     &at,
-                    format!("{}: a listener filter without typed_config is not supported", lf.name),
+                    format!(
+                        "{}: a listener filter without typed_config is not supported",
+                        lf.name
+                    ),
                 ))
             }
         };
@@ -761,7 +784,10 @@ fn single_tcp_proxy(c: &FilterChain) -> R<String> {
             if any.type_url == TcpProxy::type_url() {
                 tcp_proxy_cluster(any).at("filters[0]")
             } else {
-                Err(Fault::refused("filters[0]", refused_filter_reason(&f.name, &any.type_url)))
+                Err(Fault::refused(
+                    "filters[0]",
+                    refused_filter_reason(&f.name, &any.type_url),
+                ))
             }
         }
         [] => Err(Fault::invalid("filters", "no filters")),
@@ -798,14 +824,20 @@ fn no_match_beyond(m: &FilterChainMatch, allow_prefix: bool, allow_port: bool) -
         );
     }
     if !m.application_protocols.is_empty() {
-        return bad("application_protocols", "ALPN matching (http_inspector) is not supported");
+        return bad(
+            "application_protocols",
+            "ALPN matching (http_inspector) is not supported",
+        );
     }
     if !m.source_prefix_ranges.is_empty()
         || !m.direct_source_prefix_ranges.is_empty()
         || !m.source_ports.is_empty()
         || m.source_type != 0
     {
-        return bad("source_prefix_ranges", "matching on the source is not supported");
+        return bad(
+            "source_prefix_ranges",
+            "matching on the source is not supported",
+        );
     }
     if !m.address_suffix.is_empty() || m.suffix_len.is_some() {
         return bad("address_suffix", "not supported");
@@ -836,7 +868,10 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
         if let Some(port) = port {
             // Permissive mTLS: plain TCP to the app for this destination port.
             let port = u16::try_from(port).map_err(|_| {
-                Fault::invalid(&format!("{cat}.filter_chain_match.destination_port"), "not a port")
+                Fault::invalid(
+                    &format!("{cat}.filter_chain_match.destination_port"),
+                    "not a port",
+                )
             })?;
             if c.transport_socket.is_some() {
                 return Err(Fault::refused(
@@ -854,7 +889,10 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
             continue;
         }
         if mtls.is_some() {
-            return Err(Fault::refused(&cat, "more than one mTLS chain on the public listener"));
+            return Err(Fault::refused(
+                &cat,
+                "more than one mTLS chain on the public listener",
+            ));
         }
         let Some(ts) = &c.transport_socket else {
             return Err(Fault::refused(
@@ -871,7 +909,10 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
             let fat = format!("{cat}.filters[{fi}]");
             let any = filter_any(f, &fat)?;
             if cluster.is_some() {
-                return Err(Fault::refused(&fat, "a filter after tcp_proxy is not supported"));
+                return Err(Fault::refused(
+                    &fat,
+                    "a filter after tcp_proxy is not supported",
+                ));
             }
             if any.type_url == NetworkRbac::type_url() {
                 rbacs.extend(network_rbac(any).at(&fat)?);
@@ -893,7 +934,10 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
             } else if any.type_url == TcpProxy::type_url() {
                 cluster = Some(tcp_proxy_cluster(any).at(&fat)?);
             } else {
-                return Err(Fault::refused(&fat, refused_filter_reason(&f.name, &any.type_url)));
+                return Err(Fault::refused(
+                    &fat,
+                    refused_filter_reason(&f.name, &any.type_url),
+                ));
             }
         }
         let Some(cluster) = cluster else {
@@ -927,7 +971,10 @@ fn outbound_listener(l: &Listener) -> R<OutboundListener> {
             ));
         }
         let Some(m) = &c.filter_chain_match else {
-            return Err(Fault::invalid(&format!("{cat}.filter_chain_match"), "missing"));
+            return Err(Fault::invalid(
+                &format!("{cat}.filter_chain_match"),
+                "missing",
+            ));
         };
         no_match_beyond(m, true, true).at(&cat)?;
         if m.prefix_ranges.is_empty() {
@@ -956,7 +1003,10 @@ fn outbound_listener(l: &Listener) -> R<OutboundListener> {
         }
         let port = match &m.destination_port {
             Some(p) => Some(u16::try_from(p.value).map_err(|_| {
-                Fault::invalid(&format!("{cat}.filter_chain_match.destination_port"), "not a port")
+                Fault::invalid(
+                    &format!("{cat}.filter_chain_match.destination_port"),
+                    "not a port",
+                )
             })?),
             None => None,
         };
@@ -1032,19 +1082,31 @@ fn expose_listener(l: &Listener) -> R<ExposeListener> {
         ));
     }
     let [c] = l.filter_chains.as_slice() else {
-        return Err(Fault::refused("filter_chains", "an exposed-path listener has one chain"));
+        return Err(Fault::refused(
+            "filter_chains",
+            "an exposed-path listener has one chain",
+        ));
     };
     let cat = "filter_chains[0]";
     if c.transport_socket.is_some() || c.filter_chain_match.is_some() {
-        return Err(Fault::refused(cat, "an exposed-path chain is plain HTTP with no match"));
+        return Err(Fault::refused(
+            cat,
+            "an exposed-path chain is plain HTTP with no match",
+        ));
     }
     let [f] = c.filters.as_slice() else {
-        return Err(Fault::refused(&format!("{cat}.filters"), "an exposed-path chain has one HTTP connection manager"));
+        return Err(Fault::refused(
+            &format!("{cat}.filters"),
+            "an exposed-path chain has one HTTP connection manager",
+        ));
     };
     let fat = format!("{cat}.filters[0]");
     let any = filter_any(f, &fat)?;
     if any.type_url != HttpConnectionManager::type_url() {
-        return Err(Fault::refused(&fat, refused_filter_reason(&f.name, &any.type_url)));
+        return Err(Fault::refused(
+            &fat,
+            refused_filter_reason(&f.name, &any.type_url),
+        ));
     }
     let hcm: HttpConnectionManager = unpack(any, "typed_config").at(&fat)?;
     let hat = format!("{fat}.typed_config");
@@ -1054,7 +1116,10 @@ fn expose_listener(l: &Listener) -> R<ExposeListener> {
         Ok(CodecType::Http1) => false,
         Ok(CodecType::Http2) => true,
         _ => {
-            return Err(Fault::refused(&format!("{hat}.codec_type"), "only HTTP/1.1 and HTTP/2"));
+            return Err(Fault::refused(
+                &format!("{hat}.codec_type"),
+                "only HTTP/1.1 and HTTP/2",
+            ));
         }
     };
     for (i, hf) in hcm.http_filters.iter().enumerate() {
@@ -1119,7 +1184,10 @@ fn expose_listener(l: &Listener) -> R<ExposeListener> {
 pub(crate) fn listener(l: &Listener) -> R<ListenerModel> {
     let n = l.name.as_str();
     if l.api_listener.is_some() || l.listener_specifier.is_some() {
-        return Err(Fault::refused("api_listener", "API and internal listeners are not supported"));
+        return Err(Fault::refused(
+            "api_listener",
+            "API and internal listeners are not supported",
+        ));
     }
     if n.starts_with("public_listener:") {
         Ok(ListenerModel::Public(public_listener(l)?))
@@ -1189,7 +1257,10 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
                 ));
             }
             let Some(la) = &c.load_assignment else {
-                return Err(Fault::invalid("load_assignment", "a static cluster needs endpoints"));
+                return Err(Fault::invalid(
+                    "load_assignment",
+                    "a static cluster needs endpoints",
+                ));
             };
             let eps = endpoints_of(la).at("load_assignment")?;
             let [ep] = eps.as_slice() else {
@@ -1235,7 +1306,10 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
         }
     };
     if lb == LbPolicy::ClusterProvided && !matches!(kind, ClusterKind::OriginalDst(_)) {
-        return Err(Fault::invalid("lb_policy", "CLUSTER_PROVIDED is for ORIGINAL_DST clusters"));
+        return Err(Fault::invalid(
+            "lb_policy",
+            "CLUSTER_PROVIDED is for ORIGINAL_DST clusters",
+        ));
     }
     Ok(ClusterModel {
         kind,
@@ -1252,27 +1326,39 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
 pub(crate) fn endpoints_of(la: &ClusterLoadAssignment) -> R<Vec<EndpointModel>> {
     use envoy_types::pb::envoy::config::core::v3::HealthStatus;
     if !la.named_endpoints.is_empty() {
-        return Err(Fault::refused("named_endpoints", "named endpoints are not supported"));
+        return Err(Fault::refused(
+            "named_endpoints",
+            "named endpoints are not supported",
+        ));
     }
     let mut by_prio: std::collections::BTreeMap<u32, Vec<EndpointModel>> = Default::default();
     for (li, loc) in la.endpoints.iter().enumerate() {
         let lat = format!("endpoints[{li}]");
         if loc.lb_config.is_some() {
-            return Err(Fault::refused(&format!("{lat}.leds_cluster_locality_config"), "LEDS is not supported"));
+            return Err(Fault::refused(
+                &format!("{lat}.leds_cluster_locality_config"),
+                "LEDS is not supported",
+            ));
         }
         for (ei, lbe) in loc.lb_endpoints.iter().enumerate() {
             let eat = format!("{lat}.lb_endpoints[{ei}]");
             let ep = match &lbe.host_identifier {
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 Some(lb_endpoint::HostIdentifier::EndpointName(_)) => {
-                    return Err(Fault::refused(&format!("{eat}.endpoint_name"), "named endpoints are not supported"))
+                    return Err(Fault::refused(
+                        &format!("{eat}.endpoint_name"),
+                        "named endpoints are not supported",
+                    ))
                 }
                 None => return Err(Fault::invalid(&format!("{eat}.endpoint"), "missing")),
             };
             let addr = socket_addr(ep.address.as_ref()).at(format!("{eat}.endpoint.address"))?;
             let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
             if weight == 0 {
-                return Err(Fault::invalid(&format!("{eat}.load_balancing_weight"), "must be at least 1"));
+                return Err(Fault::invalid(
+                    &format!("{eat}.load_balancing_weight"),
+                    "must be at least 1",
+                ));
             }
             let usable = matches!(
                 HealthStatus::try_from(lbe.health_status),
@@ -1284,7 +1370,10 @@ pub(crate) fn endpoints_of(la: &ClusterLoadAssignment) -> R<Vec<EndpointModel>> 
             }
         }
     }
-    Ok(by_prio.into_values().find(|v| !v.is_empty()).unwrap_or_default())
+    Ok(by_prio
+        .into_values()
+        .find(|v| !v.is_empty())
+        .unwrap_or_default())
 }
 
 // ---------------------------------------------------------------- secrets
@@ -1292,7 +1381,10 @@ pub(crate) fn endpoints_of(la: &ClusterLoadAssignment) -> R<Vec<EndpointModel>> 
 pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
     match &s.r#type {
         Some(secret::Type::TlsCertificate(t)) => Ok(SecretModel::Leaf {
-            chain: certs(t.certificate_chain.as_ref(), "tls_certificate.certificate_chain")?,
+            chain: certs(
+                t.certificate_chain.as_ref(),
+                "tls_certificate.certificate_chain",
+            )?,
             key: key(t.private_key.as_ref(), "tls_certificate.private_key")?,
         }),
         Some(secret::Type::ValidationContext(v)) => {
@@ -1307,7 +1399,10 @@ pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
             }
             Ok(SecretModel::Roots(roots))
         }
-        Some(_) => Err(Fault::refused("type", "only tls_certificate and validation_context secrets are supported")),
+        Some(_) => Err(Fault::refused(
+            "type",
+            "only tls_certificate and validation_context secrets are supported",
+        )),
         None => Err(Fault::invalid("type", "empty secret")),
     }
 }
@@ -1321,7 +1416,9 @@ pub(crate) fn rds_names(l: &Listener) -> Vec<String> {
             if let Some(filter::ConfigType::TypedConfig(a)) = &f.config_type {
                 if a.type_url == HttpConnectionManager::type_url() {
                     if let Ok(h) = HttpConnectionManager::decode(a.value.as_slice()) {
-                        if let Some(http_connection_manager::RouteSpecifier::Rds(r)) = h.route_specifier {
+                        if let Some(http_connection_manager::RouteSpecifier::Rds(r)) =
+                            h.route_specifier
+                        {
                             out.push(r.route_config_name);
                         }
                     }

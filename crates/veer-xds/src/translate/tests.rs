@@ -1,0 +1,1213 @@
+//! Table tests of the translation: Consul-shaped resources (from
+//! `veer_testsupport::consul_xds`, mirroring Consul v1.16.0's goldens) in,
+//! a `Spec` (or the NACK reason) out.
+use super::*;
+use envoy_types::pb::envoy::config::cluster::v3::cluster;
+use envoy_types::pb::envoy::config::core::v3::{
+    data_source, transport_socket, DataSource, HealthStatus, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, ListenerFilter};
+use envoy_types::pb::envoy::config::rbac::v3::{permission, principal, rbac, Permission};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, tls_parameters, DownstreamTlsContext, UpstreamTlsContext,
+};
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use envoy_types::util::pack_any;
+use prost::Name;
+use std::net::SocketAddr;
+use std::time::Duration;
+use veer_core::authz::{Peer, Principal, Rbac, RbacPolicy, RbacRules, StringMatch};
+use veer_core::snapshot::Snapshot;
+use veer_testsupport::consul_xds::{self as cx, ConsulXds, Params, TlsDelivery};
+
+const TD: &str = veer_testsupport::ca::TRUST_DOMAIN;
+
+fn params() -> Params {
+    let ca = veer_ca::Ca::new_root(TD).expect("ca");
+    Params::golden(cx::Certs::issue(&ca, "dc1", "web"))
+}
+
+/// Every resource through `decode`, as the ADS client would store them.
+fn load(x: &ConsulXds) -> Resources {
+    let mut res = Resources::default();
+    for (url, name, any) in x.resources() {
+        let kind = Kind::from_type_url(&url).expect("kind");
+        let d = decode(kind, &name, &any).unwrap_or_else(|e| panic!("{e}"));
+        res.insert(name, d);
+    }
+    res
+}
+
+fn spec_of(x: &ConsulXds) -> Spec {
+    let spec = translate(&load(x)).unwrap_or_else(|e| panic!("{e}"));
+    // The spec is usable: the leaf chains to the roots, no VIP clash.
+    Snapshot::build(spec.clone(), 1).unwrap_or_else(|e| panic!("snapshot: {e}"));
+    spec
+}
+
+fn up<'a>(spec: &'a Spec, svc: &str) -> &'a UpstreamSpec {
+    spec.upstreams
+        .iter()
+        .find(|u| u.identity.service == svc)
+        .unwrap_or_else(|| panic!("no upstream {svc} in {:?}", spec.upstreams))
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn web(dc: &str, svc: &str) -> String {
+    format!("spiffe://{TD}/ns/default/dc/{dc}/svc/{svc}")
+}
+
+/// Decodes one listener as sent (for refusal tests).
+fn decode_listener(l: &Listener) -> Result<Decoded, TranslateError> {
+    decode(Kind::Listener, &l.name, &pack_any(l.clone()))
+}
+
+fn decode_cluster(c: &Cluster) -> Result<Decoded, TranslateError> {
+    decode(Kind::Cluster, &c.name, &pack_any(c.clone()))
+}
+
+fn refused(r: Result<Decoded, TranslateError>) -> String {
+    match r {
+        Err(e @ TranslateError::Refused { .. }) => e.to_string(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn invalid(r: Result<Decoded, TranslateError>) -> String {
+    match r {
+        Err(e @ TranslateError::Invalid { .. }) => e.to_string(),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+fn typed(name: &str, type_url: &str) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(Any {
+            type_url: type_url.into(),
+            value: vec![],
+        })),
+    }
+}
+
+fn public(x: &mut ConsulXds) -> &mut Listener {
+    x.public_listener_mut()
+}
+
+// ------------------------------------------------------------ mappings
+
+#[test]
+fn transparent_proxy_golden_maps_to_spec() {
+    let p = params();
+    let spec = spec_of(&cx::transparent_proxy(&p));
+    assert_eq!(spec.identity.to_string(), web("dc1", "web"));
+    assert_eq!(spec.source, "xds");
+    assert_eq!(spec.listen.inbound, sa("0.0.0.0:9999"));
+    assert_eq!(spec.listen.outbound, vec![sa("127.0.0.1:15001")]);
+    assert_eq!(spec.local_app, sa("127.0.0.1:8080"));
+    assert_eq!(spec.timeouts.local_connect, Duration::from_secs(5));
+    assert!(!spec.mesh_destinations_only);
+    assert_eq!(spec.roots.len(), 1);
+    assert_eq!(spec.chain.len(), 1);
+    // `rules: {}`: one ALLOW filter with no policy, which denies everything.
+    assert_eq!(
+        spec.rbac,
+        Some(vec![RbacRules {
+            action: Action::Allow,
+            policies: vec![]
+        }])
+    );
+    assert!(spec.permissive_ports.is_empty());
+    assert_eq!(spec.inbound_max_connections, None);
+
+    // db: explicit upstream listener only.
+    let db = up(&spec, "db");
+    assert_eq!(db.local_bind, Some(sa("127.0.0.1:9191")));
+    assert!(db.virtual_ips.is_empty());
+    assert_eq!(
+        db.endpoints,
+        vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")]
+    );
+    assert!(db.endpoint_weights.is_empty(), "all weights 1");
+    assert_eq!(db.sni.as_deref(), Some(p.sni("db").as_str()));
+    assert_eq!(db.san_matchers, vec![StringMatch::exact(web("dc1", "db"))]);
+    assert_eq!(db.roots, None, "same roots as the listener");
+    assert_eq!(db.connect_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(db.protocol, Protocol::Tcp);
+
+    // google: implicit upstream on its virtual IPs.
+    let g = up(&spec, "google");
+    assert_eq!(g.virtual_ips, vec![ip("10.0.0.1"), ip("240.0.0.1")]);
+    assert_eq!(g.destination_port, None);
+    assert_eq!(g.local_bind, None);
+    assert_eq!(g.endpoints, vec![sa("9.9.9.9:9090")]);
+
+    // geo-cache: prepared query, two acceptable identities, its own SNI.
+    let q = up(&spec, "geo-cache-target");
+    assert_eq!(q.local_bind, Some(sa("127.10.10.10:8181")));
+    assert_eq!(q.identity.datacenter, "dc1");
+    assert_eq!(
+        q.sni.as_deref(),
+        Some(format!("geo-cache.default.dc1.query.{TD}").as_str())
+    );
+    assert_eq!(
+        q.san_matchers,
+        vec![
+            StringMatch::exact(web("dc1", "geo-cache-target")),
+            StringMatch::exact(web("dc2", "geo-cache-target"))
+        ]
+    );
+    // no-endpoints has no chain and no listener: not an upstream.
+    assert_eq!(spec.upstreams.len(), 3);
+}
+
+#[test]
+fn catalog_destinations_only_sets_mesh_destinations_only() {
+    let spec = spec_of(&cx::transparent_proxy_catalog_destinations_only(&params()));
+    assert!(spec.mesh_destinations_only);
+    assert_eq!(up(&spec, "google").virtual_ips, vec![ip("10.0.0.1")]);
+}
+
+#[test]
+fn dial_instances_directly_maps_passthrough_chains_to_instances() {
+    let spec = spec_of(&cx::transparent_proxy_dial_instances_directly(&params()));
+    let mongo = up(&spec, "mongo");
+    assert_eq!(mongo.virtual_ips, vec![ip("6.6.6.6")]);
+    assert!(mongo.dialed_directly);
+    assert_eq!(mongo.instances, vec![ip("10.10.10.10"), ip("10.10.10.12")]);
+    assert_eq!(mongo.connect_timeout, Some(Duration::from_secs(33)));
+    assert_eq!(mongo.endpoints, vec![sa("10.10.3.1:8080")]);
+    let kafka = up(&spec, "kafka");
+    assert!(kafka.virtual_ips.is_empty());
+    assert!(kafka.dialed_directly);
+    assert_eq!(kafka.instances, vec![ip("9.9.9.9")]);
+    assert_eq!(kafka.endpoints, vec![sa("10.10.2.1:8080")]);
+    assert_eq!(spec.upstreams.len(), 4, "{:?}", spec.upstreams);
+}
+
+#[test]
+fn permissive_mtls_chain_gives_permissive_port() {
+    let spec = spec_of(&cx::connect_proxy_with_tproxy_and_permissive_mtls(&params()));
+    assert_eq!(spec.permissive_ports, vec![8080]);
+    assert!(!spec.mesh_destinations_only);
+    assert_eq!(spec.upstreams.len(), 2);
+}
+
+#[test]
+fn permissive_chain_to_another_cluster_is_inconsistent() {
+    let p = params();
+    let mut x = cx::connect_proxy_with_tproxy_and_permissive_mtls(&p);
+    x.clusters
+        .push(cx::static_cluster("other_app", sa("127.0.0.1:8081")));
+    public(&mut x).filter_chains[1].filters[0] =
+        cx::tcp_proxy_filter("permissive_public_listener", "other_app");
+    let e = translate(&load(&x)).unwrap_err();
+    assert_eq!(e.classify(), "inconsistent");
+    assert!(e.to_string().contains("permissive"), "{e}");
+}
+
+#[test]
+fn sds_secrets_are_wanted_then_resolved() {
+    let mut p = params();
+    p.tls = TlsDelivery::Sds;
+    let x = cx::transparent_proxy(&p);
+    let mut without = x.clone();
+    without.secrets.clear();
+    let res = load(&without);
+    let w = wanted(&res);
+    assert_eq!(
+        w.secrets.iter().map(String::as_str).collect::<Vec<_>>(),
+        vec!["connect-leaf", "connect-root"]
+    );
+    assert_eq!(
+        missing(&res),
+        vec![
+            "secret connect-leaf (SDS)".to_string(),
+            "secret connect-root (SDS)".to_string()
+        ]
+    );
+    assert_eq!(translate(&res).unwrap_err().classify(), "incomplete");
+    let spec = spec_of(&x);
+    let inline = spec_of(&cx::transparent_proxy(&Params {
+        tls: TlsDelivery::Inline,
+        ..p.clone()
+    }));
+    assert_eq!(spec.identity, inline.identity);
+    assert_eq!(spec.roots, inline.roots);
+    assert_eq!(spec.chain, inline.chain);
+    // Typed SAN matchers (combined validation context) map like the old form.
+    assert_eq!(
+        up(&spec, "db").san_matchers,
+        vec![StringMatch::exact(web("dc1", "db"))]
+    );
+}
+
+#[test]
+fn wanted_names_every_eds_cluster_and_no_routes() {
+    let p = params();
+    let w = wanted(&load(&cx::transparent_proxy(&p)));
+    let want: BTreeSet<String> = [
+        p.sni("db"),
+        format!("geo-cache.default.dc1.query.{TD}"),
+        p.sni("google"),
+        p.sni("no-endpoints"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(w.endpoints, want);
+    assert!(w.routes.is_empty());
+    assert!(w.secrets.is_empty(), "inline TLS");
+}
+
+#[test]
+fn eds_service_name_is_what_eds_is_requested_by() {
+    let p = params();
+    let mut x = cx::transparent_proxy(&p);
+    let name = p.sni("google");
+    x.cluster_mut(&name)
+        .eds_cluster_config
+        .as_mut()
+        .unwrap()
+        .service_name = "google-eds".into();
+    for e in &mut x.endpoints {
+        if e.cluster_name == name {
+            e.cluster_name = "google-eds".into();
+        }
+    }
+    let res = load(&x);
+    assert!(wanted(&res).endpoints.contains("google-eds"));
+    let spec = translate(&res).unwrap();
+    assert_eq!(up(&spec, "google").endpoints, vec![sa("9.9.9.9:9090")]);
+}
+
+#[test]
+fn missing_says_what_a_first_config_waits_for() {
+    let p = params();
+    let x = cx::transparent_proxy(&p);
+    assert_eq!(
+        missing(&Resources::default()),
+        vec!["the public listener (LDS)".to_string()]
+    );
+    let mut only_listeners = x.clone();
+    only_listeners.clusters.clear();
+    only_listeners.endpoints.clear();
+    let m = missing(&load(&only_listeners));
+    assert!(
+        m.contains(
+            &"cluster local_app (CDS), named by listener public_listener:0.0.0.0:9999".into()
+        ),
+        "{m:?}"
+    );
+    assert!(m
+        .iter()
+        .any(|s| s.starts_with(&format!("cluster {} (CDS)", p.sni("google")))));
+    let mut no_eds = x.clone();
+    no_eds.endpoints.clear();
+    let m = missing(&load(&no_eds));
+    assert_eq!(
+        m,
+        vec![
+            format!("endpoints {} (EDS)", p.sni("db")),
+            format!("endpoints geo-cache.default.dc1.query.{TD} (EDS)"),
+            format!("endpoints {} (EDS)", p.sni("google")),
+        ],
+        "no-endpoints is not referenced, so not waited for"
+    );
+    match translate(&load(&no_eds)) {
+        Err(TranslateError::Incomplete(v)) => assert_eq!(v, m),
+        other => panic!("{other:?}"),
+    }
+    assert!(missing(&load(&x)).is_empty());
+}
+
+#[test]
+fn empty_assignment_is_an_upstream_without_hosts() {
+    let p = params();
+    let mut x = cx::transparent_proxy(&p);
+    // Give no-endpoints (`endpoints: [{}]`) a virtual IP.
+    let ol = x.listener_mut("outbound_listener:127.0.0.1:15001");
+    let mut chain = ol.filter_chains[0].clone();
+    chain
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .prefix_ranges
+        .truncate(1);
+    chain.filter_chain_match.as_mut().unwrap().prefix_ranges[0].address_prefix = "10.0.0.9".into();
+    chain.filters[0] = cx::tcp_proxy_filter("upstream.no-endpoints", &p.sni("no-endpoints"));
+    ol.filter_chains.push(chain);
+    let spec = spec_of(&x);
+    let ne = up(&spec, "no-endpoints");
+    assert!(ne.endpoints.is_empty());
+    assert_eq!(ne.virtual_ips, vec![ip("10.0.0.9")]);
+}
+
+fn lbe(addr: &str, health: HealthStatus, weight: Option<u32>) -> LbEndpoint {
+    let mut la = cx::load_assignment("x", &[sa(addr)]);
+    let mut e = la.endpoints[0].lb_endpoints.remove(0);
+    e.health_status = health as i32;
+    e.load_balancing_weight = weight.map(|value| UInt32Value { value });
+    e
+}
+
+#[test]
+fn endpoints_use_health_weights_and_priorities() {
+    let p = params();
+    let name = p.sni("google");
+    // (lb endpoints per priority, expected addresses, expected weights)
+    type Row = (Vec<(u32, Vec<LbEndpoint>)>, Vec<&'static str>, Vec<u32>);
+    let rows: Vec<Row> = vec![
+        (
+            vec![(
+                0,
+                vec![
+                    lbe("10.1.0.1:1", HealthStatus::Healthy, Some(1)),
+                    lbe("10.1.0.2:1", HealthStatus::Unhealthy, Some(1)),
+                    lbe("10.1.0.3:1", HealthStatus::Unknown, None),
+                    lbe("10.1.0.4:1", HealthStatus::Draining, Some(1)),
+                    lbe("10.1.0.5:1", HealthStatus::Degraded, Some(1)),
+                ],
+            )],
+            vec!["10.1.0.1:1", "10.1.0.3:1"],
+            vec![],
+        ),
+        (
+            vec![(
+                0,
+                vec![
+                    lbe("10.1.0.1:1", HealthStatus::Healthy, Some(3)),
+                    lbe("10.1.0.2:1", HealthStatus::Healthy, Some(1)),
+                ],
+            )],
+            vec!["10.1.0.1:1", "10.1.0.2:1"],
+            vec![3, 1],
+        ),
+        (
+            // Priority 0 has no usable host: priority 1 takes over.
+            vec![
+                (0, vec![lbe("10.1.0.1:1", HealthStatus::Unhealthy, Some(1))]),
+                (1, vec![lbe("10.2.0.1:1", HealthStatus::Healthy, Some(1))]),
+            ],
+            vec!["10.2.0.1:1"],
+            vec![],
+        ),
+        (
+            vec![
+                (1, vec![lbe("10.2.0.1:1", HealthStatus::Healthy, Some(1))]),
+                (0, vec![lbe("10.1.0.1:1", HealthStatus::Healthy, Some(1))]),
+            ],
+            vec!["10.1.0.1:1"],
+            vec![],
+        ),
+    ];
+    for (i, (locs, want, weights)) in rows.into_iter().enumerate() {
+        let mut x = cx::transparent_proxy(&p);
+        let la = x
+            .endpoints
+            .iter_mut()
+            .find(|e| e.cluster_name == name)
+            .unwrap();
+        la.endpoints = locs
+            .into_iter()
+            .map(|(priority, lb_endpoints)| LocalityLbEndpoints {
+                priority,
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect();
+        let spec = spec_of(&x);
+        let g = up(&spec, "google");
+        let want: Vec<SocketAddr> = want.iter().map(|s| sa(s)).collect();
+        assert_eq!(g.endpoints, want, "row {i}");
+        assert_eq!(g.endpoint_weights, weights, "row {i}");
+    }
+}
+
+#[test]
+fn cluster_settings_map_or_are_approximated() {
+    let p = params();
+    let name = p.sni("google");
+    for lb in [
+        cluster::LbPolicy::RoundRobin,
+        cluster::LbPolicy::RingHash,
+        cluster::LbPolicy::LeastRequest,
+        cluster::LbPolicy::Maglev,
+        cluster::LbPolicy::Random,
+    ] {
+        let mut x = cx::transparent_proxy(&p);
+        let c = x.cluster_mut(&name);
+        c.lb_policy = lb as i32;
+        c.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 2,
+            nanos: 500_000_000,
+        });
+        c.circuit_breakers = Some(
+            envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers {
+                thresholds: vec![
+                    envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                        max_connections: Some(UInt32Value { value: 77 }),
+                        ..Default::default()
+                    },
+                    envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                        priority: 1, // HIGH: not used by tcp_proxy
+                        max_connections: Some(UInt32Value { value: 3 }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        );
+        let spec = spec_of(&x);
+        let g = up(&spec, "google");
+        assert_eq!(
+            g.connect_timeout,
+            Some(Duration::from_millis(2500)),
+            "{lb:?}"
+        );
+        assert_eq!(g.max_connections, Some(77), "{lb:?}");
+    }
+}
+
+#[test]
+fn ipv6_single_address_chain_and_destination_port() {
+    let p = params();
+    let mut x = cx::transparent_proxy(&p);
+    let ol = x.listener_mut("outbound_listener:127.0.0.1:15001");
+    let m = ol.filter_chains[0].filter_chain_match.as_mut().unwrap();
+    m.prefix_ranges[1].address_prefix = "fd00::1".into();
+    m.prefix_ranges[1].prefix_len = Some(UInt32Value { value: 128 });
+    m.destination_port = Some(UInt32Value { value: 443 });
+    let spec = spec_of(&x);
+    let g = up(&spec, "google");
+    assert_eq!(g.virtual_ips, vec![ip("10.0.0.1"), ip("fd00::1")]);
+    assert_eq!(g.destination_port, Some(443));
+}
+
+#[test]
+fn connection_limit_sets_inbound_max_connections() {
+    let mut x = cx::transparent_proxy(&params());
+    // As in listeners/listener-max-inbound-connections.latest.golden: rbac,
+    // connection_limit, tcp_proxy.
+    public(&mut x).filter_chains[0]
+        .filters
+        .insert(1, cx::connection_limit_filter(222));
+    assert_eq!(spec_of(&x).inbound_max_connections, Some(222));
+}
+
+#[test]
+fn exposed_path_listener_maps_to_expose() {
+    use envoy_types::pb::envoy::config::route::v3::{
+        route, route_action, route_match, Route, RouteAction, RouteConfiguration as Rc, RouteMatch,
+        VirtualHost,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager, http_filter, HttpFilter,
+    };
+    let p = params();
+    // As in listeners/expose-paths-new-cluster-http2.latest.golden.
+    let hcm = |cluster: &str, path: &str, h2: bool| HttpConnectionManager {
+        stat_prefix: "exposed_path_filter_x".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(Rc {
+            name: "exposed_path_filter_x".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "exposed_path_filter_x".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Path(path.into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            cluster.into(),
+                        )),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        http2_protocol_options: h2.then(Default::default),
+        ..Default::default()
+    };
+    let listener = |name: &str, addr: &str, h: HttpConnectionManager| Listener {
+        name: name.into(),
+        address: x_addr(addr),
+        filter_chains: vec![envoy_types::pb::envoy::config::listener::v3::FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(h))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut x = cx::transparent_proxy(&p);
+    x.listeners.push(listener(
+        "exposed_path_health1:1.2.3.4:21500",
+        "1.2.3.4:21500",
+        hcm("local_app", "/health1", false),
+    ));
+    x.listeners.push(listener(
+        "exposed_path_grpchealthv1HealthCheck:1.2.3.4:21501",
+        "1.2.3.4:21501",
+        hcm("exposed_cluster_9090", "/grpc.health.v1.Health/Check", true),
+    ));
+    x.clusters.push(cx::static_cluster(
+        "exposed_cluster_9090",
+        sa("127.0.0.1:9090"),
+    ));
+    let spec = spec_of(&x);
+    let mut h2 = ExposePath::new(sa("1.2.3.4:21501"), "/grpc.health.v1.Health/Check", 9090);
+    h2.protocol = Protocol::Http2;
+    assert_eq!(
+        spec.expose,
+        vec![h2, ExposePath::new(sa("1.2.3.4:21500"), "/health1", 8080),]
+    );
+    // Any other HCM shape is refused: a second route.
+    let mut two = hcm("local_app", "/a", false);
+    if let Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) = &mut two.route_specifier
+    {
+        let r = rc.virtual_hosts[0].routes[0].clone();
+        rc.virtual_hosts[0].routes.push(r);
+    }
+    let e = refused(decode_listener(&listener(
+        "exposed_path_a:1.2.3.4:1",
+        "1.2.3.4:1",
+        two,
+    )));
+    assert!(e.contains("one exact-path route"), "{e}");
+}
+
+fn x_addr(s: &str) -> Option<envoy_types::pb::envoy::config::core::v3::Address> {
+    cx::static_cluster("x", sa(s))
+        .load_assignment
+        .unwrap()
+        .endpoints[0]
+        .lb_endpoints[0]
+        .host_identifier
+        .as_ref()
+        .map(|h| match h {
+            lb_endpoint::HostIdentifier::Endpoint(e) => e.address.clone().unwrap(),
+            _ => unreachable!(),
+        })
+}
+
+// ------------------------------------------------------------ RBAC
+
+fn rbac_of(f: Filter) -> Option<Vec<RbacRules>> {
+    let mut x = cx::transparent_proxy(&params());
+    x.set_public_rbac(f);
+    spec_of(&x).rbac
+}
+
+fn allowed(rules: &[RbacRules], svc: &str) -> bool {
+    let rbac = Rbac::compile(rules).unwrap();
+    let peer = Peer::from_id(veer_core::spiffe::ServiceId::new(
+        TD, "default", "default", "dc2", svc,
+    ));
+    matches!(
+        rbac.evaluate(&peer),
+        veer_core::authz::RbacDecision::AllowedByPolicy { .. }
+            | veer_core::authz::RbacDecision::NothingDenied
+    )
+}
+
+#[test]
+fn rbac_goldens_map_with_envoy_semantics() {
+    let re = |svc: &str| format!("^spiffe://{TD}/ns/default/dc/[^/]+/svc/{svc}$");
+    let policy = |principals| RbacPolicy {
+        name: "consul-intentions-layer4".into(),
+        principals,
+    };
+    // (golden builder, expected rules, allowed sources, denied sources)
+    type Row = (Filter, Vec<RbacRules>, Vec<&'static str>, Vec<&'static str>);
+    let rows: Vec<Row> = vec![
+        (
+            cx::rbac_default_deny_one_allow(TD),
+            vec![RbacRules {
+                action: Action::Allow,
+                policies: vec![policy(vec![Principal::spiffe_regex(re("web"))])],
+            }],
+            vec!["web"],
+            vec!["api", "webx"],
+        ),
+        (
+            cx::rbac_default_deny_mixed_precedence(TD),
+            vec![RbacRules {
+                action: Action::Allow,
+                policies: vec![policy(vec![Principal::spiffe_regex(re("web"))])],
+            }],
+            vec!["web"],
+            vec!["api"],
+        ),
+        (
+            cx::rbac_default_allow_one_deny(TD),
+            vec![RbacRules {
+                action: Action::Deny,
+                policies: vec![policy(vec![Principal::spiffe_regex(re("web"))])],
+            }],
+            vec!["api", "cron"],
+            vec!["web"],
+        ),
+        (
+            cx::rbac_default_deny_allow_deny(TD),
+            vec![RbacRules {
+                action: Action::Allow,
+                policies: vec![policy(vec![Principal::AndIds(vec![
+                    Principal::spiffe_regex(re("[^/]+")),
+                    Principal::NotId(Box::new(Principal::spiffe_regex(re("web")))),
+                ])])],
+            }],
+            vec!["api"],
+            vec!["web"],
+        ),
+        (
+            cx::rbac_default_deny_kitchen_sink(TD),
+            vec![RbacRules {
+                action: Action::Allow,
+                policies: vec![policy(vec![
+                    Principal::spiffe_regex(re("cron")),
+                    Principal::spiffe_regex(re("web")),
+                    Principal::AndIds(vec![
+                        Principal::spiffe_regex(re("[^/]+")),
+                        Principal::NotId(Box::new(Principal::spiffe_regex(re("web")))),
+                        Principal::NotId(Box::new(Principal::spiffe_regex(re("unsafe")))),
+                        Principal::NotId(Box::new(Principal::spiffe_regex(re("cron")))),
+                    ]),
+                ])],
+            }],
+            vec!["cron", "web", "api"],
+            vec!["unsafe"],
+        ),
+        // `rules: {}`: deny everything.
+        (
+            cx::rbac_filter(Some(Default::default())),
+            vec![RbacRules {
+                action: Action::Allow,
+                policies: vec![],
+            }],
+            vec![],
+            vec!["web", "api"],
+        ),
+        // No `rules`: the filter enforces nothing.
+        (cx::rbac_filter(None), vec![], vec!["web", "api"], vec![]),
+    ];
+    for (i, (f, want, allow, deny)) in rows.into_iter().enumerate() {
+        let got = rbac_of(f).expect("rbac, not intentions");
+        assert_eq!(got, want, "row {i}");
+        for s in allow {
+            assert!(allowed(&got, s), "row {i}: {s} should be allowed");
+        }
+        for s in deny {
+            assert!(!allowed(&got, s), "row {i}: {s} should be denied");
+        }
+    }
+}
+
+fn rbac_any(r: NetworkRbac) -> Filter {
+    Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(r))),
+    }
+}
+
+#[test]
+fn rbac_shadow_rules_are_ignored_and_exact_principals_map() {
+    let exact = envoy_types::pb::envoy::config::rbac::v3::Principal {
+        identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
+            principal_name: Some(envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher {
+                match_pattern: Some(
+                    envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(
+                        web("dc1", "api"),
+                    ),
+                ),
+                ..Default::default()
+            }),
+        })),
+    };
+    let rules = cx::layer4_rules(rbac::Action::Allow, vec![exact]);
+    let got = rbac_of(rbac_any(NetworkRbac {
+        rules: Some(rules),
+        shadow_rules: Some(cx::layer4_rules(
+            rbac::Action::Deny,
+            vec![cx::spiffe_principal(TD, "api")],
+        )),
+        stat_prefix: "connect_authz".into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(
+        got[0].policies[0].principals,
+        vec![Principal::Authenticated {
+            principal_name: Some(StringMatch::exact(web("dc1", "api")))
+        }]
+    );
+}
+
+// ------------------------------------------------------------ refusals
+
+#[test]
+fn error_names_resource_and_field_path() {
+    let mut x = cx::transparent_proxy(&params());
+    let l = public(&mut x);
+    l.filter_chains[0].filters.insert(
+        1,
+        typed(
+            "envoy.filters.http.ext_authz",
+            "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+        ),
+    );
+    let e = decode_listener(l).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "listener public_listener:0.0.0.0:9999: filter_chains[0].filters[1]: envoy.filters.http.ext_authz is not enforced by veer"
+    );
+    assert_eq!(e.classify(), "refused");
+}
+
+#[test]
+fn refused_filters_on_the_public_listener() {
+    // (filter name, type URL, reason fragment)
+    let rows: [(&str, String, &str); 7] = [
+        (
+            "envoy.filters.network.http_connection_manager",
+            HttpConnectionManager::type_url(),
+            "HTTP",
+        ),
+        (
+            "envoy.filters.network.ext_authz",
+            "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz".into(),
+            "not enforced",
+        ),
+        (
+            "envoy.filters.http.jwt_authn",
+            "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+                .into(),
+            "not enforced",
+        ),
+        (
+            "envoy.filters.network.lua",
+            "type.googleapis.com/envoy.extensions.filters.network.lua.v3.Lua".into(),
+            "not enforced",
+        ),
+        (
+            "envoy.filters.network.wasm",
+            "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm".into(),
+            "not enforced",
+        ),
+        (
+            "envoy.filters.network.sni_cluster",
+            "type.googleapis.com/envoy.extensions.filters.network.sni_cluster.v3.SniCluster".into(),
+            "terminating-gateway",
+        ),
+        (
+            "my.filter",
+            "type.googleapis.com/acme.Thing".into(),
+            "not a filter veer knows",
+        ),
+    ];
+    for (name, url, why) in rows {
+        let mut x = cx::transparent_proxy(&params());
+        let l = public(&mut x);
+        l.filter_chains[0].filters.insert(1, typed(name, &url));
+        let e = refused(decode_listener(l));
+        assert!(e.contains("filter_chains[0].filters[1]"), "{e}");
+        assert!(e.contains(why), "{name}: {e}");
+    }
+}
+
+#[test]
+fn refused_http_connection_manager_on_outbound_chain() {
+    let mut x = cx::transparent_proxy(&params());
+    let l = x.listener_mut("outbound_listener:127.0.0.1:15001");
+    l.filter_chains[0].filters[0] = typed(
+        "envoy.filters.network.http_connection_manager",
+        &HttpConnectionManager::type_url(),
+    );
+    let e = refused(decode_listener(l));
+    assert!(
+        e.contains("filter_chains[0].filters[0]") && e.contains("L7"),
+        "{e}"
+    );
+}
+
+fn with_downstream(x: &mut ConsulXds, f: impl FnOnce(&mut DownstreamTlsContext)) -> Listener {
+    let l = public(x);
+    let ts = l.filter_chains[0].transport_socket.as_mut().unwrap();
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        panic!()
+    };
+    let mut d = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    f(&mut d);
+    ts.config_type = Some(transport_socket::ConfigType::TypedConfig(pack_any(d)));
+    l.clone()
+}
+
+#[test]
+fn refused_public_listener_without_client_certificate() {
+    for v in [None, Some(false)] {
+        let mut x = cx::transparent_proxy(&params());
+        let l = with_downstream(&mut x, |d| {
+            d.require_client_certificate = v.map(|value| BoolValue { value })
+        });
+        let e = refused(decode_listener(&l));
+        assert!(
+            e.contains("filter_chains[0].transport_socket.typed_config.require_client_certificate"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn refused_tls_settings_veer_cannot_enforce() {
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        let p = d
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .tls_params
+            .as_mut()
+            .unwrap();
+        p.tls_minimum_protocol_version = tls_parameters::TlsProtocol::TlSv13 as i32;
+    });
+    assert!(refused(decode_listener(&l)).contains("tls_minimum_protocol_version"));
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        let p = d
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .tls_params
+            .as_mut()
+            .unwrap();
+        p.cipher_suites = vec!["ECDHE-ECDSA-AES128-GCM-SHA256".into()];
+    });
+    assert!(refused(decode_listener(&l)).contains("cipher_suites"));
+    // A maximum of TLS 1.2 is fine (Consul's tls-incoming-max-version).
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        let p = d
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .tls_params
+            .as_mut()
+            .unwrap();
+        p.tls_maximum_protocol_version = tls_parameters::TlsProtocol::TlSv12 as i32;
+    });
+    assert!(decode_listener(&l).is_ok());
+    // Certificates from files are not read.
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        d.common_tls_context.as_mut().unwrap().tls_certificates[0].certificate_chain =
+            Some(DataSource {
+                specifier: Some(data_source::Specifier::Filename("/etc/leaf.pem".into())),
+                ..Default::default()
+            });
+    });
+    assert!(refused(decode_listener(&l)).contains("certificate_chain.filename"));
+    // No validation context at all: refused.
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        d.common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type = None;
+    });
+    assert!(refused(decode_listener(&l)).contains("validation_context"));
+    // Bad PEM: invalid.
+    let mut x = cx::transparent_proxy(&params());
+    let l = with_downstream(&mut x, |d| {
+        if let Some(common_tls_context::ValidationContextType::ValidationContext(v)) = &mut d
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type
+        {
+            v.trusted_ca = Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString("junk".into())),
+                ..Default::default()
+            });
+        }
+    });
+    assert!(invalid(decode_listener(&l)).contains("trusted_ca"));
+}
+
+fn with_rbac(r: NetworkRbac) -> Result<Decoded, TranslateError> {
+    let mut x = cx::transparent_proxy(&params());
+    x.set_public_rbac(rbac_any(r));
+    decode_listener(public(&mut x))
+}
+
+#[test]
+fn refused_rbac_that_veer_cannot_enforce() {
+    let l4 = |perm: Permission, principal| NetworkRbac {
+        rules: Some({
+            let mut r = cx::layer4_rules(rbac::Action::Allow, vec![principal]);
+            r.policies.values_mut().next().unwrap().permissions = vec![perm];
+            r
+        }),
+        ..Default::default()
+    };
+    let any = Permission {
+        rule: Some(permission::Rule::Any(true)),
+    };
+    let port = Permission {
+        rule: Some(permission::Rule::DestinationPort(8080)),
+    };
+    let e = refused(with_rbac(l4(port, cx::spiffe_principal(TD, "web"))));
+    assert!(
+        e.contains("filter_chains[0].filters[0].typed_config.rules.policies[\"consul-intentions-layer4\"].permissions[0]"),
+        "{e}"
+    );
+    #[allow(deprecated)]
+    let ip = envoy_types::pb::envoy::config::rbac::v3::Principal {
+        identifier: Some(principal::Identifier::DirectRemoteIp(Default::default())),
+    };
+    let e = refused(with_rbac(l4(any.clone(), ip)));
+    assert!(
+        e.contains("principals[0]") && e.contains("IP principals"),
+        "{e}"
+    );
+    let mut log = l4(any.clone(), cx::spiffe_principal(TD, "web"));
+    log.rules.as_mut().unwrap().action = rbac::Action::Log as i32;
+    assert!(refused(with_rbac(log)).contains("rules.action"));
+    let mut cont = l4(any.clone(), cx::spiffe_principal(TD, "web"));
+    cont.enforcement_type = 1;
+    assert!(refused(with_rbac(cont)).contains("enforcement_type"));
+    // A regex veer cannot compile is invalid, never skipped.
+    let e = invalid(with_rbac(l4(any, cx::spiffe_principal(TD, "(web"))));
+    assert!(e.contains("safe_regex"), "{e}");
+}
+
+#[test]
+fn refused_outbound_listener_shapes() {
+    let p = params();
+    let name = "outbound_listener:127.0.0.1:15001";
+    // Prefix lengths other than /32 and /128.
+    for (addr, len) in [("10.0.0.0", 24), ("fd00::", 64), ("10.0.0.1", 31)] {
+        let mut x = cx::transparent_proxy(&p);
+        let l = x.listener_mut(name);
+        let r = &mut l.filter_chains[0]
+            .filter_chain_match
+            .as_mut()
+            .unwrap()
+            .prefix_ranges[0];
+        r.address_prefix = addr.into();
+        r.prefix_len = Some(UInt32Value { value: len });
+        let e = refused(decode_listener(l));
+        assert!(
+            e.contains("filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len")
+                && e.contains(&format!("/{len}")),
+            "{e}"
+        );
+    }
+    // tls_inspector listener filter (terminating-gateway destinations).
+    let mut x = cx::transparent_proxy(&p);
+    let l = x.listener_mut(name);
+    l.listener_filters.push(ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(
+            envoy_types::pb::envoy::config::listener::v3::listener_filter::ConfigType::TypedConfig(Any {
+                type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector".into(),
+                value: vec![],
+            }),
+        ),
+        ..Default::default()
+    });
+    let e = refused(decode_listener(l));
+    assert!(
+        e.contains("listener_filters[1]") && e.contains("terminating-gateway"),
+        "{e}"
+    );
+    // SNI-matched chains.
+    let mut x = cx::transparent_proxy(&p);
+    let l = x.listener_mut(name);
+    l.filter_chains[0]
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .server_names = vec!["x".into()];
+    assert!(refused(decode_listener(l)).contains("server_names"));
+    // No original_dst.
+    let mut x = cx::transparent_proxy(&p);
+    let l = x.listener_mut(name);
+    l.listener_filters.clear();
+    assert!(refused(decode_listener(l)).contains("original_dst"));
+}
+
+fn with_upstream_tls(c: &mut Cluster, f: impl FnOnce(&mut UpstreamTlsContext)) {
+    let ts = c.transport_socket.as_mut().unwrap();
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        panic!()
+    };
+    let mut u = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    f(&mut u);
+    ts.config_type = Some(transport_socket::ConfigType::TypedConfig(pack_any(u)));
+}
+
+#[test]
+fn refused_clusters() {
+    let p = params();
+    let name = p.sni("google");
+    let base = || cx::transparent_proxy(&p).cluster_mut(&name).clone();
+    // Aggregate (custom cluster type) and DNS clusters: discovery-chain work.
+    let mut c = base();
+    c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::ClusterType(
+        cluster::CustomClusterType {
+            name: "envoy.clusters.aggregate".into(),
+            typed_config: None,
+        },
+    ));
+    let e = refused(decode_cluster(&c));
+    assert!(
+        e.contains("cluster_type") && e.contains("discovery-chain"),
+        "{e}"
+    );
+    for t in [
+        cluster::DiscoveryType::LogicalDns,
+        cluster::DiscoveryType::StrictDns,
+    ] {
+        let mut c = base();
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(t as i32));
+        assert!(refused(decode_cluster(&c)).contains("discovery-chain"));
+    }
+    // Transport sockets other than TLS.
+    let mut c = base();
+    c.transport_socket = Some(TransportSocket {
+        name: "envoy.transport_sockets.alts".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.alts.v3.Alts".into(),
+            value: vec![],
+        })),
+    });
+    let e = refused(decode_cluster(&c));
+    assert!(
+        e.contains("transport_socket") && e.contains("only tls"),
+        "{e}"
+    );
+    // EDS without mTLS.
+    let mut c = base();
+    c.transport_socket = None;
+    assert!(refused(decode_cluster(&c)).contains("mTLS"));
+    // SAN matchers of another type than URI.
+    let mut c = base();
+    with_upstream_tls(&mut c, |u| {
+        if let Some(common_tls_context::ValidationContextType::ValidationContext(v)) = &mut u
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type
+        {
+            v.match_typed_subject_alt_names.push(
+                envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher {
+                    san_type: 2, // DNS
+                    ..Default::default()
+                },
+            );
+        }
+    });
+    assert!(refused(decode_cluster(&c)).contains("match_typed_subject_alt_names[0].san_type"));
+    // Extension load-balancing policies.
+    let mut c = base();
+    c.lb_policy = cluster::LbPolicy::LoadBalancingPolicyConfig as i32;
+    assert!(refused(decode_cluster(&c)).contains("load_balancing_policy"));
+}
+
+#[test]
+fn upstream_without_a_spiffe_identity_is_inconsistent() {
+    let p = params();
+    let mut x = cx::transparent_proxy(&p);
+    with_upstream_tls(x.cluster_mut(&p.sni("google")), |u| {
+        if let Some(common_tls_context::ValidationContextType::ValidationContext(v)) = &mut u
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type
+        {
+            #[allow(deprecated)]
+            v.match_subject_alt_names.clear();
+        }
+    });
+    let e = translate(&load(&x)).unwrap_err();
+    assert_eq!(e.classify(), "inconsistent");
+    assert!(e.to_string().contains(&p.sni("google")), "{e}");
+}
+
+#[test]
+fn upstream_with_another_client_certificate_is_inconsistent() {
+    let p = params();
+    let ca2 = veer_ca::Ca::new_root(TD).unwrap();
+    let other = Params::golden(cx::Certs::issue(&ca2, "dc1", "web"));
+    let mut x = cx::transparent_proxy(&p);
+    let g = p.sni("google");
+    *x.cluster_mut(&g) = cx::service_cluster(&other, "google");
+    let e = translate(&load(&x)).unwrap_err();
+    assert!(e.to_string().contains("client certificate differs"), "{e}");
+}
+
+#[test]
+fn decode_checks_type_url_bytes_and_name() {
+    let p = params();
+    let x = cx::transparent_proxy(&p);
+    let l = x.listeners[0].clone();
+    // A cluster's type URL on the listener kind.
+    let mut any = pack_any(l.clone());
+    any.type_url = Kind::Cluster.type_url().into();
+    let e = decode(Kind::Listener, &l.name, &any).unwrap_err();
+    assert_eq!(e.classify(), "type_url");
+    // Garbage bytes.
+    let any = Any {
+        type_url: Kind::Listener.type_url().into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    assert_eq!(
+        decode(Kind::Listener, "x", &any).unwrap_err().classify(),
+        "decode"
+    );
+    // Sent under another name.
+    let e = decode(Kind::Listener, "other", &pack_any(l)).unwrap_err();
+    assert_eq!(e.classify(), "name");
+    // A zero weight is invalid.
+    let mut la = x.endpoints[0].clone();
+    la.endpoints[0].lb_endpoints[0].load_balancing_weight = Some(UInt32Value { value: 0 });
+    let e = decode(Kind::Endpoints, &la.cluster_name.clone(), &pack_any(la)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("lb_endpoints[0].load_balancing_weight"),
+        "{e}"
+    );
+}
+
+#[test]
+fn secrets_of_the_wrong_type_are_refused() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret as S};
+    let s = S {
+        name: "connect-leaf".into(),
+        r#type: Some(secret::Type::GenericSecret(Default::default())),
+    };
+    let e = decode(Kind::Secret, "connect-leaf", &pack_any(s)).unwrap_err();
+    assert_eq!(e.classify(), "refused");
+}
