@@ -333,8 +333,22 @@ pub fn missing(res: &Resources) -> Vec<String> {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
                 }
                 Some(Ok(cm)) => {
-                    if let ClusterKind::Eds { eds_name, .. } = &cm.kind {
-                        if !res.endpoints.contains_key(eds_name) {
+                    // A passthrough cluster takes endpoints from the EDS
+                    // cluster of the same SNI, when there is one.
+                    let eds = match &cm.kind {
+                        ClusterKind::Eds { eds_name, .. } => Some(eds_name.clone()),
+                        ClusterKind::OriginalDst(Some(tls)) => res
+                            .clusters
+                            .get(&tls.sni)
+                            .and_then(|c| parse::cluster(c).ok())
+                            .and_then(|m| match m.kind {
+                                ClusterKind::Eds { eds_name, .. } => Some(eds_name),
+                                _ => None,
+                            }),
+                        _ => None,
+                    };
+                    if let Some(eds_name) = eds {
+                        if !res.endpoints.contains_key(&eds_name) {
                             m.insert(format!("endpoints {eds_name} (EDS)"));
                         }
                     }
@@ -412,7 +426,9 @@ struct Building {
 }
 
 /// Compiles the accepted resources into a [`Spec`]. `Incomplete` when a
-/// part is still missing (see [`missing`]); `Inconsistent` when the
+/// part is still missing (see [`missing`]), or, even when `missing` is
+/// empty, while a leaf rotates (clusters and the public listener carry
+/// different leaves until both have arrived); `Inconsistent` when the
 /// resources do not fit together; `Refused`/`Invalid` for a resource that
 /// should not have been accepted.
 pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
@@ -516,9 +532,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             })?;
         let (uchain, _) = secrets.leaf(&tls.leaf, &who)?;
         if uchain != chain {
-            return Err(inconsistent(format!(
-                "{who}: its client certificate differs from the public listener's; veer has one identity"
-            )));
+            // Expected for a moment while a leaf rotates with inline PEM
+            // (Consul sends clusters before listeners): wait for both.
+            return Err(TranslateError::Incomplete(vec![format!(
+                "{who} and listener {pname} to carry the same leaf certificate (its client certificate differs from the public listener's; veer has one identity)"
+            )]));
         }
         let uroots = secrets.roots(&tls.roots, &who)?;
         let mut spec = UpstreamSpec::new(identity);
@@ -529,7 +547,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         spec.connect_timeout = model.connect_timeout;
         spec.max_connections = model.max_connections;
         if let Some(eds) = eds {
-            let la = &res.endpoints[eds];
+            let la = res.endpoints.get(eds).ok_or_else(|| {
+                TranslateError::Incomplete(vec![format!("endpoints {eds} (EDS)")])
+            })?;
             let eps = parse::endpoints_of(la)
                 .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
             spec.endpoints = eps.iter().map(|e| e.addr).collect();
@@ -632,7 +652,6 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     ClusterKind::Eds { eds_name, .. } => Some(eds_name.as_str()),
                     _ => None,
                 });
-                let eds = eds.filter(|e| res.endpoints.contains_key(*e));
                 new_upstream(&mut ups, &cname, tls, cm, eds)?
             }
         };

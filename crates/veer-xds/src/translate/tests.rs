@@ -1157,7 +1157,7 @@ fn upstream_without_a_spiffe_identity_is_inconsistent() {
 }
 
 #[test]
-fn upstream_with_another_client_certificate_is_inconsistent() {
+fn upstream_with_another_client_certificate_waits() {
     let p = params();
     let ca2 = veer_ca::Ca::new_root(TD).unwrap();
     let other = Params::golden(cx::Certs::issue(&ca2, "dc1", "web"));
@@ -1165,6 +1165,7 @@ fn upstream_with_another_client_certificate_is_inconsistent() {
     let g = p.sni("google");
     *x.cluster_mut(&g) = cx::service_cluster(&other, "google");
     let e = translate(&load(&x)).unwrap_err();
+    assert_eq!(e.classify(), "incomplete", "a leaf rotation in progress");
     assert!(e.to_string().contains("client certificate differs"), "{e}");
 }
 
@@ -1210,4 +1211,15 @@ fn secrets_of_the_wrong_type_are_refused() {
     };
     let e = decode(Kind::Secret, "connect-leaf", &pack_any(s)).unwrap_err();
     assert_eq!(e.classify(), "refused");
+}
+
+#[test]
+fn dialed_directly_upstream_waits_for_its_eds_sibling() {
+    let p = params();
+    let mut x = cx::transparent_proxy_dial_instances_directly(&p);
+    x.endpoints.retain(|e| e.cluster_name != p.sni("kafka"));
+    assert_eq!(
+        missing(&load(&x)),
+        vec![format!("endpoints {} (EDS)", p.sni("kafka"))]
+    );
 }
