@@ -1,16 +1,19 @@
 //! The outbound routing decision: a pure function of the routing table and
 //! the original destination.
 //!
-//! In Consul's order: a virtual IP of an upstream (any port) goes to that
-//! upstream over mTLS; an instance address of a dialed-directly upstream goes
+//! In Consul's order: a virtual IP of an upstream goes to that upstream over
+//! mTLS (an upstream with a `destination_port` only on that port; an exact
+//! (ip, port) entry wins over an ip-only one); an instance address of a dialed-directly upstream goes
 //! over mTLS straight to the original destination; anything else passes
 //! through as plain TCP, unless `mesh_destinations_only` is set. A
 //! destination that is one of veer's own listeners would loop and is refused.
 use crate::addr::{EndpointAddr, OrigDstAddr};
+use crate::authz::{Matcher, StringMatch};
 use crate::spiffe::ServiceId;
+use rustls::ClientConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +51,8 @@ impl Protocol {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: EndpointAddr,
+    /// Load-balancing weight, at least 1.
+    pub weight: u32,
     /// Milliseconds (on the caller's clock) until which this endpoint is
     /// considered failed; 0 when healthy.
     failed_until_ms: AtomicU64,
@@ -55,8 +60,14 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Endpoint {
+        Endpoint::weighted(addr, 1)
+    }
+
+    /// An endpoint with a load-balancing weight (0 is taken as 1).
+    pub fn weighted(addr: SocketAddr, weight: u32) -> Endpoint {
         Endpoint {
             addr: EndpointAddr(addr),
+            weight: weight.max(1),
             failed_until_ms: AtomicU64::new(0),
         }
     }
@@ -77,11 +88,29 @@ pub struct Upstream {
     /// An explicit upstream's own listener.
     pub local_bind: Option<SocketAddr>,
     pub connect_timeout: Duration,
+    /// What the server certificate's URI SAN must match (any of them);
+    /// by default exactly the SPIFFE ID of `identity`.
+    pub san_matchers: Arc<[Matcher]>,
+    /// The port its virtual IPs match; `None` = any port.
+    pub destination_port: Option<u16>,
+    /// Connections open at once to it; `None` = unlimited.
+    pub max_connections: Option<u32>,
+    /// Its own trusted CAs (facts, for `/config_dump`); `None` = the
+    /// snapshot's roots.
+    pub roots: Option<Arc<[crate::tls::CertInfo]>>,
+    /// The TLS client configuration for its endpoints: the snapshot's leaf,
+    /// this upstream's roots, and a server certificate check that requires
+    /// `san_matchers` inside the handshake. Set by `Snapshot::build`.
+    pub tls: Option<Arc<ClientConfig>>,
+    open: AtomicU32,
     next: AtomicUsize,
 }
 
 impl Upstream {
     pub fn new(identity: ServiceId, connect_timeout: Duration) -> Upstream {
+        let exact = StringMatch::exact(identity.to_string())
+            .compile()
+            .expect("an exact matcher always compiles");
         Upstream {
             sni: identity.sni(),
             identity,
@@ -92,8 +121,31 @@ impl Upstream {
             dialed_directly: false,
             local_bind: None,
             connect_timeout,
+            san_matchers: Arc::from(vec![exact]),
+            destination_port: None,
+            max_connections: None,
+            roots: None,
+            tls: None,
+            open: AtomicU32::new(0),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Takes one of its connection slots; `None` when `max_connections`
+    /// are open (Envoy's circuit breaker overflow). The slot frees on drop.
+    pub fn try_open(self: &Arc<Self>) -> Option<OpenSlot> {
+        let max = self.max_connections.unwrap_or(u32::MAX);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(OpenSlot(self.clone()))
+    }
+
+    /// Connections open to it now (slots taken).
+    pub fn open_connections(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
     }
 
     /// The service name, for logs and metric labels.
@@ -103,12 +155,25 @@ impl Upstream {
 
     /// Endpoints in the order to try them for one connection: round robin
     /// from a rotating start, endpoints marked failed (at `now_ms`) last.
+    ///
+    /// With unequal weights the start is weighted: the k-th connection
+    /// starts at the endpoint that holds unit `(k * stride) mod total` of
+    /// the summed weights, with `stride` coprime to `total` (near its
+    /// golden section), so each run of `total` connections starts at each
+    /// endpoint exactly `weight` times, interleaved. Constant memory and
+    /// O(endpoints) time, whatever the weights.
     pub fn pick_order(&self, now_ms: u64) -> Vec<&Endpoint> {
         let n = self.endpoints.len();
         if n == 0 {
             return Vec::new();
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        let w0 = self.endpoints[0].weight;
+        let start = if self.endpoints.iter().all(|e| e.weight == w0) {
+            k % n
+        } else {
+            weighted_start(&self.endpoints, k as u64)
+        };
         let mut order: Vec<&Endpoint> = (0..n).map(|i| &self.endpoints[(start + i) % n]).collect();
         // Stable: healthy ones first, each group keeps round-robin order.
         order.sort_by_key(|e| e.failed_until_ms.load(Ordering::Relaxed) > now_ms);
@@ -125,6 +190,41 @@ impl Upstream {
             ep.failed_until_ms.store(0, Ordering::Relaxed);
         }
     }
+}
+
+/// One open connection to an upstream, for its `max_connections`.
+#[derive(Debug)]
+pub struct OpenSlot(Arc<Upstream>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+fn weighted_start(eps: &[Endpoint], k: u64) -> usize {
+    let total: u64 = eps.iter().map(|e| u64::from(e.weight)).sum();
+    // ~0.618 * total, then the next number coprime to it.
+    let mut stride = ((u128::from(total) * 618_034 / 1_000_000) as u64).max(1);
+    while gcd(stride, total) != 1 {
+        stride += 1;
+    }
+    let mut unit = ((u128::from(k) * u128::from(stride)) % u128::from(total)) as u64;
+    for (i, e) in eps.iter().enumerate() {
+        let w = u64::from(e.weight);
+        if unit < w {
+            return i;
+        }
+        unit -= w;
+    }
+    0
 }
 
 /// Where an outbound connection goes.
@@ -186,6 +286,8 @@ impl RouteError {
 pub struct RouteTable {
     upstreams: Vec<Arc<Upstream>>,
     by_vip: HashMap<IpAddr, usize>,
+    /// VIPs of upstreams with a `destination_port`.
+    by_vip_port: HashMap<(IpAddr, u16), usize>,
     by_instance: HashMap<IpAddr, usize>,
     mesh_destinations_only: bool,
     /// veer's own listener addresses, for loop detection.
@@ -202,12 +304,16 @@ impl RouteTable {
     ) -> RouteTable {
         let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
         let mut by_vip = HashMap::new();
+        let mut by_vip_port = HashMap::new();
         let mut by_instance = HashMap::new();
         // Every address is keyed in canonical form: `::ffff:10.0.0.1` and
         // `10.0.0.1` are one destination.
         for (i, u) in upstreams.iter().enumerate() {
             for ip in &u.virtual_ips {
-                by_vip.entry(canonical_ip(*ip)).or_insert(i);
+                match u.destination_port {
+                    Some(p) => by_vip_port.entry((canonical_ip(*ip), p)).or_insert(i),
+                    None => by_vip.entry(canonical_ip(*ip)).or_insert(i),
+                };
             }
             if u.dialed_directly {
                 for ip in &u.instances {
@@ -222,6 +328,7 @@ impl RouteTable {
         RouteTable {
             upstreams,
             by_vip,
+            by_vip_port,
             by_instance,
             mesh_destinations_only,
             own_listeners,
@@ -259,7 +366,11 @@ pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteEr
     if table.is_own_listener(dst) {
         return Err(RouteError::Loop(orig_dst));
     }
-    if let Some(&i) = table.by_vip.get(&dst.ip()) {
+    let vip = match table.by_vip_port.is_empty() {
+        true => None,
+        false => table.by_vip_port.get(&(dst.ip(), dst.port())),
+    };
+    if let Some(&i) = vip.or_else(|| table.by_vip.get(&dst.ip())) {
         let upstream = table.upstreams[i].clone();
         if upstream.endpoints.is_empty() {
             return Err(RouteError::NoEndpoints(upstream.name().to_string()));

@@ -5,13 +5,14 @@
 //! into what the listeners read per connection: rustls configurations, the
 //! intentions for this service, and the routing table. A snapshot is never
 //! changed after it is built; the runtime swaps whole snapshots atomically.
-use crate::authz::{RbacRules, StringMatch};
+use crate::authz::{Authz, AuthzError, Principal, RbacRules, StringMatch};
 use crate::intentions::{Action, Intention, Intentions};
 use crate::route::{Endpoint, Protocol, RouteTable, Upstream};
 use crate::spiffe::ServiceId;
 use crate::tls::{self, CertInfo, TlsError};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ServerConfig};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,12 +208,39 @@ pub enum SnapshotError {
     LeafUntrusted(String),
     #[error("no roots")]
     NoRoots,
-    #[error("virtual IP {ip} is claimed by both {first} and {second}")]
+    #[error(
+        "virtual IP {ip}{} is claimed by both {first} and {second}",
+        port.map(|p| format!(" port {p}")).unwrap_or_default()
+    )]
     DuplicateVip {
         ip: IpAddr,
+        /// The upstreams' `destination_port`, when they have one.
+        port: Option<u16>,
         first: String,
         second: String,
     },
+    /// The RBAC filters cannot be compiled.
+    #[error("RBAC: {0}")]
+    Rbac(AuthzError),
+    /// One upstream's fields are unusable (bad SAN matcher, roots, SNI,
+    /// endpoint weights).
+    #[error("upstream {upstream}: {msg}")]
+    Upstream { upstream: String, msg: String },
+}
+
+impl SnapshotError {
+    /// Metric label.
+    pub fn classify(&self) -> &'static str {
+        match self {
+            SnapshotError::Tls(_) => "tls",
+            SnapshotError::LeafIdentity { .. } => "leaf_identity",
+            SnapshotError::LeafUntrusted(_) => "leaf_untrusted",
+            SnapshotError::NoRoots => "no_roots",
+            SnapshotError::DuplicateVip { .. } => "duplicate_vip",
+            SnapshotError::Rbac(_) => "rbac",
+            SnapshotError::Upstream { .. } => "upstream",
+        }
+    }
 }
 
 /// The TLS side of a snapshot.
@@ -221,6 +249,11 @@ pub struct TlsMaterial {
     pub client: Arc<ClientConfig>,
     pub leaf: CertInfo,
     pub roots: Vec<CertInfo>,
+    /// The per-upstream client configurations by (roots, expected SANs),
+    /// kept by the next snapshot with the same leaf, key and roots: rustls
+    /// resumes a session only with the very verifier that checked it, so
+    /// keeping them keeps the session tickets.
+    upstream_configs: HashMap<UpstreamTlsKey, Arc<ClientConfig>>,
     /// What `server` and `client` were built from, so that the next
     /// snapshot can keep them (and their session tickets) when only other
     /// parts changed.
@@ -231,19 +264,32 @@ pub struct TlsMaterial {
     ),
 }
 
+/// What makes two upstreams' TLS client configurations the same: their own
+/// roots (`None` = the spec's) and expected SANs.
+type UpstreamTlsKey = (Option<Vec<CertificateDer<'static>>>, Vec<StringMatch>);
+
 /// One immutable configuration snapshot.
 pub struct Snapshot {
     /// Increases with every snapshot a process builds.
     pub version: u64,
     pub identity: ServiceId,
     pub tls: TlsMaterial,
+    /// The spec's Consul intentions (what `authz` evaluates when the spec
+    /// gave no RBAC filters).
     pub intentions: Intentions,
+    /// What decides inbound connections, whatever the source filled.
+    pub authz: Authz,
     pub routes: RouteTable,
     pub local_app: SocketAddr,
     pub listen: ListenSpec,
     pub timeouts: Timeouts,
     pub source: String,
     pub expose: Vec<ExposePath>,
+    /// Inbound original-destination ports relayed as plain TCP to the local
+    /// app; empty = mTLS on every inbound connection.
+    pub permissive_ports: Vec<u16>,
+    /// The inbound listener's connection limit.
+    pub inbound_max_connections: usize,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -309,55 +355,157 @@ impl Snapshot {
         };
         let source = (spec.chain, spec.key, spec.roots);
 
-        let mut seen: std::collections::HashMap<IpAddr, String> = Default::default();
+        let mut seen: std::collections::HashMap<(IpAddr, Option<u16>), String> = Default::default();
         let mut own = vec![spec.listen.inbound];
         own.extend(spec.listen.outbound.iter().copied());
         own.extend(spec.expose.iter().map(|e| e.listener));
+        // Root stores: the spec's, and one per distinct per-upstream set.
+        let spec_store = Arc::new(tls::root_store(&source.2)?);
+        let mut stores: HashMap<Vec<CertificateDer<'static>>, Arc<rustls::RootCertStore>> =
+            HashMap::new();
+        let prev_configs = same.map(|p| &p.tls.upstream_configs);
+        let mut upstream_configs: HashMap<UpstreamTlsKey, Arc<ClientConfig>> = HashMap::new();
+        let mut root_infos: HashMap<Vec<CertificateDer<'static>>, Arc<[CertInfo]>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(spec.upstreams.len());
         for u in spec.upstreams {
+            let name = u.identity.service.clone();
+            let bad = |msg: String| SnapshotError::Upstream {
+                upstream: name.clone(),
+                msg,
+            };
             for ip in &u.virtual_ips {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
-                let key = veer_canonical_ip(*ip);
+                let key = (veer_canonical_ip(*ip), u.destination_port);
                 if let Some(first) = seen.insert(key, u.identity.service.clone()) {
                     return Err(SnapshotError::DuplicateVip {
                         ip: *ip,
+                        port: u.destination_port,
                         first,
                         second: u.identity.service.clone(),
                     });
                 }
             }
+            if !u.endpoint_weights.is_empty() && u.endpoint_weights.len() != u.endpoints.len() {
+                return Err(bad(format!(
+                    "{} endpoint weights for {} endpoints",
+                    u.endpoint_weights.len(),
+                    u.endpoints.len()
+                )));
+            }
+            if let Some(i) = u.endpoint_weights.iter().position(|w| *w == 0) {
+                return Err(bad(format!("endpoint {} has weight 0", u.endpoints[i])));
+            }
             let mut up = Upstream::new(
                 u.identity,
                 u.connect_timeout.unwrap_or(spec.timeouts.connect),
             );
+            if let Some(sni) = u.sni {
+                rustls::pki_types::ServerName::try_from(sni.as_str())
+                    .map_err(|e| bad(format!("SNI {sni:?}: {e}")))?;
+                up.sni = sni;
+            }
+            let default_san = StringMatch::exact(up.identity.to_string());
+            let sans = if u.san_matchers.is_empty() {
+                vec![default_san.clone()]
+            } else {
+                u.san_matchers
+            };
+            let compile = |sans: &[StringMatch]| {
+                sans.iter()
+                    .map(|m| m.compile())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(format!("SAN matcher: {e}")))
+            };
+            if sans != [default_san] {
+                up.san_matchers = Arc::from(compile(&sans)?);
+            }
+            let key: UpstreamTlsKey = (u.roots, sans);
+            let cached = upstream_configs
+                .get(&key)
+                .or_else(|| prev_configs.and_then(|m| m.get(&key)))
+                .cloned();
+            let cfg = match cached {
+                Some(c) => c,
+                None => {
+                    let store = match &key.0 {
+                        None => spec_store.clone(),
+                        Some(r) if r.is_empty() => return Err(bad("empty roots".into())),
+                        Some(r) => match stores.get(r) {
+                            Some(s) => s.clone(),
+                            None => {
+                                let s =
+                                    tls::root_store(r).map_err(|e| bad(format!("roots: {e}")))?;
+                                let s = Arc::new(s);
+                                stores.insert(r.clone(), s.clone());
+                                s
+                            }
+                        },
+                    };
+                    tls::upstream_client_config(&client, store, up.san_matchers.clone())
+                }
+            };
+            if let Some(r) = &key.0 {
+                up.roots = Some(match root_infos.get(r) {
+                    Some(i) => i.clone(),
+                    None => {
+                        let i = r
+                            .iter()
+                            .map(|c| CertInfo::parse(c))
+                            .collect::<Result<Arc<[CertInfo]>, _>>()
+                            .map_err(|e| bad(format!("roots: {e}")))?;
+                        root_infos.insert(r.clone(), i.clone());
+                        i
+                    }
+                });
+            }
+            up.tls = Some(cfg.clone());
+            upstream_configs.insert(key, cfg);
             up.protocol = u.protocol;
             up.virtual_ips = u.virtual_ips;
-            up.endpoints = u.endpoints.into_iter().map(Endpoint::new).collect();
+            up.endpoints = if u.endpoint_weights.is_empty() {
+                u.endpoints.into_iter().map(Endpoint::new).collect()
+            } else {
+                u.endpoints
+                    .into_iter()
+                    .zip(u.endpoint_weights)
+                    .map(|(a, w)| Endpoint::weighted(a, w))
+                    .collect()
+            };
             up.dialed_directly = u.dialed_directly;
             up.instances = u.instances;
             up.local_bind = u.local_bind;
+            up.destination_port = u.destination_port;
+            up.max_connections = u.max_connections;
             own.extend(u.local_bind);
             upstreams.push(up);
         }
         let routes = RouteTable::new(upstreams, spec.mesh_destinations_only, own);
         let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
+        let authz = Authz::new(spec.rbac.as_deref(), &intentions).map_err(SnapshotError::Rbac)?;
+        let inbound_max_connections = spec
+            .inbound_max_connections
+            .map_or(spec.timeouts.max_connections, |n| n as usize);
         Ok(Snapshot {
             version,
             identity: spec.identity,
             tls: TlsMaterial {
                 server,
                 client,
+                upstream_configs,
                 leaf,
                 roots,
                 source,
             },
             intentions,
+            authz,
             routes,
             local_app: spec.local_app,
             listen: spec.listen,
             timeouts: spec.timeouts,
             source: spec.source,
             expose: spec.expose,
+            permissive_ports: spec.permissive_ports,
+            inbound_max_connections,
         })
     }
 
@@ -391,6 +539,11 @@ impl Snapshot {
                     "protocol": u.protocol.as_str(),
                     "virtual_ips": u.virtual_ips,
                     "endpoints": u.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                    "endpoint_weights": u.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+                    "san_matchers": u.san_matchers.iter().map(|m| m.spec().to_string()).collect::<Vec<_>>(),
+                    "destination_port": u.destination_port,
+                    "roots": u.roots.as_deref(),
+                    "max_connections": u.max_connections,
                     "dialed_directly": u.dialed_directly,
                     "instances": u.instances,
                     "local_bind": u.local_bind,
@@ -422,6 +575,17 @@ impl Snapshot {
                 "default_action": self.intentions.default_action().as_str(),
                 "rules": ixns,
             },
+            "rbac": match &self.authz {
+                Authz::Intentions(_) => serde_json::Value::Null,
+                Authz::Rbac(r) => r.rules().iter().map(|f| json!({
+                    "action": f.action.as_str(),
+                    "policies": f.policies.iter().map(|p| json!({
+                        "name": p.name,
+                        "principals": p.principals.iter().map(principal_json).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>().into(),
+            },
+            "permissive_ports": self.permissive_ports,
             "mesh_destinations_only": self.routes.mesh_destinations_only(),
             "upstreams": ups,
             "timeouts": {
@@ -433,9 +597,27 @@ impl Snapshot {
             },
             "limits": {
                 "max_connections": self.timeouts.max_connections,
+                "inbound_max_connections": self.inbound_max_connections,
             },
             "expose": expose,
         })
+    }
+}
+
+fn principal_json(p: &Principal) -> serde_json::Value {
+    use serde_json::json;
+    match p {
+        Principal::Any => json!("any"),
+        Principal::Authenticated { principal_name } => json!({
+            "authenticated": principal_name.as_ref().map(|m| m.to_string()),
+        }),
+        Principal::AndIds(ids) => {
+            json!({ "and_ids": ids.iter().map(principal_json).collect::<Vec<_>>() })
+        }
+        Principal::OrIds(ids) => {
+            json!({ "or_ids": ids.iter().map(principal_json).collect::<Vec<_>>() })
+        }
+        Principal::NotId(p) => json!({ "not_id": principal_json(p) }),
     }
 }
 
@@ -460,3 +642,6 @@ fn verify_leaf(
     )
     .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests;

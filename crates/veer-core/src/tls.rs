@@ -3,10 +3,12 @@
 //!
 //! Inbound (server side) requires a client certificate that chains to one of
 //! the roots and carries the client-auth usage (webpki). Outbound (client
-//! side) verifies the server chain against the roots with the server-auth
-//! usage but not the DNS name: a Consul leaf has only a SPIFFE URI SAN, which
-//! the caller checks against the upstream's identity right after the
-//! handshake and before any byte of the app is sent.
+//! side) verifies, inside the handshake, the server chain against the
+//! upstream's roots with the server-auth usage (no DNS name: a Consul leaf
+//! has only a SPIFFE URI SAN) and the leaf's URI SAN against the upstream's
+//! expected SANs ([`upstream_client_config`]); a mismatch fails the
+//! handshake before veer sends its own certificate.
+use crate::authz::Matcher;
 use crate::spiffe::{ServiceId, SpiffeError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -111,6 +113,27 @@ pub fn peer_identity(cert: &[u8]) -> Result<ServiceId, IdentityError> {
         1 => Ok(ServiceId::parse(&uris[0])?),
         n => Err(IdentityError::MultipleUriSans(n)),
     }
+}
+
+/// The names of a verified peer leaf, for RBAC: every URI SAN, the subject,
+/// and the Consul identity when its one URI SAN parses as one in
+/// `trust_domain` (else `None`, so that intentions never decide on an
+/// identity from another trust domain).
+pub fn peer(cert: &[u8], trust_domain: &str) -> Result<crate::authz::Peer, IdentityError> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let uris = uri_sans(cert)?;
+    let id = match uris.as_slice() {
+        [one] => ServiceId::parse(one)
+            .ok()
+            .filter(|id| id.trust_domain == trust_domain),
+        _ => None,
+    };
+    Ok(crate::authz::Peer {
+        uris,
+        subject: x.subject().to_string(),
+        id,
+    })
 }
 
 /// All URI SANs of a DER certificate.
@@ -320,11 +343,129 @@ impl ServerCertVerifier for MeshServerVerifier {
     }
 }
 
+/// A per-upstream client configuration: a clone of `base` (same leaf and
+/// key, same session store, so tickets are shared and nothing is parsed
+/// again) whose server check verifies the chain against `roots` and then
+/// requires a URI SAN of the leaf to match one of `sans`.
+pub fn upstream_client_config(
+    base: &ClientConfig,
+    roots: Arc<RootCertStore>,
+    sans: Arc<[Matcher]>,
+) -> Arc<ClientConfig> {
+    let mut cfg = base.clone();
+    let algs = base.crypto_provider().signature_verification_algorithms;
+    cfg.dangerous()
+        .set_certificate_verifier(Arc::new(UpstreamVerifier {
+            chain: MeshServerVerifier { roots, algs },
+            sans,
+        }));
+    Arc::new(cfg)
+}
+
+/// The server's leaf carries no URI SAN the upstream expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SanMismatch {
+    /// The leaf's URI SANs (or why they could not be read).
+    pub got: Vec<String>,
+    /// The expected matchers, for logs.
+    pub want: Vec<String>,
+}
+
+impl std::fmt::Display for SanMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let got = match self.got.as_slice() {
+            [] => "no URI SAN".to_string(),
+            [one] => one.clone(),
+            many => many.join(", "),
+        };
+        write!(
+            f,
+            "server certificate is for {got}, expected {}",
+            self.want.join(" or ")
+        )
+    }
+}
+
+impl std::error::Error for SanMismatch {}
+
+/// Checks that a URI SAN of the server leaf `cert` matches one of `sans`.
+pub fn check_server_sans(cert: &[u8], sans: &[Matcher]) -> Result<(), SanMismatch> {
+    let want = || sans.iter().map(|m| m.spec().to_string()).collect();
+    let got = uri_sans(cert).map_err(|e| SanMismatch {
+        got: vec![e.to_string()],
+        want: want(),
+    })?;
+    if got.iter().any(|u| sans.iter().any(|m| m.matches(u))) {
+        Ok(())
+    } else {
+        Err(SanMismatch { got, want: want() })
+    }
+}
+
+/// The chain check of [`MeshServerVerifier`], then the upstream's SANs.
+#[derive(Debug)]
+struct UpstreamVerifier {
+    chain: MeshServerVerifier,
+    sans: Arc<[Matcher]>,
+}
+
+impl ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.chain.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        check_server_sans(end_entity, &self.sans).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
 /// A bounded metric label for a TLS handshake failure.
 pub fn classify_tls_error(e: &rustls::Error) -> &'static str {
     use rustls::Error as E;
     match e {
         E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(CertificateError::Other(o))
+            if o.0.downcast_ref::<SanMismatch>().is_some() =>
+        {
+            "server_identity"
+        }
         E::InvalidCertificate(c) => match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "cert_expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {

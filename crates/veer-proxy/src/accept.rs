@@ -79,7 +79,7 @@ impl Throttle {
 
 /// Accepts until `stop` flips to true.
 ///
-/// - At most [`Shared::max_connections`] connections are open at once per
+/// - At most [`Shared::max_connections_of`] connections are open at once per
 ///   listener; past that, a new connection is reset at once and counted in
 ///   `veer_connections_overflow_total{listener}`.
 /// - Out of file descriptors, it sheds: a held-back descriptor is released
@@ -111,7 +111,7 @@ pub async fn serve<F, Fut>(
                         reserve = reserve_fd();
                     }
                     // Only this task adds to `open`, so the check cannot race past the limit.
-                    let max = shared.max_connections();
+                    let max = shared.max_connections_of(what);
                     if open.load(Relaxed) >= max {
                         net::reset_on_close(&s);
                         drop(s);

@@ -1,6 +1,12 @@
-//! The inbound pipeline: mTLS handshake → peer identity → intentions →
+//! The inbound pipeline: mTLS handshake → peer identity → authorization
+//! (Consul intentions or Envoy network RBAC, whichever the snapshot has) →
 //! dial the local app → relay. A peer that fails any step before the dial
 //! never causes a connection to the local app.
+//!
+//! A connection whose original destination port is one of the snapshot's
+//! `permissive_ports` (Consul's permissive mTLS) is relayed as plain TCP to
+//! the local app instead; the port is only looked up when the list is not
+//! empty.
 //!
 //! The check after the handshake is the one point where a request-level
 //! (L7) check will sit for HTTP upstreams.
@@ -14,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 use veer_core::addr::{ClientAddr, EndpointAddr};
-use veer_core::intentions::Decision;
+use veer_core::authz::{AuthzDecision, Peer};
 use veer_core::snapshot::Snapshot;
 use veer_core::tls::{self, IdentityError};
 
@@ -33,9 +39,9 @@ pub enum InboundError {
     /// The certificate is valid but carries no usable service identity.
     #[error("client identity: {0}")]
     Identity(#[from] IdentityError),
-    /// Intentions deny the source.
+    /// Intentions or RBAC deny the source.
     #[error("denied: {1}")]
-    Denied(Decision, String),
+    Denied(AuthzDecision, String),
     /// The local app did not accept the connection.
     #[error("local app: {0}")]
     LocalApp(#[from] net::DialError),
@@ -59,6 +65,14 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     shared.metrics.opened(Direction::Inbound);
     net::tune(&tcp);
     let snap = shared.snapshot();
+    if !snap.permissive_ports.is_empty() {
+        // A failed lookup keeps mTLS: permissive only when known to be.
+        if let Ok(orig) = net::orig_dst(&tcp) {
+            if snap.permissive_ports.contains(&orig.0.port()) {
+                return plain(shared, snap, tcp, peer, orig.0.port(), started).await;
+            }
+        }
+    }
     let Some(tls) = handshake(&shared, &snap, tcp, peer).await else {
         return;
     };
@@ -73,31 +87,44 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
             InboundError::Handshake("no_client_cert", "no certificate".into()),
         );
     };
-    let source = match tls::peer_identity(leaf) {
-        Ok(id) => id,
-        Err(e) => return refuse(&shared, peer, None, e.into()),
-    };
-    if source.trust_domain != snap.identity.trust_domain {
-        let e = IdentityError::WrongTrustDomain {
-            got: source.trust_domain.clone(),
-            want: snap.identity.trust_domain.clone(),
+    let source = if snap.authz.uses_intentions() {
+        // Intentions: exactly one Consul SPIFFE ID, in our trust domain.
+        let id = match tls::peer_identity(leaf) {
+            Ok(id) => id,
+            Err(e) => return refuse(&shared, peer, None, e.into()),
         };
-        return refuse(&shared, peer, Some(&source.to_string()), e.into());
-    }
+        if id.trust_domain != snap.identity.trust_domain {
+            let e = IdentityError::WrongTrustDomain {
+                got: id.trust_domain.clone(),
+                want: snap.identity.trust_domain.clone(),
+            };
+            return refuse(&shared, peer, Some(&id.to_string()), e.into());
+        }
+        Peer::from_id(id)
+    } else {
+        // RBAC: its principals match the certificate's names (a peered
+        // cluster's SPIFFE IDs have their own trust domain).
+        match tls::peer(leaf, &snap.identity.trust_domain) {
+            Ok(p) => p,
+            Err(e) => return refuse(&shared, peer, None, e.into()),
+        }
+    };
+    let name = source.display_name();
     // Register first, then decide on the current snapshot: a swap that
     // races with this check either sees the registration or is seen here.
     let reg = shared.register(source.clone());
     let snap = shared.snapshot();
-    let decision = snap.intentions.evaluate(&source);
+    let decision = snap.authz.evaluate(&source);
     if !decision.allowed() {
-        let why = snap.intentions.explain(&decision);
+        let why = snap.authz.explain(&decision);
         return refuse(
             &shared,
             peer,
-            Some(&source.to_string()),
+            Some(&name),
             InboundError::Denied(decision, why),
         );
     }
+    let source = name;
     let dialed = net::dial(
         EndpointAddr(snap.local_app),
         snap.timeouts.local_connect,
@@ -124,6 +151,54 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         direction = "inbound",
         peer = %peer,
         source = %source,
+        upstream = %local_app,
+        rx_bytes = out.a_to_b,
+        tx_bytes = out.b_to_a,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close = %out.reason.as_str(),
+        "connection closed"
+    );
+}
+
+/// A connection to a permissive port: plain TCP to the local app, no
+/// authorization (Consul's permissive mTLS filter chain).
+async fn plain(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    tcp: TcpStream,
+    peer: ClientAddr,
+    port: u16,
+    started: Instant,
+) {
+    let dialed = net::dial(
+        EndpointAddr(snap.local_app),
+        snap.timeouts.local_connect,
+        &shared.own_dials,
+        0,
+    )
+    .await;
+    let app = match dialed {
+        Ok(s) => s,
+        Err(e) => return refuse(&shared, peer, None, e.into()),
+    };
+    shared
+        .metrics
+        .count("inbound_permissive_total", "port", &port.to_string());
+    let limits = Limits {
+        idle: snap.timeouts.idle,
+        half_close: snap.timeouts.half_close,
+    };
+    let local_app = snap.local_app;
+    drop(snap);
+    let live = Some(shared.metrics.live(Direction::Inbound));
+    let out = relay::splice(tcp, app, limits, None, live).await;
+    shared.metrics.closed(Direction::Inbound);
+    tracing::info!(
+        target: "veer::access",
+        direction = "inbound",
+        peer = %peer,
+        source = "-",
+        permissive_port = port,
         upstream = %local_app,
         rx_bytes = out.a_to_b,
         tx_bytes = out.b_to_a,

@@ -76,7 +76,11 @@ const LABELLED: &[(&str, &str)] = &[
     ),
     (
         "intention_denials_total",
-        "Inbound connections denied by intentions, by reason.",
+        "Inbound connections denied by intentions or network RBAC, by reason (denied_by_intention, denied_by_default, denied_no_identity, denied_by_policy, denied_no_policy).",
+    ),
+    (
+        "inbound_permissive_total",
+        "Inbound connections relayed as plain TCP because their original destination port is permissive, by port.",
     ),
     (
         "local_app_connect_failures_total",

@@ -1,8 +1,13 @@
 //! The outbound pipeline: original destination → route → connect → relay.
 //!
 //! Mesh and dialed-directly routes open mTLS with our leaf, send the
-//! upstream's SNI and accept the server only if its SPIFFE ID is the
-//! upstream's identity, checked before any byte of the app is sent.
+//! upstream's SNI and accept the server only if its certificate chains to
+//! the upstream's roots and its URI SAN matches the upstream's expected
+//! SANs (by default its exact SPIFFE ID). That check runs inside the TLS
+//! handshake, so an impostor never receives veer's certificate; it is
+//! repeated after the handshake (resumed sessions skip the first), before
+//! any byte of the app is sent. An upstream with `max_connections` open
+//! refuses more (`reason=overflow`).
 //! Passthrough routes dial plain TCP and relay with splice.
 use crate::metrics::Direction;
 use crate::net::{self, DialError, Dialed};
@@ -47,6 +52,9 @@ pub enum OutboundError {
     },
     #[error("no endpoint of {0} could be reached")]
     AllEndpointsFailed(String),
+    /// The upstream has `max_connections` open (Envoy circuit breaker).
+    #[error("upstream {0} has {1} connections open, its max_connections")]
+    Overflow(String, u32),
     /// The connection comes from one of veer's own dials: its traffic was
     /// redirected back to it.
     #[error("the connection comes from veer's own dial ({0}), redirected back to it again and again; refusing to loop (is the proxy UID excluded from redirection?)")]
@@ -63,6 +71,7 @@ impl OutboundError {
             OutboundError::Handshake(_, l, _) => l,
             OutboundError::ServerIdentity { .. } => "server_identity",
             OutboundError::AllEndpointsFailed(_) => "all_endpoints_failed",
+            OutboundError::Overflow(..) => "overflow",
             OutboundError::OwnTraffic(_) => "loop",
         }
     }
@@ -154,6 +163,13 @@ async fn forward(
             )
         }
         Route::Mesh { upstream } => {
+            let Some(_slot) = upstream.try_open() else {
+                let e = OutboundError::Overflow(
+                    upstream.name().to_string(),
+                    upstream.max_connections.unwrap_or(u32::MAX),
+                );
+                return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
+            };
             let tls = match connect_mesh(&shared, &snap, &upstream).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
@@ -165,6 +181,13 @@ async fn forward(
             )
         }
         Route::Direct { upstream, addr } => {
+            let Some(_slot) = upstream.try_open() else {
+                let e = OutboundError::Overflow(
+                    upstream.name().to_string(),
+                    upstream.max_connections.unwrap_or(u32::MAX),
+                );
+                return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
+            };
             let tls = match connect_tls(&shared, &snap, &upstream, addr).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
@@ -222,17 +245,25 @@ async fn connect_mesh(
     ))
 }
 
-/// mTLS to one address, then the server's identity check.
+/// mTLS to one address; the server's identity is checked inside the
+/// handshake by the upstream's TLS configuration and once more after it.
 async fn connect_tls(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
+    let Some(config) = upstream.tls.clone() else {
+        return Err(OutboundError::Handshake(
+            addr,
+            "tls_setup",
+            "the upstream has no TLS configuration".into(),
+        ));
+    };
     let tcp = net::dial(addr, upstream.connect_timeout, &shared.own_dials, 0).await?;
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
-    let conn = UnbufferedClientConnection::new(snap.tls.client.clone(), name)
+    let conn = UnbufferedClientConnection::new(config, name)
         .map_err(|e| OutboundError::Handshake(addr, "tls_setup", e.to_string()))?;
     // Boxed: the connection's future then holds a pointer, not the TLS
     // state inline in its own layout and again in the relay's.
@@ -240,9 +271,15 @@ async fn connect_tls(
     match tokio::time::timeout(snap.timeouts.handshake, tls.handshake()).await {
         Err(_) => return Err(OutboundError::HandshakeTimeout(addr)),
         Ok(Err(e)) => {
-            let label = tls::rustls_error(&e)
-                .map(tls::classify_tls_error)
-                .unwrap_or("handshake_io");
+            let re = tls::rustls_error(&e);
+            if let Some(m) = re.and_then(san_mismatch) {
+                return Err(OutboundError::ServerIdentity {
+                    addr,
+                    got: m.got.join(", "),
+                    want: m.want.join(" or "),
+                });
+            }
+            let label = re.map(tls::classify_tls_error).unwrap_or("handshake_io");
             return Err(OutboundError::Handshake(addr, label, e.to_string()));
         }
         Ok(Ok(())) => {}
@@ -250,32 +287,32 @@ async fn connect_tls(
     shared
         .metrics
         .handshake(Direction::Outbound, tls.conn().handshake_kind());
-    let leaf = tls.conn().peer_certificates().and_then(|c| c.first());
-    let got = match leaf.map(|c| tls::peer_identity(c)) {
-        Some(Ok(id)) => id,
-        Some(Err(e)) => {
-            return Err(OutboundError::ServerIdentity {
-                addr,
-                got: e.to_string(),
-                want: upstream.identity.to_string(),
-            })
-        }
-        None => {
-            return Err(OutboundError::ServerIdentity {
-                addr,
-                got: "no certificate".into(),
-                want: upstream.identity.to_string(),
-            })
-        }
-    };
-    if got != upstream.identity {
+    // Second line (a resumed session skips the certificate check).
+    let Some(leaf) = tls.conn().peer_certificates().and_then(|c| c.first()) else {
         return Err(OutboundError::ServerIdentity {
             addr,
-            got: got.to_string(),
+            got: "no certificate".into(),
             want: upstream.identity.to_string(),
+        });
+    };
+    if let Err(m) = tls::check_server_sans(leaf, &upstream.san_matchers) {
+        return Err(OutboundError::ServerIdentity {
+            addr,
+            got: m.got.join(", "),
+            want: m.want.join(" or "),
         });
     }
     Ok(tls)
+}
+
+/// The SAN mismatch inside a handshake error, if that is what it was.
+fn san_mismatch(e: &rustls::Error) -> Option<&tls::SanMismatch> {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            o.0.downcast_ref::<tls::SanMismatch>()
+        }
+        _ => None,
+    }
 }
 
 fn fail(

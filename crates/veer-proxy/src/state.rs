@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{watch, Notify};
+use veer_core::authz::Peer;
 use veer_core::snapshot::{Snapshot, SnapshotError, Spec};
-use veer_core::spiffe::ServiceId;
 
 struct Registered {
-    source: ServiceId,
+    source: Peer,
     revoke: Arc<Notify>,
 }
 
@@ -27,6 +27,9 @@ pub struct Shared {
     /// The current snapshot's per-listener connection limit, read by the
     /// accept loops without touching the snapshot.
     max_connections: AtomicUsize,
+    /// The inbound listener's limit (the snapshot's
+    /// `inbound_max_connections`, Envoy's `connection_limit`).
+    inbound_max_connections: AtomicUsize,
     /// Rate limit of the warnings logged per refused or failed connection.
     pub warn_budget: WarnBudget,
     /// veer's own open dials, to recognise its traffic redirected back.
@@ -107,6 +110,7 @@ impl Shared {
     pub fn new(spec: Spec) -> Result<Arc<Shared>, SnapshotError> {
         let first = Snapshot::build(spec, 1)?;
         let max_connections = AtomicUsize::new(first.timeouts.max_connections);
+        let inbound_max_connections = AtomicUsize::new(first.inbound_max_connections);
         let (snap, _) = watch::channel(Arc::new(first));
         Ok(Arc::new(Shared {
             snap,
@@ -117,6 +121,7 @@ impl Shared {
             started: Instant::now(),
             applied_at: AtomicU64::new(unix_now()),
             max_connections,
+            inbound_max_connections,
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
         }))
@@ -146,6 +151,15 @@ impl Shared {
         self.max_connections.load(Relaxed)
     }
 
+    /// Connections the listener named `listener` may hold open at once:
+    /// the inbound listener has its own limit.
+    pub fn max_connections_of(&self, listener: &str) -> usize {
+        match listener {
+            "inbound" => self.inbound_max_connections.load(Relaxed),
+            _ => self.max_connections.load(Relaxed),
+        }
+    }
+
     /// A warning about one connection may be logged now: `Some(suppressed)`.
     pub fn may_warn(&self) -> Option<u64> {
         self.warn_budget.take(self.now_ms())
@@ -158,7 +172,8 @@ impl Shared {
 
     /// Builds a snapshot from `spec` and swaps it in; open connections keep
     /// the one they started with. Open inbound connections whose source the
-    /// new intentions deny are closed. On error the current snapshot stays.
+    /// new authorization (intentions or RBAC) denies are closed. On error
+    /// the current snapshot stays.
     pub fn apply(&self, spec: Spec) -> Result<Arc<Snapshot>, SnapshotError> {
         let version = self.version.fetch_add(1, Relaxed) + 1;
         let snap = match Snapshot::build_after(spec, version, Some(&self.snapshot())) {
@@ -171,16 +186,19 @@ impl Shared {
         self.snap.send_replace(snap.clone());
         self.max_connections
             .store(snap.timeouts.max_connections, Relaxed);
+        self.inbound_max_connections
+            .store(snap.inbound_max_connections, Relaxed);
         self.applied_at.store(unix_now(), Relaxed);
         self.metrics.snapshot_swaps.fetch_add(1, Relaxed);
         let conns = self.lock_conns();
         for r in conns.values() {
-            let d = snap.intentions.evaluate(&r.source);
+            let d = snap.authz.evaluate(&r.source);
             if !d.allowed() {
                 tracing::warn!(
-                    source = %r.source,
-                    reason = %snap.intentions.explain(&d),
-                    "closing open inbound connection: intentions now deny its source"
+                    source = %r.source.display_name(),
+                    reason = %snap.authz.explain(&d),
+                    label = d.classify(),
+                    "closing open inbound connection: the authorization now denies its source"
                 );
                 self.metrics.revoked.fetch_add(1, Relaxed);
                 r.revoke.notify_one();
@@ -190,9 +208,9 @@ impl Shared {
     }
 
     /// Registers an open inbound connection from `source`. Register before
-    /// evaluating intentions against [`Shared::snapshot`], so that a swap
+    /// evaluating the authorization against [`Shared::snapshot`], so that a swap
     /// racing with the check is never missed.
-    pub fn register(self: &Arc<Self>, source: ServiceId) -> Registration {
+    pub fn register(self: &Arc<Self>, source: Peer) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed);
         let revoke = Arc::new(Notify::new());
         self.lock_conns().insert(

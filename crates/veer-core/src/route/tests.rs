@@ -172,3 +172,113 @@ fn v4_mapped_forms_are_one_address() {
         "loop"
     );
 }
+
+#[test]
+fn destination_port_vips_match_that_port_first() {
+    let vip: IpAddr = "240.0.0.1".parse().unwrap();
+    let mut web = upstream("web");
+    web.virtual_ips = vec![vip];
+    web.destination_port = Some(8080);
+    web.endpoints = vec![Endpoint::new(sa("10.77.0.2:20000"))];
+    let mut admin = upstream("admin");
+    admin.virtual_ips = vec![vip];
+    admin.destination_port = Some(9090);
+    admin.endpoints = vec![Endpoint::new(sa("10.77.0.3:20000"))];
+    let mut any = upstream("any");
+    any.virtual_ips = vec![vip];
+    any.endpoints = vec![Endpoint::new(sa("10.77.0.4:20000"))];
+    let t = RouteTable::new(vec![web, admin, any], true, vec![]);
+    let cases = [
+        ("240.0.0.1:8080", Some("web")),
+        ("240.0.0.1:9090", Some("admin")),
+        ("[::ffff:240.0.0.1]:9090", Some("admin")),
+        ("240.0.0.1:80", Some("any")), // no port match: the ip-only entry
+    ];
+    for (d, want) in cases {
+        let got = match route(&t, dst(d)) {
+            Ok(Route::Mesh { upstream }) => Some(upstream.name().to_string()),
+            _ => None,
+        };
+        assert_eq!(got.as_deref(), want, "{d}");
+    }
+    // Without an ip-only upstream, another port is not a mesh destination.
+    let mut only = upstream("only");
+    only.virtual_ips = vec![vip];
+    only.destination_port = Some(8080);
+    only.endpoints = vec![Endpoint::new(sa("10.77.0.2:20000"))];
+    let t = RouteTable::new(vec![only], true, vec![]);
+    assert_eq!(
+        route(&t, dst("240.0.0.1:80")).unwrap_err().classify(),
+        "not_in_mesh"
+    );
+}
+
+#[test]
+fn weighted_round_robin_follows_the_weights_and_interleaves() {
+    let mut u = upstream("w");
+    u.endpoints = vec![
+        Endpoint::weighted(sa("10.0.0.1:1"), 3),
+        Endpoint::weighted(sa("10.0.0.2:1"), 1),
+        Endpoint::weighted(sa("10.0.0.3:1"), 0), // 0 is taken as 1
+        Endpoint::weighted(sa("10.0.0.4:1"), 1_000_000_000),
+    ];
+    let mut counts = std::collections::HashMap::<SocketAddr, u64>::new();
+    // Weights 3:1:4; each run of 8 picks visits every weight unit once.
+    let mut small = upstream("s");
+    small.endpoints = vec![
+        Endpoint::weighted(sa("10.0.0.1:1"), 3),
+        Endpoint::weighted(sa("10.0.0.2:1"), 1),
+        Endpoint::weighted(sa("10.0.0.3:1"), 4),
+    ];
+    let mut firsts = Vec::new();
+    for _ in 0..800 {
+        let order = small.pick_order(0);
+        assert_eq!(order.len(), 3, "every endpoint stays in the order");
+        *counts.entry(order[0].addr.0).or_default() += 1;
+        firsts.push(order[0].addr.0);
+    }
+    assert_eq!(counts[&sa("10.0.0.1:1")], 300);
+    assert_eq!(counts[&sa("10.0.0.2:1")], 100);
+    assert_eq!(counts[&sa("10.0.0.3:1")], 400);
+    // Interleaved: the heaviest endpoint is never first 4 times in a row.
+    assert!(
+        firsts.windows(5).all(|w| w.iter().any(|a| *a != w[0])),
+        "{firsts:?}"
+    );
+    // A huge weight costs nothing more than a small one: it just wins.
+    let mut big = 0;
+    for _ in 0..1000 {
+        if u.pick_order(0)[0].addr.0 == sa("10.0.0.4:1") {
+            big += 1;
+        }
+    }
+    assert!(big >= 990, "{big}");
+}
+
+#[test]
+fn max_connections_counts_open_connections_and_frees_on_drop() {
+    let mut u = upstream("limited");
+    u.max_connections = Some(2);
+    let u = Arc::new(u);
+    let a = u.try_open().expect("first");
+    let b = u.try_open().expect("second");
+    assert!(u.try_open().is_none(), "third overflows");
+    assert_eq!(u.open_connections(), 2);
+    drop(a);
+    let c = u.try_open().expect("a slot freed");
+    drop((b, c));
+    assert_eq!(u.open_connections(), 0);
+    // No limit: always a slot.
+    let free = Arc::new(upstream("free"));
+    let guards: Vec<_> = (0..100).map(|_| free.try_open().unwrap()).collect();
+    assert_eq!(free.open_connections(), 100);
+    drop(guards);
+}
+
+#[test]
+fn default_san_matcher_is_the_exact_spiffe_id() {
+    let u = upstream("api");
+    assert_eq!(u.san_matchers.len(), 1);
+    assert!(u.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api"));
+    assert!(!u.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api2"));
+}

@@ -1,0 +1,260 @@
+use super::*;
+use crate::authz::{Peer, RbacPolicy};
+use crate::tls::{parse_certs, parse_key};
+use veer_ca::Ca;
+
+const TD: &str = "td.consul";
+
+fn id(svc: &str) -> ServiceId {
+    ServiceId::new(TD, "default", "default", "dc1", svc)
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn spec(ca: &Ca) -> Spec {
+    let leaf = ca.service_leaf("dc1", "web").unwrap();
+    Spec {
+        identity: id("web"),
+        roots: parse_certs(ca.cert_pem.as_bytes(), "roots").unwrap(),
+        chain: parse_certs(leaf.chain_pem.as_bytes(), "leaf").unwrap(),
+        key: parse_key(leaf.key_pem.as_bytes(), "key").unwrap(),
+        local_app: sa("127.0.0.1:8080"),
+        intentions: vec![],
+        default_action: Action::Allow,
+        upstreams: vec![],
+        mesh_destinations_only: false,
+        listen: ListenSpec {
+            inbound: sa("0.0.0.0:20000"),
+            outbound: vec![sa("127.0.0.1:15001")],
+        },
+        timeouts: Timeouts::default(),
+        source: "test".into(),
+        expose: vec![],
+        rbac: None,
+        permissive_ports: vec![],
+        inbound_max_connections: None,
+    }
+}
+
+fn up(svc: &str, vip: &str) -> UpstreamSpec {
+    let mut u = UpstreamSpec::new(id(svc));
+    u.virtual_ips = vec![vip.parse().unwrap()];
+    u.endpoints = vec![sa("10.0.0.2:20000"), sa("10.0.0.3:20000")];
+    u
+}
+
+#[test]
+fn defaults_keep_todays_behaviour() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    s.upstreams = vec![up("api", "10.96.0.20")];
+    let snap = Snapshot::build(s, 1).unwrap();
+    let u = &snap.routes.upstreams()[0];
+    assert_eq!(u.sni, id("api").sni());
+    assert_eq!(u.san_matchers.len(), 1);
+    assert!(u.san_matchers[0].matches(&id("api").to_string()));
+    assert!(!u.san_matchers[0].matches(&id("api2").to_string()));
+    assert!(u.tls.is_some());
+    assert_eq!(
+        u.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+        [1, 1]
+    );
+    assert!(snap.authz.uses_intentions());
+    assert_eq!(
+        snap.inbound_max_connections,
+        Timeouts::default().max_connections
+    );
+    assert!(snap.permissive_ports.is_empty());
+    assert!(snap.dump()["rbac"].is_null());
+}
+
+#[test]
+fn xds_fields_reach_the_snapshot_and_the_dump() {
+    let ca = Ca::new_root(TD).unwrap();
+    let peer_ca = Ca::new_root("peer.consul").unwrap();
+    let mut s = spec(&ca);
+    let mut a = up("api", "10.96.0.20");
+    a.sni = Some("api.default.dc1.internal.td.consul".into());
+    a.san_matchers = vec![StringMatch::prefix("spiffe://td.consul/ns/default/")];
+    a.roots = Some(parse_certs(peer_ca.cert_pem.as_bytes(), "peer").unwrap());
+    a.destination_port = Some(8080);
+    a.max_connections = Some(7);
+    a.endpoint_weights = vec![3, 1];
+    s.upstreams = vec![a];
+    s.permissive_ports = vec![8080];
+    s.inbound_max_connections = Some(12);
+    s.rbac = Some(vec![RbacRules {
+        action: Action::Allow,
+        policies: vec![RbacPolicy {
+            name: "consul-intentions-layer4".into(),
+            principals: vec![Principal::spiffe_regex(
+                "^spiffe://td.consul/ns/default/dc/[^/]+/svc/web$",
+            )],
+        }],
+    }]);
+    let snap = Snapshot::build(s, 1).unwrap();
+    let u = &snap.routes.upstreams()[0];
+    assert_eq!(u.sni, "api.default.dc1.internal.td.consul");
+    assert!(u.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/x/svc/y"));
+    assert_eq!(u.destination_port, Some(8080));
+    assert_eq!(u.max_connections, Some(7));
+    assert_eq!(
+        u.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+        [3, 1]
+    );
+    assert_eq!(snap.inbound_max_connections, 12);
+    assert!(!snap.authz.uses_intentions());
+    assert!(snap.authz.evaluate(&Peer::from_id(id("web"))).allowed());
+    assert!(!snap.authz.evaluate(&Peer::from_id(id("db"))).allowed());
+
+    let d = snap.dump();
+    let du = &d["upstreams"][0];
+    assert_eq!(du["endpoint_weights"], serde_json::json!([3, 1]));
+    assert_eq!(du["destination_port"], 8080);
+    assert_eq!(du["max_connections"], 7);
+    assert_eq!(du["sni"], "api.default.dc1.internal.td.consul");
+    assert_eq!(
+        du["san_matchers"][0],
+        "prefix \"spiffe://td.consul/ns/default/\""
+    );
+    assert_eq!(du["roots"][0]["is_ca"], true);
+    assert_eq!(d["permissive_ports"], serde_json::json!([8080]));
+    assert_eq!(d["limits"]["inbound_max_connections"], 12);
+    assert_eq!(d["rbac"][0]["action"], "allow");
+    assert_eq!(
+        d["rbac"][0]["policies"][0]["name"],
+        "consul-intentions-layer4"
+    );
+    let text = d.to_string();
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+}
+
+#[test]
+fn bad_upstream_fields_and_rbac_are_refused_with_names() {
+    let ca = Ca::new_root(TD).unwrap();
+    // (change, expected label, text in the message)
+    type Change = Box<dyn Fn(&mut Spec)>;
+    let cases: Vec<(Change, &str, &str)> = vec![
+        (
+            Box::new(|s| s.upstreams[0].endpoint_weights = vec![1]),
+            "upstream",
+            "1 endpoint weights for 2 endpoints",
+        ),
+        (
+            Box::new(|s| s.upstreams[0].endpoint_weights = vec![1, 0]),
+            "upstream",
+            "weight 0",
+        ),
+        (
+            Box::new(|s| s.upstreams[0].san_matchers = vec![StringMatch::regex("(")]),
+            "upstream",
+            "upstream api: SAN matcher",
+        ),
+        (
+            Box::new(|s| s.upstreams[0].roots = Some(vec![])),
+            "upstream",
+            "empty roots",
+        ),
+        (
+            Box::new(|s| s.upstreams[0].sni = Some("not a name!".into())),
+            "upstream",
+            "SNI",
+        ),
+        (
+            Box::new(|s| {
+                s.rbac = Some(vec![RbacRules {
+                    action: Action::Deny,
+                    policies: vec![RbacPolicy {
+                        name: "bad".into(),
+                        principals: vec![Principal::spiffe_regex("[")],
+                    }],
+                }])
+            }),
+            "rbac",
+            "\"bad\"",
+        ),
+        (
+            Box::new(|s| s.upstreams.push(up("db", "10.96.0.20"))),
+            "duplicate_vip",
+            "10.96.0.20 is claimed by both api and db",
+        ),
+        (
+            Box::new(|s| {
+                s.upstreams[0].destination_port = Some(80);
+                let mut db = up("db", "10.96.0.20");
+                db.destination_port = Some(80);
+                s.upstreams.push(db);
+            }),
+            "duplicate_vip",
+            "10.96.0.20 port 80 is claimed",
+        ),
+    ];
+    for (i, (change, label, text)) in cases.into_iter().enumerate() {
+        let mut s = spec(&ca);
+        s.upstreams = vec![up("api", "10.96.0.20")];
+        change(&mut s);
+        let e = Snapshot::build(s, 1).unwrap_err();
+        assert_eq!(e.classify(), label, "case {i}: {e}");
+        assert!(e.to_string().contains(text), "case {i}: {e}");
+    }
+    // One VIP on two ports, and on any other port, is three destinations.
+    let mut s = spec(&ca);
+    let mut a = up("api", "10.96.0.20");
+    a.destination_port = Some(80);
+    let mut b = up("admin", "10.96.0.20");
+    b.destination_port = Some(9090);
+    s.upstreams = vec![a, b, up("any", "10.96.0.20")];
+    Snapshot::build(s, 1).unwrap();
+}
+
+#[test]
+fn upstream_tls_configs_are_shared_and_kept_across_snapshots() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")];
+    let first = Snapshot::build(s.clone(), 1).unwrap();
+    let cfg = |snap: &Snapshot, i: usize| snap.routes.upstreams()[i].tls.clone().unwrap();
+    assert!(!Arc::ptr_eq(&cfg(&first, 0), &cfg(&first, 1)));
+    // A catalog change: the same configurations (their verifiers keep the
+    // session tickets).
+    s.upstreams[1].endpoints.push(sa("10.0.0.4:20000"));
+    s.upstreams.push(up("cache", "10.96.0.40"));
+    let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
+    assert!(Arc::ptr_eq(&cfg(&first, 0), &cfg(&second, 0)));
+    assert!(Arc::ptr_eq(&cfg(&first, 1), &cfg(&second, 1)));
+    // New expected SANs: a new configuration for that upstream only.
+    s.upstreams[0].san_matchers = vec![StringMatch::suffix("/svc/api")];
+    let third = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
+    assert!(!Arc::ptr_eq(&cfg(&second, 0), &cfg(&third, 0)));
+    assert!(Arc::ptr_eq(&cfg(&second, 1), &cfg(&third, 1)));
+    // A new leaf: everything new.
+    let rotated = spec(&ca);
+    let mut s2 = s.clone();
+    s2.chain = rotated.chain;
+    s2.key = rotated.key;
+    let fourth = Snapshot::build_after(s2, 4, Some(&third)).unwrap();
+    assert!(!Arc::ptr_eq(&cfg(&third, 1), &cfg(&fourth, 1)));
+}
+
+/// 2,000 upstreams build quickly: one base configuration cloned, no key
+/// parsed per upstream.
+#[test]
+fn two_thousand_upstreams_are_cheap() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    s.upstreams = (0..2000)
+        .map(|i| {
+            up(
+                &format!("svc{i}"),
+                &format!("10.96.{}.{}", i / 256, i % 256),
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let snap = Snapshot::build(s, 1).unwrap();
+    let took = t.elapsed();
+    assert_eq!(snap.routes.upstreams().len(), 2000);
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+}
