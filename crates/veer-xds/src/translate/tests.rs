@@ -1223,3 +1223,58 @@ fn dialed_directly_upstream_waits_for_its_eds_sibling() {
         vec![format!("endpoints {} (EDS)", p.sni("kafka"))]
     );
 }
+
+// ------------------------------------------------------------ through the core
+
+fn snapshot(x: &ConsulXds) -> Snapshot {
+    Snapshot::build(translate(&load(x)).unwrap(), 1).unwrap()
+}
+
+fn route_kind(s: &Snapshot, dst: &str) -> Result<(&'static str, String), &'static str> {
+    use veer_core::addr::OrigDstAddr;
+    use veer_core::route::{route, Route};
+    match route(&s.routes, OrigDstAddr(sa(dst))) {
+        Ok(Route::Mesh { upstream }) => Ok(("mesh", upstream.name().to_string())),
+        Ok(Route::Direct { upstream, .. }) => Ok(("direct", upstream.name().to_string())),
+        Ok(Route::Passthrough { .. }) => Ok(("passthrough", String::new())),
+        Err(e) => Err(e.classify()),
+    }
+}
+
+#[test]
+fn translated_goldens_route_and_authorize_as_envoy_would() {
+    let p = params();
+    let s = snapshot(&cx::transparent_proxy_dial_instances_directly(&p));
+    assert_eq!(
+        route_kind(&s, "6.6.6.6:27017"),
+        Ok(("mesh", "mongo".into()))
+    );
+    assert_eq!(
+        route_kind(&s, "10.10.10.12:27017"),
+        Ok(("direct", "mongo".into()))
+    );
+    assert_eq!(
+        route_kind(&s, "9.9.9.9:9092"),
+        Ok(("direct", "kafka".into()))
+    );
+    assert_eq!(
+        route_kind(&s, "1.2.3.4:443"),
+        Ok(("passthrough", String::new()))
+    );
+    let s = snapshot(&cx::transparent_proxy_catalog_destinations_only(&p));
+    assert_eq!(route_kind(&s, "10.0.0.1:80"), Ok(("mesh", "google".into())));
+    assert_eq!(route_kind(&s, "240.0.0.1:80"), Err("not_in_mesh"));
+    // `rules: {}` denies every peer; the one-allow golden allows web only.
+    let peer = |svc: &str| {
+        Peer::from_id(veer_core::spiffe::ServiceId::new(
+            TD, "default", "default", "dc1", svc,
+        ))
+    };
+    let s = snapshot(&cx::transparent_proxy(&p));
+    assert!(!s.authz.evaluate(&peer("web")).allowed());
+    let mut x = cx::transparent_proxy(&p);
+    x.set_public_rbac(cx::rbac_default_deny_one_allow(TD));
+    let s = snapshot(&x);
+    assert!(s.authz.evaluate(&peer("web")).allowed());
+    assert!(!s.authz.evaluate(&peer("api")).allowed());
+}
