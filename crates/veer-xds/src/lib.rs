@@ -12,4 +12,5 @@
 //!   plain-data [`veer_core::snapshot::Spec`].
 #![deny(unsafe_code)]
 
+pub mod ads;
 pub mod resources;
