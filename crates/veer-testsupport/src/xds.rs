@@ -99,9 +99,15 @@ struct Log {
     sent: Vec<Sent>,
 }
 
+/// type URL -> name -> (resource, version).
+type Store = BTreeMap<String, BTreeMap<String, (Any, String)>>;
+
+/// An un-ACKed response: nonce, upserts (name, version), removals.
+type Pending = (String, Vec<(String, String)>, Vec<String>);
+
 struct Shared {
     /// type URL -> name -> (resource, version).
-    store: Mutex<BTreeMap<String, BTreeMap<String, (Any, String)>>>,
+    store: Mutex<Store>,
     changed: watch::Sender<u64>,
     token: Mutex<Option<String>>,
     log: Mutex<Log>,
@@ -420,7 +426,7 @@ struct TypeState {
     /// Versions the client NACKed: not sent again until they change.
     nacked: HashMap<String, String>,
     /// The un-ACKed response: nonce, upserts (name, version), removals.
-    pending: Option<(String, Vec<(String, String)>, Vec<String>)>,
+    pending: Option<Pending>,
 }
 
 struct Stream {

@@ -335,7 +335,6 @@ fn compile_or_runtime_refusal_reverts_the_whole_response() {
         Reply::Nack("configuration rejected: cluster uncompilable breaks the build".into())
     );
     assert!(!out.delivered);
-    drop(apply);
     assert_eq!(got, vec!["lds[a=a1] cds[c1] eds[c1=c1]".to_string()]);
     // The EDS response was reverted; the CDS one stays accepted but unapplied.
     assert!(s.resources().endpoints.is_empty());
