@@ -130,6 +130,8 @@ struct Running {
 pub struct XdsServer {
     shared: Arc<Shared>,
     addr: Addr,
+    /// Server certificate chain and key, PEM (TCP only).
+    tls: Option<(String, String)>,
     running: Option<Running>,
 }
 
@@ -168,6 +170,7 @@ impl XdsServer {
                 nonces: AtomicU64::new(0),
             }),
             addr,
+            tls: None,
             running: None,
         }
     }
@@ -182,6 +185,20 @@ impl XdsServer {
     /// namespace). Needs a tokio runtime.
     pub fn tcp_listener(l: std::net::TcpListener) -> std::io::Result<XdsServer> {
         let mut s = XdsServer::new(Addr::Tcp(l.local_addr()?));
+        s.serve_tcp(l)?;
+        Ok(s)
+    }
+
+    /// Serves gRPC over TLS on a TCP address, with this certificate chain
+    /// and key (PEM); no client certificate is asked for.
+    pub async fn tcp_tls(
+        addr: SocketAddr,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<XdsServer> {
+        let l = tokio::net::TcpListener::bind(addr).await?.into_std()?;
+        let mut s = XdsServer::new(Addr::Tcp(l.local_addr()?));
+        s.tls = Some((chain_pem.to_string(), key_pem.to_string()));
         s.serve_tcp(l)?;
         Ok(s)
     }
@@ -205,8 +222,7 @@ impl XdsServer {
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
-        self.serve(incoming);
-        Ok(())
+        self.serve(incoming)
     }
 
     fn serve_unix(&mut self) -> std::io::Result<()> {
@@ -215,11 +231,10 @@ impl XdsServer {
         };
         let _ = std::fs::remove_file(path);
         let l = tokio::net::UnixListener::bind(path)?;
-        self.serve(tokio_stream::wrappers::UnixListenerStream::new(l));
-        Ok(())
+        self.serve(tokio_stream::wrappers::UnixListenerStream::new(l))
     }
 
-    fn serve<I, IO>(&mut self, incoming: I)
+    fn serve<I, IO>(&mut self, incoming: I) -> std::io::Result<()>
     where
         I: tokio_stream::Stream<Item = std::io::Result<IO>> + Send + 'static,
         IO: tokio::io::AsyncRead
@@ -236,8 +251,16 @@ impl XdsServer {
         })
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((chain, key)) = &self.tls {
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(chain, key));
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|s| *s).await;
@@ -245,6 +268,7 @@ impl XdsServer {
                 .await;
         });
         self.running = Some(Running { stop, task });
+        Ok(())
     }
 
     /// Stops serving: open streams end (the client sees the stream close)

@@ -861,3 +861,61 @@ async fn unix_socket_and_a_message_over_64_mib() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A CA and a server certificate for `xds.test` signed by it (PEM).
+fn tls_material() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["xds.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_pem, leaf.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn tls_with_a_given_ca() {
+    let (ca, chain, key) = tls_material();
+    let server = XdsServer::tcp_tls("127.0.0.1:0".parse().unwrap(), &chain, &key)
+        .await
+        .unwrap();
+    server.set(LDS, "a", listener("a", "a1"));
+    server.set(CDS, "c1", cluster("c1"));
+    server.set(EDS, "c1", endpoints("c1", ""));
+    // Another CA: the handshake fails, counted as unreachable.
+    let (other_ca, _, _) = tls_material();
+    let mut cfg = tcp(&server);
+    cfg.tls = Some(Tls {
+        ca_pem: other_ca,
+        server_name: Some("xds.test".into()),
+    });
+    let bad = start(cfg);
+    let mut cfg = tcp(&server);
+    cfg.tls = Some(Tls {
+        ca_pem: ca,
+        server_name: Some("xds.test".into()),
+    });
+    let mut good = start(cfg);
+    assert_eq!(next_spec(&mut good).await, "lds[a=a1] cds[c1] eds[c1=c1]");
+    let mut st = bad.status.clone();
+    tokio::time::timeout(T, st.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(bad.metrics.reconnects("unreachable") >= 1);
+    assert!(!bad.status.borrow().connected);
+    assert!(server.requests().iter().all(|r| r.stream == 1), "only the good client got through");
+    // No PEM at all is a configuration error.
+    let mut cfg = tcp(&server);
+    cfg.tls = Some(Tls {
+        ca_pem: "nope".into(),
+        server_name: None,
+    });
+    let r = run(cfg, TestCheck, |_| Ok(()), watch::channel(AdsStatus::default()).0).await;
+    assert!(matches!(r, Err(AdsError::Config(_))), "{r:?}");
+}
