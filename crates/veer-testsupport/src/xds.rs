@@ -16,8 +16,11 @@
 //! - With [`XdsServer::require_token`], a stream without the right
 //!   `x-consul-token` ends with `PermissionDenied`.
 //!
-//! Not modelled: Consul re-sending a cluster's EDS after a CDS ACK (and a
-//! listener's RDS after an LDS ACK), and the ACL re-checks while idle.
+//! - After an ACKed CDS response, the EDS of the clusters in it is sent
+//!   again (Consul does so because Envoy forgets a cluster's endpoints).
+//!
+//! Not modelled: Consul re-sending a listener's RDS after an LDS ACK, and
+//! the ACL re-checks while idle.
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -444,6 +447,8 @@ impl AggregatedDiscoveryService for Service {
 #[derive(Default)]
 struct TypeState {
     wildcard: bool,
+    /// Registered by the request being handled (its first).
+    fresh: bool,
     subscriptions: BTreeSet<String>,
     /// What the client holds, by name ("" = must be re-sent).
     versions: HashMap<String, String>,
@@ -504,18 +509,32 @@ impl Stream {
         let t = self.types.entry(req.type_url.clone()).or_default();
         if first {
             t.wildcard = req.resource_names_subscribe.is_empty();
+            t.fresh = true;
         }
         if !req.response_nonce.is_empty() {
             if let Some((nonce, ups, rms)) = t.pending.take() {
                 if nonce != req.response_nonce {
                     t.pending = Some((nonce, ups, rms));
                 } else if req.error_detail.is_none() {
+                    let updated: Vec<String> = ups.iter().map(|(n, _)| n.clone()).collect();
                     for (n, v) in ups {
                         t.versions.insert(n, v);
                     }
                     for n in rms {
                         t.versions.remove(&n);
                     }
+                    // Consul: after an ACKed cluster update, the cluster's
+                    // endpoints are sent again (Envoy forgets them).
+                    if req.type_url == CDS {
+                        if let Some(e) = self.types.get_mut(EDS) {
+                            for n in updated {
+                                if let Some(v) = e.versions.get_mut(&n) {
+                                    v.clear();
+                                }
+                            }
+                        }
+                    }
+                    return self.subscribe(req);
                 } else {
                     for (n, v) in ups {
                         t.nacked.insert(n, v);
@@ -523,6 +542,13 @@ impl Stream {
                 }
             }
         }
+        self.subscribe(req)
+    }
+
+    /// The subscription part of a request.
+    fn subscribe(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        let t = self.types.get_mut(&req.type_url).expect("registered");
+        let first = std::mem::take(&mut t.fresh);
         if first && !req.initial_resource_versions.is_empty() {
             t.versions = req.initial_resource_versions.clone();
             if !t.wildcard {

@@ -753,13 +753,15 @@ async fn reconnects_after_a_restart_with_initial_versions() {
     server.stop().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!c.status.borrow().connected);
+    // While the server is away, a cluster is added.
+    server.set(CDS, "c2", cluster("c2"));
+    server.set(EDS, "c2", endpoints("c2", ""));
     server.restart().await.unwrap();
-    assert!(
-        server
-            .wait_for(T, |reqs, _| reqs.iter().filter(|r| r.stream == 2).count()
-                >= 3)
-            .await
+    assert_eq!(
+        next_spec(&mut c).await,
+        "lds[a=a1] cds[c1,c2] eds[c1=c1,c2=c2]"
     );
+    assert!(all_answered(&server).await);
     let reqs: Vec<_> = server
         .requests()
         .into_iter()
@@ -772,6 +774,8 @@ async fn reconnects_after_a_restart_with_initial_versions() {
             .req
             .clone()
     };
+    assert!(reqs[0].req.node.is_some());
+    assert_eq!(by(CDS).initial_resource_versions.len(), 1);
     assert_eq!(
         by(CDS).initial_resource_versions["c1"],
         server.version(CDS, "c1").unwrap()
@@ -785,17 +789,52 @@ async fn reconnects_after_a_restart_with_initial_versions() {
         by(EDS).initial_resource_versions["c1"],
         server.version(EDS, "c1").unwrap()
     );
-    assert!(reqs[0].req.node.is_some());
-    assert!(all_answered(&server).await);
-    // Nothing was resent for the wildcard kinds the client already held.
-    assert!(server
+    // Only what the client did not hold was sent: no LDS, only c2 of CDS.
+    let sent: Vec<_> = server
         .sent()
-        .iter()
-        .all(|s| s.stream != 2 || s.type_url == EDS));
+        .into_iter()
+        .filter(|s| s.stream == 2)
+        .collect();
+    assert!(sent.iter().all(|s| s.type_url != LDS), "{sent:?}");
+    let cds: Vec<_> = sent.iter().filter(|s| s.type_url == CDS).collect();
+    assert_eq!(cds.len(), 1);
+    assert_eq!(cds[0].resources.len(), 1);
+    assert_eq!(cds[0].resources[0].0, "c2");
     assert!(c.status.borrow().connected);
     assert!(c.metrics.reconnects("closed") + c.metrics.reconnects("unreachable") >= 1);
+    // A changed cluster: its EDS comes again after the CDS ACK (as Consul
+    // does); the same endpoints apply nothing new.
+    let eds_c1 = |sent: &[veer_testsupport::xds::Sent]| {
+        sent.iter()
+            .filter(|s| s.type_url == EDS && s.resources.iter().any(|(n, _)| n == "c1"))
+            .count()
+    };
+    let before = eds_c1(&server.sent());
+    server.set(
+        CDS,
+        "c1",
+        any_of(&Cluster {
+            name: "c1".into(),
+            alt_stat_name: "changed".into(),
+            ..Default::default()
+        }),
+    );
+    assert_eq!(
+        next_spec(&mut c).await,
+        "lds[a=a1] cds[c1,c2] eds[c1=c1,c2=c2]"
+    );
+    assert!(server.wait_for(T, |_, sent| eds_c1(sent) > before).await);
+    assert!(all_answered(&server).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        c.specs.try_recv().is_err(),
+        "the same endpoints again are no new spec"
+    );
     server.set(LDS, "b", listener("b", "b1"));
-    assert_eq!(next_spec(&mut c).await, "lds[a=a1,b=b1] cds[c1] eds[c1=c1]");
+    assert_eq!(
+        next_spec(&mut c).await,
+        "lds[a=a1,b=b1] cds[c1,c2] eds[c1=c1,c2=c2]"
+    );
     assert_protocol(&server);
 }
 
@@ -909,13 +948,22 @@ async fn tls_with_a_given_ca() {
         .unwrap();
     assert!(bad.metrics.reconnects("unreachable") >= 1);
     assert!(!bad.status.borrow().connected);
-    assert!(server.requests().iter().all(|r| r.stream == 1), "only the good client got through");
+    assert!(
+        server.requests().iter().all(|r| r.stream == 1),
+        "only the good client got through"
+    );
     // No PEM at all is a configuration error.
     let mut cfg = tcp(&server);
     cfg.tls = Some(Tls {
         ca_pem: "nope".into(),
         server_name: None,
     });
-    let r = run(cfg, TestCheck, |_| Ok(()), watch::channel(AdsStatus::default()).0).await;
+    let r = run(
+        cfg,
+        TestCheck,
+        |_| Ok(()),
+        watch::channel(AdsStatus::default()).0,
+    )
+    .await;
     assert!(matches!(r, Err(AdsError::Config(_))), "{r:?}");
 }
