@@ -7,6 +7,7 @@
 //! - [`ca`]: a Consul-style test CA on top of `veer-ca`, written to a temp dir.
 //! - [`echo`]: a scriptable blocking TCP app that records what it sees.
 //! - [`mesh`]: two namespaces, redirect rules and two real veer sidecars.
+//! - [`xds`]: a Consul-like Delta ADS server serving what a test sets.
 pub mod ca;
 pub mod consul;
 pub mod consul_xds;
@@ -14,6 +15,7 @@ pub mod echo;
 pub mod envoy;
 pub mod mesh;
 pub mod netns;
+pub mod xds;
 
 /// Returns true when the test may run; prints a loud SKIP line otherwise.
 /// Tests that need root call this first and return early when it is false,

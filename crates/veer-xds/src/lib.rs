@@ -12,5 +12,6 @@
 //!   plain-data [`veer_core::snapshot::Spec`].
 #![deny(unsafe_code)]
 
+pub mod ads;
 pub mod resources;
 pub mod translate;

@@ -743,3 +743,24 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The translation as the ADS client's [`crate::ads::Check`]: one resource
+/// is decoded and checked on its own, the whole store compiles into a
+/// `Spec`; every refusal's text is what the NACK says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Translator;
+
+impl crate::ads::Check for Translator {
+    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String> {
+        decode(kind, name, any).map_err(|e| e.to_string())
+    }
+    fn wanted(&self, res: &Resources) -> Wanted {
+        wanted(res)
+    }
+    fn missing(&self, res: &Resources) -> Vec<String> {
+        missing(res)
+    }
+    fn compile(&self, res: &Resources) -> Result<Spec, String> {
+        translate(res).map_err(|e| e.to_string())
+    }
+}

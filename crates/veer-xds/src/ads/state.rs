@@ -1,0 +1,407 @@
+//! The sans-IO Delta ADS state machine: what to request, how to apply a
+//! response resource by resource, and what to ACK or NACK.
+//!
+//! It never touches a socket. The transport ([`super::client`]) calls
+//! [`AdsState::start`] on every new stream and [`AdsState::on_response`]
+//! for every response, and sends the requests they return, in order.
+pub use crate::resources::{Decoded, Wanted};
+use crate::resources::{Kind, Resources};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use veer_core::snapshot::Spec;
+
+/// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
+pub const INVALID_ARGUMENT: i32 = 3;
+
+/// The by-name kinds, in the order their subscription requests are sent.
+const BY_NAME: [Kind; 3] = [Kind::Secret, Kind::Endpoints, Kind::Route];
+
+/// Decodes an `Any` of the given kind (the type URL must match). The
+/// building block of a [`Check::check`].
+pub fn decode(kind: Kind, any: &Any) -> Result<Decoded, String> {
+    if any.type_url != kind.type_url() {
+        return Err(format!(
+            "resource of type {:?} in a {} response",
+            any.type_url,
+            kind.short()
+        ));
+    }
+    let v = any.value.as_slice();
+    let r = match kind {
+        Kind::Listener => Listener::decode(v).map(Decoded::Listener),
+        Kind::Cluster => Cluster::decode(v).map(Decoded::Cluster),
+        Kind::Endpoints => ClusterLoadAssignment::decode(v).map(Decoded::Endpoints),
+        Kind::Route => RouteConfiguration::decode(v).map(Decoded::Route),
+        Kind::Secret => Secret::decode(v).map(Decoded::Secret),
+    };
+    r.map_err(|e| format!("cannot decode: {e}"))
+}
+
+/// What the ADS client asks of the translation. Implemented by the real
+/// translation and by tests.
+pub trait Check {
+    /// Decodes and checks one resource on its own. `Err(reason)` = NACK it
+    /// and keep the old version. (Usually starts with [`decode`].)
+    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String>;
+    /// Names to subscribe for the by-name kinds, given the accepted resources.
+    fn wanted(&self, res: &Resources) -> Wanted;
+    /// What a configuration still waits for (empty = complete). No spec is
+    /// compiled or delivered while this is not empty.
+    fn missing(&self, res: &Resources) -> Vec<String>;
+    /// The whole configuration. `Err(reason)` = NACK the response that led
+    /// here and revert it.
+    fn compile(&self, res: &Resources) -> Result<Spec, String>;
+}
+
+/// The ACK or NACK of one response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Ack,
+    /// The NACK's `error_detail.message`.
+    Nack(String),
+}
+
+/// What one response did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The response's kind (`None` for a type URL veer does not know).
+    pub kind: Option<Kind>,
+    pub nonce: String,
+    pub reply: Reply,
+    /// A new spec went to the runtime (and it took it).
+    pub delivered: bool,
+    /// What the configuration still waits for (see [`Check::missing`]).
+    pub waiting_for: Vec<String>,
+    /// To send, in order: the ACK or NACK first, then any (un)subscriptions.
+    pub requests: Vec<DeltaDiscoveryRequest>,
+}
+
+/// One change to the store, to undo it.
+struct Undo {
+    kind: Kind,
+    name: String,
+    old: Option<Decoded>,
+    old_version: Option<String>,
+}
+
+/// The client side of one ADS session (it outlives streams: resources and
+/// versions survive reconnects).
+pub struct AdsState<C> {
+    check: C,
+    node: Node,
+    res: Resources,
+    versions: BTreeMap<Kind, BTreeMap<String, String>>,
+    /// The by-name kinds requested on the current stream, with their names.
+    subscribed: BTreeMap<Kind, BTreeSet<String>>,
+    delivered: bool,
+}
+
+impl<C: Check> AdsState<C> {
+    pub fn new(check: C, node: Node) -> AdsState<C> {
+        AdsState {
+            check,
+            node,
+            res: Resources::default(),
+            versions: BTreeMap::new(),
+            subscribed: BTreeMap::new(),
+            delivered: false,
+        }
+    }
+
+    /// The accepted resources.
+    pub fn resources(&self) -> &Resources {
+        &self.res
+    }
+
+    /// The versions of the accepted resources, by kind and name.
+    pub fn versions(&self) -> &BTreeMap<Kind, BTreeMap<String, String>> {
+        &self.versions
+    }
+
+    /// Whether a spec has been delivered (the first configuration is in).
+    pub fn delivered(&self) -> bool {
+        self.delivered
+    }
+
+    pub fn check(&self) -> &C {
+        &self.check
+    }
+
+    /// The first requests of a new stream: CDS and LDS as wildcards (an
+    /// empty subscribe list, never `"*"`), then each by-name kind that has
+    /// names to ask for. The node goes in the first one. Every request
+    /// carries the versions already held (`initial_resource_versions`).
+    pub fn start(&mut self) -> Vec<DeltaDiscoveryRequest> {
+        self.subscribed.clear();
+        let mut out = Vec::new();
+        for kind in [Kind::Cluster, Kind::Listener] {
+            out.push(DeltaDiscoveryRequest {
+                type_url: kind.type_url().to_string(),
+                initial_resource_versions: self
+                    .versions
+                    .get(&kind)
+                    .map(|v| v.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        out.extend(self.subscriptions());
+        out[0].node = Some(self.node.clone());
+        out
+    }
+
+    /// Subscription requests that bring the by-name kinds in line with
+    /// [`Check::wanted`]. A kind's first request on a stream is sent only
+    /// once it has a name (an empty first list would mean wildcard).
+    fn subscriptions(&mut self) -> Vec<DeltaDiscoveryRequest> {
+        let wanted = self.check.wanted(&self.res);
+        let mut out = Vec::new();
+        for kind in BY_NAME {
+            let want = wanted.names(kind).cloned().unwrap_or_default();
+            match self.subscribed.get(&kind) {
+                None if want.is_empty() => {}
+                None => {
+                    let held = self.versions.get(&kind);
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: kind.type_url().to_string(),
+                        resource_names_subscribe: want.iter().cloned().collect(),
+                        initial_resource_versions: want
+                            .iter()
+                            .filter_map(|n| Some((n.clone(), held?.get(n)?.clone())))
+                            .collect(),
+                        ..Default::default()
+                    });
+                    self.subscribed.insert(kind, want);
+                }
+                Some(have) if *have == want => {}
+                Some(have) => {
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: kind.type_url().to_string(),
+                        resource_names_subscribe: want.difference(have).cloned().collect(),
+                        resource_names_unsubscribe: have.difference(&want).cloned().collect(),
+                        ..Default::default()
+                    });
+                    self.subscribed.insert(kind, want);
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies one response: each resource on its own (rejected ones keep
+    /// their old version and are named in one NACK), then the removals;
+    /// by-name resources no longer wanted are dropped. If anything changed
+    /// and nothing is missing, the whole configuration is compiled and
+    /// handed to `apply`; if either refuses, the whole response is reverted
+    /// and NACKed. Returns exactly one ACK or NACK, then the subscription
+    /// changes.
+    pub fn on_response(
+        &mut self,
+        resp: DeltaDiscoveryResponse,
+        apply: &mut dyn FnMut(Spec) -> Result<(), String>,
+    ) -> Outcome {
+        let nonce = resp.nonce;
+        let Some(kind) = Kind::from_type_url(&resp.type_url) else {
+            let msg = format!("veer does not handle resources of type {:?}", resp.type_url);
+            return Outcome {
+                kind: None,
+                requests: vec![reply(&resp.type_url, &nonce, Some(&msg))],
+                nonce,
+                reply: Reply::Nack(msg),
+                delivered: false,
+                waiting_for: self.check.missing(&self.res),
+            };
+        };
+
+        let mut undo = Vec::new();
+        let mut errors = Vec::new();
+        for r in resp.resources {
+            let decoded = match &r.resource {
+                None => Err("the resource has no body".to_string()),
+                Some(any) => self.check.check(kind, &r.name, any).and_then(|d| {
+                    if d.kind() == kind {
+                        Ok(d)
+                    } else {
+                        Err(format!("decoded as {}", d.kind().short()))
+                    }
+                }),
+            };
+            match decoded {
+                Ok(d) if holds(&self.res, &r.name, &d) => {
+                    // The same content again (a re-subscription, a
+                    // reconnect): nothing to apply.
+                    self.versions
+                        .entry(kind)
+                        .or_default()
+                        .insert(r.name, r.version);
+                }
+                Ok(d) => {
+                    let old = put(&mut self.res, &r.name, d);
+                    let old_version = self
+                        .versions
+                        .entry(kind)
+                        .or_default()
+                        .insert(r.name.clone(), r.version);
+                    undo.push(Undo {
+                        kind,
+                        name: r.name,
+                        old,
+                        old_version,
+                    });
+                }
+                Err(reason) => errors.push(format!("{} {}: {reason}", kind.short(), r.name)),
+            }
+        }
+        for name in resp.removed_resources {
+            self.take(kind, name, &mut undo);
+        }
+        // By-name resources nothing refers to any more are dropped (and
+        // unsubscribed below).
+        let wanted = self.check.wanted(&self.res);
+        for k in BY_NAME {
+            let want = wanted.names(k).expect("by-name kind");
+            let stale: Vec<String> = names(&self.res, k)
+                .into_iter()
+                .filter(|n| !want.contains(n))
+                .collect();
+            for name in stale {
+                self.take(k, name, &mut undo);
+            }
+        }
+
+        let mut delivered = false;
+        let mut waiting_for = self.check.missing(&self.res);
+        if !undo.is_empty() && waiting_for.is_empty() {
+            let refused = match self.check.compile(&self.res) {
+                Err(reason) => Some(format!("configuration rejected: {reason}")),
+                Ok(spec) => match apply(spec) {
+                    Err(reason) => Some(format!("runtime refused the configuration: {reason}")),
+                    Ok(()) => None,
+                },
+            };
+            match refused {
+                Some(reason) => {
+                    errors.push(reason);
+                    self.revert(undo);
+                    waiting_for = self.check.missing(&self.res);
+                }
+                None => {
+                    delivered = true;
+                    self.delivered = true;
+                }
+            }
+        }
+
+        let msg = (!errors.is_empty()).then(|| errors.join("; "));
+        let mut requests = vec![reply(kind.type_url(), &nonce, msg.as_deref())];
+        requests.extend(self.subscriptions());
+        Outcome {
+            kind: Some(kind),
+            nonce,
+            reply: msg.map_or(Reply::Ack, Reply::Nack),
+            delivered,
+            waiting_for,
+            requests,
+        }
+    }
+
+    /// Removes a resource (if held), recording how to undo it.
+    fn take(&mut self, kind: Kind, name: String, undo: &mut Vec<Undo>) {
+        let old = remove(&mut self.res, kind, &name);
+        let old_version = self.versions.entry(kind).or_default().remove(&name);
+        if old.is_some() || old_version.is_some() {
+            undo.push(Undo {
+                kind,
+                name,
+                old,
+                old_version,
+            });
+        }
+    }
+
+    fn revert(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u.old {
+                Some(d) => {
+                    put(&mut self.res, &u.name, d);
+                }
+                None => {
+                    remove(&mut self.res, u.kind, &u.name);
+                }
+            }
+            let versions = self.versions.entry(u.kind).or_default();
+            match u.old_version {
+                Some(v) => versions.insert(u.name, v),
+                None => versions.remove(&u.name),
+            };
+        }
+    }
+}
+
+/// An ACK (no message) or a NACK (`INVALID_ARGUMENT` with the message).
+fn reply(type_url: &str, nonce: &str, nack: Option<&str>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.to_string(),
+        response_nonce: nonce.to_string(),
+        error_detail: nack.map(|m| Status {
+            code: INVALID_ARGUMENT,
+            message: m.to_string(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Stores a decoded resource under its kind and name; returns the old one.
+fn put(res: &mut Resources, name: &str, d: Decoded) -> Option<Decoded> {
+    let n = name.to_string();
+    match d {
+        Decoded::Listener(v) => res.listeners.insert(n, v).map(Decoded::Listener),
+        Decoded::Cluster(v) => res.clusters.insert(n, v).map(Decoded::Cluster),
+        Decoded::Endpoints(v) => res.endpoints.insert(n, v).map(Decoded::Endpoints),
+        Decoded::Route(v) => res.routes.insert(n, v).map(Decoded::Route),
+        Decoded::Secret(v) => res.secrets.insert(n, v).map(Decoded::Secret),
+    }
+}
+
+/// Whether the store already holds exactly this resource under this name.
+fn holds(res: &Resources, name: &str, d: &Decoded) -> bool {
+    match d {
+        Decoded::Listener(v) => res.listeners.get(name) == Some(v),
+        Decoded::Cluster(v) => res.clusters.get(name) == Some(v),
+        Decoded::Endpoints(v) => res.endpoints.get(name) == Some(v),
+        Decoded::Route(v) => res.routes.get(name) == Some(v),
+        Decoded::Secret(v) => res.secrets.get(name) == Some(v),
+    }
+}
+
+fn remove(res: &mut Resources, kind: Kind, name: &str) -> Option<Decoded> {
+    match kind {
+        Kind::Listener => res.listeners.remove(name).map(Decoded::Listener),
+        Kind::Cluster => res.clusters.remove(name).map(Decoded::Cluster),
+        Kind::Endpoints => res.endpoints.remove(name).map(Decoded::Endpoints),
+        Kind::Route => res.routes.remove(name).map(Decoded::Route),
+        Kind::Secret => res.secrets.remove(name).map(Decoded::Secret),
+    }
+}
+
+fn names(res: &Resources, kind: Kind) -> Vec<String> {
+    match kind {
+        Kind::Listener => res.listeners.keys().cloned().collect(),
+        Kind::Cluster => res.clusters.keys().cloned().collect(),
+        Kind::Endpoints => res.endpoints.keys().cloned().collect(),
+        Kind::Route => res.routes.keys().cloned().collect(),
+        Kind::Secret => res.secrets.keys().cloned().collect(),
+    }
+}
