@@ -12,4 +12,6 @@
 //!   plain-data [`veer_core::snapshot::Spec`].
 #![deny(unsafe_code)]
 
+pub mod bootstrap;
+pub mod envoy_cli;
 pub mod resources;
