@@ -8,6 +8,15 @@
 //! | `GET /stats/prometheus`, `GET /metrics` | metrics, Prometheus text format |
 //! | `GET /config_dump` | the current snapshot as JSON (no private keys) |
 //! | `POST /drain` (alias `POST /drain_listeners`) | stop accepting inbound; outbound keeps serving |
+//!
+//! `POST /drain_listeners` is consul-dataplane's call
+//! (`?inboundonly&graceful`, and `&skip_exit` since 2026): veer always
+//! drains the inbound listener only and never exits because of a drain
+//! (the exit is `/quitquitquit`'s or a signal's), so the query parameters
+//! change nothing and are accepted. Without `inboundonly` Envoy would also
+//! drain its outbound listeners; veer keeps them serving the app. The
+//! `?include_eds` of `GET /config_dump` is accepted too: the dump always
+//! holds the upstream endpoints.
 //! | `POST /quitquitquit` | graceful exit (as SIGTERM) |
 //!
 //! The Prometheus listener (Consul's `envoy_prometheus_bind_addr`, usually
