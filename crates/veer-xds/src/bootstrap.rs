@@ -645,10 +645,10 @@ fn parse_node(m: Option<Msg>, ctx: &mut Ctx) -> R<Node> {
 }
 
 fn parse_admin(mut m: Msg, ctx: &mut Ctx) -> R<Option<SocketAddr>> {
+    m.skip(&["access_log_path"]);
     m.ignore(
         ctx,
         &[
-            "access_log_path",
             "access_log",
             "profile_path",
             "socket_options",
@@ -690,7 +690,10 @@ fn parse_address(mut m: Msg, ctx: &mut Ctx) -> R<Addr> {
     let port = s.uint("port_value", 65535)?.unwrap_or(0) as u16;
     if let Some(proto) = s.string("protocol")? {
         if proto != "TCP" {
-            return Err(unsupported(&s.at("protocol"), format!("{proto} (TCP only)")));
+            return Err(unsupported(
+                &s.at("protocol"),
+                format!("{proto} (TCP only)"),
+            ));
         }
     }
     if s.has("named_port") {
@@ -888,11 +891,13 @@ fn parse_listener(mut m: Msg, clusters: &[StaticCluster], ctx: &mut Ctx) -> R<St
             ))
         }
     };
-    m.ignore(
-        ctx,
-        &["traffic_direction", "stat_prefix", "per_connection_buffer_limit_bytes"],
-    );
-    for k in ["listener_filters", "default_filter_chain", "use_original_dst"] {
+    m.skip(&["traffic_direction", "stat_prefix"]);
+    m.ignore(ctx, &["per_connection_buffer_limit_bytes"]);
+    for k in [
+        "listener_filters",
+        "default_filter_chain",
+        "use_original_dst",
+    ] {
         if m.has(k) {
             return Err(unsupported(&m.at(k), "on a static listener"));
         }
@@ -944,9 +949,10 @@ fn parse_listener(mut m: Msg, clusters: &[StaticCluster], ctx: &mut Ctx) -> R<St
             ));
         }
     }
+    hcm.skip(&["stat_prefix"]);
     hcm.ignore(
         ctx,
-        &["stat_prefix", "access_log", "tracing", "normalize_path", "merge_slashes"],
+        &["access_log", "tracing", "normalize_path", "merge_slashes"],
     );
     if hcm.has("rds") {
         return Err(unsupported(&hcm.at("rds"), "RDS on a static listener"));
@@ -1012,7 +1018,10 @@ fn parse_route(mut r: Msg, clusters: &[StaticCluster], ctx: &mut Ctx) -> R<Stati
         ));
     };
     if mm.take("case_sensitive") == Some(Value::Bool(false)) {
-        return Err(unsupported(&mm.at("case_sensitive"), "case-insensitive matching"));
+        return Err(unsupported(
+            &mm.at("case_sensitive"),
+            "case-insensitive matching",
+        ));
     }
     mm.done(ctx)?;
     let action = if let Some(mut ra) = r.msg("route")? {
@@ -1077,7 +1086,13 @@ fn parse_ads_source(m: Option<Msg>, path: &str, ctx: &mut Ctx) -> R<()> {
             "config sources other than ads {} (Consul always uses ADS)",
         ));
     }
-    m.ignore(ctx, &["initial_fetch_timeout"]);
+    // "0s" (wait for ever) is what veer does; another value is not applied.
+    let ift = m.at("initial_fetch_timeout");
+    if let Some(d) = m.duration("initial_fetch_timeout")? {
+        if !d.is_zero() {
+            ctx.ignored.push(ift);
+        }
+    }
     if let Some(v) = m.string("resource_api_version")? {
         if v != "V3" && v != "AUTO" {
             return Err(unsupported(&m.at("resource_api_version"), v));
@@ -1112,7 +1127,10 @@ fn parse_dynamic(mut m: Msg, clusters: &[StaticCluster], ctx: &mut Ctx) -> R<Ads
             ));
         }
     }
-    ads.ignore(ctx, &["set_node_on_first_message_only", "rate_limit_settings"]);
+    ads.ignore(
+        ctx,
+        &["set_node_on_first_message_only", "rate_limit_settings"],
+    );
     let mut services = ads.msgs("grpc_services")?;
     ads.done(ctx)?;
     if services.len() != 1 {
@@ -1131,7 +1149,10 @@ fn parse_dynamic(mut m: Msg, clusters: &[StaticCluster], ctx: &mut Ctx) -> R<Ads
     let mut eg = svc.req_msg("envoy_grpc")?;
     let cluster = eg.req_string("cluster_name")?;
     let cpath = eg.at("cluster_name");
-    eg.ignore(ctx, &["authority", "retry_policy", "max_receive_message_length"]);
+    eg.ignore(
+        ctx,
+        &["authority", "retry_policy", "max_receive_message_length"],
+    );
     eg.done(ctx)?;
     let timeout = svc.duration("timeout")?;
     let mut initial_metadata = Vec::new();

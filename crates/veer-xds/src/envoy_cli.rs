@@ -430,7 +430,9 @@ pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<EnvoyArgs, CliError> {
                 }
             }
             "--help" => out.mode = Mode::Help,
-            "--base-id" | "--parent-shutdown-time-s" | "--file-flush-interval-msec"
+            "--base-id"
+            | "--parent-shutdown-time-s"
+            | "--file-flush-interval-msec"
             | "--max-obj-name-len" => {
                 parse_u32(flag, &v)?;
                 out.ignored.push(format!("{flag} {v}"));

@@ -5,21 +5,38 @@ use std::path::{Path, PathBuf};
 use veer_xds::bootstrap::{self, Addr, Bootstrap, Options, PathMatch, RouteAction};
 
 fn dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bootstrap").join(sub)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bootstrap")
+        .join(sub)
 }
 
 /// Goldens veer refuses, with the start of the error it must give.
 const REFUSED: &[(&str, &str)] = &[
     // A template-override test: no dynamic_resources and a made-up field.
-    ("consul-v1.16.0/custom-bootstrap.json", "dynamic_resources: required"),
+    (
+        "consul-v1.16.0/custom-bootstrap.json",
+        "dynamic_resources: required",
+    ),
     // Concatenation tests with fake listeners that have only a name (Envoy
     // could not serve them either).
-    ("consul-v1.16.0/extra_-multiple.json", "static_resources.listeners[0].address: required"),
-    ("consul-v1.16.0/extra_-single.json", "static_resources.listeners[0].address: required"),
+    (
+        "consul-v1.16.0/extra_-multiple.json",
+        "static_resources.listeners[0].address: required",
+    ),
+    (
+        "consul-v1.16.0/extra_-single.json",
+        "static_resources.listeners[0].address: required",
+    ),
     // TLS on the Prometheus listener: veer serves static listeners as plain
     // HTTP/1.1 and refuses rather than serving metrics without the TLS asked for.
-    ("consul-v1.16.0/prometheus-metrics-tls-ca-file.json", "static_resources.listeners[0].filter_chains[0].transport_socket: not supported"),
-    ("consul-v1.16.0/prometheus-metrics-tls-ca-path.json", "static_resources.listeners[0].filter_chains[0].transport_socket: not supported"),
+    (
+        "consul-v1.16.0/prometheus-metrics-tls-ca-file.json",
+        "static_resources.listeners[0].filter_chains[0].transport_socket: not supported",
+    ),
+    (
+        "consul-v1.16.0/prometheus-metrics-tls-ca-path.json",
+        "static_resources.listeners[0].filter_chains[0].transport_socket: not supported",
+    ),
 ];
 
 fn load(p: &Path) -> Result<Bootstrap, bootstrap::BootstrapError> {
@@ -47,7 +64,11 @@ fn every_sidecar_golden_parses_or_is_refused_with_its_reason() {
     assert!(files.len() >= 45, "fixtures missing: {}", files.len());
     let mut parsed = 0;
     for p in &files {
-        let rel = p.strip_prefix(dir("")).unwrap().to_string_lossy().to_string();
+        let rel = p
+            .strip_prefix(dir(""))
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         match (load(p), REFUSED.iter().find(|(f, _)| *f == rel)) {
             (Ok(b), None) => {
                 assert!(!b.node.id.is_empty(), "{rel}: node.id");
@@ -77,11 +98,20 @@ fn dataplane_ready_listener_and_unix_socket() {
     assert_eq!(l.name, "envoy_ready_listener");
     assert_eq!(l.addr, "127.0.0.1:20000".parse().unwrap());
     assert_eq!(l.routes[0].path, PathMatch::Exact("/ready".into()));
-    assert!(matches!(&l.routes[0].action, RouteAction::Forward { cluster, addr, prefix_rewrite }
-        if cluster == "self_admin" && addr.port() == 19000 && prefix_rewrite.as_deref() == Some("/ready")));
+    assert!(
+        matches!(&l.routes[0].action, RouteAction::Forward { cluster, addr, prefix_rewrite }
+        if cluster == "self_admin" && addr.port() == 19000 && prefix_rewrite.as_deref() == Some("/ready"))
+    );
     assert_eq!(l.routes[1].path, PathMatch::Prefix("/".into()));
-    assert!(matches!(l.routes[1].action, RouteAction::Direct { status: 404, .. }));
-    assert!(b.ignored.iter().any(|i| i == "stats_config"), "{:?}", b.ignored);
+    assert!(matches!(
+        l.routes[1].action,
+        RouteAction::Direct { status: 404, .. }
+    ));
+    assert!(
+        b.ignored.iter().any(|i| i == "stats_config"),
+        "{:?}",
+        b.ignored
+    );
 
     let b = load(&dir("dataplane-v1.1.0/unix-socket-xds-server.json")).unwrap();
     assert!(matches!(b.ads.addr, Addr::Unix(_)), "{:?}", b.ads.addr);
@@ -96,7 +126,13 @@ fn consul_agent_token_tls_and_prometheus() {
     assert!(matches!(b.ads.addr, Addr::Unix(_)));
     assert!(b.ads.tls.is_some());
     let b = load(&dir("consul-v1.16.0/prometheus-metrics.json")).unwrap();
-    let l = b.listeners.iter().find(|l| l.name == "envoy_prometheus_metrics_listener").unwrap();
-    assert!(matches!(&l.routes[0].action, RouteAction::Forward { cluster, prefix_rewrite, .. }
-        if cluster == "prometheus_backend" && prefix_rewrite.as_deref() == Some("/stats/prometheus")));
+    let l = b
+        .listeners
+        .iter()
+        .find(|l| l.name == "envoy_prometheus_metrics_listener")
+        .unwrap();
+    assert!(
+        matches!(&l.routes[0].action, RouteAction::Forward { cluster, prefix_rewrite, .. }
+        if cluster == "prometheus_backend" && prefix_rewrite.as_deref() == Some("/stats/prometheus"))
+    );
 }

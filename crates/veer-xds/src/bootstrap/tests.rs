@@ -56,7 +56,10 @@ fn unknown_fields_name_their_path() {
     let mut v = minimal();
     v["static_resources"]["clusters"][0]["foo"] = json!(1);
     let e = err(v);
-    assert_eq!(e.to_string(), "static_resources.clusters[0].foo: unknown field");
+    assert_eq!(
+        e.to_string(),
+        "static_resources.clusters[0].foo: unknown field"
+    );
     assert_eq!(e.classify(), "unknown_field");
 
     let mut v = minimal();
@@ -92,7 +95,10 @@ fn state_of_the_world_grpc_is_refused() {
     let e = err(v);
     assert_eq!(e.classify(), "unsupported");
     let s = e.to_string();
-    assert!(s.starts_with("dynamic_resources.ads_config.api_type:"), "{s}");
+    assert!(
+        s.starts_with("dynamic_resources.ads_config.api_type:"),
+        "{s}"
+    );
     assert!(s.contains("DELTA_GRPC"), "{s}");
 }
 
@@ -116,7 +122,10 @@ fn a_list_of_grpc_services_and_camel_case() {
     // The same field twice, in both spellings, is an error.
     v["dynamic_resources"]["ads_config"]["api_type"] = json!("DELTA_GRPC");
     let e = err(v).to_string();
-    assert!(e.contains("dynamic_resources.ads_config.api_type: given twice"), "{e}");
+    assert!(
+        e.contains("dynamic_resources.ads_config.api_type: given twice"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -229,7 +238,10 @@ fn static_listener_refusals() {
     let e = err(with_listener(
         json!([{"match": {"path": "/ready"}, "route": {"cluster": "ghost"}}]),
     ));
-    assert!(e.to_string().contains("no static cluster named \"ghost\""), "{e}");
+    assert!(
+        e.to_string().contains("no static cluster named \"ghost\""),
+        "{e}"
+    );
     let e = err(with_listener(
         json!([{"match": {"safe_regex": {"regex": ".*"}}, "direct_response": {"status": 404}}]),
     ));
@@ -262,10 +274,7 @@ fn durations() {
     );
     let mut v = minimal();
     v["static_resources"]["clusters"][0]["connect_timeout"] = json!({"seconds": 3});
-    assert_eq!(
-        ok(v).ads.connect_timeout,
-        Some(Duration::from_secs(3))
-    );
+    assert_eq!(ok(v).ads.connect_timeout, Some(Duration::from_secs(3)));
 }
 
 #[test]

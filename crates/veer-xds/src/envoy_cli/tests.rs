@@ -76,7 +76,11 @@ fn consul_dataplane_fifo_shape_with_json_logs_and_extra_args() {
     assert_eq!(a.log_format, LogFormat::Json);
     assert_eq!(a.log_level, LogLevel::Debug);
     assert_eq!(a.concurrency, Some(2));
-    assert!(a.ignored.iter().any(|i| i == "--base-id 1"), "{:?}", a.ignored);
+    assert!(
+        a.ignored.iter().any(|i| i == "--base-id 1"),
+        "{:?}",
+        a.ignored
+    );
 }
 
 /// `consul connect envoy`: `--config-path <fifo> --disable-hot-restart [args after --]`.
