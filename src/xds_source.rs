@@ -297,3 +297,6 @@ pub fn run(opts: RunOpts) -> ExitCode {
     rt.shutdown_timeout(Duration::from_millis(100));
     code
 }
+
+#[cfg(test)]
+mod tests;
