@@ -255,6 +255,11 @@ pub fn run(opts: RunOpts) -> ExitCode {
                 tracing::info!(signal = sig, "stopped before the first configuration arrived");
                 return ExitCode::SUCCESS;
             }
+            _ = pre.quit_requested() => {
+                tracing::info!("POST /quitquitquit before the first configuration arrived");
+                pre.stop();
+                return ExitCode::SUCCESS;
+            }
         };
         pre.stop();
         let lifecycle = Lifecycle::new();

@@ -177,12 +177,16 @@ fn free_port() -> u16 {
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    call(port, "GET", path)
+}
+
+fn call(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     let a: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     )
     .ok()?;
     let mut r = String::new();
@@ -301,4 +305,35 @@ fn a_taken_admin_address_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("admin") && e.contains(&admin.to_string()), "{e}");
+}
+
+/// consul-dataplane ends Envoy with `POST /quitquitquit`, also when no
+/// configuration ever came.
+#[test]
+fn quitquitquit_before_the_first_configuration_exits() {
+    let d = TempDir::new("veer-envoy-quit");
+    let (admin, ready) = (free_port(), free_port());
+    let child = Command::new(envoy(&d))
+        .args(dataplane_argv(&dataplane_bootstrap(admin, ready)))
+        .env_remove("VEER_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let end = Instant::now() + Duration::from_secs(20);
+    while get(admin, "/ready").is_none() {
+        assert!(Instant::now() < end, "admin never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(call(admin, "POST", "/quitquitquit").unwrap().0, 200);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "no exit after /quitquitquit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
 }

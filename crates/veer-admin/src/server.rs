@@ -216,9 +216,14 @@ impl AdminServer {
 /// `503`, so probes and `veer await-ready` get an answer rather than a
 /// refused connection. Stopped (and its ports freed) just before the real
 /// admin endpoint binds them.
+///
+/// `POST /quitquitquit` is the exception: it answers `200 OK` and is
+/// reported by [`PreInitAdmin::quit_requested`] (consul-dataplane calls it
+/// at shutdown whether or not a configuration ever arrived).
 pub struct PreInitAdmin {
     pub admin: Option<SocketAddr>,
     thread: AdminThread,
+    quit: watch::Receiver<bool>,
 }
 
 impl PreInitAdmin {
@@ -233,6 +238,8 @@ impl PreInitAdmin {
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);
+        let (quit_tx, quit) = watch::channel(false);
+        let quit_tx = Arc::new(quit_tx);
         let body: Arc<str> = format!("PRE_INITIALIZING: {waiting_for}\n").into();
         let thread = std::thread::Builder::new()
             .name("veer-admin-pre".into())
@@ -250,13 +257,26 @@ impl PreInitAdmin {
                             continue;
                         };
                         let body = body.clone();
+                        let quit_tx = quit_tx.clone();
                         tokio::spawn(serve(
                             l,
                             "admin",
-                            move |_req, _peer| {
+                            move |req: hyper::Request<Incoming>, _peer| {
                                 let b = body.clone();
+                                let quit = req.method() == Method::POST
+                                    && req.uri().path() == "/quitquitquit";
+                                if quit {
+                                    tracing::info!(
+                                        "admin: exit requested before the first configuration"
+                                    );
+                                    quit_tx.send_replace(true);
+                                }
                                 async move {
-                                    text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
+                                    if quit {
+                                        text(StatusCode::OK, "OK\n")
+                                    } else {
+                                        text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
+                                    }
                                 }
                             },
                             stop_rx.clone(),
@@ -275,7 +295,14 @@ impl PreInitAdmin {
                 stop,
                 thread: Some(thread),
             },
+            quit,
         })
+    }
+
+    /// Resolves once `POST /quitquitquit` was received.
+    pub async fn quit_requested(&self) {
+        let mut q = self.quit.clone();
+        let _ = q.wait_for(|q| *q).await;
     }
 
     /// Closes the listeners and joins the thread.
