@@ -6,8 +6,10 @@ use std::time::Duration;
 use veer_core::config::AdminBind;
 
 mod demo;
+mod envoy_mode;
 mod file_source;
 mod run;
+mod xds_source;
 
 #[derive(Parser)]
 #[command(
@@ -125,6 +127,14 @@ enum Cmd {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Run in Envoy's place, with Envoy's command line and bootstrap (as
+    /// consul-dataplane and `consul connect envoy` start `envoy`); also when
+    /// invoked as `envoy` or with an Envoy flag first. See `veer envoy --help`.
+    #[command(disable_help_flag = true)]
+    Envoy {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Install Consul's transparent-proxy iptables rules (see `veer redirect-traffic -h`).
     #[command(name = "redirect-traffic", disable_help_flag = true)]
     RedirectTraffic {
@@ -162,6 +172,11 @@ fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "redirect-traffic") {
         return ExitCode::from(veer_redirect::main(&argv[2..]) as u8);
+    }
+    // Envoy's command line: invoked as `envoy`, as `veer envoy …`, or with
+    // an Envoy flag first (consul-dataplane, `consul connect envoy`).
+    if let Some(args) = envoy_mode::envoy_argv(&argv) {
+        return envoy_mode::main(args);
     }
     let cli = Cli::parse();
     match cli.cmd {
@@ -233,6 +248,6 @@ fn main() -> ExitCode {
             init_logs(&log);
             demo::demo(keep)
         }
-        Cmd::RedirectTraffic { .. } => unreachable!("handled before parsing"),
+        Cmd::RedirectTraffic { .. } | Cmd::Envoy { .. } => unreachable!("handled before parsing"),
     }
 }

@@ -30,6 +30,9 @@ pub enum Source {
     File(PathBuf),
     /// The local Consul agent (`--proxy-id` / `--sidecar-for`).
     Consul(Box<veer_consul::Flags>),
+    /// An xDS server, from an Envoy bootstrap (veer in Envoy's place); run
+    /// by [`crate::xds_source::run`].
+    Xds(Box<crate::xds_source::XdsStart>),
 }
 
 /// What `veer run` was asked to do.
@@ -91,6 +94,9 @@ enum Follow {
 }
 
 pub fn run(opts: RunOpts) -> ExitCode {
+    if let Source::Xds(_) = &opts.source {
+        return crate::xds_source::run(opts);
+    }
     // A file is read (and refused, naming key and line) before anything starts.
     let loaded = match &opts.source {
         Source::File(path) => match veer_core::config::load(path) {
@@ -100,7 +106,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Source::Consul(_) => None,
+        Source::Consul(_) | Source::Xds(_) => None,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.threads)
@@ -197,6 +203,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
                 (spec, admin, Follow::Consul(Box::new(source)), what)
             }
             (Source::File(_), None) => unreachable!("a file source is loaded above"),
+            (Source::Xds(_), _) => unreachable!("run by xds_source::run"),
         };
         let (addrs, explicit) = admin_addrs(&admin_spec, &opts);
         let shared = match Shared::new(spec) {
@@ -267,7 +274,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
     code
 }
 
-fn announce_ready(shared: &Shared, lifecycle: &Lifecycle, admin: &AdminServer) {
+pub(crate) fn announce_ready(shared: &Shared, lifecycle: &Lifecycle, admin: &AdminServer) {
     let r = lifecycle.readiness(shared);
     let snap = shared.snapshot();
     let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());

@@ -8,11 +8,13 @@
 //! expose paths binds, re-routes or closes listeners (requests in flight
 //! finish). They keep serving while veer drains, so probes keep reflecting
 //! the app until the process exits.
-use crate::http::{serve, server_builder, stopped, text, Body, Tracker};
-use http_body_util::BodyExt;
+//!
+//! Routing and forwarding are [`crate::static_http`]'s: each expose path is
+//! an exact-path route forwarding to `127.0.0.1:<local_path_port>`.
+use crate::http::{serve, server_builder, stopped, Body, Tracker};
+use crate::static_http::{self, Action, PathMatch, Route};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST};
-use hyper::{HeaderMap, Request, Response, StatusCode, Uri};
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,9 +22,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use veer_core::route::Protocol;
 use veer_core::snapshot::Snapshot;
@@ -30,8 +32,6 @@ use veer_proxy::state::Shared;
 
 /// Connections one expose listener serves at once.
 const MAX_CONNS: usize = 128;
-/// The longest a forwarded request may take (probes time out sooner).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// path -> local app port, for one listener.
 type Routes = Arc<Vec<(String, u16)>>;
@@ -187,16 +187,8 @@ async fn handle(
     let connect_timeout = shared.snapshot().timeouts.local_connect;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (port, resp) = respond(req, &routes, |port| async move {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
-        }
+    let (port, resp) = respond(req, &routes, |port| {
+        static_http::dial_tcp(SocketAddr::from(([127, 0, 0, 1], port)), connect_timeout)
     })
     .await;
     tracing::debug!(
@@ -211,6 +203,20 @@ async fn handle(
         "expose request"
     );
     resp
+}
+
+/// Expose paths as static routes: exact path -> 127.0.0.1:port.
+fn as_routes(routes: &[(String, u16)]) -> Vec<Route> {
+    routes
+        .iter()
+        .map(|(p, port)| Route {
+            path: PathMatch::Exact(p.clone()),
+            action: Action::Forward {
+                addr: SocketAddr::from(([127, 0, 0, 1], *port)),
+                prefix_rewrite: None,
+            },
+        })
+        .collect()
 }
 
 /// The expose-path decision and forwarding for one request, with the
@@ -231,23 +237,14 @@ where
     F: Future<Output = io::Result<S>>,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let path = req.uri().path();
-    let Some(port) = routes
-        .iter()
-        .find(|(p, _)| p == path)
-        .map(|(_, port)| *port)
-    else {
-        return (0, text(StatusCode::NOT_FOUND, "no such expose path\n"));
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let resp = match dial(port).await {
-        Ok(io) => forward(req, io, addr).await,
-        Err(e) => bad_gateway(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("upstream connect error: {addr}: {e}"),
-        ),
-    };
-    (port, resp)
+    let (to, resp) = static_http::respond(
+        req,
+        &as_routes(routes),
+        "no such expose path\n",
+        |a: SocketAddr| dial(a.port()),
+    )
+    .await;
+    (to.map_or(0, |a| a.port()), resp)
 }
 
 /// Serves one HTTP/1 connection of an expose listener on `io`, reaching the
@@ -274,84 +271,4 @@ where
     server_builder()
         .serve_connection(TokioIo::new(io), svc)
         .await
-}
-
-/// Headers that belong to one hop (RFC 9110 §7.6.1), plus any the
-/// `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(n);
-    }
-}
-
-fn bad_gateway(status: StatusCode, msg: String) -> Response<Body> {
-    tracing::debug!("expose: {msg}");
-    text(status, format!("{msg}\n"))
-}
-
-async fn forward<B, S>(mut req: Request<B>, io: S, addr: SocketAddr) -> Response<Body>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
-        Ok(x) => x,
-        Err(e) => {
-            return bad_gateway(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {addr}: {e}"),
-            )
-        }
-    };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let origin_form = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    *req.uri_mut() = origin_form
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    strip_hop_by_hop(req.headers_mut());
-    if !req.headers().contains_key(HOST) {
-        if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
-            req.headers_mut().insert(HOST, v);
-        }
-    }
-    match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
-        Ok(Ok(mut resp)) => {
-            strip_hop_by_hop(resp.headers_mut());
-            resp.map(|b| b.boxed())
-        }
-        Ok(Err(e)) => bad_gateway(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("upstream request to {addr} failed: {e}"),
-        ),
-        Err(_) => bad_gateway(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("upstream request to {addr} timed out"),
-        ),
-    }
 }

@@ -8,6 +8,8 @@
 //!   runtime, so data-plane load cannot starve probes or scrapes.
 //! - [`expose`]: plain-HTTP expose-path listeners (Consul's probe
 //!   overwrite), on that same admin thread.
+//! - [`static_http`]: the static HTTP listeners of an Envoy bootstrap
+//!   (Prometheus, ready) with ordered routes; expose paths use its routing.
 //! - [`client`]: a minimal HTTP/1 GET, for `veer await-ready`.
 //! - [`sdnotify`]: systemd readiness notification.
 #![deny(unsafe_code)]
@@ -18,6 +20,7 @@ mod http;
 pub mod lifecycle;
 pub mod sdnotify;
 pub mod server;
+pub mod static_http;
 
 pub use lifecycle::{Lifecycle, Request, ShutdownOpts, Signals};
 pub use server::{AdminAddrs, AdminServer, PreInitAdmin};

@@ -8,6 +8,15 @@
 //! | `GET /stats/prometheus`, `GET /metrics` | metrics, Prometheus text format |
 //! | `GET /config_dump` | the current snapshot as JSON (no private keys) |
 //! | `POST /drain` (alias `POST /drain_listeners`) | stop accepting inbound; outbound keeps serving |
+//!
+//! `POST /drain_listeners` is consul-dataplane's call
+//! (`?inboundonly&graceful`, and `&skip_exit` since 2026): veer always
+//! drains the inbound listener only and never exits because of a drain
+//! (the exit is `/quitquitquit`'s or a signal's), so the query parameters
+//! change nothing and are accepted. Without `inboundonly` Envoy would also
+//! drain its outbound listeners; veer keeps them serving the app. The
+//! `?include_eds` of `GET /config_dump` is accepted too: the dump always
+//! holds the upstream endpoints.
 //! | `POST /quitquitquit` | graceful exit (as SIGTERM) |
 //!
 //! The Prometheus listener (Consul's `envoy_prometheus_bind_addr`, usually
@@ -207,9 +216,14 @@ impl AdminServer {
 /// `503`, so probes and `veer await-ready` get an answer rather than a
 /// refused connection. Stopped (and its ports freed) just before the real
 /// admin endpoint binds them.
+///
+/// `POST /quitquitquit` is the exception: it answers `200 OK` and is
+/// reported by [`PreInitAdmin::quit_requested`] (consul-dataplane calls it
+/// at shutdown whether or not a configuration ever arrived).
 pub struct PreInitAdmin {
     pub admin: Option<SocketAddr>,
     thread: AdminThread,
+    quit: watch::Receiver<bool>,
 }
 
 impl PreInitAdmin {
@@ -224,6 +238,8 @@ impl PreInitAdmin {
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);
+        let (quit_tx, quit) = watch::channel(false);
+        let quit_tx = Arc::new(quit_tx);
         let body: Arc<str> = format!("PRE_INITIALIZING: {waiting_for}\n").into();
         let thread = std::thread::Builder::new()
             .name("veer-admin-pre".into())
@@ -241,13 +257,26 @@ impl PreInitAdmin {
                             continue;
                         };
                         let body = body.clone();
+                        let quit_tx = quit_tx.clone();
                         tokio::spawn(serve(
                             l,
                             "admin",
-                            move |_req, _peer| {
+                            move |req: hyper::Request<Incoming>, _peer| {
                                 let b = body.clone();
+                                let quit = req.method() == Method::POST
+                                    && req.uri().path() == "/quitquitquit";
+                                if quit {
+                                    tracing::info!(
+                                        "admin: exit requested before the first configuration"
+                                    );
+                                    quit_tx.send_replace(true);
+                                }
                                 async move {
-                                    text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
+                                    if quit {
+                                        text(StatusCode::OK, "OK\n")
+                                    } else {
+                                        text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
+                                    }
                                 }
                             },
                             stop_rx.clone(),
@@ -266,7 +295,14 @@ impl PreInitAdmin {
                 stop,
                 thread: Some(thread),
             },
+            quit,
         })
+    }
+
+    /// Resolves once `POST /quitquitquit` was received.
+    pub async fn quit_requested(&self) {
+        let mut q = self.quit.clone();
+        let _ = q.wait_for(|q| *q).await;
     }
 
     /// Closes the listeners and joins the thread.

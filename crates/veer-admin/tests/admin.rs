@@ -555,3 +555,47 @@ fn await_ready_waits_for_ready_and_times_out() {
     let err = await_ready(a, Duration::from_millis(200), Duration::from_millis(50)).unwrap_err();
     assert!(err.contains("not ready after"), "{err}");
 }
+
+/// The calls consul-dataplane makes, with its exact query strings:
+/// `POST /drain_listeners?inboundonly&graceful[&skip_exit]` drains inbound
+/// (and never exits by itself), `GET /config_dump?include_eds` dumps the
+/// snapshot without key material.
+#[test]
+fn consul_dataplane_admin_calls() {
+    let d = certs();
+    let l = load(&d, "");
+    let shared = Shared::new(l.spec).unwrap();
+    let lc = Lifecycle::new();
+    lc.set_snapshot_applied();
+    lc.set_listeners_bound();
+    let admin = AdminServer::start(
+        AdminAddrs {
+            admin: any(),
+            prometheus: None,
+        },
+        shared.clone(),
+        lc.clone(),
+    )
+    .unwrap();
+    let a = admin.admin.unwrap();
+    let rt = rt();
+    assert_eq!(get(&rt, a, "/ready"), (200, "LIVE\n".into()));
+    let (code, dump) = get(&rt, a, "/config_dump?include_eds");
+    assert_eq!(code, 200);
+    assert!(!dump.contains("PRIVATE"), "{dump}");
+    assert!(serde_json::from_str::<serde_json::Value>(&dump).is_ok());
+    assert_eq!(get(&rt, a, "/stats/prometheus").0, 200);
+    assert_eq!(get(&rt, a, "/drain_listeners?inboundonly&graceful").0, 405);
+    assert_eq!(
+        post(&rt, a, "/drain_listeners?inboundonly&graceful&skip_exit"),
+        (200, "OK\n".into())
+    );
+    assert_eq!(lc.current(), Request::Drain);
+    assert_eq!(get(&rt, a, "/ready").0, 503);
+    // A repeat (the tags' form, without skip_exit) changes nothing.
+    assert_eq!(post(&rt, a, "/drain_listeners?inboundonly&graceful").0, 200);
+    assert_eq!(lc.current(), Request::Drain);
+    assert_eq!(post(&rt, a, "/quitquitquit"), (200, "OK\n".into()));
+    assert_eq!(lc.current(), Request::Quit);
+    admin.stop();
+}

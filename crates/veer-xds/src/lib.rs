@@ -13,5 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod ads;
+pub mod bootstrap;
+pub mod envoy_cli;
 pub mod resources;
 pub mod translate;

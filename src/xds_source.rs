@@ -1,0 +1,307 @@
+//! The xDS source: veer started in Envoy's place with a bootstrap.
+//!
+//! `run` (src/run.rs) drives it like the other sources: the bootstrap's
+//! static listeners and the admin address (answering `503` until ready) are
+//! bound first, then veer waits for the first configuration from
+//! [`start_xds`], builds the snapshot from it, binds the data-plane
+//! listeners and turns ready; later configurations are applied as they
+//! come. Each configuration carries a channel on which veer answers whether
+//! it was applied, so the ADS client can ACK or NACK.
+use crate::run::{announce_ready, RunOpts, Source};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use veer_admin::lifecycle::Exit;
+use veer_admin::static_http::{self, ListenerSpec, StaticListeners};
+use veer_admin::{AdminAddrs, AdminServer, Lifecycle, PreInitAdmin, ShutdownOpts, Signals};
+use veer_core::snapshot::Spec;
+use veer_proxy::accept::Listeners;
+use veer_proxy::state::Shared;
+use veer_xds::bootstrap::{Bootstrap, PathMatch, RouteAction};
+
+/// What `veer envoy …` hands to `run`.
+pub struct XdsStart {
+    pub bootstrap: Bootstrap,
+}
+
+/// One complete configuration from the ADS client.
+pub struct XdsUpdate {
+    /// Compiled from the resources the client holds (the translation).
+    pub spec: Spec,
+    /// veer's answer: `Ok(snapshot version)` once the spec serves,
+    /// `Err(reason)` when it was refused and the previous one keeps
+    /// serving (the client NACKs with the reason). Dropping the receiver is
+    /// allowed.
+    pub applied: oneshot::Sender<Result<u64, String>>,
+}
+
+/// The running ADS client, as `run` sees it: a stream of configurations.
+/// When the sender side is dropped the client has stopped for good (before
+/// the first configuration that ends veer with an error; after it veer
+/// keeps serving what it has).
+pub struct XdsFeed {
+    pub updates: mpsc::Receiver<XdsUpdate>,
+}
+
+/// Starts the ADS client for `bootstrap` (node, ADS server address, TLS CA,
+/// `x-consul-token` metadata are all in [`Bootstrap`]), on the current
+/// tokio runtime.
+///
+/// ─── LEAD: connect the Delta ADS client (crates/veer-xds/src/ads/) here. ───
+/// Spawn it with `bootstrap.clone()`, give it the `tx` below, and have it
+/// send one [`XdsUpdate`] per complete configuration (after its
+/// translation into a `Spec` succeeded), then ACK or NACK the responses
+/// behind it from the `applied` answer. Until that is done this build has no
+/// ADS client: veer binds its admin and static listeners, answers `/ready`
+/// with 503 and waits (as Envoy does with `initial_fetch_timeout: 0s` and a
+/// server it cannot reach), logging that no client is connected.
+pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
+    let (tx, updates) = mpsc::channel::<XdsUpdate>(1);
+    let server = bootstrap.ads.addr.to_string();
+    tracing::warn!(
+        ads_server = %server,
+        cluster = %bootstrap.ads.cluster,
+        "this build has no ADS client connected yet; waiting for a configuration that will not come"
+    );
+    tokio::spawn(async move {
+        // Keeps the feed open (no client = no configuration, not an error).
+        tx.closed().await;
+    });
+    Ok(XdsFeed { updates })
+}
+
+/// Waits for the first configuration that builds a snapshot. A refused one
+/// is answered `Err` and the wait goes on; a closed feed is an error.
+pub async fn first(feed: &mut XdsFeed) -> Result<Arc<Shared>, String> {
+    loop {
+        let Some(u) = feed.updates.recv().await else {
+            return Err("the ADS client stopped before the first configuration".into());
+        };
+        match Shared::new(u.spec) {
+            Ok(shared) => {
+                let _ = u.applied.send(Ok(shared.snapshot().version));
+                return Ok(shared);
+            }
+            Err(e) => {
+                tracing::error!("first configuration from xDS refused: {e}");
+                let _ = u.applied.send(Err(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Applies every later configuration, answering each; returns when the
+/// feed closes.
+pub async fn follow(mut feed: XdsFeed, shared: Arc<Shared>) {
+    while let Some(u) = feed.updates.recv().await {
+        let answer = match shared.apply(u.spec) {
+            Ok(s) => {
+                tracing::info!(
+                    version = s.version,
+                    upstreams = s.routes.upstreams().len(),
+                    intentions = s.intentions.rules().len(),
+                    "snapshot applied (xds)"
+                );
+                Ok(s.version)
+            }
+            Err(e) => {
+                tracing::error!("update from xDS rejected, keeping the current snapshot: {e}");
+                Err(e.to_string())
+            }
+        };
+        let _ = u.applied.send(answer);
+    }
+    tracing::error!("the ADS client stopped; serving the last configuration");
+}
+
+/// The bootstrap's static listeners as veer-admin listeners.
+pub fn static_listeners(b: &Bootstrap) -> Vec<ListenerSpec> {
+    b.listeners
+        .iter()
+        .map(|l| ListenerSpec {
+            name: l.name.clone(),
+            addr: l.addr,
+            routes: l
+                .routes
+                .iter()
+                .map(|r| static_http::Route {
+                    path: match &r.path {
+                        PathMatch::Exact(p) => static_http::PathMatch::Exact(p.clone()),
+                        PathMatch::Prefix(p) => static_http::PathMatch::Prefix(p.clone()),
+                    },
+                    action: match &r.action {
+                        RouteAction::Forward {
+                            addr,
+                            prefix_rewrite,
+                            ..
+                        } => static_http::Action::Forward {
+                            addr: *addr,
+                            prefix_rewrite: prefix_rewrite.clone(),
+                        },
+                        RouteAction::Direct { status, body } => static_http::Action::Direct {
+                            status: *status,
+                            body: body.clone(),
+                        },
+                    },
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The connect timeout of static routes: the longest of their clusters'
+/// (Consul writes 5 s), else 5 s.
+pub fn static_connect_timeout(b: &Bootstrap) -> Duration {
+    b.clusters
+        .iter()
+        .filter(|c| {
+            b.listeners.iter().any(|l| {
+                l.routes.iter().any(|r| {
+                    matches!(&r.action, RouteAction::Forward { cluster, .. } if *cluster == c.name)
+                })
+            })
+        })
+        .filter_map(|c| c.connect_timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(5))
+}
+
+/// `run` for [`Source::Xds`]: binds the bootstrap's static listeners and
+/// admin address at once (either taken is an error, as in Envoy), waits for
+/// the first configuration with `/ready` answering 503, then serves and
+/// follows like the other sources.
+pub fn run(opts: RunOpts) -> ExitCode {
+    let Source::Xds(start) = opts.source else {
+        unreachable!("xds_source::run is called for Source::Xds only")
+    };
+    let b = start.bootstrap;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads)
+        .thread_name("veer-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veer: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = ShutdownOpts {
+        grace: opts.grace,
+        min_wait: opts.min_wait,
+    };
+    let code = rt.block_on(async move {
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("veer: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        if !b.ignored.is_empty() {
+            tracing::info!(settings = ?b.ignored, "bootstrap settings accepted but not applied");
+        }
+        if !b.unknown.is_empty() {
+            tracing::warn!(fields = ?b.unknown, "unknown bootstrap fields ignored (--allow-unknown-static-fields)");
+        }
+        let addrs = AdminAddrs {
+            admin: b.admin,
+            prometheus: None,
+        };
+        // The admin first: a static route to `self_admin` must find it.
+        let pre = match PreInitAdmin::start(
+            addrs,
+            "waiting for the first configuration from the xDS server",
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let statics = match StaticListeners::start(static_listeners(&b), static_connect_timeout(&b)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut feed = match start_xds(&b) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("veer: xds: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            node = %b.node.id,
+            ads_server = %b.ads.addr,
+            admin = ?b.admin,
+            static_listeners = ?statics.bound,
+            "waiting for the first configuration from the xDS server"
+        );
+        let shared = tokio::select! {
+            r = first(&mut feed) => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("veer: xds: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            sig = signals.recv() => {
+                tracing::info!(signal = sig, "stopped before the first configuration arrived");
+                return ExitCode::SUCCESS;
+            }
+            _ = pre.quit_requested() => {
+                tracing::info!("POST /quitquitquit before the first configuration arrived");
+                pre.stop();
+                return ExitCode::SUCCESS;
+            }
+        };
+        pre.stop();
+        let lifecycle = Lifecycle::new();
+        lifecycle.set_snapshot_applied();
+        let admin = match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listeners = match Listeners::start(shared.clone()).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("veer: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        lifecycle.set_listeners_bound();
+        announce_ready(&shared, &lifecycle, &admin);
+        tokio::spawn(follow(feed, shared.clone()));
+        let exit = match lifecycle
+            .drive(&shared, &listeners, shutdown, Some(signals))
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("veer: lifecycle: {e}");
+                listeners.stop_all();
+                return ExitCode::FAILURE;
+            }
+        };
+        if exit != Exit::Immediate {
+            admin.stop();
+        }
+        statics.stop();
+        tracing::info!(?exit, "veer stopped");
+        ExitCode::SUCCESS
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+#[cfg(test)]
+mod tests;
