@@ -18,7 +18,9 @@ use veer_admin::{AdminAddrs, AdminServer, Lifecycle, PreInitAdmin, ShutdownOpts,
 use veer_core::snapshot::Spec;
 use veer_proxy::accept::Listeners;
 use veer_proxy::state::Shared;
-use veer_xds::bootstrap::{Bootstrap, PathMatch, RouteAction};
+use veer_xds::ads::{AdsConfig, AdsStatus, NodeInfo, Server, Tls};
+use veer_xds::bootstrap::{Addr, Bootstrap, PathMatch, RouteAction};
+use veer_xds::translate::Translator;
 
 /// What `veer envoy …` hands to `run`.
 pub struct XdsStart {
@@ -44,31 +46,68 @@ pub struct XdsFeed {
     pub updates: mpsc::Receiver<XdsUpdate>,
 }
 
-/// Starts the ADS client for `bootstrap` (node, ADS server address, TLS CA,
-/// `x-consul-token` metadata are all in [`Bootstrap`]), on the current
-/// tokio runtime.
-///
-/// ─── LEAD: connect the Delta ADS client (crates/veer-xds/src/ads/) here. ───
-/// Spawn it with `bootstrap.clone()`, give it the `tx` below, and have it
-/// send one [`XdsUpdate`] per complete configuration (after its
-/// translation into a `Spec` succeeded), then ACK or NACK the responses
-/// behind it from the `applied` answer. Until that is done this build has no
-/// ADS client: veer binds its admin and static listeners, answers `/ready`
-/// with 503 and waits (as Envoy does with `initial_fetch_timeout: 0s` and a
-/// server it cannot reach), logging that no client is connected.
+/// Starts the Delta ADS client for `bootstrap` (node, ADS server address,
+/// TLS CA, `x-consul-token` metadata) on the current tokio runtime. It
+/// sends one [`XdsUpdate`] per complete configuration (translated into a
+/// `Spec`) and ACKs or NACKs the response behind it from veer's answer.
 pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
+    let cfg = ads_config(bootstrap)?;
     let (tx, updates) = mpsc::channel::<XdsUpdate>(1);
-    let server = bootstrap.ads.addr.to_string();
-    tracing::warn!(
-        ads_server = %server,
-        cluster = %bootstrap.ads.cluster,
-        "this build has no ADS client connected yet; waiting for a configuration that will not come"
-    );
+    let (status, _) = tokio::sync::watch::channel(AdsStatus::default());
+    tracing::info!(ads_server = %cfg.server, node = %cfg.node.id, "connecting to the xDS server");
     tokio::spawn(async move {
-        // Keeps the feed open (no client = no configuration, not an error).
-        tx.closed().await;
+        // The client's callback is synchronous (it decides the ACK or NACK
+        // of the response being handled); veer's answer comes from the task
+        // that owns the snapshot, so wait for it off the async workers.
+        let apply = move |spec: Spec| -> Result<(), String> {
+            let (answer, answered) = oneshot::channel();
+            tokio::task::block_in_place(|| {
+                tx.blocking_send(XdsUpdate {
+                    spec,
+                    applied: answer,
+                })
+                .map_err(|_| "veer is stopping".to_string())?;
+                match answered.blocking_recv() {
+                    Ok(r) => r.map(|_| ()),
+                    Err(_) => Err("veer is stopping".to_string()),
+                }
+            })
+        };
+        match veer_xds::ads::run(cfg, Translator, apply, status).await {
+            Ok(never) => match never {},
+            Err(e) => tracing::error!("the ADS client cannot run: {e}"),
+        }
     });
     Ok(XdsFeed { updates })
+}
+
+/// The ADS client's configuration from the bootstrap.
+fn ads_config(b: &Bootstrap) -> Result<AdsConfig, String> {
+    let server = match &b.ads.addr {
+        Addr::Tcp(a) => Server::Tcp {
+            host: a.ip().to_string(),
+            port: a.port(),
+        },
+        Addr::Host(h, p) => Server::Tcp {
+            host: h.clone(),
+            port: *p,
+        },
+        Addr::Unix(p) => Server::Unix(p.clone()),
+    };
+    let node = NodeInfo {
+        id: b.node.id.clone(),
+        cluster: b.node.cluster.clone(),
+        metadata: b.node.metadata.clone(),
+    };
+    let mut cfg = AdsConfig::new(server, node);
+    cfg.metadata = b.ads.initial_metadata.clone();
+    if let Some(t) = &b.ads.tls {
+        cfg.tls = Some(Tls {
+            ca_pem: t.ca.pem().map_err(|e| format!("cluster {}: {e}", b.ads.cluster))?,
+            server_name: t.sni.clone(),
+        });
+    }
+    Ok(cfg)
 }
 
 /// Waits for the first configuration that builds a snapshot. A refused one

@@ -980,3 +980,96 @@ pub fn rbac_default_deny_kitchen_sink(trust_domain: &str) -> Filter {
         ],
     )))
 }
+
+// ---------------------------------------------------------------- sidecars
+
+/// What [`sidecar`] builds: one transparent sidecar's resources in the
+/// shapes of the `transparent-proxy` goldens above, for any set of
+/// upstreams (the end-to-end tests serve these in network namespaces).
+#[derive(Clone, Debug, Default)]
+pub struct SidecarShape {
+    /// Implicit upstreams reached on their virtual IPs (`p.vips`), with
+    /// endpoints from `p.endpoints`.
+    pub upstreams: Vec<String>,
+    /// Upstreams whose instances are dialed directly (`p.instances`):
+    /// `passthrough~<sni>` chains and clusters, as in
+    /// `transparent-proxy-dial-instances-directly`.
+    pub dialed_directly: Vec<String>,
+    /// Explicit upstreams: `<svc>:<bind>` listeners.
+    pub explicit: Vec<(String, SocketAddr)>,
+    /// The default chain to `original-destination` (false: Consul's
+    /// `MeshDestinationsOnly`).
+    pub passthrough: bool,
+    /// The public listener's network RBAC filter (`None`: `rules: {}`,
+    /// deny all, as Consul writes it with default deny and no intention).
+    pub rbac: Option<Filter>,
+}
+
+/// A transparent sidecar built from the golden shapes: public listener,
+/// outbound listener (a VIP chain per upstream, instance chains for
+/// dialed-directly ones, the default chain when `passthrough`), explicit
+/// upstream listeners, and their clusters and endpoints.
+pub fn sidecar(p: &Params, shape: &SidecarShape) -> ConsulXds {
+    let mut chains = Vec::new();
+    let mut clusters = vec![local_app_cluster(p)];
+    let mut endpoints = Vec::new();
+    let mut listeners = Vec::new();
+    let mut eds = BTreeMap::new();
+    for svc in &shape.dialed_directly {
+        let inst = p.instances.get(svc).cloned().unwrap_or_default();
+        chains.push(prefix_chain(
+            p,
+            &inst,
+            svc,
+            format!("passthrough~{}", p.sni(svc)),
+        ));
+        clusters.push(passthrough_cluster(p, svc, 5));
+    }
+    for svc in &shape.upstreams {
+        chains.push(prefix_chain(p, &vips(p, svc), svc, p.sni(svc)));
+        eds.insert(svc.clone(), ());
+    }
+    for (svc, bind) in &shape.explicit {
+        listeners.push(explicit_listener(
+            format!("{svc}:{bind}"),
+            *bind,
+            &format!("upstream.{svc}.default.default.{}", p.datacenter),
+            p.sni(svc),
+        ));
+        eds.insert(svc.clone(), ());
+    }
+    for svc in eds.keys() {
+        clusters.push(service_cluster(p, svc));
+        endpoints.push(load_assignment(&p.sni(svc), &eps(p, svc)));
+    }
+    if shape.passthrough {
+        clusters.push(original_destination_cluster());
+    }
+    listeners.push(outbound_listener(p, chains, shape.passthrough));
+    let mut public = public_listener(p);
+    if let Some(f) = &shape.rbac {
+        public.filter_chains[0].filters[0] = f.clone();
+    }
+    listeners.push(public);
+    finish(
+        p,
+        ConsulXds {
+            listeners,
+            clusters,
+            endpoints,
+            secrets: vec![],
+        },
+    )
+}
+
+/// Consul's network RBAC allowing exactly `sources` (default deny), the
+/// shape of `rbac/default-deny-one-allow` with one principal per source.
+pub fn rbac_allow(trust_domain: &str, sources: &[&str]) -> Filter {
+    rbac_filter(Some(layer4_rules(
+        rbac::Action::Allow,
+        sources
+            .iter()
+            .map(|s| spiffe_principal(trust_domain, s))
+            .collect(),
+    )))
+}

@@ -1,0 +1,611 @@
+//! veer in Envoy's place, driven by Delta xDS, end to end.
+//!
+//! Two network namespaces with Consul's redirect rules (`mesh::namespaces`),
+//! a Consul-like Delta ADS server per sidecar (`veer_testsupport::xds`, on a
+//! unix socket, as consul-dataplane's `-xds-bind-addr unix://…` serves it)
+//! and the resources Consul emits for a transparent sidecar
+//! (`veer_testsupport::consul_xds`, shapes of Consul v1.16.0's goldens).
+//! veer is started exactly as consul-dataplane starts Envoy: a link named
+//! `envoy`, `--config-yaml '<bootstrap JSON>'` from consul-dataplane's own
+//! `unix-socket-xds-server` golden (adapted to the test's socket and
+//! service), and the three extra arguments with their values inside.
+//! The same resources and bootstrap are served to the real Envoy 1.40 for
+//! the differential test.
+//!
+//! Skipped (loudly) without root.
+mod support;
+
+use envoy_types::pb::envoy::config::listener::v3::filter;
+use envoy_types::util::pack_any;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use support::{echo, wait_until};
+use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
+use veer_testsupport::consul_xds::{self as cx, Certs, Params, SidecarShape};
+use veer_testsupport::echo::{spawn_app, App};
+use veer_testsupport::mesh::{self, API_VIP, API_VIP6, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP};
+use veer_testsupport::netns::Netns;
+use veer_testsupport::xds::{XdsServer, CDS};
+
+fn veer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_veer"))
+}
+
+/// consul-dataplane's bootstrap for `service` (golden
+/// `pkg/consuldp/testdata/TestBootstrapConfig/unix-socket-xds-server.golden`,
+/// consul-dataplane HEAD 28a963a, MPL-2.0, copied to
+/// `crates/veer-xds/tests/fixtures/bootstrap/`), with the test's socket,
+/// node and service.
+fn dataplane_bootstrap(service: &str, socket: &Path, admin_port: u16) -> String {
+    let golden = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crates/veer-xds/tests/fixtures/bootstrap/dataplane-unix-socket-xds-server.golden"
+    ))
+    .expect("dataplane golden");
+    let mut b: serde_json::Value = serde_json::from_str(&golden).expect("golden JSON");
+    b["node"]["id"] = format!("{service}-sidecar-proxy").into();
+    b["node"]["cluster"] = service.into();
+    b["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    let ep = &mut b["static_resources"]["clusters"][0]["loadAssignment"]["endpoints"][0]
+        ["lbEndpoints"][0]["endpoint"]["address"]["pipe"]["path"];
+    *ep = socket.display().to_string().into();
+    b.to_string()
+}
+
+/// Which proxy plays the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proxy {
+    Veer,
+    Envoy,
+}
+
+/// A proxy started by consul-dataplane's command line in a namespace, as
+/// UID 5995; killed on drop.
+struct Dp {
+    child: Child,
+    log: PathBuf,
+    admin_port: u16,
+}
+
+impl Dp {
+    fn start(proxy: Proxy, ns: &Netns, files: &TempDir, service: &str, socket: &Path) -> Dp {
+        Dp::start_on(proxy, ns, files, service, socket, 19000)
+    }
+
+    fn start_on(
+        proxy: Proxy,
+        ns: &Netns,
+        files: &TempDir,
+        service: &str,
+        socket: &Path,
+        admin_port: u16,
+    ) -> Dp {
+        let bin = match proxy {
+            Proxy::Veer => {
+                // A link named `envoy`, as the dataplane image would carry it.
+                let dir = files.join("bin");
+                std::fs::create_dir_all(&dir).unwrap();
+                let link = dir.join("envoy");
+                if !link.exists() {
+                    std::os::unix::fs::symlink(veer(), &link).unwrap();
+                }
+                link
+            }
+            Proxy::Envoy => veer_testsupport::tool("envoy").expect("envoy"),
+        };
+        let log = files.join(&format!("{service}-{proxy:?}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let level = std::env::var("VEER_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let child = ns
+            .command("setpriv")
+            .args([
+                &format!("--reuid={PROXY_UID}"),
+                &format!("--regid={PROXY_UID}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .arg("--config-yaml")
+            .arg(dataplane_bootstrap(service, socket, admin_port))
+            .args(["--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v"])
+            .args(["--log-level", &level, "--disable-hot-restart"])
+            .args(["--concurrency 1", "--drain-time-s 1", "--drain-strategy immediate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start proxy");
+        Dp {
+            child,
+            log,
+            admin_port,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("VEER_SHOW_LOGS").is_some() {
+            eprintln!("--- {}:\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// `GET path` on the admin address inside `ns`: (status, body).
+fn admin_get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.get(9..12)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+        Some((status, body))
+    })
+}
+
+fn wait_ready(ns: &Netns, dp: &Dp) {
+    let ok = wait_until(Duration::from_secs(20), || {
+        admin_get(ns, dp.admin_port, "/ready").is_some_and(|(s, b)| s == 200 && b.contains("LIVE"))
+    });
+    assert!(ok, "not ready:\n{}", dp.log_text());
+}
+
+/// Both namespaces with Consul's redirect rules, apps, a CA, and one ADS
+/// server (unix socket) per sidecar on a tokio runtime of the test's own.
+struct Topo {
+    rt: tokio::runtime::Runtime,
+    ca: TestCa,
+    files: TempDir,
+    client: Netns,
+    server: Netns,
+    app: App,
+    plain: App,
+    web_ads: XdsServer,
+    api_ads: XdsServer,
+    web_sock: PathBuf,
+    api_sock: PathBuf,
+}
+
+impl Topo {
+    fn new() -> Topo {
+        let ca = TestCa::new(TRUST_DOMAIN);
+        let files = TempDir::new("veer-xds-");
+        // The proxies run as UID 5995 and must reach the sockets.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (client, server) = mesh::namespaces();
+        mesh::redirect(&veer(), &client, &[]);
+        mesh::redirect(
+            &veer(),
+            &server,
+            &["-exclude-inbound-port", "9000", "-exclude-inbound-port", "21001"],
+        );
+        let app = spawn_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "api");
+        let plain = spawn_app(
+            Some(&server),
+            format!("{PLAIN_IP}:9000").parse().unwrap(),
+            "plain",
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let web_sock = files.join("web-xds.sock");
+        let api_sock = files.join("api-xds.sock");
+        let web_ads = rt.block_on(XdsServer::unix(web_sock.clone())).unwrap();
+        let api_ads = rt.block_on(XdsServer::unix(api_sock.clone())).unwrap();
+        for s in [&web_sock, &api_sock] {
+            std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        Topo {
+            rt,
+            ca,
+            files,
+            client,
+            server,
+            app,
+            plain,
+            web_ads,
+            api_ads,
+            web_sock,
+            api_sock,
+        }
+    }
+
+    /// Fixture parameters for `service` in this topology.
+    fn params(&self, service: &str) -> Params {
+        let mut p = Params::golden(Certs::issue(&self.ca.ca, "dc1", service));
+        p.public = "0.0.0.0:20000".parse().unwrap();
+        p.local_app = "127.0.0.1:8080".parse().unwrap();
+        p.vips.clear();
+        p.instances.clear();
+        p.endpoints.clear();
+        let vips: Vec<IpAddr> = vec![API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()];
+        p.vips.insert("api".into(), vips);
+        p.endpoints
+            .insert("api".into(), vec![format!("{SERVER_IP}:20000").parse().unwrap()]);
+        p.instances
+            .insert("api".into(), vec![SERVER_IP.parse().unwrap()]);
+        p
+    }
+
+    fn serve(&self, ads: &XdsServer, x: &cx::ConsulXds) {
+        let items = x.resources();
+        let refs: Vec<(&str, &str, _)> = items
+            .iter()
+            .map(|(t, n, a)| (t.as_str(), n.as_str(), a.clone()))
+            .collect();
+        ads.set_all(refs);
+    }
+
+    /// The api sidecar (server side): RBAC allowing `allowed`.
+    fn api_resources(&self, allowed: &[&str]) -> cx::ConsulXds {
+        let p = self.params("api");
+        cx::sidecar(
+            &p,
+            &SidecarShape {
+                rbac: Some(cx::rbac_allow(TRUST_DOMAIN, allowed)),
+                passthrough: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The web sidecar (client side): api on its virtual IPs, plus `shape`.
+    fn web_resources(&self, shape: SidecarShape) -> cx::ConsulXds {
+        let p = self.params("web");
+        cx::sidecar(&p, &shape)
+    }
+}
+
+fn web_shape() -> SidecarShape {
+    SidecarShape {
+        upstreams: vec!["api".into()],
+        passthrough: true,
+        ..Default::default()
+    }
+}
+
+/// Holds a connection open through both sidecars; `alive()` sends a probe
+/// and reads its echo.
+struct Held(TcpStream);
+
+impl Held {
+    fn open(ns: &Netns, addr: &str) -> Held {
+        let mut s = support::connect(ns, addr).expect("connect");
+        s.write_all(b"E").unwrap();
+        Held(s)
+    }
+    fn alive(&mut self) -> bool {
+        let _ = self.0.set_read_timeout(Some(Duration::from_secs(5)));
+        if self.0.write_all(b"ping").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        self.0.read_exact(&mut buf).is_ok() && &buf == b"ping"
+    }
+    fn closed_within(&mut self, t: Duration) -> bool {
+        let _ = self.0.set_read_timeout(Some(t));
+        let mut buf = [0u8; 64];
+        matches!(self.0.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+fn vip(port: u16) -> String {
+    format!("{API_VIP}:{port}")
+}
+
+fn nacks(ads: &XdsServer) -> Vec<String> {
+    ads.requests()
+        .iter()
+        .filter(|r| r.is_nack())
+        .filter_map(|r| r.error().map(str::to_string))
+        .collect()
+}
+
+/// The whole user story of one xDS-driven mesh: routing by virtual IP on
+/// any port and over IPv6, passthrough, RBAC allow and live deny, a bad
+/// resource NACKed while the old one serves, endpoint and certificate
+/// updates that keep open connections, and the ADS server gone for 30 s
+/// while traffic flows.
+#[test]
+fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
+    if !veer_testsupport::require_root("xds_driven_sidecars") {
+        return;
+    }
+    let t = Topo::new();
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    t.serve(&t.web_ads, &t.web_resources(web_shape()));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.server, &api);
+    wait_ready(&t.client, &web);
+
+    // A VIP on any port, IPv6, and passthrough to a server outside the mesh.
+    for addr in [vip(80), vip(5432), format!("[{API_VIP6}]:80")] {
+        assert_eq!(
+            echo(&t.client, &addr, "hi").unwrap(),
+            "hi",
+            "{addr}\n{}",
+            web.log_text()
+        );
+    }
+    assert_eq!(echo(&t.client, &format!("{PLAIN_IP}:9000"), "out").unwrap(), "out");
+    let before = t.app.accepted();
+    assert!(before >= 3);
+
+    // A bad resource is NACKed with its reason; the old one keeps serving.
+    let mut bad = t.web_resources(web_shape());
+    {
+        let l = bad.public_listener_mut();
+        l.filter_chains[0].filters.insert(
+            0,
+            envoy_types::pb::envoy::config::listener::v3::Filter {
+                name: "envoy.filters.network.ext_authz".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(
+                    envoy_types::pb::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz::default(),
+                ))),
+            },
+        );
+    }
+    t.serve(&t.web_ads, &bad);
+    assert!(
+        wait_until(Duration::from_secs(10), || nacks(&t.web_ads)
+            .iter()
+            .any(|e| e.contains("public_listener") && e.contains("ext_authz"))),
+        "no NACK naming the listener: {:?}",
+        nacks(&t.web_ads)
+    );
+    assert_eq!(echo(&t.client, &vip(80), "still").unwrap(), "still");
+
+    // An open, allowed connection survives an endpoint change and a new
+    // leaf for web; a deny for web then closes it and refuses new ones.
+    let mut held = Held::open(&t.client, &vip(81));
+    assert!(held.alive());
+    let mut p = t.params("web");
+    p.endpoints
+        .get_mut("api")
+        .unwrap()
+        .push(format!("{BLACKHOLE_IP}:20000").parse().unwrap());
+    let more = cx::sidecar(&p, &web_shape());
+    t.serve(&t.web_ads, &more);
+    let rotated = {
+        let mut p = t.params("web");
+        p.certs = Certs::issue(&t.ca.ca, "dc1", "web");
+        cx::sidecar(&p, &web_shape())
+    };
+    t.serve(&t.web_ads, &rotated);
+    assert!(wait_until(Duration::from_secs(10), || web
+        .log_text()
+        .matches("snapshot applied (xds)")
+        .count()
+        >= 2));
+    assert!(held.alive(), "an allowed connection was dropped by an update");
+    assert_eq!(echo(&t.client, &vip(80), "new").unwrap(), "new");
+
+    t.serve(&t.api_ads, &t.api_resources(&["billing"]));
+    assert!(
+        held.closed_within(Duration::from_secs(10)),
+        "the open connection of a now-denied source stayed open"
+    );
+    let accepted = t.app.accepted();
+    assert!(echo(&t.client, &vip(80), "no").map_or(true, |s| s.is_empty()));
+    assert_eq!(t.app.accepted(), accepted, "a denied connection reached the app");
+
+    // Deny-all (`rules: {}`), then allow again.
+    let mut deny_all = t.api_resources(&[]);
+    deny_all.set_public_rbac(cx::rbac_filter(Some(Default::default())));
+    t.serve(&t.api_ads, &deny_all);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(echo(&t.client, &vip(80), "no").map_or(true, |s| s.is_empty()));
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    assert!(wait_until(Duration::from_secs(10), || echo(
+        &t.client,
+        &vip(80),
+        "back"
+    )
+    .is_ok_and(|s| s == "back")));
+
+    // The ADS server goes away for 30 s: traffic keeps flowing; when it is
+    // back, veer reconnects and applies what changed meanwhile.
+    let mut web_ads = t.web_ads;
+    t.rt.block_on(web_ads.stop());
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut calls = 0;
+    while Instant::now() < end {
+        assert_eq!(echo(&t.client, &vip(80), "away").unwrap(), "away");
+        calls += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(calls > 20);
+    t.rt.block_on(web_ads.restart()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&t.web_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let only_mesh = t.web_resources(SidecarShape {
+        passthrough: false,
+        ..web_shape()
+    });
+    let refs: Vec<(String, String, _)> = only_mesh.resources();
+    web_ads.set_all(
+        refs.iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.clone()))
+            .collect(),
+    );
+    web_ads.remove(CDS, "original-destination");
+    assert!(
+        wait_until(Duration::from_secs(30), || echo(
+            &t.client,
+            &format!("{PLAIN_IP}:9000"),
+            "x"
+        )
+        .map_or(true, |s| s.is_empty())),
+        "mesh destinations only was not applied after the server came back:\n{}",
+        web.log_text()
+    );
+    assert_eq!(echo(&t.client, &vip(80), "mesh").unwrap(), "mesh");
+    drop(web);
+    drop(api);
+}
+
+/// Dialed-directly instances (`passthrough~` clusters and per-instance
+/// chains), an explicit upstream listener, mesh destinations only, and an
+/// impostor behind a virtual IP: its app sees no connection at all.
+#[test]
+fn xds_dialed_directly_explicit_upstream_and_impostor() {
+    if !veer_testsupport::require_root("xds_dialed_directly") {
+        return;
+    }
+    let t = Topo::new();
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    let shape = SidecarShape {
+        upstreams: vec!["api".into()],
+        dialed_directly: vec!["api".into()],
+        explicit: vec![("api".into(), "127.0.0.1:9191".parse().unwrap())],
+        passthrough: false,
+        ..Default::default()
+    };
+    t.serve(&t.web_ads, &t.web_resources(shape.clone()));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.server, &api);
+    wait_ready(&t.client, &web);
+
+    // The instance's own address (the app port, redirected to its sidecar).
+    assert_eq!(
+        echo(&t.client, &format!("{SERVER_IP}:8080"), "direct").unwrap(),
+        "direct",
+        "{}",
+        web.log_text()
+    );
+    // The explicit upstream's listener (dialled by the app as root: not
+    // redirected, it is a local address).
+    assert_eq!(echo(&t.client, "127.0.0.1:9191", "explicit").unwrap(), "explicit");
+    // Mesh destinations only: the plain server is refused.
+    assert!(echo(&t.client, &format!("{PLAIN_IP}:9000"), "x").map_or(true, |s| s.is_empty()));
+    assert_eq!(t.plain.accepted(), 0);
+
+    // An impostor: api's endpoint is now a sidecar whose leaf says
+    // "billing". veer refuses it inside the handshake, so the impostor
+    // never sees a client certificate and never dials its app.
+    let impostor_app = spawn_app(Some(&t.server), "127.0.0.1:8081".parse().unwrap(), "imp");
+    let imp_sock = t.files.join("imp-xds.sock");
+    let imp_ads = t.rt.block_on(XdsServer::unix(imp_sock.clone())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&imp_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut p = t.params("billing");
+    p.public = format!("{SERVER_IP}:21001").parse().unwrap();
+    p.local_app = "127.0.0.1:8081".parse().unwrap();
+    p.outbound = "127.0.0.1:15002".parse().unwrap();
+    let mut imp = cx::sidecar(&p, &SidecarShape::default());
+    imp.set_public_rbac(cx::rbac_allow(TRUST_DOMAIN, &["web"]));
+    t.serve(&imp_ads, &imp);
+    let impostor = Dp::start_on(Proxy::Veer, &t.server, &t.files, "billing", &imp_sock, 19001);
+    wait_ready(&t.server, &impostor);
+    let mut p = t.params("web");
+    p.endpoints
+        .insert("api".into(), vec![format!("{SERVER_IP}:21001").parse().unwrap()]);
+    t.serve(&t.web_ads, &cx::sidecar(&p, &shape));
+    assert!(wait_until(Duration::from_secs(10), || web
+        .log_text()
+        .matches("snapshot applied (xds)")
+        .count()
+        >= 1));
+    for _ in 0..3 {
+        assert!(echo(&t.client, &vip(80), "x").map_or(true, |s| s.is_empty()));
+    }
+    assert_eq!(impostor_app.accepted(), 0, "the impostor's app was dialled");
+    drop(impostor);
+    drop(web);
+    drop(api);
+}
+
+/// What a client in the web namespace sees for each case, in order.
+fn outcomes(t: &Topo, proxy: Proxy) -> Vec<(&'static str, bool)> {
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    t.serve(&t.web_ads, &t.web_resources(web_shape()));
+    let web = Dp::start(proxy, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.client, &web);
+    let ok = |addr: &str| echo(&t.client, addr, "d").is_ok_and(|s| s == "d");
+    let mut out = vec![
+        ("vip any port", ok(&vip(7777))),
+        ("vip ipv6", ok(&format!("[{API_VIP6}]:80"))),
+        ("passthrough", ok(&format!("{PLAIN_IP}:9000"))),
+    ];
+    // api's RBAC denies web: refused (Envoy's RBAC cuts at the first byte,
+    // veer's before any byte reaches the app: both give the client nothing).
+    t.serve(&t.api_ads, &t.api_resources(&["billing"]));
+    std::thread::sleep(Duration::from_secs(1));
+    out.push(("denied by rbac", ok(&vip(80))));
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    out.push((
+        "allowed again",
+        wait_until(Duration::from_secs(10), || ok(&vip(80))),
+    ));
+    // Mesh destinations only: the default chain goes.
+    t.serve(
+        &t.web_ads,
+        &t.web_resources(SidecarShape {
+            passthrough: false,
+            ..web_shape()
+        }),
+    );
+    t.web_ads.remove(CDS, "original-destination");
+    out.push((
+        "passthrough after mesh-only",
+        !wait_until(Duration::from_secs(10), || {
+            !ok(&format!("{PLAIN_IP}:9000"))
+        }),
+    ));
+    out.push(("vip after mesh-only", ok(&vip(80))));
+    drop(web);
+    out
+}
+
+/// The differential test: the same bootstrap (consul-dataplane's) and the
+/// same resources served to veer and to the real Envoy 1.40 as the web
+/// sidecar, the same traffic, the same outcome.
+#[test]
+fn xds_same_resources_same_outcome_as_envoy() {
+    if !veer_testsupport::require_root("xds_same_outcome_as_envoy") {
+        return;
+    }
+    if veer_testsupport::tool("envoy").is_none() {
+        veer_testsupport::skip("xds_same_outcome_as_envoy", "no envoy binary");
+        return;
+    }
+    let t = Topo::new();
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    wait_ready(&t.server, &api);
+    let with_envoy = outcomes(&t, Proxy::Envoy);
+    let with_veer = outcomes(&t, Proxy::Veer);
+    let expected = vec![
+        ("vip any port", true),
+        ("vip ipv6", true),
+        ("passthrough", true),
+        ("denied by rbac", false),
+        ("allowed again", true),
+        ("passthrough after mesh-only", false),
+        ("vip after mesh-only", true),
+    ];
+    assert_eq!(with_envoy, expected, "Envoy");
+    assert_eq!(with_veer, with_envoy, "veer differs from Envoy");
+    drop(api);
+}
