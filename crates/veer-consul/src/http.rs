@@ -255,8 +255,22 @@ impl Client {
             };
         }
         let mut msg = e.to_string();
+        let mut closed = false;
         if let Some(s) = std::error::Error::source(&e) {
             msg = format!("{msg}: {s}");
+            // Consul over its per-client connection limit accepts and at
+            // once closes: hyper sees the connection end before any byte of
+            // the answer.
+            closed = s
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message());
+        }
+        if closed {
+            return Error::Closed {
+                method,
+                path: path.to_string(),
+                msg,
+            };
         }
         Error::Transport {
             method,

@@ -123,6 +123,7 @@ pub mod api;
 pub mod assemble;
 pub mod blocking;
 mod error;
+pub mod feed;
 pub mod http;
 pub mod options;
 mod source;
@@ -130,5 +131,5 @@ pub mod watch;
 
 pub use error::Error;
 pub use options::{AgentAddr, Flags, Options, ProxyTarget};
-pub use source::{desired_watches, ConsulSource};
+pub use source::{desired_watches, ConsulSource, Status};
 pub use veer_core::snapshot::Spec;

@@ -54,6 +54,7 @@ fn dest(vip: &str) -> Vec<api::CatalogInstance> {
             virtual_ip: Some(vip.parse().unwrap()),
             consul_virtual: None,
         },
+        destination: String::new(),
     }]
 }
 
@@ -292,20 +293,40 @@ fn waits_for_every_wanted_service() {
 fn desired_watch_set() {
     let ca = veer_ca::Ca::new_root(TD).unwrap();
     let (s, set) = world(&ca);
+    // Transparent: two lists for the local datacenter, no watch per
+    // service; an explicit upstream in another datacenter keeps its own.
+    let mut s = s;
+    let mut remote = s.registration.as_ref().unwrap().upstreams[0].clone();
+    remote.name = "billing".into();
+    remote.datacenter = Some("dc2".into());
+    s.registration.as_mut().unwrap().upstreams.push(remote);
     let w = crate::desired_watches(&s, &set);
+    let remote = WatchKey::Connect(ServiceKey {
+        name: "billing".into(),
+        datacenter: Some("dc2".into()),
+    });
     for k in [
         WatchKey::Registration,
         WatchKey::Roots,
         WatchKey::Leaf("web".into()),
         WatchKey::Intentions,
         WatchKey::Catalog,
-        WatchKey::Connect(ServiceKey::local("cache")),
-        WatchKey::Instances(ServiceKey::local("api")),
+        WatchKey::Checks,
         WatchKey::Mesh,
+        remote.clone(),
     ] {
         assert!(w.contains(&k), "{k}");
     }
-    assert!(!w.contains(&WatchKey::Instances(ServiceKey::local("cache"))));
+    assert_eq!(w.len(), 10, "{w:?}");
+    // Not transparent: a blocking watch per explicit upstream, no lists.
+    let opaque = Settings {
+        transparent: false,
+        ..set.clone()
+    };
+    let w = crate::desired_watches(&s, &opaque);
+    assert!(w.contains(&WatchKey::Connect(ServiceKey::local("db"))));
+    assert!(w.contains(&remote));
+    assert!(!w.contains(&WatchKey::Catalog) && !w.contains(&WatchKey::Checks));
     let w0 = crate::desired_watches(&State::default(), &Settings::default());
     assert_eq!(w0.len(), 6, "before the registration: the fixed set only");
 }
