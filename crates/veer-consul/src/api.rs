@@ -907,6 +907,8 @@ struct RawNode {
 struct RawHealthService {
     #[serde(rename = "ID", default, deserialize_with = "nullable")]
     id: String,
+    #[serde(rename = "Service", default, deserialize_with = "nullable")]
+    service: String,
     #[serde(rename = "Address", default, deserialize_with = "nullable")]
     address: String,
     #[serde(rename = "Port", default, deserialize_with = "nullable")]
@@ -968,6 +970,9 @@ fn vips(tagged: &HashMap<String, Value>) -> Vips {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectInstance {
     pub id: String,
+    /// The instance's service name: the sidecar's (`web-sidecar-proxy`), or
+    /// the service's own when it is connect-native.
+    pub service: String,
     pub node: String,
     /// The node's datacenter: the datacenter of the instance's identity.
     pub datacenter: String,
@@ -1019,6 +1024,7 @@ pub fn parse_health_connect(
         }
         out.push(ConnectInstance {
             id: svc.id,
+            service: svc.service,
             node: node.node,
             datacenter: node.datacenter,
             partition: or_default(non_empty(&svc.partition).unwrap_or(&node.partition)),

@@ -262,9 +262,13 @@ impl Feed {
     }
 
     /// A new `/v1/health/state/any` answer; `known` is what is known of
-    /// each upstream (to find the services on a node). An answer older
-    /// than the one at hand is ignored when `one_shot` (a read asked for by
-    /// [`CatalogOutcome::need_checks`] that lost the race to the watch).
+    /// each upstream (to find the services on a node). `one_shot`: the read
+    /// asked for by [`CatalogOutcome::need_checks`], made after the catalog
+    /// answer it is for (the caller drops an older one still under way):
+    /// it settles the pending change — explained by the checks, or every
+    /// service is read again (Consul's index for the check list does not
+    /// move when a change leaves the checks alone). A one-shot answer older
+    /// than the watch's is not used as the list, only to settle.
     pub fn on_checks(
         &mut self,
         view: ChecksView,
@@ -272,10 +276,10 @@ impl Feed {
         one_shot: bool,
     ) {
         if one_shot && self.checks.as_ref().is_some_and(|c| view.index < c.index) {
-            return;
+            return self.settle_pending(true);
         }
         let Some(old) = self.checks.replace(view) else {
-            return self.settle_pending();
+            return self.settle_pending(one_shot);
         };
         let new = self.checks.as_ref().expect("just set");
         if new.index < old.index {
@@ -298,14 +302,14 @@ impl Feed {
                 self.queue(&s);
             }
         }
-        self.settle_pending();
+        self.settle_pending(one_shot);
     }
 
-    fn settle_pending(&mut self) {
+    fn settle_pending(&mut self, now: bool) {
         let (Some(p), Some(c)) = (self.pending, &self.checks) else {
             return;
         };
-        if c.index >= p {
+        if now || c.index >= p {
             self.pending = None;
             if !checks_explain(p, c) {
                 self.read_all();
@@ -372,7 +376,18 @@ impl Feed {
                 }
                 self.proxies.insert(name.to_string(), destinations.clone())
             }
-            Fetched::Service { .. } => self.proxies.remove(name),
+            Fetched::Service { connect, .. } => {
+                // The sidecars named here are proxies for `name`: a sidecar
+                // name not read yet need not be.
+                for c in connect {
+                    if c.service != name && self.in_catalog(&c.service) {
+                        let dests = self.proxies.entry(c.service.clone()).or_default();
+                        dests.insert(name.to_string());
+                        self.queue.remove(&c.service);
+                    }
+                }
+                self.proxies.remove(name)
+            }
         };
         if let Some(before) = before {
             let now = match f {

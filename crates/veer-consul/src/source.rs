@@ -462,14 +462,28 @@ impl ConsulSource {
                     s.connect.remove(&k);
                     s.instances.remove(&k);
                 }
-                if out.need_checks && self.checks_now.is_none() {
+                if out.need_checks {
+                    // (replacing a read under way: the answer must be newer
+                    // than this catalog answer)
                     let fut = watch::checks_now(self.client.clone(), self.tx.clone());
                     self.checks_now = Some(Task(tokio::spawn(fut)));
                 }
             }
-            (WatchKey::Checks, Payload::Checks(c)) => self.feed.on_checks(c, &s.connect, false),
+            (WatchKey::Checks, Payload::Checks(c)) => {
+                tracing::debug!(
+                    index = c.index,
+                    checks = c.by_service.len(),
+                    "check list changed"
+                );
+                self.feed.on_checks(c, &s.connect, false);
+                tracing::debug!(
+                    queued = self.feed.queued(),
+                    "services to read after the check change"
+                );
+            }
             (WatchKey::ChecksNow, Payload::Checks(c)) => self.feed.on_checks(c, &s.connect, true),
             (WatchKey::Fetch(name), Payload::Fetched(f)) => {
+                tracing::trace!(service = %name, "read");
                 self.read_backoff.reset();
                 self.failures.remove(&WatchKey::Fetch(name.clone()));
                 if self.feed.on_fetched(&name, &f, &s.connect) {
@@ -480,6 +494,11 @@ impl ConsulSource {
                             s.instances.remove(&k);
                         }
                         Fetched::Service { instances, connect } => {
+                            for c in &connect {
+                                if c.service != name && self.feed.is_proxy(&c.service) {
+                                    s.connect.entry(ServiceKey::local(&c.service)).or_default();
+                                }
+                            }
                             if connect.is_empty() {
                                 s.instances.remove(&k);
                             } else {
@@ -712,7 +731,10 @@ impl ConsulSource {
         if feed && self.feed.busy() {
             return None; // a change is being read: apply it whole
         }
-        match assemble::assemble(&self.state, &self.settings) {
+        let started = std::time::Instant::now();
+        let assembled = assemble::assemble(&self.state, &self.settings);
+        tracing::debug!(took = ?started.elapsed(), "assembled");
+        match assembled {
             Ok(a) => {
                 self.last_missing.clear();
                 if a.warnings != self.last_warnings {

@@ -33,6 +33,7 @@ fn leaf_json(ca: &veer_ca::Ca, service: &str) -> Vec<u8> {
 
 fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
     api::ConnectInstance {
+        service: format!("{id}-svc"),
         id: id.into(),
         node: "node-1".into(),
         datacenter: "dc1".into(),

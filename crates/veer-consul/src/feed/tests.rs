@@ -25,6 +25,7 @@ fn checks(index: u64, list: &[(&str, &str, u64, u64, &str)]) -> ChecksView {
 fn inst(id: &str, node: &str) -> ConnectInstance {
     ConnectInstance {
         id: id.into(),
+        service: id.into(),
         node: node.into(),
         datacenter: "dc1".into(),
         partition: "default".into(),
@@ -399,10 +400,11 @@ fn unexplained_catalog_change_reads_everything_once() {
             ("n1", "", 1, 1, "passing"),
         ],
     );
-    c.index = 39; // older than the catalog change: still pending
-    f.on_checks(c.clone(), &known, true);
+    c.index = 39; // the watch, older than the catalog change: still pending
+    f.on_checks(c.clone(), &known, false);
     assert!(f.busy() && f.queued() == 0);
-    c.index = 41;
+    // The one-shot read (made after the catalog answer) settles it even
+    // though the checks' index stayed below the catalog's.
     f.on_checks(c, &known, true);
     assert_eq!(f.full_reads, 2);
     assert_eq!(drain(&mut f, &known, answer), set(&["a", "b"]));
@@ -498,4 +500,38 @@ fn reads_are_bounded_and_a_busy_name_waits_for_its_read() {
     assert!(f.queue.contains("s01"));
     f.on_failed("s02", false);
     assert!(!f.queue.contains("s02") && !f.in_flight.contains("s02"));
+}
+
+#[test]
+fn sidecar_names_in_connect_answers_are_not_read() {
+    let mut f = Feed::default();
+    f.on_catalog(cat(
+        5,
+        &[
+            ("a", 0),
+            ("a-sidecar-proxy", 0),
+            ("b", 0),
+            ("b-sidecar-proxy", 0),
+        ],
+    ));
+    f.on_checks(checks(5, &[]), &BTreeMap::new(), false);
+    assert_eq!(f.take(1), vec!["a".to_string()]);
+    let a = Fetched::Service {
+        instances: vec![],
+        connect: vec![inst("a-sidecar-proxy", "n1")],
+    };
+    assert!(f.on_fetched("a", &a, &BTreeMap::new()));
+    assert!(f.is_proxy("a-sidecar-proxy"));
+    assert_eq!(
+        drain(&mut f, &BTreeMap::new(), answer),
+        set(&["b", "b-sidecar-proxy"]),
+        "a's sidecar is known from a's answer"
+    );
+    // Its checks still lead to `a`.
+    f.on_checks(
+        checks(6, &[("n1", "a-sidecar-proxy", 6, 6, "critical")]),
+        &BTreeMap::new(),
+        false,
+    );
+    assert_eq!(f.take(10), vec!["a".to_string()]);
 }
