@@ -19,5 +19,5 @@ pub mod lifecycle;
 pub mod sdnotify;
 pub mod server;
 
-pub use lifecycle::{Lifecycle, Request, ShutdownOpts, Signals};
+pub use lifecycle::{ControlPlane, ControlPlaneStatus, Lifecycle, Request, ShutdownOpts, Signals};
 pub use server::{AdminAddrs, AdminServer, PreInitAdmin};

@@ -702,9 +702,9 @@ impl ConsulSource {
         self.failures.remove(&key);
         self.feed.on_failed(name, false);
         let k = ServiceKey::local(name);
-        if !self.state.connect.contains_key(&k) {
+        if let std::collections::btree_map::Entry::Vacant(v) = self.state.connect.entry(k) {
             tracing::warn!(service = %name, error = %e, "cannot read this service's instances; treating it as having none until it changes");
-            self.state.connect.insert(k, Vec::new());
+            v.insert(Vec::new());
         }
     }
 

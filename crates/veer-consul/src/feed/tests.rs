@@ -127,7 +127,10 @@ fn catalog_diff_table() {
     let m = |l: &[(&str, u64)]| -> BTreeMap<String, u64> {
         l.iter().map(|(n, t)| (n.to_string(), *t)).collect()
     };
-    let cases: &[(&[(&str, u64)], &[(&str, u64)], &[&str], &[&str], &[&str])] = &[
+    type Names<'a> = &'a [(&'a str, u64)];
+    type Set<'a> = &'a [&'a str];
+    // (old, new, added, removed, retagged)
+    let cases: &[(Names, Names, Set, Set, Set)] = &[
         (&[], &[("a", 1)], &["a"], &[], &[]),
         (&[("a", 1)], &[], &[], &["a"], &[]),
         (&[("a", 1)], &[("a", 2)], &[], &[], &["a"]),
@@ -162,7 +165,9 @@ fn checks_diff_table() {
             ("n1", "", 1, 1, "passing"),
         ],
     );
-    let cases: &[(&[(&str, &str, u64, u64, &str)], &[&str], &[&str])] = &[
+    type List<'a> = &'a [(&'a str, &'a str, u64, u64, &'a str)];
+    // (new list, services changed, nodes changed)
+    let cases: &[(List, &[&str], &[&str])] = &[
         // same list, same answer
         (
             &[
