@@ -151,6 +151,7 @@ def run(n):
             time.sleep(0.02)
         ready_s = time.time() - t0
         agent_start_cpu = (cpu_ticks(agent.pid) - agent_t0) / CLK
+        veer_start_cpu = cpu_ticks(veer.pid) / CLK
         dump = json.loads(get(admin, "/config_dump", 30)[1])
         ups = {u["name"]: u for u in dump["upstreams"]}
         present = sum(1 for i in range(n) if ups.get(f"svc-{i}", {}).get("endpoints")
@@ -190,7 +191,7 @@ def run(n):
                      for sid in (f"svc-{j}-sidecar-proxy", f"svc-{j}")],
             lambda u: f"svc-{j}" not in u)
         peak = max(peak, conns(veer.pid, hp))
-        print(f"| {n} | {ready_s:.2f} s | {present}/{n} | {peak} (idle {idle_conns}) | "
+        print(f"| {n} | {ready_s:.2f} s ({veer_start_cpu:.2f} s CPU) | {present}/{n} | {peak} (idle {idle_conns}) | "
               f"{idle_cpu:.2f} % | {rss:.1f} MiB | {health_s * 1000:.0f} ms | {dereg_s * 1000:.0f} ms | "
               f"{agent_start_cpu:.2f} s | {agent_idle:.2f} % | {agent_rss:.0f} MiB | {reg_s:.0f} s |",
               flush=True)
@@ -205,10 +206,12 @@ def run(n):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-print("| services | ready | upstreams present at ready | veer→agent connections, peak | "
+print("| services | ready (veer CPU until then) | upstreams present at ready | veer→agent connections, peak | "
       "veer idle CPU (10 s) | veer RSS | health change applied | deregistration applied | "
       "agent CPU until ready | agent idle CPU | agent RSS | registering took |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+load = open("/proc/loadavg").read().split()[0]
 for n in sys.argv[1:]:
     run(int(n))
+print(f"\nload average before the runs: {load} on {os.cpu_count()} CPUs")
 PY
