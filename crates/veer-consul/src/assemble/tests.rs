@@ -464,3 +464,17 @@ fn unchanged_update_is_the_same_spec() {
         describe_change(Some(&c), &d)
     );
 }
+
+#[test]
+fn missing_services_are_listed_up_to_ten() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    for i in 0..15 {
+        s.catalog.as_mut().unwrap().insert(format!("x{i:02}"));
+    }
+    let m = missing(&s, &set);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].starts_with("upstream services: "), "{m:?}");
+    assert_eq!(m[0].matches(", ").count(), 10, "{m:?}");
+    assert!(m[0].ends_with(" more"), "{m:?}");
+}
