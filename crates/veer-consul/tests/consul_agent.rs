@@ -1077,3 +1077,71 @@ async fn transparent_mode_at_scale() {
     Snapshot::build(spec, 2).unwrap();
     task.abort();
 }
+
+/// (h) An agent over its per-client connection limit closes new
+/// connections before answering: that is `Error::Closed` ("closed"), told
+/// apart from an unreachable agent ("connect").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_told_apart() {
+    logs();
+    let Some(bin) = consul_bin("refused_connections_are_told_apart") else {
+        return;
+    };
+    let limit = "limits { http_max_conns_per_client = 4 }".to_string();
+    let a = Agent::start(bin, &[limit], None, false).await;
+    let idx = a
+        .admin
+        .get("/v1/catalog/services", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .index
+        .unwrap();
+    // Eight long polls at once from one client: the agent takes four.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let c = a.admin.clone();
+        set.spawn(async move {
+            c.get(
+                &format!("/v1/catalog/services?index={idx}&wait=3s"),
+                Duration::from_secs(10),
+            )
+            .await
+        });
+    }
+    let mut kinds = Vec::new();
+    while let Some(r) = set.join_next().await {
+        kinds.push(match r.unwrap() {
+            Ok(r) => format!("http {}", r.status),
+            Err(e) => {
+                eprintln!("{e:?}");
+                e.classify().to_string()
+            }
+        });
+    }
+    kinds.sort();
+    eprintln!("{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "closed"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "http 200"), "{kinds:?}");
+    assert!(
+        !kinds.iter().any(|k| k == "connect" || k == "transport"),
+        "{kinds:?}"
+    );
+
+    // An agent that is not there is unreachable, not "closed".
+    let mut opts = Options::new(
+        AgentAddr::Tcp {
+            https: false,
+            host: "127.0.0.1".into(),
+            port: free_port(),
+        },
+        web_proxy(),
+    );
+    opts.token = None;
+    let e = Client::new(&opts)
+        .unwrap()
+        .get("/v1/agent/self", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.classify(), "connect", "{e}");
+    assert!(e.is_unreachable() && !e.is_closed());
+}
