@@ -61,6 +61,10 @@ pub struct ConsulArgs {
     /// CA bundle for an https agent address (default: CONSUL_CACERT).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Transparent mode: how many services are read from the agent at once
+    /// after a change (each read is one agent connection while it lasts).
+    #[arg(long, env = "VEER_CONSUL_MAX_READS", default_value_t = veer_consul::options::DEFAULT_MAX_READS)]
+    pub consul_max_reads: usize,
 }
 
 #[derive(Subcommand)]
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
                     proxy_id: consul.proxy_id,
                     sidecar_for: consul.sidecar_for,
                     transparent: consul.transparent,
+                    max_reads: Some(consul.consul_max_reads),
                 })),
             };
             run::run(run::RunOpts {

@@ -87,6 +87,28 @@ fn start_admin(
     }
 }
 
+/// The Consul source's counts for `/ready`, `/config_dump` and metrics.
+struct ConsulStatus(Arc<veer_consul::Status>);
+
+impl veer_admin::ControlPlaneStatus for ConsulStatus {
+    fn control_plane(&self) -> veer_admin::ControlPlane {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let services = s.catalog_services.load(Relaxed);
+        veer_admin::ControlPlane {
+            source: "consul",
+            upstreams: s.upstreams.load(Relaxed),
+            services: (services > 0).then_some(services),
+            view_age: s.view_age(),
+            max_connections: s.max_connections.load(Relaxed),
+            errors: vec![
+                ("unreachable", s.unreachable_errors.load(Relaxed)),
+                ("closed", s.closed_errors.load(Relaxed)),
+            ],
+        }
+    }
+}
+
 /// The first snapshot's spec and what keeps following the source.
 enum Follow {
     File { path: PathBuf, files: Vec<PathBuf> },
@@ -214,6 +236,9 @@ pub fn run(opts: RunOpts) -> ExitCode {
             }
         };
         let lifecycle = Lifecycle::new();
+        if let Follow::Consul(source) = &follow {
+            lifecycle.set_control_plane(Arc::new(ConsulStatus(source.status())));
+        }
         lifecycle.set_snapshot_applied();
         let admin = match start_admin(addrs, explicit, &shared, &lifecycle) {
             Ok(a) => a,

@@ -330,7 +330,7 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
     if !veer_testsupport::require_root("xds_driven_sidecars") {
         return;
     }
-    let t = Topo::new();
+    let mut t = Topo::new();
     t.serve(&t.api_ads, &t.api_resources(&["web"]));
     t.serve(&t.web_ads, &t.web_resources(web_shape()));
     let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
@@ -425,8 +425,7 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
 
     // The ADS server goes away for 30 s: traffic keeps flowing; when it is
     // back, veer reconnects and applies what changed meanwhile.
-    let mut web_ads = t.web_ads;
-    t.rt.block_on(web_ads.stop());
+    t.rt.block_on(t.web_ads.stop());
     let end = Instant::now() + Duration::from_secs(30);
     let mut calls = 0;
     while Instant::now() < end {
@@ -435,7 +434,7 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(calls > 20);
-    t.rt.block_on(web_ads.restart()).unwrap();
+    t.rt.block_on(t.web_ads.restart()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&t.web_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
     let only_mesh = t.web_resources(SidecarShape {
@@ -443,12 +442,12 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         ..web_shape()
     });
     let refs: Vec<(String, String, _)> = only_mesh.resources();
-    web_ads.set_all(
+    t.web_ads.set_all(
         refs.iter()
             .map(|(a, b, c)| (a.as_str(), b.as_str(), c.clone()))
             .collect(),
     );
-    web_ads.remove(CDS, "original-destination");
+    t.web_ads.remove(CDS, "original-destination");
     assert!(
         wait_until(Duration::from_secs(30), || echo(
             &t.client,

@@ -22,5 +22,5 @@ pub mod sdnotify;
 pub mod server;
 pub mod static_http;
 
-pub use lifecycle::{Lifecycle, Request, ShutdownOpts, Signals};
+pub use lifecycle::{ControlPlane, ControlPlaneStatus, Lifecycle, Request, ShutdownOpts, Signals};
 pub use server::{AdminAddrs, AdminServer, PreInitAdmin};

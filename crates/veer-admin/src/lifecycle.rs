@@ -116,11 +116,35 @@ pub struct Readiness {
     pub missing: Vec<String>,
 }
 
+/// What a control-plane source (the Consul agent) says about its view,
+/// for `/ready`, `/config_dump` and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ControlPlane {
+    /// The source, e.g. `consul`.
+    pub source: &'static str,
+    /// Upstreams in the last configuration it handed out.
+    pub upstreams: u64,
+    /// Services it follows (e.g. the catalog size), when it knows.
+    pub services: Option<u64>,
+    /// How old the view is: zero while in sync, `None` before the first sync.
+    pub view_age: Option<Duration>,
+    /// Connections to the control plane it may hold at most.
+    pub max_connections: u64,
+    /// Errors talking to the control plane, by kind (monotonic).
+    pub errors: Vec<(&'static str, u64)>,
+}
+
+/// Implemented by a source that can report a [`ControlPlane`].
+pub trait ControlPlaneStatus: Send + Sync {
+    fn control_plane(&self) -> ControlPlane;
+}
+
 /// The lifecycle controller; shared by the admin server and `veer run`.
 pub struct Lifecycle {
     listeners_bound: AtomicBool,
     snapshot_applied: AtomicBool,
     requests: watch::Sender<Request>,
+    control_plane: std::sync::OnceLock<Arc<dyn ControlPlaneStatus>>,
 }
 
 fn unix_now() -> i64 {
@@ -136,7 +160,18 @@ impl Lifecycle {
             listeners_bound: AtomicBool::new(false),
             snapshot_applied: AtomicBool::new(false),
             requests: watch::channel(Request::Run).0,
+            control_plane: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Registers the source's status (once; later calls are ignored).
+    pub fn set_control_plane(&self, s: Arc<dyn ControlPlaneStatus>) {
+        let _ = self.control_plane.set(s);
+    }
+
+    /// The source's status, when one was registered.
+    pub fn control_plane(&self) -> Option<ControlPlane> {
+        self.control_plane.get().map(|s| s.control_plane())
     }
 
     /// The inbound and outbound listeners are bound.

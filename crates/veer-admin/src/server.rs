@@ -28,7 +28,7 @@
 //! they never take a data-plane worker.
 use crate::expose::Exposer;
 use crate::http::{respond, serve, stopped, text, Body, Tracker};
-use crate::lifecycle::{Lifecycle, Request};
+use crate::lifecycle::{ControlPlane, Lifecycle, Request};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
 use hyper::{Method, Response, StatusCode};
@@ -375,13 +375,42 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 fn ready(ctx: &Ctx) -> Response<Body> {
     let r = ctx.lifecycle.readiness(&ctx.shared);
     if r.ready {
-        text(StatusCode::OK, "LIVE\n")
+        match ctx.lifecycle.control_plane() {
+            None => text(StatusCode::OK, "LIVE\n"),
+            Some(cp) => text(StatusCode::OK, format!("LIVE\n{}\n", describe(&cp))),
+        }
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{}: {}\n", r.state, r.missing.join(", ")),
         )
     }
+}
+
+/// One line about the control plane's view, for `/ready`.
+fn describe(cp: &ControlPlane) -> String {
+    let age = match cp.view_age {
+        None => "never in sync".to_string(),
+        Some(d) if d.is_zero() => "in sync".to_string(),
+        Some(d) => format!("last in sync {}s ago", d.as_secs()),
+    };
+    let services = cp
+        .services
+        .map(|n| format!(" of {n} services"))
+        .unwrap_or_default();
+    format!("{}: {} upstreams{services}, {age}", cp.source, cp.upstreams)
+}
+
+fn control_plane_json(cp: &ControlPlane) -> serde_json::Value {
+    serde_json::json!({
+        "source": cp.source,
+        "upstreams": cp.upstreams,
+        "services": cp.services,
+        "in_sync": cp.view_age.is_some_and(|d| d.is_zero()),
+        "view_age_seconds": cp.view_age.map(|d| d.as_secs_f64()),
+        "max_connections": cp.max_connections,
+        "errors": cp.errors.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
 }
 
 fn unix_now() -> i64 {
@@ -444,7 +473,48 @@ pub fn render_metrics(shared: &Shared, lifecycle: &Lifecycle) -> String {
             shared.now_ms() as f64 / 1000.0,
         ),
     ];
-    shared.metrics.render(&extra)
+    let mut out = shared.metrics.render(&extra);
+    if let Some(cp) = lifecycle.control_plane() {
+        use std::fmt::Write;
+        let mut gauge = |name: &str, help: &str, v: f64| {
+            let _ = write!(
+                out,
+                "# HELP veer_control_plane_{name} {help}\n# TYPE veer_control_plane_{name} gauge\nveer_control_plane_{name} {v}\n"
+            );
+        };
+        gauge(
+            "upstreams",
+            "Upstreams in the last configuration from the control plane.",
+            cp.upstreams as f64,
+        );
+        gauge(
+            "services",
+            "Services the control plane source follows.",
+            cp.services.map_or(f64::NAN, |n| n as f64),
+        );
+        gauge(
+            "view_age_seconds",
+            "How old the control plane view is: 0 while in sync (NaN before the first sync).",
+            cp.view_age.map_or(f64::NAN, |d| d.as_secs_f64()),
+        );
+        gauge(
+            "max_connections",
+            "Connections to the control plane the source may hold at most.",
+            cp.max_connections as f64,
+        );
+        let _ = write!(
+            out,
+            "# HELP veer_control_plane_errors_total Errors talking to the control plane, by kind.\n# TYPE veer_control_plane_errors_total counter\n"
+        );
+        for (kind, n) in &cp.errors {
+            let _ = writeln!(
+                out,
+                "veer_control_plane_errors_total{{source=\"{}\",kind=\"{kind}\"}} {n}",
+                cp.source
+            );
+        }
+    }
+    out
 }
 
 fn metrics(ctx: &Ctx) -> Response<Body> {
@@ -456,7 +526,10 @@ fn metrics(ctx: &Ctx) -> Response<Body> {
 }
 
 fn config_dump(ctx: &Ctx) -> Response<Body> {
-    let dump = ctx.shared.snapshot().dump();
+    let mut dump = ctx.shared.snapshot().dump();
+    if let (Some(cp), Some(obj)) = (ctx.lifecycle.control_plane(), dump.as_object_mut()) {
+        obj.insert("control_plane".into(), control_plane_json(&cp));
+    }
     let mut body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
     body.push(b'\n');
     respond(StatusCode::OK, "application/json", body)

@@ -599,3 +599,69 @@ fn consul_dataplane_admin_calls() {
     assert_eq!(lc.current(), Request::Quit);
     admin.stop();
 }
+
+/// A control-plane source that reports a fixed view.
+struct FixedView(veer_admin::ControlPlane);
+
+impl veer_admin::ControlPlaneStatus for FixedView {
+    fn control_plane(&self) -> veer_admin::ControlPlane {
+        self.0.clone()
+    }
+}
+
+/// With a control-plane source registered, `/ready`, `/config_dump` and the
+/// metrics say how many upstreams it gave and how old its view is.
+#[test]
+fn control_plane_view_in_ready_dump_and_metrics() {
+    let d = certs();
+    let l = load(&d, "");
+    let shared = Shared::new(l.spec).unwrap();
+    let lc = Lifecycle::new();
+    lc.set_control_plane(Arc::new(FixedView(veer_admin::ControlPlane {
+        source: "consul",
+        upstreams: 2000,
+        services: Some(4003),
+        view_age: Some(Duration::from_secs(42)),
+        max_connections: 19,
+        errors: vec![("unreachable", 3), ("closed", 0)],
+    })));
+    lc.set_snapshot_applied();
+    lc.set_listeners_bound();
+    let admin = AdminServer::start(
+        AdminAddrs {
+            admin: any(),
+            prometheus: None,
+        },
+        shared.clone(),
+        lc.clone(),
+    )
+    .unwrap();
+    let a = admin.admin.unwrap();
+    let rt = rt();
+    assert_eq!(
+        get(&rt, a, "/ready"),
+        (
+            200,
+            "LIVE\nconsul: 2000 upstreams of 4003 services, last in sync 42s ago\n".into()
+        )
+    );
+    let (code, body) = get(&rt, a, "/config_dump");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cp = &v["control_plane"];
+    assert_eq!(cp["upstreams"], 2000);
+    assert_eq!(cp["in_sync"], false);
+    assert_eq!(cp["view_age_seconds"], 42.0);
+    assert_eq!(cp["errors"]["unreachable"], 3);
+    let (_, m) = get(&rt, a, "/stats/prometheus");
+    for want in [
+        "veer_control_plane_upstreams 2000\n",
+        "veer_control_plane_services 4003\n",
+        "veer_control_plane_view_age_seconds 42\n",
+        "veer_control_plane_max_connections 19\n",
+        "veer_control_plane_errors_total{source=\"consul\",kind=\"unreachable\"} 3\n",
+        "# TYPE veer_control_plane_errors_total counter\n",
+    ] {
+        assert!(m.contains(want), "{want:?} missing from\n{m}");
+    }
+}

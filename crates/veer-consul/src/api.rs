@@ -791,6 +791,106 @@ pub fn parse_catalog_services(body: &[u8]) -> Result<BTreeSet<String>, Error> {
     Ok(m.into_keys().collect())
 }
 
+/// A stable fingerprint (FNV-1a, 64 bit) of some strings and numbers, for
+/// telling whether a list entry changed between two answers.
+#[derive(Clone, Copy, Debug)]
+pub struct Fingerprint(u64);
+
+impl Default for Fingerprint {
+    fn default() -> Fingerprint {
+        Fingerprint(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fingerprint {
+    pub fn bytes(mut self, b: &[u8]) -> Fingerprint {
+        for x in b.iter().chain([0xffu8].iter()) {
+            self.0 ^= u64::from(*x);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+
+    pub fn num(self, n: u64) -> Fingerprint {
+        self.bytes(&n.to_le_bytes())
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// Parses `/v1/catalog/services` into name → fingerprint of its tag list.
+pub fn parse_catalog_tags(body: &[u8]) -> Result<BTreeMap<String, u64>, Error> {
+    let m: BTreeMap<String, Option<Vec<String>>> = json("/v1/catalog/services", body)?;
+    Ok(m.into_iter()
+        .map(|(name, tags)| {
+            let fp = tags
+                .unwrap_or_default()
+                .iter()
+                .fold(Fingerprint::default(), |f, t| f.bytes(t.as_bytes()));
+            (name, fp.get())
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct RawStateCheck {
+    #[serde(rename = "Node", default, deserialize_with = "nullable")]
+    node: String,
+    #[serde(rename = "CheckID", default, deserialize_with = "nullable")]
+    check_id: String,
+    #[serde(rename = "Status", default, deserialize_with = "nullable")]
+    status: String,
+    #[serde(rename = "ServiceName", default, deserialize_with = "nullable")]
+    service_name: String,
+    #[serde(rename = "CreateIndex", default, deserialize_with = "nullable")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex", default, deserialize_with = "nullable")]
+    modify_index: u64,
+}
+
+/// Every health check of the datacenter in a compact form, from
+/// `/v1/health/state/any`: per service name and per node (node checks,
+/// `ServiceName` empty) a fingerprint of its checks (node, ID, status,
+/// modify index), and the raft indexes at which checks were created or
+/// modified.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChecksView {
+    /// `X-Consul-Index` of the answer.
+    pub index: u64,
+    pub by_service: HashMap<String, u64>,
+    pub by_node: HashMap<String, u64>,
+    pub indexes: std::collections::HashSet<u64>,
+}
+
+/// Parses `/v1/health/state/any`. Fingerprints are combined with a sum so
+/// that the order of the list does not matter.
+pub fn parse_health_state(index: u64, body: &[u8]) -> Result<ChecksView, Error> {
+    let raw: Vec<RawStateCheck> = json("/v1/health/state/any", body)?;
+    let mut v = ChecksView {
+        index,
+        ..ChecksView::default()
+    };
+    for c in raw {
+        let fp = Fingerprint::default()
+            .bytes(c.node.as_bytes())
+            .bytes(c.check_id.as_bytes())
+            .bytes(c.status.as_bytes())
+            .num(c.modify_index)
+            .get();
+        v.indexes.insert(c.create_index);
+        v.indexes.insert(c.modify_index);
+        let slot = if c.service_name.is_empty() {
+            v.by_node.entry(c.node).or_insert(0)
+        } else {
+            v.by_service.entry(c.service_name).or_insert(0)
+        };
+        *slot = slot.wrapping_add(fp);
+    }
+    Ok(v)
+}
+
 #[derive(Deserialize, Default)]
 struct RawNode {
     #[serde(rename = "Node", default, deserialize_with = "nullable")]
@@ -807,6 +907,8 @@ struct RawNode {
 struct RawHealthService {
     #[serde(rename = "ID", default, deserialize_with = "nullable")]
     id: String,
+    #[serde(rename = "Service", default, deserialize_with = "nullable")]
+    service: String,
     #[serde(rename = "Address", default, deserialize_with = "nullable")]
     address: String,
     #[serde(rename = "Port", default, deserialize_with = "nullable")]
@@ -868,6 +970,9 @@ fn vips(tagged: &HashMap<String, Value>) -> Vips {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectInstance {
     pub id: String,
+    /// The instance's service name: the sidecar's (`web-sidecar-proxy`), or
+    /// the service's own when it is connect-native.
+    pub service: String,
     pub node: String,
     /// The node's datacenter: the datacenter of the instance's identity.
     pub datacenter: String,
@@ -919,6 +1024,7 @@ pub fn parse_health_connect(
         }
         out.push(ConnectInstance {
             id: svc.id,
+            service: svc.service,
             node: node.node,
             datacenter: node.datacenter,
             partition: or_default(non_empty(&svc.partition).unwrap_or(&node.partition)),
@@ -951,6 +1057,18 @@ struct RawCatalogEntry {
     service_tagged_addresses: HashMap<String, Value>,
     #[serde(rename = "Partition", default, deserialize_with = "nullable")]
     partition: String,
+    #[serde(rename = "ServiceProxy", default)]
+    service_proxy: Option<RawProxyDestination>,
+}
+
+#[derive(Deserialize)]
+struct RawProxyDestination {
+    #[serde(
+        rename = "DestinationServiceName",
+        default,
+        deserialize_with = "nullable"
+    )]
+    destination_service_name: String,
 }
 
 /// One instance of the destination service itself, from
@@ -961,6 +1079,8 @@ pub struct CatalogInstance {
     pub kind: String,
     pub partition: String,
     pub vips: Vips,
+    /// `ServiceProxy.DestinationServiceName` (proxies only).
+    pub destination: String,
 }
 
 /// Parses `/v1/catalog/service/:service`.
@@ -973,6 +1093,10 @@ pub fn parse_catalog_service(service: &str, body: &[u8]) -> Result<Vec<CatalogIn
             kind: r.service_kind,
             partition: or_default(&r.partition),
             vips: vips(&r.service_tagged_addresses),
+            destination: r
+                .service_proxy
+                .map(|p| p.destination_service_name)
+                .unwrap_or_default(),
         })
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));

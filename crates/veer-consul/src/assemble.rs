@@ -178,6 +178,11 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
             svc.push(format!("{k} (instances)"));
         }
     }
+    if svc.len() > 10 {
+        let more = svc.len() - 10;
+        svc.truncate(10);
+        svc.push(format!("and {more} more"));
+    }
     if !svc.is_empty() {
         m.push(format!("upstream services: {}", svc.join(", ")));
     }

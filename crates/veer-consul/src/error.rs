@@ -19,6 +19,15 @@ pub enum Error {
     /// The agent could not be reached (refused, unreachable, TLS handshake).
     #[error("cannot reach the Consul agent at {addr}: {msg}")]
     Connect { addr: String, msg: String },
+    /// The agent closed the connection before answering anything: it is
+    /// refusing more connections from this address
+    /// (`limits.http_max_conns_per_client`), or shutting down.
+    #[error("{method} {path}: the Consul agent closed the connection before answering (too many connections from this address? see limits.http_max_conns_per_client): {msg}")]
+    Closed {
+        method: &'static str,
+        path: String,
+        msg: String,
+    },
     /// The connection broke while the request was in flight.
     #[error("{method} {path}: connection to the Consul agent failed: {msg}")]
     Transport {
@@ -70,7 +79,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short label for metrics: `config`, `tls`, `connect`, `transport`,
+    /// A short label for metrics: `config`, `tls`, `connect`, `closed`, `transport`,
     /// `timeout`, `permission_denied`, `not_found`, `http_4xx`, `http_5xx`,
     /// `decode`, `proxy_not_found`, `not_a_proxy`, `no_sidecar`,
     /// `ambiguous_sidecar`, `incomplete`.
@@ -80,6 +89,7 @@ impl Error {
             Error::Tls(_) => "tls",
             Error::Connect { .. } => "connect",
             Error::Transport { .. } => "transport",
+            Error::Closed { .. } => "closed",
             Error::Timeout { .. } => "timeout",
             Error::PermissionDenied { .. } => "permission_denied",
             Error::NotFound { .. } => "not_found",
@@ -120,6 +130,11 @@ impl Error {
             self,
             Error::Connect { .. } | Error::Transport { .. } | Error::Timeout { .. }
         )
+    }
+
+    /// The agent closed the connection before answering (see [`Error::Closed`]).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed { .. })
     }
 
     pub(crate) fn decode(what: impl Into<String>, msg: impl std::fmt::Display) -> Error {

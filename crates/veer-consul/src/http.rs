@@ -254,9 +254,34 @@ impl Client {
                 msg,
             };
         }
+        // Consul over its per-client connection limit accepts and at once
+        // closes (a reset, as observed with 1.8.7): the connection ends
+        // before any byte of the answer.
         let mut msg = e.to_string();
-        if let Some(s) = std::error::Error::source(&e) {
+        let mut closed = false;
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
             msg = format!("{msg}: {s}");
+            closed |= s
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message());
+            closed |= s.downcast_ref::<io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                )
+            });
+            src = s.source();
+        }
+        if closed {
+            return Error::Closed {
+                method,
+                path: path.to_string(),
+                msg,
+            };
         }
         Error::Transport {
             method,

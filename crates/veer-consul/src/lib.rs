@@ -49,8 +49,9 @@
 //! | leaf | `/v1/agent/connect/ca/leaf/:destination-service` | index |
 //! | intentions | `/v1/connect/intentions` | index |
 //! | catalog (transparent mode) | `/v1/catalog/services` | index |
-//! | sidecars of each candidate upstream | `/v1/health/connect/:svc` (`?dc=` for explicit upstreams in another datacenter) | index |
-//! | the destination's own instances (mesh services only) | `/v1/catalog/service/:svc` | index |
+//! | every check (transparent mode) | `/v1/health/state/any` | index |
+//! | explicit upstreams (not transparent; or in another datacenter) | `/v1/health/connect/:svc` (`?dc=`), `/v1/catalog/service/:svc` | index |
+//! | each candidate upstream (transparent mode), after it changed | `/v1/catalog/service/:svc`, then `/v1/health/connect/:svc` | no: read once, at most `--consul-max-reads` at a time |
 //! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh` | index |
 //!
 //! Blocking queries use `wait=5m`; the index is reset to 0 when it goes
@@ -92,17 +93,32 @@
 //! `["virtual"]` of the sidecars *and* of the destination service's own
 //! instances, because a 1.8.7 sidecar registered with `SidecarService` does
 //! not inherit the service's `virtual` address. Upstreams are not pruned by
-//! intentions: the destination enforces them. Each candidate costs one
-//! long-poll connection (two for mesh services); with many services raise
-//! the agent's `limits.http_max_conns_per_client` (default 200).
+//! intentions: the destination enforces them.
+//!
+//! **Transparent mode at scale** ([`feed`]). Candidates are not watched one
+//! by one (that held one agent connection per service, past Consul's
+//! default `limits.http_max_conns_per_client` of 200). Two blocking lists,
+//! the catalog and every check, say which services changed; those are read
+//! with non-blocking requests, `--consul-max-reads` (default 8) at a time,
+//! so veer holds about ten long polls plus that many connections whatever
+//! the catalog's size, and nothing runs per service while idle. A sidecar
+//! name seen in a service's Connect answer is not read itself. A catalog
+//! change that no list explains (a port change without a check change) or
+//! an index going backwards reads every service again. An agent that
+//! closes connections before answering (its per-client limit) is reported
+//! as such ([`Error::Closed`]), apart from an unreachable one; reads back
+//! off on either. [`Status`] counts upstreams, catalog services, the most
+//! connections the source may hold, errors by kind, and how old the view
+//! is; `veer run` shows it in `/ready`, `/config_dump` and metrics.
 //!
 //! **Completeness.** The first spec is produced only when registration,
 //! roots, leaf (chaining to those roots), intentions, the default decision,
 //! the config entries, the catalog (transparent mode) and every wanted
-//! per-service watch have answered (a per-service watch failing 3 times in a
+//! per-service watch or read have answered (one failing 3 times in a
 //! row without ever answering counts as "no instances"). Later, every
 //! update is again a complete spec, built from the last good answer of
-//! every watch; an unchanged result is not handed out. When the agent is
+//! every watch, and held while the reads of a change are under way so
+//! that the change is applied whole; an unchanged result is not handed out. When the agent is
 //! unreachable the last good state stays, and the watches catch up when it
 //! returns (a restarted agent's lower indexes reset the cursors).
 //!
@@ -123,6 +139,7 @@ pub mod api;
 pub mod assemble;
 pub mod blocking;
 mod error;
+pub mod feed;
 pub mod http;
 pub mod options;
 mod source;
@@ -130,5 +147,5 @@ pub mod watch;
 
 pub use error::Error;
 pub use options::{AgentAddr, Flags, Options, ProxyTarget};
-pub use source::{desired_watches, ConsulSource};
+pub use source::{desired_watches, ConsulSource, Status};
 pub use veer_core::snapshot::Spec;

@@ -123,7 +123,12 @@ pub struct Flags {
     /// implicit upstreams even when the registration does not say
     /// `Mode: transparent` (Consul 1.8.7 has no such field).
     pub transparent: bool,
+    /// `--consul-max-reads`: see [`Options::max_reads`].
+    pub max_reads: Option<usize>,
 }
+
+/// The default of [`Options::max_reads`].
+pub const DEFAULT_MAX_READS: usize = 8;
 
 /// Everything [`ConsulSource`](crate::ConsulSource) needs.
 #[derive(Clone)]
@@ -151,6 +156,13 @@ pub struct Options {
     pub transparent: bool,
     /// The blocking-query `wait` (Consul's default and ours: 5 minutes).
     pub wait: Duration,
+    /// How many services the transparent-mode feed reads at once (each
+    /// read is one agent connection while it lasts). veer's agent
+    /// connections stay below this plus about ten long polls (registration,
+    /// roots, leaf, intentions, catalog, checks, three config entries, and
+    /// one per explicit upstream in another datacenter) — far below
+    /// Consul's `limits.http_max_conns_per_client` (200). At least 1.
+    pub max_reads: usize,
 }
 
 impl std::fmt::Debug for Options {
@@ -168,6 +180,7 @@ impl std::fmt::Debug for Options {
             .field("target", &self.target)
             .field("transparent", &self.transparent)
             .field("wait", &self.wait)
+            .field("max_reads", &self.max_reads)
             .finish()
     }
 }
@@ -189,6 +202,7 @@ impl Options {
             target,
             transparent: false,
             wait: Duration::from_secs(300),
+            max_reads: DEFAULT_MAX_READS,
         }
     }
 
@@ -296,6 +310,15 @@ impl Options {
             target,
             transparent: flags.transparent,
             wait: Duration::from_secs(300),
+            max_reads: match flags.max_reads {
+                None => DEFAULT_MAX_READS,
+                Some(0) => {
+                    return Err(Error::Config(
+                        "--consul-max-reads must be at least 1".into(),
+                    ))
+                }
+                Some(n) => n,
+            },
         })
     }
 }

@@ -1,13 +1,16 @@
 //! [`ConsulSource`]: the event loop that runs the watches, keeps the
 //! [`State`], and hands out complete specs.
 use crate::api;
-use crate::assemble::{self, Settings, State};
+use crate::assemble::{self, ServiceKey, Settings, State};
 use crate::blocking::Backoff;
+use crate::feed::{Feed, Fetched};
 use crate::http::Client;
 use crate::options::{Options, ProxyTarget};
 use crate::watch::{self, DefaultOutcome, Msg, Payload, ProbeTarget, WatchKey};
 use crate::Error;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -45,7 +48,19 @@ pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey>
         w.insert(WatchKey::Leaf(reg.destination_service.clone()));
     }
     if assemble::transparent(state, settings) == Some(true) {
+        // The feed follows the local datacenter; explicit upstreams in
+        // another one keep a blocking watch each.
         w.insert(WatchKey::Catalog);
+        w.insert(WatchKey::Checks);
+        for u in state.registration.iter().flat_map(|r| &r.upstreams) {
+            if let Some(dc) = &u.datacenter {
+                w.insert(WatchKey::Connect(ServiceKey {
+                    name: u.name.clone(),
+                    datacenter: Some(dc.clone()),
+                }));
+            }
+        }
+        return w;
     }
     for (k, instances) in assemble::wanted(state, settings) {
         if instances {
@@ -75,6 +90,60 @@ pub struct ConsulSource {
     last_missing: Vec<String>,
     /// Since when the agent has been unreachable, if it is.
     down_since: Option<std::time::Instant>,
+    /// Since when the agent has been closing connections before answering.
+    closing_since: Option<std::time::Instant>,
+    /// Transparent mode: the change feed and its reads under way.
+    feed: Feed,
+    reads: HashMap<String, Task>,
+    checks_now: Option<Task>,
+    /// Back-off of the feed's reads after failures; no read starts before
+    /// `read_pause`.
+    read_backoff: Backoff,
+    read_pause: Option<tokio::time::Instant>,
+    status: Arc<Status>,
+}
+
+/// What the source knows, for readiness, `/config_dump` and metrics:
+/// shared with the runtime through [`ConsulSource::status`].
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Upstreams in the last spec handed out.
+    pub upstreams: AtomicU64,
+    /// Services in the catalog (transparent mode).
+    pub catalog_services: AtomicU64,
+    /// Agent connections the source may hold at most (long polls + reads).
+    pub max_connections: AtomicU64,
+    /// Unix milliseconds when the view was last known to match the agent
+    /// (see `in_sync`). 0 = never.
+    pub synced_at_ms: AtomicU64,
+    /// The view matches the agent now: a spec was handed out, the agent
+    /// answers, no watch is failing and no change is being read (blocking
+    /// queries under way would have answered had anything changed).
+    pub in_sync: AtomicBool,
+    /// Agent errors by kind: unreachable, closed (refused connections).
+    pub unreachable_errors: AtomicU64,
+    pub closed_errors: AtomicU64,
+    /// Every service read again after a change no list explained.
+    pub full_reads: AtomicU64,
+}
+
+impl Status {
+    /// How old the view is: zero while in sync, else the time since it
+    /// last was (`None` before the first sync).
+    pub fn view_age(&self) -> Option<Duration> {
+        if self.in_sync.load(Relaxed) {
+            return Some(Duration::ZERO);
+        }
+        let at = self.synced_at_ms.load(Relaxed);
+        (at != 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for ConsulSource {
@@ -113,7 +182,20 @@ impl ConsulSource {
             last_warnings: Vec::new(),
             last_missing: Vec::new(),
             down_since: None,
+            closing_since: None,
+            feed: Feed::default(),
+            reads: HashMap::new(),
+            checks_now: None,
+            read_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            read_pause: None,
+            status: Arc::default(),
         })
+    }
+
+    /// Counts and ages for readiness, `/config_dump` and metrics; updated
+    /// as the source runs.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
     }
 
     /// The proxy's service ID, once known (after `--sidecar-for` is resolved).
@@ -225,7 +307,12 @@ impl ConsulSource {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.tick().await;
         loop {
+            let pause = self.read_pause.filter(|_| self.feed.queued() > 0);
             tokio::select! {
+                _ = async { tokio::time::sleep_until(pause.expect("guarded")).await }, if pause.is_some() => {
+                    self.read_pause = None;
+                    self.reconcile();
+                }
                 m = self.rx.recv() => {
                     let Some(m) = m else {
                         return Err(Error::Config("the watch channel closed".into()));
@@ -235,7 +322,9 @@ impl ConsulSource {
                         self.handle(m, fatal)?;
                     }
                     self.reconcile();
-                    if let Some(spec) = self.try_spec() {
+                    let spec = self.try_spec();
+                    self.update_sync();
+                    if let Some(spec) = spec {
                         return Ok(spec);
                     }
                 }
@@ -252,10 +341,11 @@ impl ConsulSource {
     /// Applies one message to the state.
     fn handle(&mut self, m: Msg, fatal: bool) -> Result<(), Error> {
         let Msg { key, result } = m;
-        let current = if key == WatchKey::DefaultProbe {
-            self.probe.is_some()
-        } else {
-            self.watches.contains_key(&key)
+        let current = match &key {
+            WatchKey::DefaultProbe => self.probe.is_some(),
+            WatchKey::ChecksNow => self.checks_now.take().is_some(),
+            WatchKey::Fetch(n) => self.reads.remove(n).is_some(),
+            k => self.watches.contains_key(k),
         };
         if !current {
             return Ok(()); // from a watch stopped since
@@ -266,10 +356,20 @@ impl ConsulSource {
                 if let Some(t) = self.down_since.take() {
                     tracing::info!(agent = %self.client.addr(), after = ?t.elapsed(), "the Consul agent answers again; catching up");
                 }
+                if let Some(t) = self.closing_since.take() {
+                    tracing::info!(agent = %self.client.addr(), after = ?t.elapsed(), "the Consul agent accepts veer's connections again");
+                }
                 p
             }
             Err(e) => {
-                if e.is_unreachable() {
+                if e.is_closed() {
+                    self.status.closed_errors.fetch_add(1, Relaxed);
+                    if self.closing_since.is_none() {
+                        tracing::warn!(agent = %self.client.addr(), error = %e, max_connections = self.max_connections(), "the Consul agent closes veer's connections before answering: it is refusing more connections from this address (limits.http_max_conns_per_client) or shutting down; keeping the last good configuration and retrying with back-off");
+                        self.closing_since = Some(std::time::Instant::now());
+                    }
+                } else if e.is_unreachable() {
+                    self.status.unreachable_errors.fetch_add(1, Relaxed);
                     if self.down_since.is_none() {
                         tracing::warn!(agent = %self.client.addr(), error = %e, "the Consul agent is unreachable; keeping the last good configuration and retrying with back-off");
                         self.down_since = Some(std::time::Instant::now());
@@ -278,6 +378,21 @@ impl ConsulSource {
                     // It answers, if with an error.
                     self.down_since = None;
                 }
+                if let WatchKey::Fetch(name) = &key {
+                    self.read_failed(name, &e);
+                    return Ok(());
+                }
+                if key == WatchKey::ChecksNow {
+                    // Asked again by the next catalog change; the checks
+                    // watch answers as well.
+                    let d = self.read_backoff.failure();
+                    let fut = watch::checks_now(self.client.clone(), self.tx.clone());
+                    self.checks_now = Some(Task(tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        fut.await
+                    })));
+                    return Ok(());
+                }
                 let essential = matches!(
                     key,
                     WatchKey::Registration
@@ -285,6 +400,7 @@ impl ConsulSource {
                         | WatchKey::Leaf(_)
                         | WatchKey::Intentions
                         | WatchKey::Catalog
+                        | WatchKey::Checks
                         | WatchKey::DefaultProbe
                 );
                 if fatal && self.last.is_none() && essential && e.is_fatal_at_start() {
@@ -335,7 +451,64 @@ impl ConsulSource {
                 s.intentions = Some(i);
                 self.probe_again = true;
             }
-            (WatchKey::Catalog, Payload::Catalog(c)) => s.catalog = Some(c),
+            (WatchKey::Catalog, Payload::Catalog(c)) => {
+                s.catalog = Some(c.services.keys().cloned().collect());
+                self.status
+                    .catalog_services
+                    .store(c.services.len() as u64, Relaxed);
+                let out = self.feed.on_catalog(c);
+                for n in &out.removed {
+                    let k = ServiceKey::local(n);
+                    s.connect.remove(&k);
+                    s.instances.remove(&k);
+                }
+                if out.need_checks {
+                    // (replacing a read under way: the answer must be newer
+                    // than this catalog answer)
+                    let fut = watch::checks_now(self.client.clone(), self.tx.clone());
+                    self.checks_now = Some(Task(tokio::spawn(fut)));
+                }
+            }
+            (WatchKey::Checks, Payload::Checks(c)) => {
+                tracing::debug!(
+                    index = c.index,
+                    checks = c.by_service.len(),
+                    "check list changed"
+                );
+                self.feed.on_checks(c, &s.connect, false);
+                tracing::debug!(
+                    queued = self.feed.queued(),
+                    "services to read after the check change"
+                );
+            }
+            (WatchKey::ChecksNow, Payload::Checks(c)) => self.feed.on_checks(c, &s.connect, true),
+            (WatchKey::Fetch(name), Payload::Fetched(f)) => {
+                tracing::trace!(service = %name, "read");
+                self.read_backoff.reset();
+                self.failures.remove(&WatchKey::Fetch(name.clone()));
+                if self.feed.on_fetched(&name, &f, &s.connect) {
+                    let k = ServiceKey::local(&name);
+                    match f {
+                        Fetched::Proxy { .. } => {
+                            s.connect.insert(k.clone(), Vec::new());
+                            s.instances.remove(&k);
+                        }
+                        Fetched::Service { instances, connect } => {
+                            for c in &connect {
+                                if c.service != name && self.feed.is_proxy(&c.service) {
+                                    s.connect.entry(ServiceKey::local(&c.service)).or_default();
+                                }
+                            }
+                            if connect.is_empty() {
+                                s.instances.remove(&k);
+                            } else {
+                                s.instances.insert(k.clone(), instances);
+                            }
+                            s.connect.insert(k, connect);
+                        }
+                    }
+                }
+            }
             (WatchKey::Connect(k), Payload::Connect(c)) => {
                 s.connect.insert(k, c);
             }
@@ -396,7 +569,14 @@ impl ConsulSource {
                 WatchKey::Instances(s) => {
                     self.state.instances.remove(s);
                 }
-                WatchKey::Catalog => self.state.catalog = None,
+                WatchKey::Catalog => {
+                    self.state.catalog = None;
+                    self.feed = Feed::default();
+                    self.reads.clear();
+                    self.checks_now = None;
+                    self.state.connect.retain(|k, _| k.datacenter.is_some());
+                    self.state.instances.retain(|k, _| k.datacenter.is_some());
+                }
                 WatchKey::Leaf(_) => self.state.leaf = None,
                 _ => {}
             }
@@ -415,6 +595,12 @@ impl ConsulSource {
                 tracing::debug!(watch = %k, "started watch");
             }
         }
+        if self.watches.contains_key(&WatchKey::Catalog) {
+            self.feed_reads();
+        }
+        self.status
+            .max_connections
+            .store(self.max_connections() as u64, Relaxed);
         // The default decision: once at start, and again after intentions
         // change (cheap, and it notices an agent restarted with other ACLs).
         let need = self.state.default_action.is_none() || self.probe_again;
@@ -424,6 +610,101 @@ impl ConsulSource {
                 let fut = watch::probe_default(self.client.clone(), t, self.tx.clone());
                 self.probe = Some(Task(tokio::spawn(fut)));
             }
+        }
+    }
+
+    /// In sync: a spec was handed out, the agent answers, every watch's
+    /// last answer was good and the feed has nothing to read.
+    fn update_sync(&self) {
+        let feed_busy = self.watches.contains_key(&WatchKey::Catalog) && self.feed.busy();
+        let ok = self.last.is_some()
+            && self.down_since.is_none()
+            && self.closing_since.is_none()
+            && self.failures.is_empty()
+            && !feed_busy;
+        if ok {
+            self.status.synced_at_ms.store(now_ms(), Relaxed);
+        }
+        self.status.in_sync.store(ok, Relaxed);
+    }
+
+    /// Agent connections this source may hold at once: its long polls, the
+    /// feed's reads, the one-shot check read and the default probe.
+    fn max_connections(&self) -> usize {
+        let feed = if self.watches.contains_key(&WatchKey::Catalog) {
+            self.opts.max_reads + 1
+        } else {
+            0
+        };
+        self.watches.len() + feed + 1
+    }
+
+    /// Transparent mode: explicit local upstreams missing from the catalog
+    /// have no instances; starts reads up to the limit unless paused.
+    fn feed_reads(&mut self) {
+        let Some(reg) = &self.state.registration else {
+            return;
+        };
+        let own = reg.destination_service.clone();
+        if let Some(cat) = self.feed.catalog() {
+            for u in &reg.upstreams {
+                let k = ServiceKey::local(&u.name);
+                if u.datacenter.is_none()
+                    && !cat.contains_key(&u.name)
+                    && !self.state.connect.contains_key(&k)
+                {
+                    self.state.connect.insert(k, Vec::new());
+                }
+            }
+        }
+        if self
+            .read_pause
+            .is_some_and(|t| t > tokio::time::Instant::now())
+        {
+            return;
+        }
+        self.read_pause = None;
+        let room = self.opts.max_reads.saturating_sub(self.reads.len());
+        for name in self.feed.take(room) {
+            if name == own || name == "consul" {
+                // Never an upstream: not read.
+                self.feed.on_failed(&name, false);
+                self.state
+                    .connect
+                    .insert(ServiceKey::local(&name), Vec::new());
+                continue;
+            }
+            let fut = watch::fetch(self.client.clone(), name.clone(), self.tx.clone());
+            self.reads.insert(name, Task(tokio::spawn(fut)));
+        }
+    }
+
+    /// A feed read failed: agent trouble pauses every read (back-off) and
+    /// reads the service again; other errors (403, 404, bad JSON) are
+    /// retried twice, then the service counts as having no instances.
+    fn read_failed(&mut self, name: &str, e: &Error) {
+        let transient = e.is_unreachable()
+            || e.is_closed()
+            || matches!(e, Error::Status { status, .. } if *status >= 500);
+        if transient {
+            let d = self.read_backoff.failure();
+            self.read_pause = Some(tokio::time::Instant::now() + d);
+            self.feed.on_failed(name, true);
+            return;
+        }
+        let key = WatchKey::Fetch(name.to_string());
+        let n = self.failures.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n < GIVE_UP_AFTER {
+            self.feed.on_failed(name, true);
+            return;
+        }
+        self.failures.remove(&key);
+        self.feed.on_failed(name, false);
+        let k = ServiceKey::local(name);
+        if let std::collections::btree_map::Entry::Vacant(v) = self.state.connect.entry(k) {
+            tracing::warn!(service = %name, error = %e, "cannot read this service's instances; treating it as having none until it changes");
+            v.insert(Vec::new());
         }
     }
 
@@ -443,7 +724,17 @@ impl ConsulSource {
 
     /// A new spec, when the state is complete and differs from the last.
     fn try_spec(&mut self) -> Option<Spec> {
-        match assemble::assemble(&self.state, &self.settings) {
+        let feed = self.watches.contains_key(&WatchKey::Catalog);
+        if feed {
+            self.status.full_reads.store(self.feed.full_reads, Relaxed);
+        }
+        if feed && self.feed.busy() {
+            return None; // a change is being read: apply it whole
+        }
+        let started = std::time::Instant::now();
+        let assembled = assemble::assemble(&self.state, &self.settings);
+        tracing::debug!(took = ?started.elapsed(), "assembled");
+        match assembled {
             Ok(a) => {
                 self.last_missing.clear();
                 if a.warnings != self.last_warnings {
@@ -458,6 +749,9 @@ impl ConsulSource {
                     }
                 }
                 tracing::info!(change = %assemble::describe_change(self.last.as_ref(), &a.spec), "new configuration from Consul");
+                self.status
+                    .upstreams
+                    .store(a.spec.upstreams.len() as u64, Relaxed);
                 self.last = Some(a.spec.clone());
                 Some(a.spec)
             }

@@ -6,9 +6,11 @@ use crate::api::{
 };
 use crate::assemble::ServiceKey;
 use crate::blocking::{Backoff, Cursor, Pacer};
+use crate::feed::{CatalogView, Fetched};
 use crate::http::{escape, Client, Response};
 use crate::Error;
-use std::collections::{BTreeMap, BTreeSet};
+use api::ChecksView;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use veer_core::intentions::{Action, Intention};
@@ -24,8 +26,14 @@ pub enum WatchKey {
     Leaf(String),
     /// `/v1/connect/intentions` (see the crate docs for why not `match`).
     Intentions,
-    /// `/v1/catalog/services`.
+    /// `/v1/catalog/services` (name → tags; the feed's first list).
     Catalog,
+    /// `/v1/health/state/any` (every check; the feed's second list).
+    Checks,
+    /// One non-blocking read of `/v1/health/state/any` (not a watch).
+    ChecksNow,
+    /// One non-blocking read of a service for the feed (not a watch).
+    Fetch(String),
     /// `/v1/health/connect/:service[?dc=]`.
     Connect(ServiceKey),
     /// `/v1/catalog/service/:service`.
@@ -48,6 +56,9 @@ impl std::fmt::Display for WatchKey {
             WatchKey::Leaf(s) => write!(f, "leaf:{s}"),
             WatchKey::Intentions => f.write_str("intentions"),
             WatchKey::Catalog => f.write_str("catalog"),
+            WatchKey::Checks => f.write_str("checks"),
+            WatchKey::ChecksNow => f.write_str("checks-now"),
+            WatchKey::Fetch(s) => write!(f, "fetch:{s}"),
             WatchKey::Connect(k) => write!(f, "connect:{k}"),
             WatchKey::Instances(k) => write!(f, "instances:{k}"),
             WatchKey::ServiceDefaults => f.write_str("service-defaults"),
@@ -76,7 +87,9 @@ pub enum Payload {
     Roots(Roots),
     Leaf(Leaf),
     Intentions(Vec<Intention>),
-    Catalog(BTreeSet<String>),
+    Catalog(CatalogView),
+    Checks(ChecksView),
+    Fetched(Fetched),
     Connect(Vec<ConnectInstance>),
     Instances(Vec<CatalogInstance>),
     ServiceDefaults(BTreeMap<String, ServiceDefaults>),
@@ -105,6 +118,8 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
         WatchKey::Leaf(s) => format!("/v1/agent/connect/ca/leaf/{}", escape(s)),
         WatchKey::Intentions => "/v1/connect/intentions".into(),
         WatchKey::Catalog => "/v1/catalog/services".into(),
+        WatchKey::Checks | WatchKey::ChecksNow => "/v1/health/state/any".into(),
+        WatchKey::Fetch(s) => format!("/v1/catalog/service/{}", escape(s)),
         WatchKey::Connect(k) => with_dc(format!("/v1/health/connect/{}", escape(&k.name)), k),
         WatchKey::Instances(k) => with_dc(format!("/v1/catalog/service/{}", escape(&k.name)), k),
         WatchKey::ServiceDefaults => "/v1/config/service-defaults".into(),
@@ -138,6 +153,7 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
         return Err(Error::ProxyNotFound(proxy_id.to_string()));
     }
     let r = r.ok(&path)?;
+    let index = r.index.unwrap_or(0);
     let b = &r.body[..];
     Ok(match key {
         WatchKey::Registration => {
@@ -151,7 +167,14 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             (Payload::Intentions(i), w)
         }
         WatchKey::Catalog => (
-            Payload::Catalog(api::parse_catalog_services(b)?),
+            Payload::Catalog(CatalogView {
+                index,
+                services: api::parse_catalog_tags(b)?,
+            }),
+            Vec::new(),
+        ),
+        WatchKey::Checks | WatchKey::ChecksNow => (
+            Payload::Checks(api::parse_health_state(index, b)?),
             Vec::new(),
         ),
         WatchKey::Connect(k) => {
@@ -170,7 +193,9 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             Payload::ProxyDefaults(api::parse_proxy_defaults(b)?),
             Vec::new(),
         ),
-        WatchKey::Mesh | WatchKey::DefaultProbe => unreachable!("handled elsewhere"),
+        WatchKey::Mesh | WatchKey::DefaultProbe | WatchKey::Fetch(_) => {
+            unreachable!("handled elsewhere")
+        }
     })
 }
 
@@ -250,7 +275,7 @@ pub async fn run(
                 let retry = backoff.failure();
                 // Trouble reaching the agent is the same for every watch:
                 // the source logs it once; other failures are per watch.
-                if backoff.should_warn() && !e.is_unreachable() {
+                if backoff.should_warn() && !e.is_unreachable() && !e.is_closed() {
                     tracing::warn!(watch = %key, failures = backoff.failures(), retry_in = ?retry, error = %e, kind = e.classify(), "Consul watch failed; keeping the last good state");
                 } else {
                     tracing::debug!(watch = %key, failures = backoff.failures(), retry_in = ?retry, error = %e, "Consul watch failed");
@@ -268,6 +293,54 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Request deadline of the feed's non-blocking reads.
+const READ_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Reads the check list once (no index): the answer to
+/// [`crate::feed::CatalogOutcome::need_checks`]. One message.
+pub async fn checks_now(client: Client, tx: mpsc::UnboundedSender<Msg>) {
+    let key = WatchKey::ChecksNow;
+    let result = async {
+        let r = client.get(&path_of(&key, ""), READ_DEADLINE).await?;
+        parse(&key, "", r).map(|(p, _)| p)
+    }
+    .await;
+    let _ = tx.send(Msg { key, result });
+}
+
+/// Reads one service for the feed: its catalog instances, then (unless
+/// every instance is a `connect-proxy`) its Connect instances. One message.
+pub async fn fetch(client: Client, name: String, tx: mpsc::UnboundedSender<Msg>) {
+    let result = fetch_once(&client, &name).await.map(Payload::Fetched);
+    let _ = tx.send(Msg {
+        key: WatchKey::Fetch(name),
+        result,
+    });
+}
+
+async fn fetch_once(client: &Client, name: &str) -> Result<Fetched, Error> {
+    let path = format!("/v1/catalog/service/{}", escape(name));
+    let r = client.get(&path, READ_DEADLINE).await?.ok(&path)?;
+    let instances = api::parse_catalog_service(name, &r.body)?;
+    if !instances.is_empty() && instances.iter().all(|i| i.kind == "connect-proxy") {
+        return Ok(Fetched::Proxy {
+            ids: instances.iter().map(|i| i.id.clone()).collect(),
+            destinations: instances
+                .into_iter()
+                .map(|i| i.destination)
+                .filter(|d| !d.is_empty())
+                .collect(),
+        });
+    }
+    let path = format!("/v1/health/connect/{}", escape(name));
+    let r = client.get(&path, READ_DEADLINE).await?.ok(&path)?;
+    let (connect, warnings) = api::parse_health_connect(name, &r.body)?;
+    for w in warnings {
+        tracing::warn!(service = %name, "{w}");
+    }
+    Ok(Fetched::Service { instances, connect })
 }
 
 /// Where the default-decision probe asks.
@@ -310,7 +383,7 @@ pub async fn probe_default(client: Client, t: ProbeTarget, tx: mpsc::UnboundedSe
             }
             Err(e) => {
                 let retry = backoff.failure();
-                if backoff.should_warn() && !e.is_unreachable() {
+                if backoff.should_warn() && !e.is_unreachable() && !e.is_closed() {
                     tracing::warn!(watch = "default-decision", error = %e, retry_in = ?retry, "cannot learn the default intention decision yet");
                 }
                 if tx

@@ -865,3 +865,283 @@ async fn unix_socket_and_https_with_client_cert() {
     assert!(e.to_string().contains("TLS"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A catalog-registered service `svc-<i>` on node `k8s-<i % 5>` with a
+/// sidecar (a check in `status`, sidecar port `port`) and a `virtual`
+/// address on both, as consul-k8s registers them.
+fn mesh_service(i: usize, status: &str, port: u16) -> [Value; 2] {
+    let node = format!("k8s-{}", i % 5);
+    let node_addr = format!("10.20.0.{}", i % 5 + 1);
+    let pod = format!("10.21.{}.{}", i / 250, i % 250 + 1);
+    let vip =
+        json!({"virtual": {"Address": format!("10.97.{}.{}", i / 250, i % 250 + 1), "Port": 80}});
+    [
+        json!({"Node": node, "Address": node_addr, "Service": {
+            "ID": format!("svc-{i}"), "Service": format!("svc-{i}"), "Port": 8080,
+            "Address": pod, "TaggedAddresses": vip}}),
+        json!({"Node": node, "Address": node_addr, "Service": {
+            "ID": format!("svc-{i}-sidecar-proxy"), "Service": format!("svc-{i}-sidecar-proxy"),
+            "Kind": "connect-proxy", "Port": port, "Address": pod, "TaggedAddresses": vip,
+            "Proxy": {"DestinationServiceName": format!("svc-{i}"), "DestinationServiceID": format!("svc-{i}")}},
+            "Check": {"Node": node, "CheckID": format!("svc-{i}-ready"), "Name": "ready",
+                      "ServiceID": format!("svc-{i}-sidecar-proxy"), "Status": status}}),
+    ]
+}
+
+/// Registers `svc-0` … `svc-<n-1>`, eight requests at a time.
+async fn register_many(a: &Agent, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let c = a.admin.clone();
+            set.spawn(async move {
+                for body in mesh_service(i, "passing", 20000) {
+                    let r = c
+                        .request(
+                            "PUT",
+                            "/v1/catalog/register",
+                            Some(body.to_string().into_bytes()),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+}
+
+fn mesh_upstreams(spec: &Spec) -> usize {
+    spec.upstreams
+        .iter()
+        .filter(|u| {
+            u.identity.service.starts_with("svc-")
+                && !u.endpoints.is_empty()
+                && !u.virtual_ips.is_empty()
+        })
+        .count()
+}
+
+/// (g) Transparent mode with 300 mesh services on an agent that allows 40
+/// connections per client (the old design held one per service): the first
+/// spec has every upstream, no connection is refused, a health change, a
+/// deregistration, a new service and a port change (a change no check
+/// explains) are applied, and after an agent restart the source catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_mode_at_scale() {
+    logs();
+    let Some(bin) = consul_bin("transparent_mode_at_scale") else {
+        return;
+    };
+    const N: usize = 300;
+    let limit = "limits { http_max_conns_per_client = 40 }".to_string();
+    let mut a = Agent::start(bin, &[limit], None, false).await;
+    small_mesh(&a).await;
+    let t = Instant::now();
+    register_many(&a, N).await;
+    eprintln!("registered {N} services in {:?}", t.elapsed());
+
+    let mut opts = a.options(web_proxy(), None);
+    opts.max_reads = 8;
+    let mut src = ConsulSource::new(opts).unwrap();
+    let status = src.status();
+    let t = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(30), src.first())
+        .await
+        .expect("first spec within 30 s")
+        .unwrap();
+    eprintln!("first spec after {:?}", t.elapsed());
+    assert_eq!(
+        mesh_upstreams(&first),
+        N,
+        "every implicit upstream in the first spec"
+    );
+    let s7 = upstream(&first, "svc-7").unwrap();
+    assert_eq!(s7.endpoints, vec![sa("10.21.0.8:20000")]);
+    assert_eq!(
+        s7.virtual_ips,
+        vec!["10.97.0.8".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(
+        upstream(&first, "svc-7-sidecar-proxy").is_none(),
+        "a sidecar is no upstream"
+    );
+    assert!(upstream(&first, "api").is_some() && upstream(&first, "db").is_some());
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        status.closed_errors.load(Relaxed),
+        0,
+        "the agent refused no connection"
+    );
+    assert_eq!(status.unreachable_errors.load(Relaxed), 0);
+    let max = status.max_connections.load(Relaxed);
+    assert!(max > 8 && max <= 25, "at most {max} agent connections");
+    assert_eq!(status.catalog_services.load(Relaxed), 2 * N as u64 + 7);
+    Snapshot::build(first, 1).unwrap();
+    let (mut rx, task) = follow(src);
+    assert_eq!(status.upstreams.load(Relaxed), N as u64 + 2);
+
+    // A health change.
+    let t0 = Instant::now();
+    let [_, side] = mesh_service(7, "critical", 20000);
+    a.call(
+        "PUT",
+        "/v1/catalog/register",
+        json!({"Node": side["Node"], "Address": side["Address"], "Check": side["Check"]}),
+    )
+    .await;
+    let (at, spec) = wait_for(&mut rx, Duration::from_secs(10), "svc-7 unhealthy", |s| {
+        upstream(s, "svc-7").is_some_and(|u| u.endpoints.is_empty())
+    })
+    .await;
+    eprintln!("health change applied after {:?}", at - t0);
+    assert_eq!(mesh_upstreams(&spec), N - 1);
+
+    // A deregistration.
+    let t0 = Instant::now();
+    for id in ["svc-9-sidecar-proxy", "svc-9"] {
+        a.call(
+            "PUT",
+            "/v1/catalog/deregister",
+            json!({"Node": "k8s-4", "ServiceID": id}),
+        )
+        .await;
+    }
+    let (at, spec) = wait_for(&mut rx, Duration::from_secs(10), "svc-9 gone", |s| {
+        upstream(s, "svc-9").is_none()
+    })
+    .await;
+    eprintln!("deregistration applied after {:?}", at - t0);
+    assert_eq!(mesh_upstreams(&spec), N - 2);
+
+    // A new service.
+    for body in mesh_service(N, "passing", 20000) {
+        a.call("PUT", "/v1/catalog/register", body).await;
+    }
+    wait_for(&mut rx, Duration::from_secs(10), "new service", |s| {
+        upstream(s, &format!("svc-{N}")).is_some_and(|u| u.endpoints.len() == 1)
+    })
+    .await;
+
+    // A sidecar port change without a check change: only the catalog
+    // moves, nothing explains it, every service is read again.
+    let [_, mut side] = mesh_service(11, "passing", 20000);
+    side["Service"]["Port"] = json!(20011);
+    side.as_object_mut().unwrap().remove("Check");
+    a.call("PUT", "/v1/catalog/register", side).await;
+    wait_for(
+        &mut rx,
+        Duration::from_secs(10),
+        "svc-11 on its new port",
+        |s| upstream(s, "svc-11").is_some_and(|u| u.endpoints == vec![sa("10.21.0.12:20011")]),
+    )
+    .await;
+    assert!(status.full_reads.load(Relaxed) >= 1);
+    assert_eq!(
+        status.closed_errors.load(Relaxed),
+        0,
+        "the agent refused no connection"
+    );
+
+    // The agent restarts (dev mode: the catalog comes back empty but for
+    // the agent's own services, with a new CA).
+    a.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rx.try_recv().is_err(), "no spec while the agent is down");
+    a.run().await;
+    let td2 = a.trust_domain().await;
+    for id in ["web", "api", "db1", "db2"] {
+        a.call(
+            "PUT",
+            &format!("/v1/agent/check/pass/service:{id}-sidecar-proxy"),
+            Value::Null,
+        )
+        .await;
+    }
+    register_many(&a, N).await;
+    let (_, spec) = wait_for(
+        &mut rx,
+        Duration::from_secs(30),
+        "caught up after the restart",
+        |s| s.identity.trust_domain == td2 && mesh_upstreams(s) == N,
+    )
+    .await;
+    assert!(
+        upstream(&spec, &format!("svc-{N}")).is_none(),
+        "gone with the old catalog"
+    );
+    Snapshot::build(spec, 2).unwrap();
+    task.abort();
+}
+
+/// (h) An agent over its per-client connection limit closes new
+/// connections before answering: that is `Error::Closed` ("closed"), told
+/// apart from an unreachable agent ("connect").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_told_apart() {
+    logs();
+    let Some(bin) = consul_bin("refused_connections_are_told_apart") else {
+        return;
+    };
+    let limit = "limits { http_max_conns_per_client = 4 }".to_string();
+    let a = Agent::start(bin, &[limit], None, false).await;
+    let idx = a
+        .admin
+        .get("/v1/catalog/services", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .index
+        .unwrap();
+    // Eight long polls at once from one client: the agent takes four.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let c = a.admin.clone();
+        set.spawn(async move {
+            c.get(
+                &format!("/v1/catalog/services?index={idx}&wait=3s"),
+                Duration::from_secs(10),
+            )
+            .await
+        });
+    }
+    let mut kinds = Vec::new();
+    while let Some(r) = set.join_next().await {
+        kinds.push(match r.unwrap() {
+            Ok(r) => format!("http {}", r.status),
+            Err(e) => {
+                eprintln!("{e:?}");
+                e.classify().to_string()
+            }
+        });
+    }
+    kinds.sort();
+    eprintln!("{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "closed"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "http 200"), "{kinds:?}");
+    assert!(
+        !kinds.iter().any(|k| k == "connect" || k == "transport"),
+        "{kinds:?}"
+    );
+
+    // An agent that is not there is unreachable, not "closed".
+    let mut opts = Options::new(
+        AgentAddr::Tcp {
+            https: false,
+            host: "127.0.0.1".into(),
+            port: free_port(),
+        },
+        web_proxy(),
+    );
+    opts.token = None;
+    let e = Client::new(&opts)
+        .unwrap()
+        .get("/v1/agent/self", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.classify(), "connect", "{e}");
+    assert!(e.is_unreachable() && !e.is_closed());
+}

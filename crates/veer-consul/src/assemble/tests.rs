@@ -33,6 +33,7 @@ fn leaf_json(ca: &veer_ca::Ca, service: &str) -> Vec<u8> {
 
 fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
     api::ConnectInstance {
+        service: format!("{id}-svc"),
         id: id.into(),
         node: "node-1".into(),
         datacenter: "dc1".into(),
@@ -54,6 +55,7 @@ fn dest(vip: &str) -> Vec<api::CatalogInstance> {
             virtual_ip: Some(vip.parse().unwrap()),
             consul_virtual: None,
         },
+        destination: String::new(),
     }]
 }
 
@@ -292,20 +294,40 @@ fn waits_for_every_wanted_service() {
 fn desired_watch_set() {
     let ca = veer_ca::Ca::new_root(TD).unwrap();
     let (s, set) = world(&ca);
+    // Transparent: two lists for the local datacenter, no watch per
+    // service; an explicit upstream in another datacenter keeps its own.
+    let mut s = s;
+    let mut remote = s.registration.as_ref().unwrap().upstreams[0].clone();
+    remote.name = "billing".into();
+    remote.datacenter = Some("dc2".into());
+    s.registration.as_mut().unwrap().upstreams.push(remote);
     let w = crate::desired_watches(&s, &set);
+    let remote = WatchKey::Connect(ServiceKey {
+        name: "billing".into(),
+        datacenter: Some("dc2".into()),
+    });
     for k in [
         WatchKey::Registration,
         WatchKey::Roots,
         WatchKey::Leaf("web".into()),
         WatchKey::Intentions,
         WatchKey::Catalog,
-        WatchKey::Connect(ServiceKey::local("cache")),
-        WatchKey::Instances(ServiceKey::local("api")),
+        WatchKey::Checks,
         WatchKey::Mesh,
+        remote.clone(),
     ] {
         assert!(w.contains(&k), "{k}");
     }
-    assert!(!w.contains(&WatchKey::Instances(ServiceKey::local("cache"))));
+    assert_eq!(w.len(), 10, "{w:?}");
+    // Not transparent: a blocking watch per explicit upstream, no lists.
+    let opaque = Settings {
+        transparent: false,
+        ..set.clone()
+    };
+    let w = crate::desired_watches(&s, &opaque);
+    assert!(w.contains(&WatchKey::Connect(ServiceKey::local("db"))));
+    assert!(w.contains(&remote));
+    assert!(!w.contains(&WatchKey::Catalog) && !w.contains(&WatchKey::Checks));
     let w0 = crate::desired_watches(&State::default(), &Settings::default());
     assert_eq!(w0.len(), 6, "before the registration: the fixed set only");
 }
@@ -441,4 +463,18 @@ fn unchanged_update_is_the_same_spec() {
         "{}",
         describe_change(Some(&c), &d)
     );
+}
+
+#[test]
+fn missing_services_are_listed_up_to_ten() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    for i in 0..15 {
+        s.catalog.as_mut().unwrap().insert(format!("x{i:02}"));
+    }
+    let m = missing(&s, &set);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].starts_with("upstream services: "), "{m:?}");
+    assert_eq!(m[0].matches(", ").count(), 10, "{m:?}");
+    assert!(m[0].ends_with(" more"), "{m:?}");
 }

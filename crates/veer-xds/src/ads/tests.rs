@@ -131,6 +131,9 @@ fn spec(source: String) -> Spec {
         timeouts: Timeouts::default(),
         source,
         expose: Vec::new(),
+        rbac: None,
+        permissive_ports: Vec::new(),
+        inbound_max_connections: None,
     }
 }
 
