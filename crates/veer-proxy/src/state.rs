@@ -194,11 +194,16 @@ impl Shared {
         for r in conns.values() {
             let d = snap.authz.evaluate(&r.source);
             if !d.allowed() {
+                let what = if snap.authz.uses_intentions() {
+                    "intentions now deny its source"
+                } else {
+                    "network RBAC now denies its source"
+                };
                 tracing::warn!(
                     source = %r.source.display_name(),
                     reason = %snap.authz.explain(&d),
                     label = d.classify(),
-                    "closing open inbound connection: the authorization now denies its source"
+                    "closing open inbound connection: {what}"
                 );
                 self.metrics.revoked.fetch_add(1, Relaxed);
                 r.revoke.notify_one();
