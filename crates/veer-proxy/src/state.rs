@@ -10,7 +10,9 @@ use veer_core::authz::Peer;
 use veer_core::snapshot::{Snapshot, SnapshotError, Spec};
 
 struct Registered {
-    source: Peer,
+    /// Shared with the connection's task (one allocation, and a small
+    /// registry entry: its table does not shrink).
+    source: Arc<Peer>,
     revoke: Arc<Notify>,
 }
 
@@ -215,7 +217,7 @@ impl Shared {
     /// Registers an open inbound connection from `source`. Register before
     /// evaluating the authorization against [`Shared::snapshot`], so that a swap
     /// racing with the check is never missed.
-    pub fn register(self: &Arc<Self>, source: Peer) -> Registration {
+    pub fn register(self: &Arc<Self>, source: Arc<Peer>) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed);
         let revoke = Arc::new(Notify::new());
         self.lock_conns().insert(
