@@ -648,6 +648,7 @@ fn upstream_presenting_another_identity_or_an_untrusted_chain_is_refused() {
         .replace("api-key.pem", "db-key.pem");
     reload(db, 1);
     let app_before = m.app.accepted();
+    let log_before = m.api.log_text().len();
     let r = echo(&m.client, &format!("{API_VIP}:80"), "to db?");
     assert!(r.as_deref().map_or(true, |o| o.is_empty()), "{r:?}");
     assert!(
@@ -667,11 +668,12 @@ fn upstream_presenting_another_identity_or_an_untrusted_chain_is_refused() {
         "the impostor's app got a connection\n{}",
         m.api.log_text()
     );
+    let after = m.api.log_text()[log_before..].to_string();
     assert!(
-        !m.api.log_text().contains("source=spiffe://"),
-        "the impostor authenticated web: {}",
-        m.api.log_text()
+        !after.contains("source=spiffe://"),
+        "the impostor authenticated web: {after}"
     );
+    assert!(after.contains("reason=alert_received"), "{after}");
 
     // A leaf for api from a CA web does not trust (the api side trusts it).
     let other = Ca::new_root(TRUST_DOMAIN).unwrap();
@@ -987,4 +989,50 @@ fn splice_fallback_and_json_logs() {
         }
     }
     assert_eq!(access, 1, "{text}");
+}
+
+/// Consul's permissive mTLS: plain TCP to a permissive port of the api's
+/// pod reaches its app; every other port still needs mTLS.
+#[test]
+fn permissive_port_is_relayed_as_plain_tcp_and_other_ports_need_mtls() {
+    need_root!("permissive_port_is_relayed_as_plain_tcp_and_other_ports_need_mtls");
+    let m = Mesh::new(&bin());
+    let plain = |port: u16, msg: &str| echo(&m.client, &format!("{SERVER_IP}:{port}"), msg);
+    // Not permissive yet: the plain connection meets the TLS listener (at
+    // most a TLS alert comes back, never the app's echo).
+    let r = plain(8080, "plain?");
+    assert!(
+        r.as_deref().map_or(true, |o| !o.contains("plain?")),
+        "{r:?}"
+    );
+    let before = m.app.accepted();
+    m.files.write(
+        "api.toml",
+        &mesh::api_config(&m.ca, "deny", &mesh::allow("web")).replace(
+            "local_app = \"127.0.0.1:8080\"\n",
+            "local_app = \"127.0.0.1:8080\"\npermissive_ports = [8080]\n",
+        ),
+    );
+    assert!(
+        m.api
+            .wait_log("configuration reloaded", Duration::from_secs(5)),
+        "{}",
+        m.api.log_text()
+    );
+    assert_eq!(plain(8080, "plain").unwrap(), "plain");
+    assert_eq!(m.app.accepted(), before + 1);
+    // Another port is not permissive: refused as not TLS.
+    let r = plain(8081, "other port?");
+    assert!(r.as_deref().map_or(true, |o| !o.contains("other")), "{r:?}");
+    let stats = support::scrape(&m.server);
+    assert!(count_reason(&stats, "not_tls") >= 2, "{stats}");
+    assert!(
+        stats.contains("veer_inbound_permissive_total{port=\"8080\"} 1"),
+        "{stats}"
+    );
+    // Mesh traffic through the VIP still goes over mTLS with intentions.
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "mesh").unwrap(),
+        "mesh"
+    );
 }

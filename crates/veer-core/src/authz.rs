@@ -253,12 +253,19 @@ impl Peer {
         }
     }
 
-    /// For logs: the SPIFFE ID, else the first URI SAN, else the subject.
+    /// For logs: the SPIFFE ID, else the first URI SAN, else the subject
+    /// (as `Display` writes it).
     pub fn display_name(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.id, self.uris.first()) {
-            (Some(id), _) => id.to_string(),
-            (None, Some(u)) => u.clone(),
-            (None, None) => self.subject.clone(),
+            (Some(id), _) => write!(f, "{id}"),
+            (None, Some(u)) => f.write_str(u),
+            (None, None) => f.write_str(&self.subject),
         }
     }
 }

@@ -109,6 +109,9 @@ struct TlsSection {
 struct InboundSection {
     bind: Option<S<String>>,
     local_app: Option<S<String>>,
+    /// Original destination ports relayed as plain TCP (permissive mTLS).
+    #[serde(default)]
+    permissive_ports: Vec<u16>,
 }
 
 #[derive(Deserialize, Default)]
@@ -703,7 +706,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         source: format!("file {}", path.display()),
         expose,
         rbac: None,
-        permissive_ports: Vec::new(),
+        permissive_ports: file.inbound.permissive_ports.clone(),
         inbound_max_connections: None,
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].

@@ -2,8 +2,9 @@
 //!
 //! A control-plane source (the TOML file today, the Consul agent next, xDS
 //! later) fills a [`Spec`] — plain data — and [`Snapshot::build`] turns it
-//! into what the listeners read per connection: rustls configurations, the
-//! intentions for this service, and the routing table. A snapshot is never
+//! into what the listeners read per connection: rustls configurations (one
+//! per upstream, with its identity check), the inbound authorization
+//! (intentions or network RBAC), and the routing table. A snapshot is never
 //! changed after it is built; the runtime swaps whole snapshots atomically.
 use crate::authz::{Authz, AuthzError, Principal, RbacRules, StringMatch};
 use crate::intentions::{Action, Intention, Intentions};
@@ -246,6 +247,8 @@ impl SnapshotError {
 /// The TLS side of a snapshot.
 pub struct TlsMaterial {
     pub server: Arc<ServerConfig>,
+    /// The base client configuration each upstream's (`Upstream::tls`) is
+    /// cloned from; it checks the chain only, so connections never use it.
     pub client: Arc<ClientConfig>,
     pub leaf: CertInfo,
     pub roots: Vec<CertInfo>,

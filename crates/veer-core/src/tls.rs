@@ -264,8 +264,10 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// The outbound TLS configuration: our leaf as client certificate, server
-/// chains verified against `roots` (identity checked by the caller).
+/// The base outbound TLS configuration: our leaf as client certificate,
+/// server chains verified against `roots`, and the session store. Every
+/// upstream's configuration is a clone of it with its own server check
+/// ([`upstream_client_config`]); connections use those, never the base.
 pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,

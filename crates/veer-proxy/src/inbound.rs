@@ -69,7 +69,9 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         // A failed lookup keeps mTLS: permissive only when known to be.
         if let Ok(orig) = net::orig_dst(&tcp) {
             if snap.permissive_ports.contains(&orig.0.port()) {
-                return plain(shared, snap, tcp, peer, orig.0.port(), started).await;
+                // Boxed: its relay's state then does not widen every
+                // inbound connection's future.
+                return Box::pin(plain(shared, snap, tcp, peer, orig.0.port(), started)).await;
             }
         }
     }
@@ -109,7 +111,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
             Err(e) => return refuse(&shared, peer, None, e.into()),
         }
     };
-    let name = source.display_name();
+    let source = Arc::new(source);
     // Register first, then decide on the current snapshot: a swap that
     // races with this check either sees the registration or is seen here.
     let reg = shared.register(source.clone());
@@ -120,11 +122,10 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         return refuse(
             &shared,
             peer,
-            Some(&name),
+            Some(&source.display_name()),
             InboundError::Denied(decision, why),
         );
     }
-    let source = name;
     let dialed = net::dial(
         EndpointAddr(snap.local_app),
         snap.timeouts.local_connect,

@@ -10,7 +10,9 @@ use veer_core::authz::Peer;
 use veer_core::snapshot::{Snapshot, SnapshotError, Spec};
 
 struct Registered {
-    source: Peer,
+    /// Shared with the connection's task (one allocation, and a small
+    /// registry entry: its table does not shrink).
+    source: Arc<Peer>,
     revoke: Arc<Notify>,
 }
 
@@ -194,11 +196,16 @@ impl Shared {
         for r in conns.values() {
             let d = snap.authz.evaluate(&r.source);
             if !d.allowed() {
+                let what = if snap.authz.uses_intentions() {
+                    "intentions now deny its source"
+                } else {
+                    "network RBAC now denies its source"
+                };
                 tracing::warn!(
                     source = %r.source.display_name(),
                     reason = %snap.authz.explain(&d),
                     label = d.classify(),
-                    "closing open inbound connection: the authorization now denies its source"
+                    "closing open inbound connection: {what}"
                 );
                 self.metrics.revoked.fetch_add(1, Relaxed);
                 r.revoke.notify_one();
@@ -210,7 +217,7 @@ impl Shared {
     /// Registers an open inbound connection from `source`. Register before
     /// evaluating the authorization against [`Shared::snapshot`], so that a swap
     /// racing with the check is never missed.
-    pub fn register(self: &Arc<Self>, source: Peer) -> Registration {
+    pub fn register(self: &Arc<Self>, source: Arc<Peer>) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed);
         let revoke = Arc::new(Notify::new());
         self.lock_conns().insert(

@@ -473,3 +473,28 @@ fn tls_configs_are_kept_across_snapshots_unless_the_material_changes() {
     assert!(!Arc::ptr_eq(&again.tls.server, &rotated.tls.server));
     assert!(!Arc::ptr_eq(&again.tls.client, &rotated.tls.client));
 }
+
+#[test]
+fn permissive_ports_are_read_and_bad_ones_name_their_line() {
+    let d = certs("api");
+    let text = GOOD.replace(
+        "local_app = \"127.0.0.1:8080\"\n",
+        "local_app = \"127.0.0.1:8080\"\npermissive_ports = [8080, 9090]\n",
+    );
+    assert_eq!(
+        parse_in(&d, &text).unwrap().spec.permissive_ports,
+        [8080, 9090]
+    );
+    assert!(parse_in(&d, GOOD).unwrap().spec.permissive_ports.is_empty());
+    let bad = GOOD.replace(
+        "local_app = \"127.0.0.1:8080\"\n",
+        "local_app = \"127.0.0.1:8080\"\npermissive_ports = [70000]\n",
+    );
+    let e = parse_in(&d, &bad).unwrap_err();
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("permissive_ports"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.line, Some(line), "{e}");
+}
