@@ -42,7 +42,7 @@ fn veer() -> PathBuf {
 fn dataplane_bootstrap(service: &str, socket: &Path, admin_port: u16) -> String {
     let golden = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/crates/veer-xds/tests/fixtures/bootstrap/dataplane-unix-socket-xds-server.golden"
+        "/crates/veer-xds/tests/fixtures/bootstrap/dataplane-28a963a/unix-socket-xds-server.json"
     ))
     .expect("dataplane golden");
     let mut b: serde_json::Value = serde_json::from_str(&golden).expect("golden JSON");
