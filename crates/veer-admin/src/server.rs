@@ -338,14 +338,19 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 
 fn ready(ctx: &Ctx) -> Response<Body> {
     let r = ctx.lifecycle.readiness(&ctx.shared);
-    if r.ready {
+    let mut resp = if r.ready {
         text(StatusCode::OK, "LIVE\n")
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{}: {}\n", r.state, r.missing.join(", ")),
         )
+    };
+    // Which sidecar answers (`veer await-ready --service`).
+    if let Ok(v) = HeaderValue::from_str(&ctx.shared.snapshot().identity.service) {
+        resp.headers_mut().insert(crate::client::SERVICE_HEADER, v);
     }
+    resp
 }
 
 fn unix_now() -> i64 {

@@ -115,6 +115,41 @@ impl ExposePath {
     }
 }
 
+/// A setting a source gave that the snapshot does not apply: veer logs one
+/// warning naming it when it first appears, counts it in
+/// `veer_unapplied_settings_total{kind}` and lists it in `/config_dump`.
+/// (Security-relevant settings veer cannot enforce are refused instead.)
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unapplied {
+    /// The setting as its source names it, e.g. `service-defaults api:
+    /// Protocol`, `Proxy.Config.envoy_tracing_json`, `inbound.bind`.
+    pub setting: String,
+    /// A bounded label for the metric: `unsupported` (not implemented yet)
+    /// or `needs_restart` (applies when veer restarts).
+    pub kind: &'static str,
+    /// What veer does instead.
+    pub detail: String,
+}
+
+impl Unapplied {
+    /// A setting veer does not implement yet.
+    pub fn unsupported(setting: impl Into<String>, detail: impl Into<String>) -> Unapplied {
+        Unapplied {
+            setting: setting.into(),
+            kind: "unsupported",
+            detail: detail.into(),
+        }
+    }
+    /// A setting that takes effect only when veer restarts.
+    pub fn needs_restart(setting: impl Into<String>, detail: impl Into<String>) -> Unapplied {
+        Unapplied {
+            setting: setting.into(),
+            kind: "needs_restart",
+            detail: detail.into(),
+        }
+    }
+}
+
 /// Everything a snapshot is built from; plain data.
 #[derive(Debug)]
 pub struct Spec {
@@ -134,6 +169,8 @@ pub struct Spec {
     pub source: String,
     /// Plain-HTTP expose paths (probe overwrite); empty when none.
     pub expose: Vec<ExposePath>,
+    /// Settings the source gave that veer does not apply (named, not dropped).
+    pub unapplied: Vec<Unapplied>,
 }
 
 impl Clone for Spec {
@@ -152,6 +189,7 @@ impl Clone for Spec {
             timeouts: self.timeouts.clone(),
             source: self.source.clone(),
             expose: self.expose.clone(),
+            unapplied: self.unapplied.clone(),
         }
     }
 }
@@ -166,6 +204,12 @@ pub enum SnapshotError {
     LeafIdentity { got: String, want: String },
     #[error("the leaf certificate does not chain to any of the roots: {0}")]
     LeafUntrusted(String),
+    #[error("the leaf certificate expired at {at}; it must be renewed")]
+    LeafExpired { at: String },
+    #[error("the leaf certificate is not valid before {from} (is the clock right?)")]
+    LeafNotYetValid { from: String },
+    #[error("the leaf certificate is a CA certificate (CA:TRUE, e.g. self-signed), not a service certificate issued by one of the roots")]
+    LeafIsCa,
     #[error("no roots")]
     NoRoots,
     #[error("virtual IP {ip} is claimed by both {first} and {second}")]
@@ -174,6 +218,31 @@ pub enum SnapshotError {
         first: String,
         second: String,
     },
+    /// A listener of the new snapshot (an upstream's `local_bind`, an
+    /// expose path) cannot bind; the snapshot is not applied.
+    #[error("{what}: cannot listen on {addr}: {error}")]
+    Listener {
+        what: String,
+        addr: SocketAddr,
+        error: String,
+    },
+}
+
+impl SnapshotError {
+    /// A bounded label for metrics.
+    pub fn classify(&self) -> &'static str {
+        match self {
+            SnapshotError::Tls(_) => "tls",
+            SnapshotError::LeafIdentity { .. } => "leaf_identity",
+            SnapshotError::LeafUntrusted(_) => "leaf_untrusted",
+            SnapshotError::LeafExpired { .. } => "leaf_expired",
+            SnapshotError::LeafNotYetValid { .. } => "leaf_not_yet_valid",
+            SnapshotError::LeafIsCa => "leaf_is_ca",
+            SnapshotError::NoRoots => "no_roots",
+            SnapshotError::DuplicateVip { .. } => "duplicate_vip",
+            SnapshotError::Listener { .. } => "listener_bind",
+        }
+    }
 }
 
 /// The TLS side of a snapshot.
@@ -205,6 +274,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub source: String,
     pub expose: Vec<ExposePath>,
+    /// Settings given but not applied ([`Unapplied`]).
+    pub unapplied: Vec<Unapplied>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -241,6 +312,8 @@ impl Snapshot {
             .chain
             .first()
             .ok_or_else(|| TlsError::NoCertificate("leaf chain".into()))?;
+        let leaf = CertInfo::parse(leaf_der).map_err(TlsError::from)?;
+        check_leaf_facts(&leaf)?;
         let got = tls::peer_identity(leaf_der).map_err(TlsError::from)?;
         if got != spec.identity {
             return Err(SnapshotError::LeafIdentity {
@@ -249,7 +322,6 @@ impl Snapshot {
             });
         }
         verify_leaf(&spec.chain, &spec.roots)?;
-        let leaf = CertInfo::parse(leaf_der).map_err(TlsError::from)?;
         let roots = spec
             .roots
             .iter()
@@ -319,6 +391,7 @@ impl Snapshot {
             timeouts: spec.timeouts,
             source: spec.source,
             expose: spec.expose,
+            unapplied: spec.unapplied,
         })
     }
 
@@ -396,12 +469,52 @@ impl Snapshot {
                 "max_connections": self.timeouts.max_connections,
             },
             "expose": expose,
+            "unapplied": self.unapplied,
         })
     }
 }
 
 fn veer_canonical_ip(ip: IpAddr) -> IpAddr {
     crate::addr::canonical(SocketAddr::new(ip, 0)).ip()
+}
+
+/// Unix seconds as `2026-01-31 12:00:00 UTC`.
+pub fn format_unix(secs: i64) -> String {
+    match x509_parser::time::ASN1Time::from_timestamp(secs) {
+        Ok(t) => {
+            let d = t.to_datetime();
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        }
+        Err(_) => format!("unix time {secs}"),
+    }
+}
+
+/// The checks whose failure deserves its own words (rather than webpki's
+/// `CaUsedAsEndEntity` or a generic "does not chain").
+fn check_leaf_facts(leaf: &CertInfo) -> Result<(), SnapshotError> {
+    if leaf.is_ca {
+        return Err(SnapshotError::LeafIsCa);
+    }
+    let now = rustls::pki_types::UnixTime::now().as_secs() as i64;
+    if leaf.not_after <= now {
+        return Err(SnapshotError::LeafExpired {
+            at: format_unix(leaf.not_after),
+        });
+    }
+    if leaf.not_before > now {
+        return Err(SnapshotError::LeafNotYetValid {
+            from: format_unix(leaf.not_before),
+        });
+    }
+    Ok(())
 }
 
 fn verify_leaf(
@@ -419,5 +532,15 @@ fn verify_leaf(
         rustls::pki_types::UnixTime::now(),
         provider.signature_verification_algorithms.all,
     )
-    .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))
+    .map_err(|e| {
+        SnapshotError::LeafUntrusted(match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                "it was issued by none of them (a self-signed certificate, the wrong CA file, or a leaf from another CA)".into()
+            }
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature) => {
+                "its signature does not verify against the root of its issuer's name (a leaf from another CA of the same name, or the wrong CA file)".into()
+            }
+            e => e.to_string(),
+        })
+    })
 }
