@@ -162,6 +162,9 @@ impl AdminServer {
                         _ = exposer.run() => {}
                         _ = stopped(&mut stop_rx) => {}
                     }
+                    // The exposer holds a handle on the tracker: dropped
+                    // first, or waiting for idle always takes STOP_WAIT.
+                    drop(exposer);
                     let _ = tokio::time::timeout(STOP_WAIT, tracker.idle()).await;
                 });
             })?;
