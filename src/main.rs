@@ -46,6 +46,12 @@ pub struct ConsulArgs {
     /// outbound listener and implicit upstreams.
     #[arg(long)]
     pub transparent: bool,
+    /// The transparent outbound listener's port (127.0.0.1 and [::1]),
+    /// over the registration's, service-defaults' and proxy-defaults'
+    /// `TransparentProxy.OutboundListenerPort` (default 15001). Use the
+    /// port given to `veer redirect-traffic -proxy-outbound-port`.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: Option<u16>,
     /// The agent's HTTP API (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500;
     /// http://, https:// or unix://).
     #[arg(long)]
@@ -234,6 +240,7 @@ fn main() -> ExitCode {
                     proxy_id: consul.proxy_id,
                     sidecar_for: consul.sidecar_for,
                     transparent: consul.transparent,
+                    outbound_port: consul.outbound_port,
                 })),
             };
             run::run(run::RunOpts {

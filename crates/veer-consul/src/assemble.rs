@@ -75,6 +75,8 @@ pub struct State {
 pub struct Settings {
     /// `--transparent`: transparent mode whatever the registration says.
     pub transparent: bool,
+    /// `--outbound-port`: over every outbound port from the agent.
+    pub outbound_port: Option<u16>,
     /// [`Spec::source`].
     pub source: String,
 }
@@ -458,8 +460,9 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         });
     }
 
-    let outbound_port = reg
+    let outbound_port = settings
         .outbound_port
+        .or(reg.outbound_port)
         .or_else(|| {
             sd.get(&reg.destination_service)
                 .and_then(|d| d.outbound_port)

@@ -123,6 +123,9 @@ pub struct Flags {
     /// implicit upstreams even when the registration does not say
     /// `Mode: transparent` (Consul 1.8.7 has no such field).
     pub transparent: bool,
+    /// `--outbound-port`: the transparent outbound listener's port, over
+    /// `TransparentProxy.OutboundListenerPort` (which Consul < 1.10 lacks).
+    pub outbound_port: Option<u16>,
 }
 
 /// Everything [`ConsulSource`](crate::ConsulSource) needs.
@@ -149,6 +152,8 @@ pub struct Options {
     pub target: ProxyTarget,
     /// See [`Flags::transparent`].
     pub transparent: bool,
+    /// See [`Flags::outbound_port`].
+    pub outbound_port: Option<u16>,
     /// The blocking-query `wait` (Consul's default and ours: 5 minutes).
     pub wait: Duration,
 }
@@ -167,6 +172,7 @@ impl std::fmt::Debug for Options {
             .field("partition", &self.partition)
             .field("target", &self.target)
             .field("transparent", &self.transparent)
+            .field("outbound_port", &self.outbound_port)
             .field("wait", &self.wait)
             .finish()
     }
@@ -188,6 +194,7 @@ impl Options {
             partition: None,
             target,
             transparent: false,
+            outbound_port: None,
             wait: Duration::from_secs(300),
         }
     }
@@ -295,6 +302,7 @@ impl Options {
             partition: env("CONSUL_PARTITION"),
             target,
             transparent: flags.transparent,
+            outbound_port: flags.outbound_port,
             wait: Duration::from_secs(300),
         })
     }

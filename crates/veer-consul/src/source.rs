@@ -98,6 +98,7 @@ impl ConsulSource {
             client,
             settings: Settings {
                 transparent: opts.transparent,
+                outbound_port: opts.outbound_port,
                 source: String::new(),
             },
             opts,

@@ -120,6 +120,7 @@ fn world(ca: &veer_ca::Ca) -> (State, Settings) {
         s,
         Settings {
             transparent: true,
+            outbound_port: None,
             source: "consul test".into(),
         },
     )
@@ -499,4 +500,20 @@ fn unapplied_settings_are_named() {
         .iter()
         .any(|u| u.setting == "service-defaults web: Protocol = \"http\""
             && u.detail.starts_with("inbound to web")));
+}
+
+#[test]
+fn outbound_port_flag_wins() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (s, mut set) = world(&ca);
+    assert_eq!(
+        assemble(&s, &set).unwrap().spec.listen.outbound[0].port(),
+        15001
+    );
+    set.outbound_port = Some(15099);
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert_eq!(
+        spec.listen.outbound,
+        vec![sa("127.0.0.1:15099"), sa("[::1]:15099")]
+    );
 }
