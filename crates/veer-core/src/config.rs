@@ -622,19 +622,6 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
             &cx.opt_name(&u.datacenter, &k("datacenter"), &identity.datacenter)?,
             &cx.name(&u.name, &k("name"))?,
         );
-        if let Some(j) = upstreams
-            .iter()
-            .position(|o: &UpstreamSpec| o.identity == id)
-        {
-            return Err(cx.err(
-                u.name.span(),
-                k("name"),
-                format!(
-                    "{:?} is already upstreams[{j}] (one [[upstreams]] entry per service)",
-                    u.name.get_ref()
-                ),
-            ));
-        }
         let mut spec = UpstreamSpec::new(id);
         if let Some(p) = &u.protocol {
             spec.protocol = Protocol::parse(p.get_ref()).ok_or_else(|| {
@@ -700,6 +687,23 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 span,
                 k("endpoints"),
                 "an upstream reached by virtual IP or local_bind needs endpoints",
+            ));
+        }
+        // One entry per service is reached by virtual IP or dialed
+        // directly; further ones may only add listeners (as Consul's
+        // several explicit upstreams of one service).
+        let routed = |o: &UpstreamSpec| !o.virtual_ips.is_empty() || o.dialed_directly;
+        if let Some(j) = upstreams
+            .iter()
+            .position(|o: &UpstreamSpec| o.identity == spec.identity && routed(o) && routed(&spec))
+        {
+            return Err(cx.err(
+                u.name.span(),
+                k("name"),
+                format!(
+                    "{:?} is already upstreams[{j}]; a further entry for one service may only add a local_bind (no virtual_ips or dialed_directly)",
+                    u.name.get_ref()
+                ),
             ));
         }
         upstreams.push(spec);

@@ -487,7 +487,7 @@ fn issue15_refusals_name_file_line_and_key() {
             format!("{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"),
             "upstreams[3].name",
             "name = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]",
-            "already upstreams[0]",
+            "already upstreams[0]; a further entry for one service may only add a local_bind",
         ),
         (
             GOOD.replace("instances = [\"10.77.0.5\", \"10.77.0.6\"]", "instances = [\"10.77.0.5\", \"10.96.0.20\"]"),
@@ -555,6 +555,16 @@ fn issue15_refusals_name_file_line_and_key() {
             assert!(e.line.is_some(), "{shown}");
         }
     }
+}
+
+#[test]
+fn a_further_entry_for_one_service_may_add_a_listener() {
+    let d = certs("api");
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]\n"
+    );
+    let l = parse_in(&d, &text).unwrap();
+    assert_eq!(l.spec.upstreams.len(), 4);
 }
 
 #[test]
