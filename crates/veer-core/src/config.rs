@@ -608,7 +608,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
     };
 
     // [[upstreams]]
-    let mut upstreams = Vec::new();
+    let mut upstreams: Vec<UpstreamSpec> = Vec::new();
     let mut binds: Vec<SocketAddr> = vec![inbound];
     binds.extend(outbound.iter().copied());
     for (i, u) in file.upstreams.iter().enumerate() {
@@ -689,19 +689,31 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream reached by virtual IP or local_bind needs endpoints",
             ));
         }
-        // One entry per service is reached by virtual IP or dialed
-        // directly; further ones may only add listeners (as Consul's
-        // several explicit upstreams of one service).
-        let routed = |o: &UpstreamSpec| !o.virtual_ips.is_empty() || o.dialed_directly;
-        if let Some(j) = upstreams
-            .iter()
-            .position(|o: &UpstreamSpec| o.identity == spec.identity && routed(o) && routed(&spec))
-        {
+        // Several entries may name one service (say, one with virtual IPs,
+        // one dialed directly, and listeners), but each way in only once.
+        let clash_with = upstreams.iter().enumerate().find_map(|(j, o)| {
+            if o.identity != spec.identity {
+                None
+            } else if !o.virtual_ips.is_empty() && !spec.virtual_ips.is_empty() {
+                Some((
+                    j,
+                    "virtual_ips; list all of a service's virtual IPs in one entry",
+                ))
+            } else if o.dialed_directly && spec.dialed_directly {
+                Some((
+                    j,
+                    "dialed_directly; list all of a service's instances in one entry",
+                ))
+            } else {
+                None
+            }
+        });
+        if let Some((j, what)) = clash_with {
             return Err(cx.err(
                 u.name.span(),
                 k("name"),
                 format!(
-                    "{:?} is already upstreams[{j}]; a further entry for one service may only add a local_bind (no virtual_ips or dialed_directly)",
+                    "{:?} is already upstreams[{j}] with {what}",
                     u.name.get_ref()
                 ),
             ));

@@ -487,7 +487,7 @@ fn issue15_refusals_name_file_line_and_key() {
             format!("{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"),
             "upstreams[3].name",
             "name = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]",
-            "already upstreams[0]; a further entry for one service may only add a local_bind",
+            "already upstreams[0] with virtual_ips",
         ),
         (
             GOOD.replace("instances = [\"10.77.0.5\", \"10.77.0.6\"]", "instances = [\"10.77.0.5\", \"10.96.0.20\"]"),
