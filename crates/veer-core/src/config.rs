@@ -689,24 +689,16 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream reached by virtual IP or local_bind needs endpoints",
             ));
         }
-        // Several entries may name one service (say, one with virtual IPs,
-        // one dialed directly, and listeners), but each way in only once.
+        // Several entries may name one service (virtual IPs with their own
+        // endpoints, a dialed-directly entry, listeners); a virtual IP or a
+        // listener address is claimed once (checked elsewhere), and so is
+        // dialing the service directly: a second entry would be a second,
+        // conflicting list of its instances (or an exact duplicate).
         let clash_with = upstreams.iter().enumerate().find_map(|(j, o)| {
-            if o.identity != spec.identity {
-                None
-            } else if !o.virtual_ips.is_empty() && !spec.virtual_ips.is_empty() {
-                Some((
-                    j,
-                    "virtual_ips; list all of a service's virtual IPs in one entry",
-                ))
-            } else if o.dialed_directly && spec.dialed_directly {
-                Some((
-                    j,
-                    "dialed_directly; list all of a service's instances in one entry",
-                ))
-            } else {
-                None
-            }
+            (o.identity == spec.identity && o.dialed_directly && spec.dialed_directly).then_some((
+                j,
+                "dialed_directly; list all of a service's instances in one entry",
+            ))
         });
         if let Some((j, what)) = clash_with {
             return Err(cx.err(

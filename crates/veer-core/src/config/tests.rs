@@ -484,10 +484,10 @@ fn issue15_refusals_name_file_line_and_key() {
     // (config, key, a text on the line reported, words the message must have)
     let cases: Vec<(String, &str, &str, &str)> = vec![
         (
-            format!("{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"),
+            format!("{GOOD}\n[[upstreams]]\nname = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]\n"),
             "upstreams[3].name",
-            "name = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]",
-            "already upstreams[0] with virtual_ips",
+            "name = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]",
+            "already upstreams[1] with dialed_directly",
         ),
         (
             GOOD.replace("instances = [\"10.77.0.5\", \"10.77.0.6\"]", "instances = [\"10.77.0.5\", \"10.96.0.20\"]"),
@@ -565,6 +565,16 @@ fn a_further_entry_for_one_service_may_add_a_listener() {
     );
     let l = parse_in(&d, &text).unwrap();
     assert_eq!(l.spec.upstreams.len(), 4);
+    // And its own virtual IPs with their own endpoints.
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    assert_eq!(parse_in(&d, &text).unwrap().spec.upstreams.len(), 4);
+    // But not one of the first entry's.
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.20\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    assert!(parse_in(&d, &text).is_err());
 }
 
 #[test]
