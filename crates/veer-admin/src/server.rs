@@ -4,7 +4,7 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `GET /ready` | `200 LIVE` when ready; `503 PRE_INITIALIZING` / `503 DRAINING` |
+//! | `GET /ready` | `200 LIVE` when ready; `503 PRE_INITIALIZING` / `503 LEAF_EXPIRED` / `503 DRAINING`; header `veer-service: <service>` |
 //! | `GET /stats/prometheus`, `GET /metrics` | metrics, Prometheus text format |
 //! | `GET /config_dump` | the current snapshot as JSON (no private keys) |
 //! | `POST /drain` (alias `POST /drain_listeners`) | stop accepting inbound; outbound keeps serving |
