@@ -72,13 +72,8 @@ fn reload(config: &Path, shared: &Shared, forced: bool) -> Option<Vec<PathBuf>> 
             None
         }
         Ok(l) => {
-            let old = shared.snapshot();
-            if l.spec.listen != old.listen {
-                tracing::warn!(
-                    "listener addresses changed in {}; they apply at the next restart",
-                    config.display()
-                );
-            }
+            // A change of listen addresses is kept for the next restart and
+            // named (log, metric, /config_dump) by Shared::apply.
             match shared.apply(l.spec) {
                 Ok(s) => {
                     tracing::info!(version = s.version, leaf_serial = %s.tls.leaf.serial, "configuration reloaded ({why})")

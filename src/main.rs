@@ -48,6 +48,12 @@ pub struct ConsulArgs {
     /// outbound listener and implicit upstreams.
     #[arg(long)]
     pub transparent: bool,
+    /// The transparent outbound listener's port (127.0.0.1 and [::1]),
+    /// over the registration's, service-defaults' and proxy-defaults'
+    /// `TransparentProxy.OutboundListenerPort` (default 15001). Use the
+    /// port given to `veer redirect-traffic -proxy-outbound-port`.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: Option<u16>,
     /// The agent's HTTP API (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500;
     /// http://, https:// or unix://).
     #[arg(long)]
@@ -72,13 +78,13 @@ enum Cmd {
     /// Run the sidecar.
     Run {
         /// The TOML configuration file (the static source).
-        #[arg(long, short, required_unless_present_any = ["proxy_id", "sidecar_for"], conflicts_with_all = ["proxy_id", "sidecar_for"])]
+        #[arg(long, short, conflicts_with_all = ["proxy_id", "sidecar_for"])]
         config: Option<PathBuf>,
         #[command(flatten)]
         consul: Box<ConsulArgs>,
-        /// Worker threads of the data plane.
-        #[arg(long, default_value_t = 2)]
-        concurrency: usize,
+        /// Worker threads of the data plane (at least 1).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
         /// On SIGTERM or POST /quitquitquit: stop accepting inbound, keep
         /// outbound serving, and wait up to this long for open connections
         /// before exiting 0. A second SIGTERM, or SIGINT, exits at once.
@@ -107,9 +113,15 @@ enum Cmd {
     /// application entrypoints: `veer await-ready && exec my-app`.
     #[command(name = "await-ready")]
     AwaitReady {
-        /// The admin endpoint of the veer to wait for.
-        #[arg(long, env = "VEER_ADMIN_ADDR", default_value = AdminBind::DEFAULT)]
+        /// The admin endpoint of the veer to wait for (HOST:PORT, e.g.
+        /// 127.0.0.1:19000 or localhost:19000).
+        #[arg(long, env = "VEER_ADMIN_ADDR", default_value = AdminBind::DEFAULT, value_parser = parse_host_port)]
         admin: std::net::SocketAddr,
+        /// Only a veer serving this service counts as ready (its `/ready`
+        /// names the service in the `veer-service` header), so that another
+        /// sidecar's admin endpoint on the same address is not taken for it.
+        #[arg(long)]
+        service: Option<String>,
         /// Give up (exit 1) after this long.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
@@ -119,6 +131,7 @@ enum Cmd {
     },
     /// Check a configuration file (and the files it names) without starting anything.
     Validate {
+        /// The TOML configuration file to check (as `veer run --config`).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -150,6 +163,25 @@ enum Cmd {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     veer_core::duration::parse(s)
 }
+
+/// `HOST:PORT`, the host an IP or a name (resolved; the first address).
+fn parse_host_port(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// What `veer run` says when no source is given.
+const NO_SOURCE: &str = "veer run needs a source of configuration, one of:
+  --config FILE                  a TOML file (see `veer validate --config FILE`)
+  --proxy-id ID / --sidecar-for SERVICE_ID
+                                 the local Consul agent (CONSUL_HTTP_ADDR, default 127.0.0.1:8500)
+  Envoy's --config-path/--config-yaml (xDS, as consul-dataplane and `consul connect envoy` start it)";
 
 fn parse_admin_bind(s: &str) -> Result<AdminBind, String> {
     AdminBind::parse(s)
@@ -212,6 +244,10 @@ fn main() -> ExitCode {
             prometheus_bind,
             log,
         } => {
+            if config.is_none() && consul.proxy_id.is_none() && consul.sidecar_for.is_none() {
+                eprintln!("veer: {NO_SOURCE}");
+                return ExitCode::from(2);
+            }
             init_logs(&log);
             let source = match config {
                 Some(path) => run::Source::File(path),
@@ -224,11 +260,12 @@ fn main() -> ExitCode {
                     sidecar_for: consul.sidecar_for,
                     transparent: consul.transparent,
                     max_reads: Some(consul.consul_max_reads),
+                    outbound_port: consul.outbound_port,
                 })),
             };
             run::run(run::RunOpts {
                 source,
-                threads: concurrency.max(1),
+                threads: usize::from(concurrency),
                 grace: shutdown_grace_period,
                 min_wait: shutdown_min_wait,
                 admin_bind,
@@ -237,9 +274,10 @@ fn main() -> ExitCode {
         }
         Cmd::AwaitReady {
             admin,
+            service,
             timeout,
             interval,
-        } => match veer_admin::client::await_ready(admin, timeout, interval) {
+        } => match veer_admin::client::await_ready(admin, service.as_deref(), timeout, interval) {
             Ok(took) => {
                 eprintln!("veer: ready (after {} ms)", took.as_millis());
                 ExitCode::SUCCESS

@@ -48,42 +48,27 @@ pub struct RunOpts {
 }
 
 /// The admin addresses: the command line over the file over the defaults.
-/// Returns them and whether the admin address was chosen explicitly.
-fn admin_addrs(file: &AdminSpec, opts: &RunOpts) -> (AdminAddrs, bool) {
+fn admin_addrs(file: &AdminSpec, opts: &RunOpts) -> AdminAddrs {
     let admin = opts.admin_bind.unwrap_or(file.bind);
     let prometheus = match opts.prometheus_bind {
         Some(b) => b.addr().filter(|_| b != AdminBind::Default),
         None => file.prometheus_bind,
     };
-    (
-        AdminAddrs {
-            admin: admin.addr(),
-            prometheus,
-        },
-        admin != AdminBind::Default,
-    )
+    AdminAddrs {
+        admin: admin.addr(),
+        prometheus,
+    }
 }
 
-/// Starts the admin thread. When the admin address is only the default and
-/// it is taken (another sidecar in the same network namespace), veer runs
-/// without it rather than not at all; an address asked for explicitly must
-/// bind.
-fn start_admin(
-    addrs: AdminAddrs,
-    explicit: bool,
-    shared: &Arc<Shared>,
-    lifecycle: &Arc<Lifecycle>,
-) -> std::io::Result<AdminServer> {
-    match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
-        Err(e) if !explicit && addrs.admin.is_some() && e.to_string().starts_with("admin ") => {
-            tracing::error!(error = %e, "default admin endpoint not started (set --admin-bind or [admin] bind)");
-            let without = AdminAddrs {
-                admin: None,
-                ..addrs
-            };
-            AdminServer::start(without, shared.clone(), lifecycle.clone())
-        }
-        r => r,
+/// What to tell an operator whose admin (or Prometheus) address is taken.
+fn admin_clash(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "{e}; is another sidecar's admin endpoint there? Give each sidecar its own \
+             --admin-bind (VEER_ADMIN_BIND, [admin] bind) or \"\" to turn it off"
+        )
+    } else {
+        e.to_string()
     }
 }
 
@@ -184,18 +169,14 @@ pub fn run(opts: RunOpts) -> ExitCode {
                     "waiting for the first complete configuration from the Consul agent"
                 );
                 // Until then /ready answers 503 rather than refusing.
-                let (addrs, explicit) = admin_addrs(&AdminSpec::default(), &opts);
+                let addrs = admin_addrs(&AdminSpec::default(), &opts);
                 let pre = match PreInitAdmin::start(
                     addrs,
                     "waiting for the first complete configuration from the Consul agent",
                 ) {
                     Ok(p) => Some(p),
-                    Err(e) if !explicit => {
-                        tracing::warn!(error = %e, "admin endpoint not served while waiting for Consul");
-                        None
-                    }
                     Err(e) => {
-                        eprintln!("veer: {e}");
+                        eprintln!("veer: {}", admin_clash(&e));
                         return ExitCode::FAILURE;
                     }
                 };
@@ -227,7 +208,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
             (Source::File(_), None) => unreachable!("a file source is loaded above"),
             (Source::Xds(_), _) => unreachable!("run by xds_source::run"),
         };
-        let (addrs, explicit) = admin_addrs(&admin_spec, &opts);
+        let addrs = admin_addrs(&admin_spec, &opts);
         let shared = match Shared::new(spec) {
             Ok(s) => s,
             Err(e) => {
@@ -240,20 +221,24 @@ pub fn run(opts: RunOpts) -> ExitCode {
             lifecycle.set_control_plane(Arc::new(ConsulStatus(source.status())));
         }
         lifecycle.set_snapshot_applied();
-        let admin = match start_admin(addrs, explicit, &shared, &lifecycle) {
+        // A taken admin address is an error, as with Envoy: running on
+        // without it would let `veer await-ready` and probes reach another
+        // sidecar's admin endpoint and take it for this one.
+        let admin = match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("veer: {e}");
+                eprintln!("veer: {what}: {}", admin_clash(&e));
                 return ExitCode::FAILURE;
             }
         };
         let listeners = match Listeners::start(shared.clone()).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("veer: {e}");
+                eprintln!("veer: {what}: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        tokio::spawn(Lifecycle::watch_leaf(shared.clone()));
         lifecycle.set_listeners_bound();
         announce_ready(&shared, &lifecycle, &admin);
         match follow {

@@ -399,3 +399,142 @@ fn acl_default_deny_is_honoured_with_a_token() {
     assert!(w.app.accepted() >= 1);
     let _ = &w.plain;
 }
+
+/// `GET path` on 127.0.0.1:`port`: (status, body).
+fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// Issue 15, with the agent's own TCP checker (as Consul's default
+/// "Connect Sidecar Listening" check, every second instead of ten) against
+/// a sidecar on loopback: probes are counted apart and logged at debug;
+/// the registration's Envoy escape hatch and HTTP protocol are named once
+/// (log, metric, /config_dump); SIGHUP refetches and says so.
+#[test]
+fn consul_tcp_check_is_a_quiet_probe_and_unapplied_settings_are_named() {
+    let Some(agent) = agent_or_skip(
+        "consul_tcp_check_is_a_quiet_probe_and_unapplied_settings_are_named",
+        &[],
+    ) else {
+        return;
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (inbound, app, admin) = (port(), port(), port());
+    let body = format!(
+        r#"{{"Name":"probe","ID":"probe","Address":"127.0.0.1","Port":{app},"Connect":{{"SidecarService":{{"Port":{inbound},"Checks":[{{"Name":"Connect Sidecar Listening","TCP":"127.0.0.1:{inbound}","Interval":"1s"}}],"Proxy":{{"LocalServiceAddress":"127.0.0.1","LocalServicePort":{app},"Config":{{"protocol":"http","envoy_tracing_json":"{{}}"}}}}}}}}}}"#
+    );
+    agent.call("PUT", "/v1/agent/service/register", Some(&body));
+    let files = TempDir::new("veer-consul-probe-");
+    let log = files.join("veer.log");
+    let child = std::process::Command::new(bin())
+        .args(["run", "--proxy-id", "probe-sidecar-proxy"])
+        .args(["--admin-bind", &format!("127.0.0.1:{admin}")])
+        .env("CONSUL_HTTP_ADDR", &agent.addr)
+        .env("VEER_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    {
+        let k = Kill(child);
+        let text = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            until(Duration::from_secs(20), || get(admin, "/ready").0 == 200),
+            "{}",
+            text()
+        );
+        // Three probes from the agent's TCP checker, and the check passes.
+        assert!(
+            until(Duration::from_secs(10), || sample(
+                &get(admin, "/stats/prometheus").1,
+                "veer_inbound_probes_total"
+            ) >= 3),
+            "{}",
+            get(admin, "/stats/prometheus").1
+        );
+        let checks = agent.call("GET", "/v1/agent/checks", None);
+        assert!(
+            checks.replace(' ', "").contains("\"Status\":\"passing\""),
+            "{checks}"
+        );
+        let m = get(admin, "/stats/prometheus").1;
+        assert!(!m.contains("veer_inbound_handshake_failures_total{"), "{m}");
+        assert!(!text().contains("inbound connection refused"), "{}", text());
+
+        // Named once each: log, metric, dump.
+        assert_eq!(
+            sample(&m, "veer_unapplied_settings_total{kind=\"unsupported\"}"),
+            2,
+            "{m}"
+        );
+        let log_text = text();
+        for setting in [
+            "Proxy.Config.envoy_tracing_json",
+            "Proxy.Config.protocol = \"http\"",
+        ] {
+            assert_eq!(
+                log_text
+                    .matches(&format!("setting not applied: {setting}"))
+                    .count(),
+                1,
+                "{log_text}"
+            );
+        }
+        let dump = get(admin, "/config_dump").1;
+        assert!(dump.contains("Proxy.Config.envoy_tracing_json"), "{dump}");
+
+        // SIGHUP: refetches everything, says so, warns nothing again.
+        unsafe {
+            libc::kill(k.0.id() as i32, libc::SIGHUP);
+        }
+        assert!(
+            until(Duration::from_secs(5), || text()
+                .contains("SIGHUP: refetching")),
+            "{}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(get(admin, "/ready").0, 200);
+        assert_eq!(
+            text().matches("setting not applied").count(),
+            2,
+            "{}",
+            text()
+        );
+    }
+}

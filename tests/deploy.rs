@@ -178,3 +178,33 @@ fn systemd_unit_commands_work_for_real() {
     let rules = nat(&ns);
     assert!(!rules.contains("CONSUL_PROXY"), "{rules}");
 }
+
+/// The Consul-mode unit (issue 15): its command lines are ones this veer
+/// accepts (every flag known: `--help` after them exits 0), and it is the
+/// same kind of unit as the TOML one (notify, unprivileged, SIGHUP reload).
+#[test]
+fn consul_mode_systemd_unit_command_lines_are_accepted() {
+    let unit = read("deploy/systemd/veer-consul.service");
+    assert_eq!(key(&unit, "Type"), "notify");
+    assert_eq!(key(&unit, "User"), "veer");
+    assert_eq!(key(&unit, "ExecReload"), "/bin/kill -HUP $MAINPID");
+    for k in ["ExecStartPre", "ExecStart"] {
+        let argv = command_line(&unit, k);
+        let out = Command::new(bin())
+            .args(&argv[1..])
+            .arg(if argv[1] == "redirect-traffic" {
+                "-h"
+            } else {
+                "--help"
+            })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{k}: {argv:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let start = command_line(&unit, "ExecStart");
+    assert!(start.contains(&"--sidecar-for".to_string()), "{start:?}");
+}

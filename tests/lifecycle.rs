@@ -372,31 +372,33 @@ fn sd_notify_ready_then_stopping() {
     assert!(status.success());
 }
 
+/// Issue 15: a taken admin address is fatal, the default one too (a second
+/// sidecar on the same host): running on without an admin endpoint let
+/// `veer await-ready` and probes reach the other sidecar's.
 #[test]
-fn default_admin_address_taken_is_not_fatal_an_explicit_one_is() {
-    need_root!("default_admin_address_taken_is_not_fatal_an_explicit_one_is");
+fn a_taken_admin_address_is_fatal_the_default_one_too() {
+    need_root!("a_taken_admin_address_is_fatal_the_default_one_too");
     let s = solo();
     // Something else (another proxy) already has 127.0.0.1:19000.
     let taken =
         s.ns.run(|| std::net::TcpListener::bind("127.0.0.1:19000"))
             .unwrap();
-    let v = s.start(&[]);
-    assert!(
-        v.log_text().contains("default admin endpoint not started"),
-        "{}",
-        v.log_text()
-    );
-    drop(v);
     let cfg = s.files.join("api.toml");
-    let out =
-        s.ns.command(bin())
-            .args(["run", "--admin-bind", "127.0.0.1:19000", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("admin listener 127.0.0.1:19000"), "{err}");
+    for extra in [&[][..], &["--admin-bind", "127.0.0.1:19000"][..]] {
+        let out =
+            s.ns.command(bin())
+                .arg("run")
+                .args(extra)
+                .arg("--config")
+                .arg(&cfg)
+                .output()
+                .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("admin listener 127.0.0.1:19000"), "{err}");
+        assert!(err.contains("--admin-bind"), "{err}");
+        assert!(!err.contains("veer ready"), "{err}");
+    }
     drop(taken);
 }
 

@@ -16,6 +16,18 @@ pub async fn request(
     path: &str,
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
+    request_with_headers(addr, method, path, timeout)
+        .await
+        .map(|(s, _, b)| (s, b))
+}
+
+/// Like [`request`], with the response headers.
+pub async fn request_with_headers(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(u16, hyper::HeaderMap, String)> {
     let fut = async {
         let tcp = TcpStream::connect(addr).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -32,24 +44,30 @@ pub async fn request(
             .map_err(io::Error::other)?;
         let resp = sender.send_request(req).await.map_err(io::Error::other)?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(io::Error::other)?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
 }
 
+/// The `/ready` response header naming the service a veer serves.
+pub const SERVICE_HEADER: &str = "veer-service";
+
 /// Polls `GET /ready` on the admin endpoint `addr` every `interval` until
 /// it answers 200 (returns how long that took) or `timeout` passes (returns
-/// the last answer or error).
+/// the last answer or error). With `service`, a 200 counts only when the
+/// `veer-service` header names that service.
 pub fn await_ready(
     addr: SocketAddr,
+    service: Option<&str>,
     timeout: Duration,
     interval: Duration,
 ) -> Result<Duration, String> {
@@ -63,9 +81,20 @@ pub fn await_ready(
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let per_try = left.clamp(Duration::from_millis(1), Duration::from_secs(1));
-            let last = match request(addr, Method::GET, "/ready", per_try).await {
-                Ok((200, _)) => return Ok(start.elapsed()),
-                Ok((code, body)) => format!("{code} {}", body.trim()),
+            let last = match request_with_headers(addr, Method::GET, "/ready", per_try).await {
+                Ok((200, h, body)) => {
+                    let got = h.get(SERVICE_HEADER).and_then(|v| v.to_str().ok());
+                    match service {
+                        None => return Ok(start.elapsed()),
+                        Some(want) if got == Some(want) => return Ok(start.elapsed()),
+                        Some(want) => format!(
+                            "200 {} from a sidecar of {:?}, not of {want:?}",
+                            body.trim(),
+                            got.unwrap_or("(unnamed)")
+                        ),
+                    }
+                }
+                Ok((code, _, body)) => format!("{code} {}", body.trim()),
                 Err(e) => e.to_string(),
             };
             if tokio::time::Instant::now() + interval > deadline {

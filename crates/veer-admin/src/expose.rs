@@ -132,14 +132,21 @@ impl Exposer {
         });
         for (addr, routes) in want {
             if let Err(e) = self.bind(addr, routes) {
+                self.shared
+                    .metrics
+                    .count("listener_bind_failures_total", "listener", "expose");
                 tracing::error!(%addr, error = %e, "cannot bind expose listener");
             }
         }
     }
 
     fn bind(&mut self, addr: SocketAddr, routes: Vec<(String, u16)>) -> io::Result<SocketAddr> {
-        let std = std::net::TcpListener::bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("expose listener {addr}: {e}")))?;
+        // Bound by `Shared::apply` ahead of the swap, or now (start-up).
+        let std = match self.shared.take_prebound(addr) {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("expose listener {addr}: {e}")))?,
+        };
         std.set_nonblocking(true)?;
         let l = TcpListener::from_std(std)?;
         let local = l.local_addr()?;

@@ -110,7 +110,9 @@ pub enum Exit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Readiness {
     pub ready: bool,
-    /// `LIVE`, `PRE_INITIALIZING` or `DRAINING` (Envoy's server states).
+    /// `LIVE`, `PRE_INITIALIZING` or `DRAINING` (Envoy's server states),
+    /// or `LEAF_EXPIRED` (serving, but the leaf certificate ran out and no
+    /// new one has arrived).
     pub state: &'static str,
     /// What is missing, when not ready.
     pub missing: Vec<String>,
@@ -220,6 +222,7 @@ impl Lifecycle {
             };
         }
         let mut missing = Vec::new();
+        let mut expired = false;
         if !self.listeners_bound.load(SeqCst) {
             missing.push("listeners not bound".to_string());
         }
@@ -231,17 +234,55 @@ impl Lifecycle {
                 missing.push("no CA roots".to_string());
             }
             if snap.tls.leaf.not_after <= unix_now() {
-                missing.push("leaf certificate expired".to_string());
+                expired = true;
+                missing.push(format!(
+                    "leaf certificate {} expired at {}",
+                    snap.tls.leaf.serial,
+                    veer_core::snapshot::format_unix(snap.tls.leaf.not_after)
+                ));
             }
         }
+        let state = if missing.is_empty() {
+            "LIVE"
+        } else if expired && missing.len() == 1 {
+            "LEAF_EXPIRED"
+        } else {
+            "PRE_INITIALIZING"
+        };
         Readiness {
             ready: missing.is_empty(),
-            state: if missing.is_empty() {
-                "LIVE"
-            } else {
-                "PRE_INITIALIZING"
-            },
+            state,
             missing,
+        }
+    }
+
+    /// Logs one error and counts `veer_leaf_expired_total` when the leaf in
+    /// use expires (`/ready` then answers `503 LEAF_EXPIRED`); runs until
+    /// the process ends. A new snapshot with a fresh leaf ends the episode.
+    pub async fn watch_leaf(shared: Arc<Shared>) {
+        let mut rx = shared.subscribe();
+        let mut reported: Option<String> = None;
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            let left = snap.tls.leaf.not_after - unix_now();
+            if left <= 0 && reported.as_deref() != Some(snap.tls.leaf.serial.as_str()) {
+                reported = Some(snap.tls.leaf.serial.clone());
+                shared.metrics.count_labels("leaf_expired_total", &[]);
+                tracing::error!(
+                    serial = %snap.tls.leaf.serial,
+                    not_after = %veer_core::snapshot::format_unix(snap.tls.leaf.not_after),
+                    "the leaf certificate expired; inbound and outbound mTLS fail and /ready answers 503 until a new one is applied"
+                );
+            }
+            let wait = if left > 0 {
+                Duration::from_secs(left as u64)
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `GET /ready` | `200 LIVE` when ready; `503 PRE_INITIALIZING` / `503 DRAINING` |
+//! | `GET /ready` | `200 LIVE` when ready; `503 PRE_INITIALIZING` / `503 LEAF_EXPIRED` / `503 DRAINING`; header `veer-service: <service>` |
 //! | `GET /stats/prometheus`, `GET /metrics` | metrics, Prometheus text format |
 //! | `GET /config_dump` | the current snapshot as JSON (no private keys) |
 //! | `POST /drain` (alias `POST /drain_listeners`) | stop accepting inbound; outbound keeps serving |
@@ -171,6 +171,9 @@ impl AdminServer {
                         _ = exposer.run() => {}
                         _ = stopped(&mut stop_rx) => {}
                     }
+                    // The exposer holds a handle on the tracker: dropped
+                    // first, or waiting for idle always takes STOP_WAIT.
+                    drop(exposer);
                     let _ = tokio::time::timeout(STOP_WAIT, tracker.idle()).await;
                 });
             })?;
@@ -374,7 +377,7 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 
 fn ready(ctx: &Ctx) -> Response<Body> {
     let r = ctx.lifecycle.readiness(&ctx.shared);
-    if r.ready {
+    let mut resp = if r.ready {
         match ctx.lifecycle.control_plane() {
             None => text(StatusCode::OK, "LIVE\n"),
             Some(cp) => text(StatusCode::OK, format!("LIVE\n{}\n", describe(&cp))),
@@ -384,7 +387,12 @@ fn ready(ctx: &Ctx) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{}: {}\n", r.state, r.missing.join(", ")),
         )
+    };
+    // Which sidecar answers (`veer await-ready --service`).
+    if let Ok(v) = HeaderValue::from_str(&ctx.shared.snapshot().identity.service) {
+        resp.headers_mut().insert(crate::client::SERVICE_HEADER, v);
     }
+    resp
 }
 
 /// One line about the control plane's view, for `/ready`.

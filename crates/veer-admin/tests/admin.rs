@@ -540,7 +540,13 @@ fn await_ready_waits_for_ready_and_times_out() {
     )
     .unwrap();
     let a = admin.admin.unwrap();
-    let err = await_ready(a, Duration::from_millis(300), Duration::from_millis(50)).unwrap_err();
+    let err = await_ready(
+        a,
+        None,
+        Duration::from_millis(300),
+        Duration::from_millis(50),
+    )
+    .unwrap_err();
     assert!(err.contains("503 PRE_INITIALIZING"), "{err}");
     let lc2 = lc.clone();
     std::thread::spawn(move || {
@@ -548,11 +554,17 @@ fn await_ready_waits_for_ready_and_times_out() {
         lc2.set_snapshot_applied();
         lc2.set_listeners_bound();
     });
-    let took = await_ready(a, Duration::from_secs(5), Duration::from_millis(20)).unwrap();
+    let took = await_ready(a, None, Duration::from_secs(5), Duration::from_millis(20)).unwrap();
     assert!(took >= Duration::from_millis(250), "{took:?}");
     admin.stop();
     // Nobody listening: the error says so.
-    let err = await_ready(a, Duration::from_millis(200), Duration::from_millis(50)).unwrap_err();
+    let err = await_ready(
+        a,
+        None,
+        Duration::from_millis(200),
+        Duration::from_millis(50),
+    )
+    .unwrap_err();
     assert!(err.contains("not ready after"), "{err}");
 }
 

@@ -276,7 +276,26 @@ pub struct Registration {
     /// `Proxy.Config.envoy_prometheus_bind_addr` (`0.0.0.0:20200` under
     /// consul-k8s with metrics on).
     pub prometheus_bind: Option<SocketAddr>,
+    /// `Proxy.Config` and `Proxy.Upstreams[].Config` keys veer does not
+    /// apply (Envoy escape hatches such as `envoy_tracing_json`, tuning it
+    /// has no equivalent for), as `Proxy.Config.<key>` or
+    /// `Proxy.Upstreams[<name>].Config.<key>`, sorted.
+    pub unapplied_config: Vec<String>,
 }
+
+/// The `Proxy.Config` keys veer applies.
+const PROXY_CONFIG_KEYS: &[&str] = &[
+    "bind_address",
+    "bind_port",
+    "protocol",
+    "local_connect_timeout_ms",
+    "handshake_timeout_ms",
+    "connect_timeout_ms",
+    "envoy_prometheus_bind_addr",
+];
+
+/// The `Proxy.Upstreams[].Config` keys veer applies.
+const UPSTREAM_CONFIG_KEYS: &[&str] = &["connect_timeout_ms", "protocol"];
 
 /// Parses `/v1/agent/service/:id` into a [`Registration`]; warnings name the
 /// parts veer ignores (prepared-query or socket upstreams, upstreams without
@@ -411,6 +430,24 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
         expose.push(e);
     }
 
+    let mut unapplied_config: Vec<String> = proxy
+        .config
+        .keys()
+        .filter(|k| !PROXY_CONFIG_KEYS.contains(&k.as_str()))
+        .map(|k| format!("Proxy.Config.{k}"))
+        .collect();
+    for u in &proxy.upstreams {
+        for k in u.config.keys() {
+            if !UPSTREAM_CONFIG_KEYS.contains(&k.as_str()) {
+                unapplied_config.push(format!(
+                    "Proxy.Upstreams[{}].Config.{k}",
+                    u.destination_name.trim()
+                ));
+            }
+        }
+    }
+    unapplied_config.sort();
+    unapplied_config.dedup();
     let tp = proxy.transparent_proxy.clone().unwrap_or_default();
     let reg = Registration {
         id: non_empty(&raw.id).unwrap_or(id).to_string(),
@@ -442,6 +479,7 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
             }
             parsed
         }),
+        unapplied_config,
     };
     Ok((reg, warnings))
 }

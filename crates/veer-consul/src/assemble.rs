@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use veer_core::intentions::{Action, Intention, Intentions};
 use veer_core::route::Protocol;
-use veer_core::snapshot::{ListenSpec, Spec, Timeouts, UpstreamSpec};
+use veer_core::snapshot::{ListenSpec, Spec, Timeouts, Unapplied, UpstreamSpec};
 use veer_core::spiffe::ServiceId;
 
 /// Consul's default transparent outbound listener port.
@@ -75,6 +75,8 @@ pub struct State {
 pub struct Settings {
     /// `--transparent`: transparent mode whatever the registration says.
     pub transparent: bool,
+    /// `--outbound-port`: over every outbound port from the agent.
+    pub outbound_port: Option<u16>,
     /// [`Spec::source`].
     pub source: String,
 }
@@ -189,28 +191,41 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
     m
 }
 
+/// The protocol of service `name` and the setting it came from:
+/// service-defaults, else the explicit upstream's (or the registration's)
+/// `Config.protocol`, else proxy-defaults.
 fn protocol_of(
     name: &str,
-    explicit: Option<&str>,
+    explicit: Option<(&str, String)>,
     sd: &BTreeMap<String, ServiceDefaults>,
     pd: &ProxyDefaults,
     warnings: &mut Vec<String>,
-) -> Protocol {
+) -> (Protocol, String) {
     let p = sd
         .get(name)
         .and_then(|d| d.protocol.as_deref())
+        .map(|p| (p, format!("service-defaults {name}: Protocol")))
         .or(explicit)
-        .or(pd.protocol.as_deref());
+        .or(pd
+            .protocol
+            .as_deref()
+            .map(|p| (p, "proxy-defaults global: Config.protocol".to_string())));
     match p {
-        None => Protocol::Tcp,
-        Some(s) => Protocol::parse(&s.to_ascii_lowercase()).unwrap_or_else(|| {
-            warnings.push(format!(
-                "upstream {name}: protocol {s:?} is unknown; using tcp"
-            ));
-            Protocol::Tcp
-        }),
+        None => (Protocol::Tcp, String::new()),
+        Some((s, from)) => match Protocol::parse(&s.to_ascii_lowercase()) {
+            Some(p) => (p, from),
+            None => {
+                warnings.push(format!(
+                    "upstream {name}: protocol {s:?} is unknown; using tcp"
+                ));
+                (Protocol::Tcp, from)
+            }
+        },
     }
 }
+
+/// What veer does with an HTTP-family protocol until L7 lands.
+const L4_ONLY: &str = "relayed at L4 as tcp: no HTTP routing, retries, timeouts or L7 intentions";
 
 /// Builds the complete spec, or says what is missing
 /// ([`Error::Incomplete`]) or unusable ([`Error::Decode`]).
@@ -263,6 +278,36 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
     };
     let transparent = transparent(state, settings) == Some(true);
     let mut warnings = Vec::new();
+    let mut unapplied: Vec<Unapplied> = reg
+        .unapplied_config
+        .iter()
+        .map(|k| {
+            Unapplied::unsupported(
+                k.clone(),
+                if k.contains(".envoy_") {
+                    "an Envoy escape hatch; veer has no Envoy configuration to apply it to"
+                } else {
+                    "not a setting veer knows"
+                },
+            )
+        })
+        .collect();
+    // The local service's own protocol (inbound).
+    let (own, from) = protocol_of(
+        &reg.destination_service,
+        reg.protocol
+            .as_deref()
+            .map(|p| (p, "Proxy.Config.protocol".to_string())),
+        sd,
+        pd,
+        &mut warnings,
+    );
+    if own != Protocol::Tcp {
+        unapplied.push(Unapplied::unsupported(
+            format!("{from} = {:?}", own.as_str()),
+            format!("inbound to {}: {L4_ONLY}", reg.destination_service),
+        ));
+    }
 
     let leaf_der = leaf
         .chain
@@ -322,13 +367,23 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         };
         let id = ServiceId::new(&roots.trust_domain, part, ns, &dc, &key.name);
         let mut u = UpstreamSpec::new(id);
-        u.protocol = protocol_of(
+        let (protocol, from) = protocol_of(
             &key.name,
-            explicit.and_then(|e| e.protocol.as_deref()),
+            explicit.and_then(|e| {
+                let p = e.protocol.as_deref()?;
+                Some((p, format!("Proxy.Upstreams[{}].Config.protocol", e.name)))
+            }),
             sd,
             pd,
             &mut warnings,
         );
+        if protocol != Protocol::Tcp {
+            unapplied.push(Unapplied::unsupported(
+                format!("{from} = {:?}", protocol.as_str()),
+                format!("upstream {}: {L4_ONLY}", key.name),
+            ));
+        }
+        u.protocol = protocol;
         let passing: Vec<&ConnectInstance> = sidecars.iter().filter(|i| i.passing).collect();
         let mut eps: Vec<SocketAddr> = passing.iter().filter_map(|i| i.endpoint()).collect();
         eps.sort();
@@ -410,8 +465,9 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         });
     }
 
-    let outbound_port = reg
+    let outbound_port = settings
         .outbound_port
+        .or(reg.outbound_port)
         .or_else(|| {
             sd.get(&reg.destination_service)
                 .and_then(|d| d.outbound_port)
@@ -457,6 +513,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         rbac: None,
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
+        unapplied,
     };
     Ok(Assembled { spec, warnings })
 }
@@ -500,6 +557,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         rbac,
         permissive_ports,
         inbound_max_connections,
+        unapplied,
     } = a;
     *identity == b.identity
         && *roots == b.roots
@@ -517,6 +575,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         && *rbac == b.rbac
         && *permissive_ports == b.permissive_ports
         && *inbound_max_connections == b.inbound_max_connections
+        && *unapplied == b.unapplied
 }
 
 /// A one-line summary of what changed between two specs, for logs.

@@ -125,6 +125,9 @@ pub struct Flags {
     pub transparent: bool,
     /// `--consul-max-reads`: see [`Options::max_reads`].
     pub max_reads: Option<usize>,
+    /// `--outbound-port`: the transparent outbound listener's port, over
+    /// `TransparentProxy.OutboundListenerPort` (which Consul < 1.10 lacks).
+    pub outbound_port: Option<u16>,
 }
 
 /// The default of [`Options::max_reads`].
@@ -154,6 +157,8 @@ pub struct Options {
     pub target: ProxyTarget,
     /// See [`Flags::transparent`].
     pub transparent: bool,
+    /// See [`Flags::outbound_port`].
+    pub outbound_port: Option<u16>,
     /// The blocking-query `wait` (Consul's default and ours: 5 minutes).
     pub wait: Duration,
     /// How many services the transparent-mode feed reads at once (each
@@ -179,6 +184,7 @@ impl std::fmt::Debug for Options {
             .field("partition", &self.partition)
             .field("target", &self.target)
             .field("transparent", &self.transparent)
+            .field("outbound_port", &self.outbound_port)
             .field("wait", &self.wait)
             .field("max_reads", &self.max_reads)
             .finish()
@@ -201,6 +207,7 @@ impl Options {
             partition: None,
             target,
             transparent: false,
+            outbound_port: None,
             wait: Duration::from_secs(300),
             max_reads: DEFAULT_MAX_READS,
         }
@@ -309,6 +316,7 @@ impl Options {
             partition: env("CONSUL_PARTITION"),
             target,
             transparent: flags.transparent,
+            outbound_port: flags.outbound_port,
             wait: Duration::from_secs(300),
             max_reads: match flags.max_reads {
                 None => DEFAULT_MAX_READS,

@@ -167,6 +167,7 @@ impl ConsulSource {
             client,
             settings: Settings {
                 transparent: opts.transparent,
+                outbound_port: opts.outbound_port,
                 source: String::new(),
             },
             opts,
@@ -248,11 +249,33 @@ impl ConsulSource {
     /// Calls `apply` with every new complete spec (the first one too, if
     /// [`first`](Self::first) was not called), forever. Run it in its own
     /// task; dropping the task stops every watch.
+    ///
+    /// SIGHUP makes it [refetch](Self::refetch) everything.
     pub async fn run(mut self, mut apply: impl FnMut(Spec) + Send) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).ok();
         loop {
-            let spec = self.next().await;
+            // `next` only awaits the watch channel (cancel-safe) or start-up.
+            let spec = tokio::select! {
+                s = self.next() => s,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    tracing::info!(agent = %self.client.addr(), "SIGHUP: refetching everything from the Consul agent");
+                    self.refetch();
+                    continue;
+                }
+            };
             apply(spec);
         }
+    }
+
+    /// Restarts every watch (and the default-decision probe) with a fresh
+    /// read, keeping the current state until the answers arrive.
+    pub fn refetch(&mut self) {
+        self.watches.clear();
+        self.failures.clear();
+        self.probe = None;
+        self.probe_again = true;
+        self.reconcile();
     }
 
     /// Resolves the proxy ID and starts the watches.

@@ -336,6 +336,71 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// The key path (`upstreams[1].local_bind`, `limits`) of the innermost
+/// value whose span holds `span`: where a type error or a missing field is.
+fn key_at(src: &str, span: Range<usize>) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // Tables' spans cover only their headers, so every child is searched.
+    fn inside(r: Range<usize>, span: &Range<usize>) -> bool {
+        r.start <= span.start && span.end <= r.end
+    }
+    fn walk(v: &DeValue<'_>, span: &Range<usize>, path: &mut String) -> bool {
+        let before = path.len();
+        match v {
+            DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k.get_ref());
+                    let here = inside(v.span(), span) || inside(k.span(), span);
+                    if walk(v.get_ref(), span, path) || here {
+                        return true;
+                    }
+                    path.truncate(before);
+                }
+            }
+            DeValue::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    path.push_str(&format!("[{i}]"));
+                    if walk(v.get_ref(), span, path) || inside(v.span(), span) {
+                        return true;
+                    }
+                    path.truncate(before);
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+    let doc = DeTable::parse(src).ok()?;
+    let mut path = String::new();
+    walk(&DeValue::Table(doc.into_inner()), &span, &mut path).then_some(path)
+}
+
+/// serde's messages in words a person reading a config file knows:
+/// `invalid type: string "1000", expected i64` becomes
+/// `expected a number, found the string "1000"`.
+fn explain_serde(msg: &str) -> String {
+    let Some(rest) = msg.strip_prefix("invalid type: ") else {
+        if let Some(f) = msg.strip_prefix("missing field ") {
+            return format!("the required key {f} is missing");
+        }
+        return msg.to_string();
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return msg.to_string();
+    };
+    let expected = match expected {
+        "i64" | "u64" | "i32" | "u32" | "u16" | "usize" => "a number (without quotes)",
+        "a string" => "a string (in quotes)",
+        "a boolean" => "true or false",
+        "a sequence" => "a list [...]",
+        e => e,
+    };
+    format!("expected {expected}, found {found}")
+}
+
 /// Reads and validates a configuration file, and the files it names.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -356,11 +421,12 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
     };
     let file: File = toml::from_str(src).map_err(|e| {
         let line = e.span().map(|s| cx.line(s));
+        let key = e.span().and_then(|s| key_at(src, s));
         ConfigError {
             file: cx.file.clone(),
             line,
-            key: None,
-            msg: e.message().trim().to_string(),
+            key,
+            msg: explain_serde(e.message().trim()),
         }
     })?;
 
@@ -408,12 +474,51 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         None => "127.0.0.1:8080".parse().unwrap(),
     };
 
+    if clash(inbound, local_app) {
+        let span = file
+            .inbound
+            .local_app
+            .as_ref()
+            .or(file.inbound.bind.as_ref());
+        return Err(cx.err(
+            span.map(|v| v.span()).unwrap_or(0..0),
+            if file.inbound.local_app.is_some() {
+                "inbound.local_app"
+            } else {
+                "inbound.bind"
+            },
+            format!(
+                "the local app {local_app} is veer's own inbound listener {inbound}: connections would loop back into veer"
+            ),
+        ));
+    }
+
     // [outbound]
     let ob = &file.outbound;
     let out4 = match &ob.bind {
         Some(b) => cx.sockaddr(b, "outbound.bind")?,
         None => "127.0.0.1:15001".parse().unwrap(),
     };
+    for (key, v, addr) in [
+        ("outbound.bind", &ob.bind, Some(out4)),
+        (
+            "outbound.bind_ipv6",
+            &ob.bind_ipv6,
+            match &ob.bind_ipv6 {
+                Some(b) if !b.get_ref().is_empty() => Some(cx.sockaddr(b, "outbound.bind_ipv6")?),
+                _ => None,
+            },
+        ),
+    ] {
+        if let Some(addr) = addr.filter(|a| clash(*a, inbound)) {
+            let span = v.as_ref().or(file.inbound.bind.as_ref());
+            return Err(cx.err(
+                span.map(|v| v.span()).unwrap_or(0..0),
+                if v.is_some() { key } else { "inbound.bind" },
+                format!("{addr} collides with the inbound listener on {inbound}"),
+            ));
+        }
+    }
     let mut outbound = vec![out4];
     match &ob.bind_ipv6 {
         Some(b) if b.get_ref().is_empty() => {}
@@ -465,11 +570,20 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 format!("{:?} is not \"allow\" or \"deny\"", r.action.get_ref()),
             )
         })?;
-        intentions.push(Intention::new(
-            Target::new(&src_part, &src_ns, &src_name),
-            destination.clone(),
-            action,
-        ));
+        let source = Target::new(&src_part, &src_ns, &src_name);
+        if let Some(j) = intentions
+            .iter()
+            .position(|o: &Intention| o.source == source)
+        {
+            return Err(cx.err(
+                r.source.span(),
+                k("source"),
+                format!(
+                    "{source} already has a rule (intentions.rules[{j}]); one rule per source (Consul refuses duplicate intentions)"
+                ),
+            ));
+        }
+        intentions.push(Intention::new(source, destination.clone(), action));
     }
 
     // [timeouts]
@@ -497,7 +611,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
     };
 
     // [[upstreams]]
-    let mut upstreams = Vec::new();
+    let mut upstreams: Vec<UpstreamSpec> = Vec::new();
     let mut binds: Vec<SocketAddr> = vec![inbound];
     binds.extend(outbound.iter().copied());
     for (i, u) in file.upstreams.iter().enumerate() {
@@ -578,7 +692,50 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream reached by virtual IP or local_bind needs endpoints",
             ));
         }
+        // Several entries may name one service (virtual IPs with their own
+        // endpoints, a dialed-directly entry, listeners); a virtual IP or a
+        // listener address is claimed once (checked elsewhere), and so is
+        // dialing the service directly: a second entry would be a second,
+        // conflicting list of its instances (or an exact duplicate).
+        let clash_with = upstreams.iter().enumerate().find_map(|(j, o)| {
+            (o.identity == spec.identity && o.dialed_directly && spec.dialed_directly).then_some((
+                j,
+                "dialed_directly; list all of a service's instances in one entry",
+            ))
+        });
+        if let Some((j, what)) = clash_with {
+            return Err(cx.err(
+                u.name.span(),
+                k("name"),
+                format!(
+                    "{:?} is already upstreams[{j}] with {what}",
+                    u.name.get_ref()
+                ),
+            ));
+        }
         upstreams.push(spec);
+    }
+    // An address is either a virtual IP or a dialed-directly instance.
+    for (i, u) in upstreams.iter().enumerate() {
+        for (j, o) in upstreams.iter().enumerate() {
+            if let Some(ip) = o.instances.iter().find(|ip| u.virtual_ips.contains(ip)) {
+                let entry = file.upstreams[j].get_ref();
+                let span = entry
+                    .instances
+                    .iter()
+                    .find(|v| v.get_ref().parse::<IpAddr>().ok() == Some(*ip))
+                    .map(|v| v.span())
+                    .unwrap_or(file.upstreams[j].span());
+                return Err(cx.err(
+                    span,
+                    format!("upstreams[{j}].instances"),
+                    format!(
+                        "{ip} is also a virtual IP of upstreams[{i}] ({}); an address routes to one service",
+                        u.identity.service
+                    ),
+                ));
+            }
+        }
     }
 
     // [[expose]]
@@ -708,14 +865,17 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         rbac: None,
         permissive_ports: file.inbound.permissive_ports.clone(),
         inbound_max_connections: None,
+        unapplied: Vec::new(),
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
     let check = crate::snapshot::Snapshot::build(spec.clone(), 0);
     if let Err(e) = check {
         let (span, key) = match &e {
-            SnapshotError::LeafIdentity { .. } | SnapshotError::LeafUntrusted(_) => {
-                (tls.cert_file.span(), "tls.cert_file".to_string())
-            }
+            SnapshotError::LeafIdentity { .. }
+            | SnapshotError::LeafUntrusted(_)
+            | SnapshotError::LeafExpired { .. }
+            | SnapshotError::LeafNotYetValid { .. }
+            | SnapshotError::LeafIsCa => (tls.cert_file.span(), "tls.cert_file".to_string()),
             SnapshotError::DuplicateVip { .. } => (
                 file.upstreams.first().map(|u| u.span()).unwrap_or(0..0),
                 "upstreams".to_string(),

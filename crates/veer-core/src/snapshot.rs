@@ -142,6 +142,41 @@ impl ExposePath {
     }
 }
 
+/// A setting a source gave that the snapshot does not apply: veer logs one
+/// warning naming it when it first appears, counts it in
+/// `veer_unapplied_settings_total{kind}` and lists it in `/config_dump`.
+/// (Security-relevant settings veer cannot enforce are refused instead.)
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unapplied {
+    /// The setting as its source names it, e.g. `service-defaults api:
+    /// Protocol`, `Proxy.Config.envoy_tracing_json`, `inbound.bind`.
+    pub setting: String,
+    /// A bounded label for the metric: `unsupported` (not implemented yet)
+    /// or `needs_restart` (applies when veer restarts).
+    pub kind: &'static str,
+    /// What veer does instead.
+    pub detail: String,
+}
+
+impl Unapplied {
+    /// A setting veer does not implement yet.
+    pub fn unsupported(setting: impl Into<String>, detail: impl Into<String>) -> Unapplied {
+        Unapplied {
+            setting: setting.into(),
+            kind: "unsupported",
+            detail: detail.into(),
+        }
+    }
+    /// A setting that takes effect only when veer restarts.
+    pub fn needs_restart(setting: impl Into<String>, detail: impl Into<String>) -> Unapplied {
+        Unapplied {
+            setting: setting.into(),
+            kind: "needs_restart",
+            detail: detail.into(),
+        }
+    }
+}
+
 /// Everything a snapshot is built from; plain data.
 #[derive(Debug)]
 pub struct Spec {
@@ -172,6 +207,8 @@ pub struct Spec {
     /// Connections the inbound listener holds open at once (Envoy
     /// `connection_limit`); `None` = `timeouts.max_connections`.
     pub inbound_max_connections: Option<u32>,
+    /// Settings the source gave that veer does not apply (named, not dropped).
+    pub unapplied: Vec<Unapplied>,
 }
 
 impl Clone for Spec {
@@ -193,6 +230,7 @@ impl Clone for Spec {
             rbac: self.rbac.clone(),
             permissive_ports: self.permissive_ports.clone(),
             inbound_max_connections: self.inbound_max_connections,
+            unapplied: self.unapplied.clone(),
         }
     }
 }
@@ -207,6 +245,12 @@ pub enum SnapshotError {
     LeafIdentity { got: String, want: String },
     #[error("the leaf certificate does not chain to any of the roots: {0}")]
     LeafUntrusted(String),
+    #[error("the leaf certificate expired at {at}; it must be renewed")]
+    LeafExpired { at: String },
+    #[error("the leaf certificate is not valid before {from} (is the clock right?)")]
+    LeafNotYetValid { from: String },
+    #[error("the leaf certificate is a CA certificate (CA:TRUE, e.g. self-signed), not a service certificate issued by one of the roots")]
+    LeafIsCa,
     #[error("no roots")]
     NoRoots,
     #[error(
@@ -227,17 +271,29 @@ pub enum SnapshotError {
     /// endpoint weights).
     #[error("upstream {upstream}: {msg}")]
     Upstream { upstream: String, msg: String },
+    /// A listener of the new snapshot (an upstream's `local_bind`, an
+    /// expose path) cannot bind; the snapshot is not applied.
+    #[error("{what}: cannot listen on {addr}: {error}")]
+    Listener {
+        what: String,
+        addr: SocketAddr,
+        error: String,
+    },
 }
 
 impl SnapshotError {
-    /// Metric label.
+    /// A bounded label for metrics.
     pub fn classify(&self) -> &'static str {
         match self {
             SnapshotError::Tls(_) => "tls",
             SnapshotError::LeafIdentity { .. } => "leaf_identity",
             SnapshotError::LeafUntrusted(_) => "leaf_untrusted",
+            SnapshotError::LeafExpired { .. } => "leaf_expired",
+            SnapshotError::LeafNotYetValid { .. } => "leaf_not_yet_valid",
+            SnapshotError::LeafIsCa => "leaf_is_ca",
             SnapshotError::NoRoots => "no_roots",
             SnapshotError::DuplicateVip { .. } => "duplicate_vip",
+            SnapshotError::Listener { .. } => "listener_bind",
             SnapshotError::Rbac(_) => "rbac",
             SnapshotError::Upstream { .. } => "upstream",
         }
@@ -293,6 +349,8 @@ pub struct Snapshot {
     pub permissive_ports: Vec<u16>,
     /// The inbound listener's connection limit.
     pub inbound_max_connections: usize,
+    /// Settings given but not applied ([`Unapplied`]).
+    pub unapplied: Vec<Unapplied>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -329,6 +387,8 @@ impl Snapshot {
             .chain
             .first()
             .ok_or_else(|| TlsError::NoCertificate("leaf chain".into()))?;
+        let leaf = CertInfo::parse(leaf_der).map_err(TlsError::from)?;
+        check_leaf_facts(&leaf)?;
         let got = tls::peer_identity(leaf_der).map_err(TlsError::from)?;
         if got != spec.identity {
             return Err(SnapshotError::LeafIdentity {
@@ -337,7 +397,6 @@ impl Snapshot {
             });
         }
         verify_leaf(&spec.chain, &spec.roots)?;
-        let leaf = CertInfo::parse(leaf_der).map_err(TlsError::from)?;
         let roots = spec
             .roots
             .iter()
@@ -509,6 +568,7 @@ impl Snapshot {
             expose: spec.expose,
             permissive_ports: spec.permissive_ports,
             inbound_max_connections,
+            unapplied: spec.unapplied,
         })
     }
 
@@ -603,6 +663,7 @@ impl Snapshot {
                 "inbound_max_connections": self.inbound_max_connections,
             },
             "expose": expose,
+            "unapplied": self.unapplied,
         })
     }
 }
@@ -628,6 +689,45 @@ fn veer_canonical_ip(ip: IpAddr) -> IpAddr {
     crate::addr::canonical(SocketAddr::new(ip, 0)).ip()
 }
 
+/// Unix seconds as `2026-01-31 12:00:00 UTC`.
+pub fn format_unix(secs: i64) -> String {
+    match x509_parser::time::ASN1Time::from_timestamp(secs) {
+        Ok(t) => {
+            let d = t.to_datetime();
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        }
+        Err(_) => format!("unix time {secs}"),
+    }
+}
+
+/// The checks whose failure deserves its own words (rather than webpki's
+/// `CaUsedAsEndEntity` or a generic "does not chain").
+fn check_leaf_facts(leaf: &CertInfo) -> Result<(), SnapshotError> {
+    if leaf.is_ca {
+        return Err(SnapshotError::LeafIsCa);
+    }
+    let now = rustls::pki_types::UnixTime::now().as_secs() as i64;
+    if leaf.not_after <= now {
+        return Err(SnapshotError::LeafExpired {
+            at: format_unix(leaf.not_after),
+        });
+    }
+    if leaf.not_before > now {
+        return Err(SnapshotError::LeafNotYetValid {
+            from: format_unix(leaf.not_before),
+        });
+    }
+    Ok(())
+}
+
 fn verify_leaf(
     chain: &[CertificateDer<'static>],
     roots: &[CertificateDer<'static>],
@@ -643,7 +743,17 @@ fn verify_leaf(
         rustls::pki_types::UnixTime::now(),
         provider.signature_verification_algorithms.all,
     )
-    .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))
+    .map_err(|e| {
+        SnapshotError::LeafUntrusted(match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                "it was issued by none of them (a self-signed certificate, the wrong CA file, or a leaf from another CA)".into()
+            }
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature) => {
+                "its signature does not verify against the root of its issuer's name (a leaf from another CA of the same name, or the wrong CA file)".into()
+            }
+            e => e.to_string(),
+        })
+    })
 }
 
 #[cfg(test)]

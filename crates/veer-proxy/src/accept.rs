@@ -245,9 +245,23 @@ impl Listeners {
                 move |s, peer| outbound::handle_transparent(sh.clone(), s, peer),
             )));
         }
+        // Explicit upstream listeners bind now, so that none is reported
+        // ready (or listed) without being bound.
+        let mut initial = HashMap::new();
+        for u in snap.routes.upstreams() {
+            let Some(addr) = u.local_bind else { continue };
+            let l = net::bind(addr).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("upstream {:?} local_bind {addr}: {e}", u.name()),
+                )
+            })?;
+            initial.insert(addr, l);
+        }
         tasks.push(tokio::spawn(explicit_upstreams(
             shared.clone(),
             stop_out_rx,
+            initial,
         )));
         tracing::info!(inbound = %inbound_addr, outbound = ?outbound_addrs, "listeners bound");
         Ok(Listeners {
@@ -279,7 +293,15 @@ impl Listeners {
 
 /// Keeps one listener per explicit upstream (`local_bind`) of the current
 /// snapshot.
-async fn explicit_upstreams(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+///
+/// `initial` are the current snapshot's listeners, bound at start; later
+/// ones were bound by [`Shared::apply`] before the swap (a snapshot whose
+/// listener cannot bind is refused), so a bind here fails only in a race.
+async fn explicit_upstreams(
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    mut initial: HashMap<SocketAddr, TcpListener>,
+) {
     let mut rx = shared.subscribe();
     let mut running: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
     loop {
@@ -302,7 +324,14 @@ async fn explicit_upstreams(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
             if running.contains_key(&addr) {
                 continue;
             }
-            match net::bind(addr) {
+            let bound = match initial.remove(&addr) {
+                Some(l) => Ok(l),
+                None => match shared.take_prebound(addr) {
+                    Some(l) => TcpListener::from_std(l),
+                    None => net::bind(addr),
+                },
+            };
+            match bound {
                 Ok(l) => {
                     let (tx, srx) = watch::channel(false);
                     let sh = shared.clone();
@@ -317,6 +346,11 @@ async fn explicit_upstreams(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
                     running.insert(addr, (tx, h));
                 }
                 Err(e) => {
+                    shared.metrics.count(
+                        "listener_bind_failures_total",
+                        "listener",
+                        "explicit_upstream",
+                    );
                     tracing::error!(%addr, error = %e, "cannot bind explicit upstream listener")
                 }
             }

@@ -219,6 +219,25 @@ async fn handshake(
     tcp: TcpStream,
     peer: ClientAddr,
 ) -> Option<Box<ServerTls<TcpStream>>> {
+    // A peer that closes without sending a byte is a probe (Consul's
+    // "Connect Sidecar Listening" TCP check every 10 s, kubelet tcpSocket):
+    // counted on its own and logged at debug, not as a failed handshake.
+    let deadline = tokio::time::Instant::now() + snap.timeouts.handshake;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => return probe(shared, peer, "closed"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return probe(shared, peer, "reset")
+        }
+        Err(_) => {
+            // Silent: reset, as a handshake that times out.
+            net::reset_on_close(&tcp);
+            drop(tcp);
+            refuse(shared, peer, None, InboundError::HandshakeTimeout);
+            return None;
+        }
+        _ => {}
+    }
     let conn = match UnbufferedServerConnection::new(snap.tls.server.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -234,7 +253,7 @@ async fn handshake(
     // Boxed: the connection's future then holds a pointer, not the TLS
     // state inline in its own layout and again in the relay's.
     let mut tls = Box::new(ServerTls::new(tcp, conn));
-    let res = tokio::time::timeout(snap.timeouts.handshake, tls.handshake()).await;
+    let res = tokio::time::timeout_at(deadline, tls.handshake()).await;
     match res {
         Err(_) => {
             // Slow or silent (slowloris): reset, so that no FIN_WAIT or
@@ -262,6 +281,18 @@ async fn handshake(
         }
         Ok(Ok(())) => Some(tls),
     }
+}
+
+/// Counts and logs (at debug) a connection that ended before sending a byte.
+fn probe(
+    shared: &Shared,
+    peer: ClientAddr,
+    how: &'static str,
+) -> Option<Box<ServerTls<TcpStream>>> {
+    shared.metrics.count_labels("inbound_probes_total", &[]);
+    shared.metrics.closed(Direction::Inbound);
+    tracing::debug!(peer = %peer, how, "inbound connection closed before sending a byte (a TCP probe)");
+    None
 }
 
 fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {

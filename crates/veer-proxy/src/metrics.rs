@@ -102,6 +102,22 @@ const LABELLED: &[(&str, &str)] = &[
         "upstream_endpoint_failures_total",
         "Upstream endpoints that could not be connected (the next one is tried), by upstream service.",
     ),
+    (
+        "inbound_probes_total",
+        "Inbound connections closed before sending a byte (TCP health checks such as Consul's \"Connect Sidecar Listening\").",
+    ),
+    (
+        "unapplied_settings_total",
+        "Settings received but not applied (each counted once, when it first appears), by kind: unsupported or needs_restart.",
+    ),
+    (
+        "listener_bind_failures_total",
+        "Listeners that could not bind after start (the snapshot wanting them was refused, or a race), by listener.",
+    ),
+    (
+        "leaf_expired_total",
+        "Leaf certificates that expired while in use (veer is not ready until a new one arrives).",
+    ),
 ];
 
 /// Which labelled counters record failed dials, by direction; their

@@ -14,6 +14,12 @@ use veer_core::addr::{canonical, ClientAddr, EndpointAddr, OrigDstAddr};
 
 /// Binds a listener with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+/// Like [`bind`], without a runtime: a non-blocking std listener, for
+/// binding ahead of a snapshot swap ([`crate::state::Shared::apply`]).
+pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -22,7 +28,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// Keepalive, `TCP_USER_TIMEOUT` and no Nagle, on every leg: dead peers are

@@ -1,13 +1,15 @@
 //! Process-wide state: the current snapshot, the registry of open inbound
 //! connections (for closing those a new intention denies), and metrics.
 use crate::metrics::Metrics;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{watch, Notify};
 use veer_core::authz::Peer;
-use veer_core::snapshot::{Snapshot, SnapshotError, Spec};
+use veer_core::route::Protocol;
+use veer_core::snapshot::{Snapshot, SnapshotError, Spec, Unapplied};
 
 struct Registered {
     /// Shared with the connection's task (one allocation, and a small
@@ -36,6 +38,51 @@ pub struct Shared {
     pub warn_budget: WarnBudget,
     /// veer's own open dials, to recognise its traffic redirected back.
     pub own_dials: crate::net::OwnDials,
+    /// Listeners bound ahead of a swap ([`Shared::apply`]) or at start,
+    /// waiting for the task that serves them to [take](Shared::take_prebound) them.
+    prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+}
+
+/// The listeners that follow the snapshot, with what each is for: explicit
+/// upstreams (`local_bind`) and HTTP expose paths.
+pub fn snapshot_listeners(snap: &Snapshot) -> Vec<(SocketAddr, String)> {
+    let mut out: Vec<(SocketAddr, String)> = Vec::new();
+    for u in snap.routes.upstreams() {
+        if let Some(a) = u.local_bind {
+            out.push((a, format!("upstream {:?} local_bind", u.name())));
+        }
+    }
+    for e in &snap.expose {
+        if e.protocol == Protocol::Http && !out.iter().any(|(a, _)| *a == e.listener) {
+            out.push((e.listener, format!("expose path {:?} listener", e.path)));
+        }
+    }
+    out
+}
+
+/// Keeps the listen addresses in force (they are bound once, at start) and
+/// names the ones a new spec asks for as waiting for a restart.
+fn pin_listen(cur: &Snapshot, spec: &mut Spec) {
+    let (old, new) = (&cur.listen, &spec.listen);
+    if old.inbound != new.inbound {
+        spec.unapplied.push(Unapplied::needs_restart(
+            "inbound listener address",
+            format!(
+                "{} asked; {} stays in force until veer restarts",
+                new.inbound, old.inbound
+            ),
+        ));
+    }
+    if old.outbound != new.outbound {
+        spec.unapplied.push(Unapplied::needs_restart(
+            "outbound listener addresses",
+            format!(
+                "{:?} asked; {:?} stay in force until veer restarts",
+                new.outbound, old.outbound
+            ),
+        ));
+    }
+    spec.listen = old.clone();
 }
 
 /// A lock-free budget for warnings logged per connection (refusals,
@@ -114,7 +161,7 @@ impl Shared {
         let max_connections = AtomicUsize::new(first.timeouts.max_connections);
         let inbound_max_connections = AtomicUsize::new(first.inbound_max_connections);
         let (snap, _) = watch::channel(Arc::new(first));
-        Ok(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             snap,
             metrics: Metrics::default(),
             conns: Mutex::new(HashMap::new()),
@@ -126,7 +173,32 @@ impl Shared {
             inbound_max_connections,
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
-        }))
+            prebound: Mutex::new(HashMap::new()),
+        });
+        shared.announce_unapplied(None, &shared.snapshot());
+        Ok(shared)
+    }
+
+    /// Logs one warning per setting of `snap` that is not applied and was
+    /// not already in `prev`, and counts it.
+    fn announce_unapplied(&self, prev: Option<&Snapshot>, snap: &Snapshot) {
+        for u in &snap.unapplied {
+            if prev.is_some_and(|p| p.unapplied.contains(u)) {
+                continue;
+            }
+            self.metrics
+                .count("unapplied_settings_total", "kind", u.kind);
+            tracing::warn!(setting = %u.setting, kind = u.kind, "setting not applied: {}: {}", u.setting, u.detail);
+        }
+    }
+
+    /// The listener for `addr` bound ahead of the snapshot that wants it,
+    /// if any; the serving task binds it itself otherwise.
+    pub fn take_prebound(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        self.prebound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr)
     }
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Registered>> {
@@ -176,16 +248,45 @@ impl Shared {
     /// the one they started with. Open inbound connections whose source the
     /// new authorization (intentions or RBAC) denies are closed. On error
     /// the current snapshot stays.
-    pub fn apply(&self, spec: Spec) -> Result<Arc<Snapshot>, SnapshotError> {
+    ///
+    /// Listen addresses are bound once, at start: a spec that changes them
+    /// keeps the ones in force and lists the new ones as waiting for a
+    /// restart. New explicit-upstream and expose listeners are bound before
+    /// the swap; if one cannot bind, the spec is refused and nothing changes.
+    pub fn apply(&self, mut spec: Spec) -> Result<Arc<Snapshot>, SnapshotError> {
         let version = self.version.fetch_add(1, Relaxed) + 1;
-        let snap = match Snapshot::build_after(spec, version, Some(&self.snapshot())) {
-            Ok(s) => Arc::new(s),
+        let cur = self.snapshot();
+        pin_listen(&cur, &mut spec);
+        let built = Snapshot::build_after(spec, version, Some(&cur)).and_then(|s| {
+            let have: HashSet<SocketAddr> = snapshot_listeners(&cur)
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect();
+            let fresh = bind_all(snapshot_listeners(&s), &have)?;
+            Ok((s, fresh))
+        });
+        let (snap, fresh) = match built {
+            Ok((s, fresh)) => (Arc::new(s), fresh),
             Err(e) => {
                 self.metrics.snapshot_errors.fetch_add(1, Relaxed);
                 return Err(e);
             }
         };
+        let want: HashSet<SocketAddr> = snapshot_listeners(&snap)
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        self.prebound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(fresh);
         self.snap.send_replace(snap.clone());
+        // Bound for a snapshot that a later one replaced before they were served.
+        self.prebound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| want.contains(a));
+        self.announce_unapplied(Some(&cur), &snap);
         self.max_connections
             .store(snap.timeouts.max_connections, Relaxed);
         self.inbound_max_connections
@@ -238,6 +339,31 @@ impl Shared {
     pub fn registered(&self) -> usize {
         self.lock_conns().len()
     }
+}
+
+/// Binds every listener in `want` whose address is not in `have`; all or
+/// none.
+fn bind_all(
+    want: Vec<(SocketAddr, String)>,
+    have: &HashSet<SocketAddr>,
+) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, SnapshotError> {
+    let mut fresh = Vec::new();
+    for (addr, what) in want {
+        if have.contains(&addr) {
+            continue;
+        }
+        match crate::net::bind_std(addr) {
+            Ok(l) => fresh.push((addr, l)),
+            Err(e) => {
+                return Err(SnapshotError::Listener {
+                    what,
+                    addr,
+                    error: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(fresh)
 }
 
 #[cfg(test)]

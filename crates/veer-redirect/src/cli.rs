@@ -303,6 +303,24 @@ pub fn build_config(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<C
     if let Some(p) = cli.consul_dns_port {
         cfg.consul_dns_port = p;
     }
+    // Values given as flags are checked under the flag's name (the JSON
+    // field names are for values from -cfg or the registration).
+    for p in &cli.exclude_inbound_ports {
+        crate::config::check_port_spec(p, "-exclude-inbound-port")?;
+    }
+    for p in &cli.exclude_outbound_ports {
+        crate::config::check_port_spec(p, "-exclude-outbound-port")?;
+    }
+    for u in &cli.exclude_uids {
+        crate::config::check_user(u, "-exclude-uid")?;
+    }
+    for c in &cli.exclude_outbound_cidrs {
+        crate::config::parse_cidr(c).map_err(|_| {
+            Error::Invalid(format!(
+                "-exclude-outbound-cidr: invalid address or CIDR {c:?}"
+            ))
+        })?;
+    }
     cfg.exclude_inbound_ports
         .extend(cli.exclude_inbound_ports.iter().cloned());
     cfg.exclude_outbound_ports

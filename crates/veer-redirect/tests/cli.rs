@@ -40,7 +40,7 @@ fn usage_and_validation_errors() {
                 "-exclude-outbound-port",
                 "80 -j DROP",
             ][..],
-            "error: ExcludeOutboundPorts: invalid port \"80 -j DROP\"",
+            "error: -exclude-outbound-port: invalid port \"80 -j DROP\"",
         ),
         (
             &[

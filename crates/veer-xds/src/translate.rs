@@ -738,6 +738,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         inbound_max_connections: public
             .max_connections
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
+        unapplied: Vec::new(),
     })
 }
 

@@ -122,6 +122,7 @@ fn world(ca: &veer_ca::Ca) -> (State, Settings) {
         s,
         Settings {
             transparent: true,
+            outbound_port: None,
             source: "consul test".into(),
         },
     )
@@ -477,4 +478,78 @@ fn missing_services_are_listed_up_to_ten() {
     assert!(m[0].starts_with("upstream services: "), "{m:?}");
     assert_eq!(m[0].matches(", ").count(), 10, "{m:?}");
     assert!(m[0].ends_with(" more"), "{m:?}");
+}
+
+/// Issue 15: what veer receives and does not apply is named in the spec
+/// (then logged once, counted and dumped by the runtime).
+#[test]
+fn unapplied_settings_are_named() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    // The 1.8.7 registration, with Envoy escape hatches and an unknown key.
+    let mut raw: serde_json::Value =
+        serde_json::from_slice(&fixture("1.8.7-agent-service-web-sidecar.json")).unwrap();
+    raw["Proxy"]["Config"] = serde_json::json!({
+        "envoy_tracing_json": "{}",
+        "envoy_prometheus_bind_addr": "0.0.0.0:20200",
+        "protocol": "tcp",
+        "bogus": 1
+    });
+    raw["Proxy"]["Upstreams"][0]["Config"] = serde_json::json!({"envoy_listener_json": "{}"});
+    let (reg, _) =
+        api::parse_registration("web-sidecar-proxy", &serde_json::to_vec(&raw).unwrap()).unwrap();
+    s.registration = Some(reg);
+    let spec = assemble(&s, &set).unwrap().spec;
+    let named: Vec<(&str, &str)> = spec
+        .unapplied
+        .iter()
+        .map(|u| (u.setting.as_str(), u.kind))
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            ("Proxy.Config.bogus", "unsupported"),
+            ("Proxy.Config.envoy_tracing_json", "unsupported"),
+            (
+                "Proxy.Upstreams[db].Config.envoy_listener_json",
+                "unsupported"
+            ),
+            // The 1.8.7 fixture's service-defaults for api.
+            ("service-defaults api: Protocol = \"http\"", "unsupported"),
+        ],
+        "{:#?}",
+        spec.unapplied
+    );
+    assert!(spec.unapplied[1].detail.contains("Envoy escape hatch"));
+    assert!(spec.unapplied[3].detail.contains("relayed at L4"));
+    // Applied keys are not listed; an HTTP local service is.
+    s.service_defaults.as_mut().unwrap().insert(
+        "web".into(),
+        api::ServiceDefaults {
+            protocol: Some("http".into()),
+            ..Default::default()
+        },
+    );
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec
+        .unapplied
+        .iter()
+        .any(|u| u.setting == "service-defaults web: Protocol = \"http\""
+            && u.detail.starts_with("inbound to web")));
+}
+
+#[test]
+fn outbound_port_flag_wins() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (s, mut set) = world(&ca);
+    assert_eq!(
+        assemble(&s, &set).unwrap().spec.listen.outbound[0].port(),
+        15001
+    );
+    set.outbound_port = Some(15099);
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert_eq!(
+        spec.listen.outbound,
+        vec![sa("127.0.0.1:15099"), sa("[::1]:15099")]
+    );
 }

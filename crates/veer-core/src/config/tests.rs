@@ -498,3 +498,141 @@ fn permissive_ports_are_read_and_bad_ones_name_their_line() {
         + 1;
     assert_eq!(e.line, Some(line), "{e}");
 }
+
+/// Issue 15: configurations `validate` used to accept, or refused without
+/// saying where, are refused with file, line and key.
+#[test]
+fn issue15_refusals_name_file_line_and_key() {
+    let d = certs("api");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    // (config, key, a text on the line reported, words the message must have)
+    let cases: Vec<(String, &str, &str, &str)> = vec![
+        (
+            format!("{GOOD}\n[[upstreams]]\nname = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]\n"),
+            "upstreams[3].name",
+            "name = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]",
+            "already upstreams[1] with dialed_directly",
+        ),
+        (
+            GOOD.replace("instances = [\"10.77.0.5\", \"10.77.0.6\"]", "instances = [\"10.77.0.5\", \"10.96.0.20\"]"),
+            "upstreams[1].instances",
+            "instances = [",
+            "also a virtual IP of upstreams[0] (billing)",
+        ),
+        (
+            GOOD.replace(
+                "action = \"allow\"",
+                "action = \"allow\"\n[[intentions.rules]]\nsource = \"web\"\naction = \"deny\"",
+            ),
+            "intentions.rules[1].source",
+            "source = \"web\"\naction = \"deny\"",
+            "already has a rule (intentions.rules[0])",
+        ),
+        (
+            GOOD.replace("local_app = \"127.0.0.1:8080\"", "local_app = \"127.0.0.1:20000\""),
+            "inbound.local_app",
+            "local_app =",
+            "loop back into veer",
+        ),
+        (
+            GOOD.replace("bind = \"127.0.0.1:15001\"", "bind = \"0.0.0.0:20000\""),
+            "outbound.bind",
+            "bind = \"0.0.0.0:20000\"\nmesh",
+            "collides with the inbound listener",
+        ),
+        (
+            GOOD.replace("[inbound]", "[limits]\nmax_connections = \"1000\"\n\n[inbound]"),
+            "limits.max_connections",
+            "max_connections",
+            "expected a number (without quotes), found string \"1000\"",
+        ),
+        (
+            GOOD.replace("name = \"ledger\"\n", ""),
+            "upstreams[2]",
+            "local_bind = \"127.0.0.1:9191\"",
+            "the required key `name` is missing",
+        ),
+    ];
+    for (text, key, needle, words) in cases {
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{key} should fail"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        // Multi-line needles: the line of the first line after the first match of the whole.
+        let want = match needle.split_once('\n') {
+            None => line_of(&text, needle),
+            Some(_) => {
+                let at = text.find(needle).unwrap();
+                text[..at].matches('\n').count() + 1
+            }
+        };
+        let shown = e.to_string();
+        assert!(shown.contains(words), "{shown}");
+        assert!(
+            shown.starts_with(&format!("{}:", d.0.join("veer.toml").display())),
+            "{shown}"
+        );
+        if key != "upstreams[2]" {
+            assert_eq!(e.line, Some(want), "{shown}");
+        } else {
+            // A missing key: the line of its table.
+            assert!(e.line.is_some(), "{shown}");
+        }
+    }
+}
+
+#[test]
+fn a_further_entry_for_one_service_may_add_a_listener() {
+    let d = certs("api");
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]\n"
+    );
+    let l = parse_in(&d, &text).unwrap();
+    assert_eq!(l.spec.upstreams.len(), 4);
+    // And its own virtual IPs with their own endpoints.
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    assert_eq!(parse_in(&d, &text).unwrap().spec.upstreams.len(), 4);
+    // But not one of the first entry's.
+    let text = format!(
+        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.20\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    );
+    assert!(parse_in(&d, &text).is_err());
+}
+
+#[test]
+fn issue15_leaf_problems_are_named() {
+    let d = certs("api");
+    let ca_dir = &d.0;
+    // Expired: issued by the right CA for the right service, a day ago for an hour.
+    let ca = Ca::new_root(TD).unwrap();
+    std::fs::write(ca_dir.join("roots2.pem"), &ca.cert_pem).unwrap();
+    let old = ca
+        .issue(&LeafSpec::service(TD, "dc1", "api").valid_between(-86_400, -82_800))
+        .unwrap();
+    std::fs::write(ca_dir.join("old.pem"), &old.chain_pem).unwrap();
+    std::fs::write(ca_dir.join("old-key.pem"), &old.key_pem).unwrap();
+    let text = GOOD
+        .replace("ca_file = \"roots.pem\"", "ca_file = \"roots2.pem\"")
+        .replace("cert_file = \"leaf.pem\"", "cert_file = \"old.pem\"")
+        .replace("key_file = \"key.pem\"", "key_file = \"old-key.pem\"");
+    let e = parse_in(&d, &text).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("tls.cert_file"), "{e}");
+    assert!(e.msg.contains("expired at 20"), "{e}");
+    assert!(!e.msg.contains("chain"), "{e}");
+
+    // The CA certificate given as the leaf.
+    let text = GOOD.replace("cert_file = \"leaf.pem\"", "cert_file = \"roots.pem\"");
+    let e = parse_in(&d, &text).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("tls.cert_file"), "{e}");
+    assert!(e.msg.contains("is a CA certificate"), "{e}");
+    assert!(!e.msg.contains("CaUsedAsEndEntity"), "{e}");
+
+    // A leaf from another CA.
+    let text = GOOD.replace("ca_file = \"roots.pem\"", "ca_file = \"roots2.pem\"");
+    let e = parse_in(&d, &text).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("tls.cert_file"), "{e}");
+    assert!(e.msg.contains("another CA"), "{e}");
+}

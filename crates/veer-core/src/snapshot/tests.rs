@@ -35,6 +35,7 @@ fn spec(ca: &Ca) -> Spec {
         rbac: None,
         permissive_ports: vec![],
         inbound_max_connections: None,
+        unapplied: Vec::new(),
     }
 }
 

@@ -227,3 +227,26 @@ fn https_and_node_name_not_supported() {
         .to_string()
         .contains("not supported yet"));
 }
+
+#[test]
+fn bad_flag_values_name_the_flag_not_the_json_field() {
+    for (flag, value) in [
+        ("-exclude-inbound-port", "70000"),
+        ("-exclude-outbound-port", "x"),
+        ("-exclude-outbound-cidr", "10.0.0.0/99"),
+        ("-exclude-uid", "root;"),
+    ] {
+        let c = p(&[
+            "-proxy-uid",
+            "5995",
+            "-proxy-inbound-port",
+            "20000",
+            flag,
+            value,
+        ])
+        .unwrap();
+        let e = build_config(&c, &no_env).unwrap_err().to_string();
+        assert!(e.contains(flag), "{flag}: {e}");
+        assert!(!e.contains("Exclude"), "{flag}: {e}");
+    }
+}

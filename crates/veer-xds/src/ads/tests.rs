@@ -134,6 +134,7 @@ fn spec(source: String) -> Spec {
         rbac: None,
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
+        unapplied: Vec::new(),
     }
 }
 
