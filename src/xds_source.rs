@@ -103,7 +103,10 @@ fn ads_config(b: &Bootstrap) -> Result<AdsConfig, String> {
     cfg.metadata = b.ads.initial_metadata.clone();
     if let Some(t) = &b.ads.tls {
         cfg.tls = Some(Tls {
-            ca_pem: t.ca.pem().map_err(|e| format!("cluster {}: {e}", b.ads.cluster))?,
+            ca_pem: t
+                .ca
+                .pem()
+                .map_err(|e| format!("cluster {}: {e}", b.ads.cluster))?,
             server_name: t.sni.clone(),
         });
     }

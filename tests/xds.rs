@@ -26,7 +26,9 @@ use support::{echo, wait_until};
 use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
 use veer_testsupport::consul_xds::{self as cx, Certs, Params, SidecarShape};
 use veer_testsupport::echo::{spawn_app, App};
-use veer_testsupport::mesh::{self, API_VIP, API_VIP6, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP};
+use veer_testsupport::mesh::{
+    self, API_VIP, API_VIP6, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP,
+};
 use veer_testsupport::netns::Netns;
 use veer_testsupport::xds::{XdsServer, CDS};
 
@@ -111,7 +113,11 @@ impl Dp {
             .arg(dataplane_bootstrap(service, socket, admin_port))
             .args(["--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v"])
             .args(["--log-level", &level, "--disable-hot-restart"])
-            .args(["--concurrency 1", "--drain-time-s 1", "--drain-strategy immediate"])
+            .args([
+                "--concurrency 1",
+                "--drain-time-s 1",
+                "--drain-strategy immediate",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(out)
@@ -159,6 +165,17 @@ fn admin_get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
+/// The web sidecar's `/config_dump` (admin on 19000).
+fn dump(ns: &Netns) -> serde_json::Value {
+    admin_get(ns, 19000, "/config_dump")
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or_default()
+}
+
+fn leaf_serial(ns: &Netns) -> String {
+    dump(ns)["leaf"]["serial"].to_string()
+}
+
 fn wait_ready(ns: &Netns, dp: &Dp) {
     let ok = wait_until(Duration::from_secs(20), || {
         admin_get(ns, dp.admin_port, "/ready").is_some_and(|(s, b)| s == 200 && b.contains("LIVE"))
@@ -194,7 +211,12 @@ impl Topo {
         mesh::redirect(
             &veer(),
             &server,
-            &["-exclude-inbound-port", "9000", "-exclude-inbound-port", "21001"],
+            &[
+                "-exclude-inbound-port",
+                "9000",
+                "-exclude-inbound-port",
+                "21001",
+            ],
         );
         let app = spawn_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "api");
         let plain = spawn_app(
@@ -239,8 +261,10 @@ impl Topo {
         p.endpoints.clear();
         let vips: Vec<IpAddr> = vec![API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()];
         p.vips.insert("api".into(), vips);
-        p.endpoints
-            .insert("api".into(), vec![format!("{SERVER_IP}:20000").parse().unwrap()]);
+        p.endpoints.insert(
+            "api".into(),
+            vec![format!("{SERVER_IP}:20000").parse().unwrap()],
+        );
         p.instances
             .insert("api".into(), vec![SERVER_IP.parse().unwrap()]);
         p
@@ -338,8 +362,11 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
     wait_ready(&t.server, &api);
     wait_ready(&t.client, &web);
 
-    // A VIP on any port, IPv6, and passthrough to a server outside the mesh.
-    for addr in [vip(80), vip(5432), format!("[{API_VIP6}]:80")] {
+    // A VIP on any port, and passthrough to a server outside the mesh.
+    // (Consul v1.16's outbound listener is `127.0.0.1:15001` only, so an
+    // IPv6 virtual IP is not served, by Envoy or by veer: see the
+    // differential test.)
+    for addr in [vip(80), vip(5432)] {
         assert_eq!(
             echo(&t.client, &addr, "hi").unwrap(),
             "hi",
@@ -347,9 +374,12 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
             web.log_text()
         );
     }
-    assert_eq!(echo(&t.client, &format!("{PLAIN_IP}:9000"), "out").unwrap(), "out");
+    assert_eq!(
+        echo(&t.client, &format!("{PLAIN_IP}:9000"), "out").unwrap(),
+        "out"
+    );
     let before = t.app.accepted();
-    assert!(before >= 3);
+    assert!(before >= 2);
 
     // A bad resource is NACKed with its reason; the old one keeps serving.
     let mut bad = t.web_resources(web_shape());
@@ -385,19 +415,35 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         .unwrap()
         .push(format!("{BLACKHOLE_IP}:20000").parse().unwrap());
     let more = cx::sidecar(&p, &web_shape());
+    let serial0 = leaf_serial(&t.client);
     t.serve(&t.web_ads, &more);
-    let rotated = {
-        let mut p = t.params("web");
-        p.certs = Certs::issue(&t.ca.ca, "dc1", "web");
-        cx::sidecar(&p, &web_shape())
-    };
+    let blackhole = format!("{BLACKHOLE_IP}:20000");
+    assert!(
+        wait_until(Duration::from_secs(10), || dump(&t.client)
+            .to_string()
+            .contains(&blackhole)),
+        "the endpoint change was not applied:\n{}",
+        web.log_text()
+    );
+    let serial1 = leaf_serial(&t.client);
+    assert_ne!(serial0, serial1, "a new leaf (inline PEM) was not applied");
+    assert!(
+        held.alive(),
+        "an allowed connection was dropped by an update"
+    );
+    let rotated = cx::sidecar(&t.params("web"), &web_shape());
     t.serve(&t.web_ads, &rotated);
-    assert!(wait_until(Duration::from_secs(10), || web
-        .log_text()
-        .matches("snapshot applied (xds)")
-        .count()
-        >= 2));
-    assert!(held.alive(), "an allowed connection was dropped by an update");
+    assert!(
+        wait_until(Duration::from_secs(10), || leaf_serial(&t.client)
+            != serial1
+            && !dump(&t.client).to_string().contains(&blackhole)),
+        "the leaf rotation was not applied:\n{}",
+        web.log_text()
+    );
+    assert!(
+        held.alive(),
+        "an allowed connection was dropped by an update"
+    );
     assert_eq!(echo(&t.client, &vip(80), "new").unwrap(), "new");
 
     t.serve(&t.api_ads, &t.api_resources(&["billing"]));
@@ -407,7 +453,11 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
     );
     let accepted = t.app.accepted();
     assert!(echo(&t.client, &vip(80), "no").map_or(true, |s| s.is_empty()));
-    assert_eq!(t.app.accepted(), accepted, "a denied connection reached the app");
+    assert_eq!(
+        t.app.accepted(),
+        accepted,
+        "a denied connection reached the app"
+    );
 
     // Deny-all (`rules: {}`), then allow again.
     let mut deny_all = t.api_resources(&[]);
@@ -495,7 +545,10 @@ fn xds_dialed_directly_explicit_upstream_and_impostor() {
     );
     // The explicit upstream's listener (dialled by the app as root: not
     // redirected, it is a local address).
-    assert_eq!(echo(&t.client, "127.0.0.1:9191", "explicit").unwrap(), "explicit");
+    assert_eq!(
+        echo(&t.client, "127.0.0.1:9191", "explicit").unwrap(),
+        "explicit"
+    );
     // Mesh destinations only: the plain server is refused.
     assert!(echo(&t.client, &format!("{PLAIN_IP}:9000"), "x").map_or(true, |s| s.is_empty()));
     assert_eq!(t.plain.accepted(), 0);
@@ -515,11 +568,20 @@ fn xds_dialed_directly_explicit_upstream_and_impostor() {
     let mut imp = cx::sidecar(&p, &SidecarShape::default());
     imp.set_public_rbac(cx::rbac_allow(TRUST_DOMAIN, &["web"]));
     t.serve(&imp_ads, &imp);
-    let impostor = Dp::start_on(Proxy::Veer, &t.server, &t.files, "billing", &imp_sock, 19001);
+    let impostor = Dp::start_on(
+        Proxy::Veer,
+        &t.server,
+        &t.files,
+        "billing",
+        &imp_sock,
+        19001,
+    );
     wait_ready(&t.server, &impostor);
     let mut p = t.params("web");
-    p.endpoints
-        .insert("api".into(), vec![format!("{SERVER_IP}:21001").parse().unwrap()]);
+    p.endpoints.insert(
+        "api".into(),
+        vec![format!("{SERVER_IP}:21001").parse().unwrap()],
+    );
     t.serve(&t.web_ads, &cx::sidecar(&p, &shape));
     assert!(wait_until(Duration::from_secs(10), || web
         .log_text()
@@ -568,11 +630,22 @@ fn outcomes(t: &Topo, proxy: Proxy) -> Vec<(&'static str, bool)> {
     t.web_ads.remove(CDS, "original-destination");
     out.push((
         "passthrough after mesh-only",
-        !wait_until(Duration::from_secs(10), || {
-            !ok(&format!("{PLAIN_IP}:9000"))
-        }),
+        !wait_until(Duration::from_secs(10), || !ok(&format!("{PLAIN_IP}:9000"))),
     ));
     out.push(("vip after mesh-only", ok(&vip(80))));
+    if std::env::var_os("VEER_XDS_DEBUG").is_some() {
+        for x in t.web_ads.sent() {
+            eprintln!(
+                "sent {} {} {:?} removed {:?}",
+                x.stream, x.type_url, x.resources, x.removed
+            );
+        }
+        for r in t.web_ads.requests() {
+            eprintln!("req {:?}", r);
+        }
+    }
+    let n = nacks(&t.web_ads);
+    assert!(n.is_empty(), "{proxy:?} NACKed: {n:?}\n{}", web.log_text());
     drop(web);
     out
 }
@@ -597,7 +670,8 @@ fn xds_same_resources_same_outcome_as_envoy() {
     let with_veer = outcomes(&t, Proxy::Veer);
     let expected = vec![
         ("vip any port", true),
-        ("vip ipv6", true),
+        // Consul v1.16 binds the outbound listener on 127.0.0.1 only.
+        ("vip ipv6", false),
         ("passthrough", true),
         ("denied by rbac", false),
         ("allowed again", true),

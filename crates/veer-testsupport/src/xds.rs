@@ -16,8 +16,9 @@
 //! - With [`XdsServer::require_token`], a stream without the right
 //!   `x-consul-token` ends with `PermissionDenied`.
 //!
-//! - After an ACKed CDS response, the EDS of the clusters in it is sent
-//!   again (Consul does so because Envoy forgets a cluster's endpoints).
+//! - Right after a CDS response, the EDS of the clusters in it is sent
+//!   again (Consul does so because Envoy forgets a cluster's endpoints and
+//!   does not ACK the cluster before they come).
 //!
 //! Not modelled: Consul re-sending a listener's RDS after an LDS ACK, and
 //! the ACL re-checks while idle.
@@ -516,23 +517,11 @@ impl Stream {
                 if nonce != req.response_nonce {
                     t.pending = Some((nonce, ups, rms));
                 } else if req.error_detail.is_none() {
-                    let updated: Vec<String> = ups.iter().map(|(n, _)| n.clone()).collect();
                     for (n, v) in ups {
                         t.versions.insert(n, v);
                     }
                     for n in rms {
                         t.versions.remove(&n);
-                    }
-                    // Consul: after an ACKed cluster update, the cluster's
-                    // endpoints are sent again (Envoy forgets them).
-                    if req.type_url == CDS {
-                        if let Some(e) = self.types.get_mut(EDS) {
-                            for n in updated {
-                                if let Some(v) = e.versions.get_mut(&n) {
-                                    v.clear();
-                                }
-                            }
-                        }
                     }
                     return self.subscribe(req);
                 } else {
@@ -635,6 +624,7 @@ impl Stream {
                     resources: ups,
                     removed: removed.clone(),
                 });
+                let updated: Vec<String> = resources.iter().map(|r| r.name.clone()).collect();
                 out.push(DeltaDiscoveryResponse {
                     type_url: ty.to_string(),
                     nonce,
@@ -642,6 +632,19 @@ impl Stream {
                     removed_resources: removed,
                     ..Default::default()
                 });
+                // Consul (`ensureChildResend`, v1.16.0 agent/xds/delta.go):
+                // when a cluster update is sent, the cluster's endpoints are
+                // sent again right behind it (Envoy forgets them, and does
+                // not ACK the cluster until they come).
+                if ty == CDS {
+                    if let Some(e) = self.types.get_mut(EDS) {
+                        for n in updated {
+                            if let Some(v) = e.versions.get_mut(&n) {
+                                v.clear();
+                            }
+                        }
+                    }
+                }
             }
         }
         for r in out {

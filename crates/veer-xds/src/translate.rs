@@ -759,7 +759,17 @@ impl crate::ads::Check for Translator {
         wanted(res)
     }
     fn missing(&self, res: &Resources) -> Vec<String> {
-        missing(res)
+        let m = missing(res);
+        if !m.is_empty() {
+            return m;
+        }
+        // What only the whole translation sees: a leaf in the middle of a
+        // rotation (Consul sends the clusters before the listeners) waits
+        // for the rest instead of being refused.
+        match translate(res) {
+            Err(TranslateError::Incomplete(waiting)) => waiting,
+            _ => Vec::new(),
+        }
     }
     fn compile(&self, res: &Resources) -> Result<Spec, String> {
         translate(res).map_err(|e| e.to_string())

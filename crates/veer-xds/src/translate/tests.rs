@@ -1167,6 +1167,18 @@ fn upstream_with_another_client_certificate_waits() {
     let e = translate(&load(&x)).unwrap_err();
     assert_eq!(e.classify(), "incomplete", "a leaf rotation in progress");
     assert!(e.to_string().contains("client certificate differs"), "{e}");
+    // The ADS client hears it as "still waiting", never as a refusal (a
+    // NACK would make Consul drop the update and veer would stay behind).
+    use crate::ads::Check;
+    let waiting = Translator.missing(&load(&x));
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert!(
+        waiting[0].contains("client certificate differs"),
+        "{waiting:?}"
+    );
+    assert!(Translator
+        .missing(&load(&cx::transparent_proxy(&p)))
+        .is_empty());
 }
 
 #[test]
