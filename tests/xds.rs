@@ -682,3 +682,195 @@ fn xds_same_resources_same_outcome_as_envoy() {
     assert_eq!(with_veer, with_envoy, "veer differs from Envoy");
     drop(api);
 }
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Mesh scale, side by side (not part of the suite; a measurement):
+/// `VEER_XDS_SCALE=2000 cargo test --release --test xds xds_scale -- --ignored --nocapture`.
+/// The web sidecar gets N implicit upstreams with 3 endpoints each over
+/// Delta xDS from consul-dataplane's bootstrap (with its stats tags); for
+/// veer and for Envoy it prints the time from start to ready (the first
+/// configuration applied), CPU seconds, RSS, and the time one endpoint
+/// change takes to be ACKed.
+#[test]
+#[ignore]
+fn xds_scale() {
+    if !veer_testsupport::require_root("xds_scale") {
+        return;
+    }
+    let n: usize = std::env::var("VEER_XDS_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut t = Topo::new();
+    let mut p = t.params("web");
+    let mut shape = web_shape();
+    for i in 0..n {
+        let svc = format!("svc{i:05}");
+        let (a, b) = ((i / 250) as u8, (i % 250) as u8);
+        p.vips
+            .insert(svc.clone(), vec![IpAddr::from([10, 120 + a, b, 1])]);
+        p.endpoints.insert(
+            svc.clone(),
+            (1..=3)
+                .map(|k| SocketAddr::from(([10, 200 + a, b, k], 20000)))
+                .collect(),
+        );
+        shape.upstreams.push(svc);
+    }
+    let x = cx::sidecar(&p, &shape);
+    let proxies: Vec<Proxy> = match std::env::var("VEER_XDS_SCALE_ONLY").as_deref() {
+        Ok("veer") => vec![Proxy::Veer],
+        Ok("envoy") => vec![Proxy::Envoy],
+        _ => vec![Proxy::Veer, Proxy::Envoy],
+    };
+    for proxy in proxies {
+        t.serve(&t.web_ads, &x);
+        let start = Instant::now();
+        let dp = Dp::start(proxy, &t.client, &t.files, "web", &t.web_sock);
+        let ok = wait_until(Duration::from_secs(600), || {
+            admin_get(&t.client, 19000, "/ready").is_some_and(|(s, _)| s == 200)
+        });
+        assert!(ok, "{proxy:?} not ready:\n{}", dp.log_text());
+        let ready = start.elapsed();
+        let pid = dp.child.id();
+        let (cpu, rss) = (cpu_secs(pid), rss_kib(pid));
+        // One endpoint change: time until its response is ACKed.
+        let acks0 = t.web_ads.requests().iter().filter(|r| r.is_ack()).count();
+        let mut la = cx::load_assignment(
+            &p.sni("svc00000"),
+            &[SocketAddr::from(([10, 250, 0, 9], 20000))],
+        );
+        la.cluster_name = p.sni("svc00000");
+        let t0 = Instant::now();
+        t.web_ads.put(&p.sni("svc00000"), &la);
+        let acked = wait_until(Duration::from_secs(120), || {
+            t.web_ads.requests().iter().filter(|r| r.is_ack()).count() > acks0
+        });
+        let change = t0.elapsed();
+        assert!(acked, "{proxy:?}: the endpoint change was not ACKed");
+        eprintln!(
+            "xds_scale {proxy:?} upstreams={n}: ready {:.2} s, CPU {:.2} s, RSS {:.1} MiB, one endpoint change ACKed in {} ms",
+            ready.as_secs_f64(),
+            cpu,
+            rss as f64 / 1024.0,
+            change.as_millis()
+        );
+        drop(dp);
+        // A fresh stream for the next proxy.
+        t.rt.block_on(t.web_ads.stop());
+        t.rt.block_on(t.web_ads.restart()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&t.web_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+}
+
+/// veer started as `consul connect envoy` (Consul ≥ 1.15) starts Envoy on a
+/// VM: `--config-path <FIFO> --disable-hot-restart`, the bootstrap written
+/// once into the FIFO when it is opened (Consul's `pipe-bootstrap`), here
+/// Consul v1.16.0's `acl-enabled-and-token` golden: the xDS server is the
+/// local agent's gRPC port (127.0.0.1:8502, h2c over TCP) and the ACL token
+/// travels as `x-consul-token`, which the server requires.
+#[test]
+fn xds_consul_connect_envoy_command_line_over_tcp_with_token() {
+    if !veer_testsupport::require_root("xds_consul_connect_envoy") {
+        return;
+    }
+    let t = Topo::new();
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    wait_ready(&t.server, &api);
+
+    // The "agent": a Consul-like ADS server on 127.0.0.1:8502 in web's namespace.
+    let l = t
+        .client
+        .run(|| std::net::TcpListener::bind("127.0.0.1:8502").expect("bind 8502"));
+    let agent = {
+        let _g = t.rt.enter();
+        XdsServer::tcp_listener(l).expect("xds server")
+    };
+    agent.require_token(Some("foo"));
+    t.serve(&agent, &t.web_resources(web_shape()));
+
+    let golden = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crates/veer-xds/tests/fixtures/bootstrap/consul-v1.16.0/acl-enabled-and-token.json"
+    ))
+    .unwrap();
+    let mut b: serde_json::Value = serde_json::from_str(&golden).unwrap();
+    b["node"]["id"] = "web-sidecar-proxy".into();
+    b["node"]["cluster"] = "web".into();
+    let boot = b.to_string();
+    // The FIFO, owned by the proxy user (consul connect envoy execs Envoy
+    // as itself), written once when opened.
+    let fifo = t.files.join("envoy-bootstrap.json");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo and chown read a NUL-terminated path we own.
+    unsafe {
+        assert_eq!(libc::mkfifo(c.as_ptr(), 0o600), 0);
+        assert_eq!(libc::chown(c.as_ptr(), PROXY_UID, PROXY_UID), 0);
+    }
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(&fifo, boot))
+    };
+    let link = t.files.join("bin");
+    std::fs::create_dir_all(&link).unwrap();
+    let envoy = link.join("envoy");
+    if !envoy.exists() {
+        std::os::unix::fs::symlink(veer(), &envoy).unwrap();
+    }
+    let log = t.files.join("web-connect-envoy.log");
+    let child = t
+        .client
+        .command("setpriv")
+        .args([
+            &format!("--reuid={PROXY_UID}"),
+            &format!("--regid={PROXY_UID}"),
+            "--clear-groups",
+        ])
+        .arg(&envoy)
+        .arg("--config-path")
+        .arg(&fifo)
+        .arg("--disable-hot-restart")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let web = Dp {
+        child,
+        log,
+        admin_port: 19000,
+    };
+    writer
+        .join()
+        .unwrap()
+        .expect("the bootstrap was read from the FIFO");
+    wait_ready(&t.client, &web);
+    assert_eq!(echo(&t.client, &vip(80), "vm").unwrap(), "vm");
+    assert!(agent
+        .requests()
+        .iter()
+        .all(|r| r.stream == agent.requests()[0].stream));
+    drop(web);
+    drop(api);
+}
