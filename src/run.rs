@@ -115,17 +115,8 @@ pub fn run(opts: RunOpts) -> ExitCode {
         },
         Source::Consul(_) | Source::Xds(_) => None,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(opts.threads)
-        .thread_name("veer-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("veer: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime(opts.threads) else {
+        return ExitCode::FAILURE;
     };
     let shutdown = ShutdownOpts {
         grace: opts.grace,
@@ -282,6 +273,23 @@ pub fn run(opts: RunOpts) -> ExitCode {
     });
     rt.shutdown_timeout(Duration::from_millis(100));
     code
+}
+
+/// The data plane's multi-threaded runtime (`--concurrency` workers), or
+/// `None` after saying why it cannot start.
+pub(crate) fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("veer-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("veer: cannot start the runtime: {e}");
+            None
+        }
+    }
 }
 
 pub(crate) fn announce_ready(shared: &Shared, lifecycle: &Lifecycle, admin: &AdminServer) {

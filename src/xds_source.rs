@@ -7,7 +7,7 @@
 //! listeners and turns ready; later configurations are applied as they
 //! come. Each configuration carries a channel on which veer answers whether
 //! it was applied, so the ADS client can ACK or NACK.
-use crate::run::{announce_ready, RunOpts, Source};
+use crate::run::{announce_ready, runtime, RunOpts, Source};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,17 +218,8 @@ pub fn run(opts: RunOpts) -> ExitCode {
         unreachable!("xds_source::run is called for Source::Xds only")
     };
     let b = start.bootstrap;
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(opts.threads)
-        .thread_name("veer-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("veer: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime(opts.threads) else {
+        return ExitCode::FAILURE;
     };
     let shutdown = ShutdownOpts {
         grace: opts.grace,

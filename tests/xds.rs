@@ -788,7 +788,8 @@ fn xds_scale() {
 /// once into the FIFO when it is opened (Consul's `pipe-bootstrap`), here
 /// Consul v1.16.0's `acl-enabled-and-token` golden: the xDS server is the
 /// local agent's gRPC port (127.0.0.1:8502, h2c over TCP) and the ACL token
-/// travels as `x-consul-token`, which the server requires.
+/// travels as `x-consul-token`, which the server requires. The leaf and
+/// roots come as SDS secrets, as Consul after v1.16 sends them.
 #[test]
 fn xds_consul_connect_envoy_command_line_over_tcp_with_token() {
     if !veer_testsupport::require_root("xds_consul_connect_envoy") {
@@ -808,7 +809,13 @@ fn xds_consul_connect_envoy_command_line_over_tcp_with_token() {
         XdsServer::tcp_listener(l).expect("xds server")
     };
     agent.require_token(Some("foo"));
-    t.serve(&agent, &t.web_resources(web_shape()));
+    // Certificates as newer Consul sends them: SDS secrets `connect-leaf`
+    // and `connect-root` over the same ADS stream.
+    let mut p = t.params("web");
+    p.tls = cx::TlsDelivery::Sds;
+    let x = cx::sidecar(&p, &web_shape());
+    assert_eq!(x.secrets.len(), 2);
+    t.serve(&agent, &x);
 
     let golden = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
