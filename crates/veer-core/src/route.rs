@@ -10,7 +10,6 @@
 use crate::addr::{EndpointAddr, OrigDstAddr};
 use crate::authz::{Matcher, StringMatch};
 use crate::spiffe::ServiceId;
-use rustls::ClientConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -101,7 +100,7 @@ pub struct Upstream {
     /// The TLS client configuration for its endpoints: the snapshot's leaf,
     /// this upstream's roots, and a server certificate check that requires
     /// `san_matchers` inside the handshake. Set by `Snapshot::build`.
-    pub tls: Option<Arc<ClientConfig>>,
+    pub tls: Option<crate::tls::LazyClientConfig>,
     open: AtomicU32,
     next: AtomicUsize,
 }

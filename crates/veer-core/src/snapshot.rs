@@ -308,11 +308,10 @@ pub struct TlsMaterial {
     pub client: Arc<ClientConfig>,
     pub leaf: CertInfo,
     pub roots: Vec<CertInfo>,
-    /// The per-upstream client configurations by (roots, expected SANs),
-    /// kept by the next snapshot with the same leaf, key and roots: rustls
-    /// resumes a session only with the very verifier that checked it, so
-    /// keeping them keeps the session tickets.
-    upstream_configs: HashMap<UpstreamTlsKey, Arc<ClientConfig>>,
+    /// The per-upstream client configurations, made on first use and kept
+    /// by the next snapshot with the same leaf, key and roots (see
+    /// [`tls::UpstreamConfigs`]).
+    pub upstream_configs: Arc<tls::UpstreamConfigs>,
     /// What `server` and `client` were built from, so that the next
     /// snapshot can keep them (and their session tickets) when only other
     /// parts changed.
@@ -322,10 +321,6 @@ pub struct TlsMaterial {
         Vec<CertificateDer<'static>>,
     ),
 }
-
-/// What makes two upstreams' TLS client configurations the same: their own
-/// roots (`None` = the spec's) and expected SANs.
-type UpstreamTlsKey = (Option<Vec<CertificateDer<'static>>>, Vec<StringMatch>);
 
 /// One immutable configuration snapshot.
 pub struct Snapshot {
@@ -423,10 +418,17 @@ impl Snapshot {
         own.extend(spec.expose.iter().map(|e| e.listener));
         // Root stores: the spec's, and one per distinct per-upstream set.
         let spec_store = Arc::new(tls::root_store(&source.2)?);
-        let mut stores: HashMap<Vec<CertificateDer<'static>>, Arc<rustls::RootCertStore>> =
-            HashMap::new();
-        let prev_configs = same.map(|p| &p.tls.upstream_configs);
-        let mut upstream_configs: HashMap<UpstreamTlsKey, Arc<ClientConfig>> = HashMap::new();
+        let mut stores: HashMap<
+            Vec<CertificateDer<'static>>,
+            (
+                Arc<Vec<CertificateDer<'static>>>,
+                Arc<rustls::RootCertStore>,
+            ),
+        > = HashMap::new();
+        let upstream_configs = match same {
+            Some(p) => p.tls.upstream_configs.clone(),
+            None => Arc::new(tls::UpstreamConfigs::new(client.clone())),
+        };
         let mut root_infos: HashMap<Vec<CertificateDer<'static>>, Arc<[CertInfo]>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(spec.upstreams.len());
         for u in spec.upstreams {
@@ -481,33 +483,22 @@ impl Snapshot {
             if sans != [default_san] {
                 up.san_matchers = Arc::from(compile(&sans)?);
             }
-            let key: UpstreamTlsKey = (u.roots, sans);
-            let cached = upstream_configs
-                .get(&key)
-                .or_else(|| prev_configs.and_then(|m| m.get(&key)))
-                .cloned();
-            let cfg = match cached {
-                Some(c) => c,
-                None => {
-                    let store = match &key.0 {
-                        None => spec_store.clone(),
-                        Some(r) if r.is_empty() => return Err(bad("empty roots".into())),
-                        Some(r) => match stores.get(r) {
-                            Some(s) => s.clone(),
-                            None => {
-                                let s =
-                                    tls::root_store(r).map_err(|e| bad(format!("roots: {e}")))?;
-                                let s = Arc::new(s);
-                                stores.insert(r.clone(), s.clone());
-                                s
-                            }
-                        },
-                    };
-                    tls::upstream_client_config(&client, store, up.san_matchers.clone())
-                }
+            let (roots_key, store) = match &u.roots {
+                None => (None, spec_store.clone()),
+                Some(r) if r.is_empty() => return Err(bad("empty roots".into())),
+                Some(r) => match stores.get(r) {
+                    Some((k, s)) => (Some(k.clone()), s.clone()),
+                    None => {
+                        let s = tls::root_store(r).map_err(|e| bad(format!("roots: {e}")))?;
+                        let (k, s) = (Arc::new(r.clone()), Arc::new(s));
+                        stores.insert(r.clone(), (k.clone(), s.clone()));
+                        (Some(k), s)
+                    }
+                },
             };
+            let key: tls::UpstreamTlsKey = (roots_key, sans);
             if let Some(r) = &key.0 {
-                up.roots = Some(match root_infos.get(r) {
+                up.roots = Some(match root_infos.get(&**r) {
                     Some(i) => i.clone(),
                     None => {
                         let i = r
@@ -515,13 +506,17 @@ impl Snapshot {
                             .map(|c| CertInfo::parse(c))
                             .collect::<Result<Arc<[CertInfo]>, _>>()
                             .map_err(|e| bad(format!("roots: {e}")))?;
-                        root_infos.insert(r.clone(), i.clone());
+                        root_infos.insert((**r).clone(), i.clone());
                         i
                     }
                 });
             }
-            up.tls = Some(cfg.clone());
-            upstream_configs.insert(key, cfg);
+            up.tls = Some(tls::LazyClientConfig::new(
+                key,
+                store,
+                up.san_matchers.clone(),
+                upstream_configs.clone(),
+            ));
             up.protocol = u.protocol;
             up.virtual_ips = u.virtual_ips;
             up.endpoints = if u.endpoint_weights.is_empty() {

@@ -503,3 +503,88 @@ pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
 
 #[cfg(test)]
 mod tests;
+
+/// What makes two upstreams' TLS client configurations the same: their own
+/// roots (`None` = the snapshot's; shared by every upstream with the same
+/// set) and expected SANs.
+pub type UpstreamTlsKey = (
+    Option<Arc<Vec<CertificateDer<'static>>>>,
+    Vec<crate::authz::StringMatch>,
+);
+
+/// The per-upstream client configurations, each made the first time a
+/// connection to that upstream needs it (memory follows the upstreams in
+/// use, not the mesh), and kept by the next snapshot with the same leaf,
+/// key and roots: rustls resumes a session only with the very verifier
+/// that checked it, so keeping them keeps the session tickets.
+#[derive(Debug)]
+pub struct UpstreamConfigs {
+    base: Arc<ClientConfig>,
+    built: std::sync::Mutex<std::collections::HashMap<UpstreamTlsKey, Arc<ClientConfig>>>,
+}
+
+impl UpstreamConfigs {
+    pub fn new(base: Arc<ClientConfig>) -> UpstreamConfigs {
+        UpstreamConfigs {
+            base,
+            built: Default::default(),
+        }
+    }
+
+    /// How many configurations have been made (upstreams dialled).
+    pub fn len(&self) -> usize {
+        self.built.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(
+        &self,
+        key: &UpstreamTlsKey,
+        roots: &Arc<RootCertStore>,
+        sans: &Arc<[Matcher]>,
+    ) -> Arc<ClientConfig> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .entry(key.clone())
+            .or_insert_with(|| upstream_client_config(&self.base, roots.clone(), sans.clone()))
+            .clone()
+    }
+}
+
+/// One upstream's TLS client configuration, made on first use.
+#[derive(Debug)]
+pub struct LazyClientConfig {
+    key: UpstreamTlsKey,
+    roots: Arc<RootCertStore>,
+    sans: Arc<[Matcher]>,
+    configs: Arc<UpstreamConfigs>,
+    cell: std::sync::OnceLock<Arc<ClientConfig>>,
+}
+
+impl LazyClientConfig {
+    pub fn new(
+        key: UpstreamTlsKey,
+        roots: Arc<RootCertStore>,
+        sans: Arc<[Matcher]>,
+        configs: Arc<UpstreamConfigs>,
+    ) -> LazyClientConfig {
+        LazyClientConfig {
+            key,
+            roots,
+            sans,
+            configs,
+            cell: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The configuration: the snapshot's leaf, this upstream's roots, and a
+    /// server certificate check that requires its SANs inside the handshake.
+    pub fn get(&self) -> Arc<ClientConfig> {
+        self.cell
+            .get_or_init(|| self.configs.get(&self.key, &self.roots, &self.sans))
+            .clone()
+    }
+}

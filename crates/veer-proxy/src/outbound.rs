@@ -253,7 +253,7 @@ async fn connect_tls(
     upstream: &Upstream,
     addr: EndpointAddr,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
-    let Some(config) = upstream.tls.clone() else {
+    let Some(config) = upstream.tls.as_ref().map(|t| t.get()) else {
         return Err(OutboundError::Handshake(
             addr,
             "tls_setup",

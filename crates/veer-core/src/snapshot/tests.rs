@@ -58,6 +58,11 @@ fn defaults_keep_todays_behaviour() {
     assert!(u.san_matchers[0].matches(&id("api").to_string()));
     assert!(!u.san_matchers[0].matches(&id("api2").to_string()));
     assert!(u.tls.is_some());
+    // Made on first use: memory follows the upstreams in use.
+    assert!(snap.tls.upstream_configs.is_empty());
+    let c = u.tls.as_ref().unwrap().get();
+    assert_eq!(snap.tls.upstream_configs.len(), 1);
+    assert!(Arc::ptr_eq(&c, &u.tls.as_ref().unwrap().get()));
     assert_eq!(
         u.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
         [1, 1]
@@ -216,7 +221,7 @@ fn upstream_tls_configs_are_shared_and_kept_across_snapshots() {
     let mut s = spec(&ca);
     s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")];
     let first = Snapshot::build(s.clone(), 1).unwrap();
-    let cfg = |snap: &Snapshot, i: usize| snap.routes.upstreams()[i].tls.clone().unwrap();
+    let cfg = |snap: &Snapshot, i: usize| snap.routes.upstreams()[i].tls.as_ref().unwrap().get();
     assert!(!Arc::ptr_eq(&cfg(&first, 0), &cfg(&first, 1)));
     // A catalog change: the same configurations (their verifiers keep the
     // session tickets).
