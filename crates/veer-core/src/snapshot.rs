@@ -322,6 +322,13 @@ pub struct TlsMaterial {
     ),
 }
 
+/// A distinct set of per-upstream roots: the set (the key of the upstream
+/// TLS configurations) and its root store.
+type SharedRoots = (
+    Arc<Vec<CertificateDer<'static>>>,
+    Arc<rustls::RootCertStore>,
+);
+
 /// One immutable configuration snapshot.
 pub struct Snapshot {
     /// Increases with every snapshot a process builds.
@@ -418,13 +425,7 @@ impl Snapshot {
         own.extend(spec.expose.iter().map(|e| e.listener));
         // Root stores: the spec's, and one per distinct per-upstream set.
         let spec_store = Arc::new(tls::root_store(&source.2)?);
-        let mut stores: HashMap<
-            Vec<CertificateDer<'static>>,
-            (
-                Arc<Vec<CertificateDer<'static>>>,
-                Arc<rustls::RootCertStore>,
-            ),
-        > = HashMap::new();
+        let mut stores: HashMap<Vec<CertificateDer<'static>>, SharedRoots> = HashMap::new();
         let upstream_configs = match same {
             Some(p) => p.tls.upstream_configs.clone(),
             None => Arc::new(tls::UpstreamConfigs::new(client.clone())),
