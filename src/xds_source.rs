@@ -44,6 +44,58 @@ pub struct XdsUpdate {
 /// keeps serving what it has).
 pub struct XdsFeed {
     pub updates: mpsc::Receiver<XdsUpdate>,
+    /// What the ADS client reports, for `/ready`, `/config_dump` and the
+    /// metrics (through the lifecycle's control-plane hook).
+    pub status: Arc<XdsStatus>,
+}
+
+/// The xDS source as a [`veer_admin::ControlPlaneStatus`]: upstreams in
+/// force, how long the server has been away, NACKs and stream ends by
+/// reason.
+pub struct XdsStatus {
+    metrics: Arc<veer_xds::ads::AdsMetrics>,
+    /// Since when no stream has been open (after the first one; kept by
+    /// [`follow_status`]).
+    away_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Upstreams in the snapshot in force.
+    upstreams: std::sync::atomic::AtomicU64,
+}
+
+impl XdsStatus {
+    /// A status no client reports to (tests of the feed alone).
+    #[cfg(test)]
+    pub(crate) fn unconnected() -> Arc<XdsStatus> {
+        Arc::new(XdsStatus {
+            metrics: Default::default(),
+            away_since: Default::default(),
+            upstreams: Default::default(),
+        })
+    }
+}
+
+impl veer_admin::ControlPlaneStatus for XdsStatus {
+    fn control_plane(&self) -> veer_admin::ControlPlane {
+        use std::sync::atomic::Ordering::Relaxed;
+        let away = *self.away_since.lock().unwrap_or_else(|e| e.into_inner());
+        let view_age = Some(away.map_or(Duration::ZERO, |t| t.elapsed()));
+        let m = &self.metrics;
+        let nacks = veer_xds::resources::Kind::ALL
+            .iter()
+            .map(|k| m.nacks.get(*k))
+            .sum();
+        let mut errors = vec![("nack", nacks)];
+        for r in veer_xds::ads::RECONNECT_REASONS {
+            errors.push((r, m.reconnects(r)));
+        }
+        veer_admin::ControlPlane {
+            source: "xds",
+            upstreams: self.upstreams.load(Relaxed),
+            services: None,
+            view_age,
+            max_connections: 1,
+            errors,
+        }
+    }
 }
 
 /// Starts the Delta ADS client for `bootstrap` (node, ADS server address,
@@ -53,7 +105,13 @@ pub struct XdsFeed {
 pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
     let cfg = ads_config(bootstrap)?;
     let (tx, updates) = mpsc::channel::<XdsUpdate>(1);
-    let (status, _) = tokio::sync::watch::channel(AdsStatus::default());
+    let (status, seen) = tokio::sync::watch::channel(AdsStatus::default());
+    let xds_status = Arc::new(XdsStatus {
+        metrics: cfg.metrics.clone(),
+        away_since: Default::default(),
+        upstreams: Default::default(),
+    });
+    tokio::spawn(follow_status(seen, xds_status.clone()));
     tracing::info!(ads_server = %cfg.server, node = %cfg.node.id, "connecting to the xDS server");
     tokio::spawn(async move {
         // The client's callback is synchronous (it decides the ACK or NACK
@@ -78,7 +136,24 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
             Err(e) => tracing::error!("the ADS client cannot run: {e}"),
         }
     });
-    Ok(XdsFeed { updates })
+    Ok(XdsFeed {
+        updates,
+        status: xds_status,
+    })
+}
+
+/// Keeps [`XdsStatus::away_since`]: set when the stream to the server
+/// closes, cleared when one is open again.
+async fn follow_status(mut seen: tokio::sync::watch::Receiver<AdsStatus>, status: Arc<XdsStatus>) {
+    while seen.changed().await.is_ok() {
+        let connected = seen.borrow_and_update().connected;
+        let mut away = status.away_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (connected, *away) {
+            (true, _) => *away = None,
+            (false, None) => *away = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
 }
 
 /// The ADS client's configuration from the bootstrap.
@@ -139,6 +214,10 @@ pub async fn follow(mut feed: XdsFeed, shared: Arc<Shared>) {
     while let Some(u) = feed.updates.recv().await {
         let answer = match shared.apply(u.spec) {
             Ok(s) => {
+                feed.status.upstreams.store(
+                    s.routes.upstreams().len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::info!(
                     version = s.version,
                     upstreams = s.routes.upstreams().len(),
@@ -296,6 +375,11 @@ pub fn run(opts: RunOpts) -> ExitCode {
         };
         pre.stop();
         let lifecycle = Lifecycle::new();
+        feed.status.upstreams.store(
+            shared.snapshot().routes.upstreams().len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        lifecycle.set_control_plane(feed.status.clone());
         lifecycle.set_snapshot_applied();
         let admin = match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
             Ok(a) => a,

@@ -404,6 +404,18 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         nacks(&t.web_ads)
     );
     assert_eq!(echo(&t.client, &vip(80), "still").unwrap(), "still");
+    // Counted, and the view of the control plane is in /ready.
+    let (_, metrics) = admin_get(&t.client, 19000, "/stats/prometheus").unwrap();
+    assert!(
+        metrics.contains("veer_control_plane_errors_total{source=\"xds\",kind=\"nack\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("veer_control_plane_upstreams 1\n"),
+        "{metrics}"
+    );
+    let (_, ready) = admin_get(&t.client, 19000, "/ready").unwrap();
+    assert!(ready.starts_with("LIVE\nxds: 1 upstreams"), "{ready}");
 
     // An open, allowed connection survives an endpoint change and a new
     // leaf for web; a deny for web then closes it and refuses new ones.
@@ -484,6 +496,11 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(calls > 20);
+    let (_, ready) = admin_get(&t.client, 19000, "/ready").unwrap();
+    assert!(
+        ready.contains("xds: 1 upstreams, last in sync 3"),
+        "{ready}"
+    );
     t.rt.block_on(t.web_ads.restart()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&t.web_sock, std::fs::Permissions::from_mode(0o777)).unwrap();

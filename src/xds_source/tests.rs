@@ -45,7 +45,10 @@ fn first_waits_past_a_refused_configuration_and_follow_answers_each() {
     bad.roots.clear();
     rt().block_on(async {
         let (tx, updates) = mpsc::channel(1);
-        let mut feed = XdsFeed { updates };
+        let mut feed = XdsFeed {
+            updates,
+            status: XdsStatus::unconnected(),
+        };
         let t = tokio::spawn(async move {
             let r1 = send(&tx, bad).await;
             let r2 = send(&tx, good.clone()).await;
@@ -79,7 +82,13 @@ fn a_feed_closed_before_the_first_configuration_is_an_error() {
     rt().block_on(async {
         let (tx, updates) = mpsc::channel::<XdsUpdate>(1);
         drop(tx);
-        let e = first(&mut XdsFeed { updates }).await.err().unwrap();
+        let e = first(&mut XdsFeed {
+            updates,
+            status: XdsStatus::unconnected(),
+        })
+        .await
+        .err()
+        .unwrap();
         assert!(e.contains("before the first configuration"), "{e}");
     });
 }
