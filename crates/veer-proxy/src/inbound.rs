@@ -219,25 +219,7 @@ async fn handshake(
     tcp: TcpStream,
     peer: ClientAddr,
 ) -> Option<Box<ServerTls<TcpStream>>> {
-    // A peer that closes without sending a byte is a probe (Consul's
-    // "Connect Sidecar Listening" TCP check every 10 s, kubelet tcpSocket):
-    // counted on its own and logged at debug, not as a failed handshake.
     let deadline = tokio::time::Instant::now() + snap.timeouts.handshake;
-    let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-        Ok(Ok(0)) => return probe(shared, peer, "closed"),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            return probe(shared, peer, "reset")
-        }
-        Err(_) => {
-            // Silent: reset, as a handshake that times out.
-            net::reset_on_close(&tcp);
-            drop(tcp);
-            refuse(shared, peer, None, InboundError::HandshakeTimeout);
-            return None;
-        }
-        _ => {}
-    }
     let conn = match UnbufferedServerConnection::new(snap.tls.server.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -262,6 +244,25 @@ async fn handshake(
             drop(tls);
             refuse(shared, peer, None, InboundError::HandshakeTimeout);
             None
+        }
+        // A peer that closes without sending a byte is a probe (Consul's
+        // "Connect Sidecar Listening" TCP check every 10 s, kubelet
+        // tcpSocket): counted on its own and logged at debug, not as a
+        // failed handshake. (Told from the handshake's own reads: no extra
+        // syscall per connection.)
+        Ok(Err(e))
+            if !tls.received_any()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+        {
+            let how = if e.kind() == std::io::ErrorKind::ConnectionReset {
+                "reset"
+            } else {
+                "closed"
+            };
+            probe(shared, peer, how)
         }
         Ok(Err(e)) => {
             let label = tls::rustls_error(&e)

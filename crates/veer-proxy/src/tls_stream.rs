@@ -78,6 +78,8 @@ pub struct TlsStream<IO, C> {
     peer_closed: bool,
     /// TCP EOF (or an error) from the socket.
     tcp_eof: bool,
+    /// Some ciphertext arrived (a peer that closes before that is a probe).
+    received: bool,
     /// Our close_notify is queued; no more writes.
     close_queued: bool,
     /// The first error rustls reported; the connection is dead after it
@@ -151,6 +153,7 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
             plain_pos: 0,
             peer_closed: false,
             tcp_eof: false,
+            received: false,
             close_queued: false,
             failed: None,
         }
@@ -159,6 +162,12 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
     /// The rustls connection (peer certificates, handshake kind, ...).
     pub fn conn(&self) -> &C {
         &self.conn
+    }
+
+    /// Whether any byte came from the peer: a connection that closes or
+    /// resets before that is a TCP probe, not a failed handshake.
+    pub fn received_any(&self) -> bool {
+        self.received
     }
 
     /// Runs the handshake to its end. A rustls error comes back as an
@@ -350,7 +359,10 @@ impl<IO: Leg, C: Side> TlsStream<IO, C> {
                 self.tcp_eof = true;
                 Poll::Ready(Ok(0))
             }
-            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+            Poll::Ready(Ok(n)) => {
+                self.received = true;
+                Poll::Ready(Ok(n))
+            }
             Poll::Ready(Err(e)) => {
                 self.tcp_eof = true;
                 Poll::Ready(Err(e))
