@@ -69,6 +69,13 @@ pub struct Resources {
     pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
     pub routes: BTreeMap<String, RouteConfiguration>,
     pub secrets: BTreeMap<String, Secret>,
+    /// By-name resources (EDS, RDS, SDS) whose every version so far was
+    /// refused (NACKed), with the reason. What names them does not wait
+    /// for them: a cluster whose endpoints were refused has none (Envoy's
+    /// cluster, too, leaves warming without endpoints), so one bad
+    /// resource does not hold back every later update. Cleared when a
+    /// version is accepted or nothing names it any more.
+    pub refused: BTreeMap<(Kind, String), String>,
 }
 
 /// One resource, decoded and checked on its own by

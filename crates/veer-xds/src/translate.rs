@@ -348,7 +348,13 @@ pub fn missing(res: &Resources) -> Vec<String> {
                         _ => None,
                     };
                     if let Some(eds_name) = eds {
-                        if !res.endpoints.contains_key(&eds_name) {
+                        // Refused endpoints count as none (see
+                        // `Resources::refused`).
+                        if !res.endpoints.contains_key(&eds_name)
+                            && !res
+                                .refused
+                                .contains_key(&(Kind::Endpoints, eds_name.clone()))
+                        {
                             m.insert(format!("endpoints {eds_name} (EDS)"));
                         }
                     }
@@ -362,7 +368,12 @@ pub fn missing(res: &Resources) -> Vec<String> {
     }
     for s in secrets {
         if !res.secrets.contains_key(&s) {
-            m.insert(format!("secret {s} (SDS)"));
+            match res.refused.get(&(Kind::Secret, s.clone())) {
+                Some(why) => m.insert(format!(
+                    "secret {s} (SDS; the one received was refused: {why})"
+                )),
+                None => m.insert(format!("secret {s} (SDS)")),
+            };
         }
     }
     m.into_iter().collect()
@@ -509,6 +520,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
 
     // Upstreams.
+    let no_endpoints = ClusterLoadAssignment::default();
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
     let new_upstream = |ups: &mut Vec<Building>,
@@ -547,9 +559,21 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         spec.connect_timeout = model.connect_timeout;
         spec.max_connections = model.max_connections;
         if let Some(eds) = eds {
-            let la = res.endpoints.get(eds).ok_or_else(|| {
-                TranslateError::Incomplete(vec![format!("endpoints {eds} (EDS)")])
-            })?;
+            let la = match res.endpoints.get(eds) {
+                Some(la) => la,
+                // Refused: no endpoints until a good version arrives.
+                None if res
+                    .refused
+                    .contains_key(&(Kind::Endpoints, eds.to_string())) =>
+                {
+                    &no_endpoints
+                }
+                None => {
+                    return Err(TranslateError::Incomplete(vec![format!(
+                        "endpoints {eds} (EDS)"
+                    )]))
+                }
+            };
             let eps = parse::endpoints_of(la)
                 .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
             spec.endpoints = eps.iter().map(|e| e.addr).collect();
@@ -759,19 +783,18 @@ impl crate::ads::Check for Translator {
         wanted(res)
     }
     fn missing(&self, res: &Resources) -> Vec<String> {
-        let m = missing(res);
-        if !m.is_empty() {
-            return m;
-        }
-        // What only the whole translation sees: a leaf in the middle of a
-        // rotation (Consul sends the clusters before the listeners) waits
-        // for the rest instead of being refused.
-        match translate(res) {
-            Err(TranslateError::Incomplete(waiting)) => waiting,
-            _ => Vec::new(),
-        }
+        missing(res)
     }
-    fn compile(&self, res: &Resources) -> Result<Spec, String> {
-        translate(res).map_err(|e| e.to_string())
+    fn compile(&self, res: &Resources) -> crate::ads::Compiled {
+        use crate::ads::Compiled;
+        match translate(res) {
+            Ok(spec) => Compiled::Ready(spec),
+            // Also what only the whole translation sees: a leaf in the
+            // middle of a rotation (Consul sends the clusters before the
+            // listeners) waits for the rest instead of being refused; a
+            // NACK would make Consul drop the update.
+            Err(TranslateError::Incomplete(waiting)) => Compiled::Waiting(waiting),
+            Err(e) => Compiled::Refused(e.to_string()),
+        }
     }
 }

@@ -15,4 +15,4 @@ pub use client::{
     run, AdsConfig, AdsError, AdsMetrics, AdsStatus, LastReply, NodeInfo, PerKind, Server, Tls,
     RECONNECT_REASONS,
 };
-pub use state::{decode, AdsState, Check, Decoded, Outcome, Reply, Wanted};
+pub use state::{decode, AdsState, Check, Compiled, Decoded, Outcome, Reply, Wanted};

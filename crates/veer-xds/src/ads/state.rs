@@ -56,12 +56,26 @@ pub trait Check {
     fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String>;
     /// Names to subscribe for the by-name kinds, given the accepted resources.
     fn wanted(&self, res: &Resources) -> Wanted;
-    /// What a configuration still waits for (empty = complete). No spec is
-    /// compiled or delivered while this is not empty.
+    /// What a configuration visibly still waits for (a resource named by
+    /// another and not received). Cheap: no compile. Used when a response
+    /// changed nothing, to keep the status current.
     fn missing(&self, res: &Resources) -> Vec<String>;
-    /// The whole configuration. `Err(reason)` = NACK the response that led
-    /// here and revert it.
-    fn compile(&self, res: &Resources) -> Result<Spec, String>;
+    /// The whole configuration, compiled once per response that changed
+    /// something.
+    fn compile(&self, res: &Resources) -> Compiled;
+}
+
+/// What [`Check::compile`] makes of the accepted resources.
+#[derive(Debug)]
+pub enum Compiled {
+    /// A whole configuration, to deliver.
+    Ready(Spec),
+    /// Not complete yet: what it waits for. Nothing is delivered, and the
+    /// response is ACKed (a part still on its way is not an error).
+    Waiting(Vec<String>),
+    /// The resources do not make a configuration: NACK the response that
+    /// led here and revert it.
+    Refused(String),
 }
 
 /// The ACK or NACK of one response.
@@ -226,6 +240,7 @@ impl<C: Check> AdsState<C> {
 
         let mut undo = Vec::new();
         let mut errors = Vec::new();
+        let refused_before = self.res.refused.clone();
         for r in resp.resources {
             let decoded = match &r.resource {
                 None => Err("the resource has no body".to_string()),
@@ -247,6 +262,7 @@ impl<C: Check> AdsState<C> {
                         .insert(r.name, r.version);
                 }
                 Ok(d) => {
+                    self.res.refused.remove(&(kind, r.name.clone()));
                     let old = put(&mut self.res, &r.name, d);
                     let old_version = self
                         .versions
@@ -260,7 +276,22 @@ impl<C: Check> AdsState<C> {
                         old_version,
                     });
                 }
-                Err(reason) => errors.push(format!("{} {}: {reason}", kind.short(), r.name)),
+                Err(reason) => {
+                    let msg = format!("{} {}: {reason}", kind.short(), r.name);
+                    // A by-name resource refused before any version of it
+                    // was accepted: recorded, so that what names it is not
+                    // held back waiting for it (see `Resources::refused`).
+                    if !kind.is_wildcard() && !has(&self.res, kind, &r.name) {
+                        self.res.refused.insert((kind, r.name), reason);
+                        undo.push(Undo {
+                            kind,
+                            name: String::new(),
+                            old: None,
+                            old_version: None,
+                        });
+                    }
+                    errors.push(msg);
+                }
             }
         }
         for name in resp.removed_resources {
@@ -271,9 +302,18 @@ impl<C: Check> AdsState<C> {
         let wanted = self.check.wanted(&self.res);
         for k in BY_NAME {
             let want = wanted.names(k).expect("by-name kind");
+            let refused = self
+                .res
+                .refused
+                .keys()
+                .filter(|(rk, _)| *rk == k)
+                .map(|(_, n)| n.clone());
             let stale: Vec<String> = names(&self.res, k)
                 .into_iter()
+                .chain(refused)
                 .filter(|n| !want.contains(n))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
                 .collect();
             for name in stale {
                 self.take(k, name, &mut undo);
@@ -281,25 +321,30 @@ impl<C: Check> AdsState<C> {
         }
 
         let mut delivered = false;
-        let mut waiting_for = self.check.missing(&self.res);
-        if !undo.is_empty() && waiting_for.is_empty() {
+        let mut waiting_for = Vec::new();
+        if undo.is_empty() {
+            waiting_for = self.check.missing(&self.res);
+        } else {
             let refused = match self.check.compile(&self.res) {
-                Err(reason) => Some(format!("configuration rejected: {reason}")),
-                Ok(spec) => match apply(spec) {
+                Compiled::Refused(reason) => Some(format!("configuration rejected: {reason}")),
+                Compiled::Waiting(w) => {
+                    waiting_for = w;
+                    None
+                }
+                Compiled::Ready(spec) => match apply(spec) {
                     Err(reason) => Some(format!("runtime refused the configuration: {reason}")),
-                    Ok(()) => None,
+                    Ok(()) => {
+                        delivered = true;
+                        self.delivered = true;
+                        None
+                    }
                 },
             };
-            match refused {
-                Some(reason) => {
-                    errors.push(reason);
-                    self.revert(undo);
-                    waiting_for = self.check.missing(&self.res);
-                }
-                None => {
-                    delivered = true;
-                    self.delivered = true;
-                }
+            if let Some(reason) = refused {
+                errors.push(reason);
+                self.revert(undo);
+                self.res.refused = refused_before;
+                waiting_for = self.check.missing(&self.res);
             }
         }
 
@@ -318,6 +363,14 @@ impl<C: Check> AdsState<C> {
 
     /// Removes a resource (if held), recording how to undo it.
     fn take(&mut self, kind: Kind, name: String, undo: &mut Vec<Undo>) {
+        if self.res.refused.remove(&(kind, name.clone())).is_some() {
+            undo.push(Undo {
+                kind,
+                name: String::new(),
+                old: None,
+                old_version: None,
+            });
+        }
         let old = remove(&mut self.res, kind, &name);
         let old_version = self.versions.entry(kind).or_default().remove(&name);
         if old.is_some() || old_version.is_some() {
@@ -332,6 +385,10 @@ impl<C: Check> AdsState<C> {
 
     fn revert(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
+            if u.name.is_empty() {
+                // A change to `refused` only; the caller restores it whole.
+                continue;
+            }
             match u.old {
                 Some(d) => {
                     put(&mut self.res, &u.name, d);
@@ -393,6 +450,16 @@ fn remove(res: &mut Resources, kind: Kind, name: &str) -> Option<Decoded> {
         Kind::Endpoints => res.endpoints.remove(name).map(Decoded::Endpoints),
         Kind::Route => res.routes.remove(name).map(Decoded::Route),
         Kind::Secret => res.secrets.remove(name).map(Decoded::Secret),
+    }
+}
+
+fn has(res: &Resources, kind: Kind, name: &str) -> bool {
+    match kind {
+        Kind::Listener => res.listeners.contains_key(name),
+        Kind::Cluster => res.clusters.contains_key(name),
+        Kind::Endpoints => res.endpoints.contains_key(name),
+        Kind::Route => res.routes.contains_key(name),
+        Kind::Secret => res.secrets.contains_key(name),
     }
 }
 

@@ -34,6 +34,11 @@ impl Check for TestCheck {
                 return Err("stat_prefix \"bad\" is refused".into());
             }
         }
+        if let Decoded::Endpoints(e) = &d {
+            if e.cluster_name.ends_with("!bad") {
+                return Err("endpoints marked bad are refused".into());
+            }
+        }
         Ok(d)
     }
     fn wanted(&self, res: &Resources) -> Wanted {
@@ -59,7 +64,10 @@ impl Check for TestCheck {
         m.extend(
             w.endpoints
                 .iter()
-                .filter(|n| !res.endpoints.contains_key(*n))
+                .filter(|n| {
+                    !res.endpoints.contains_key(*n)
+                        && !res.refused.contains_key(&(Kind::Endpoints, n.to_string()))
+                })
                 .map(|n| format!("eds {n}")),
         );
         m.extend(
@@ -70,16 +78,20 @@ impl Check for TestCheck {
         );
         m
     }
-    fn compile(&self, res: &Resources) -> Result<Spec, String> {
+    fn compile(&self, res: &Resources) -> Compiled {
+        let waiting = self.missing(res);
+        if !waiting.is_empty() {
+            return Compiled::Waiting(waiting);
+        }
         if res.clusters.contains_key("uncompilable") {
-            return Err("cluster uncompilable breaks the build".into());
+            return Compiled::Refused("cluster uncompilable breaks the build".into());
         }
         if res
             .listeners
             .values()
             .any(|l| l.stat_prefix == "uncompilable")
         {
-            return Err("listener uncompilable breaks the build".into());
+            return Compiled::Refused("listener uncompilable breaks the build".into());
         }
         let lds: Vec<String> = res
             .listeners
@@ -103,7 +115,7 @@ impl Check for TestCheck {
             res.clusters.keys().cloned().collect::<Vec<_>>().join(","),
             eds.join(",")
         );
-        Ok(spec(source))
+        Compiled::Ready(spec(source))
     }
 }
 
@@ -278,6 +290,106 @@ fn one_nack_names_the_bad_resources_and_the_rest_applies() {
     );
     assert_eq!(got, vec!["lds[a=a1] cds[c1] eds[c1=c1]".to_string()]);
     assert!(s.delivered());
+}
+
+#[test]
+fn refused_endpoints_of_a_new_cluster_hold_nothing_back() {
+    let mut s = AdsState::new(TestCheck, node().to_proto());
+    s.start();
+    let got = std::cell::RefCell::new(Vec::new());
+    let last = || got.borrow().last().cloned().unwrap();
+    let mut apply = |sp: Spec| {
+        got.borrow_mut().push(sp.source);
+        Ok(())
+    };
+    s.on_response(
+        response(Kind::Listener, "1", vec![("a", listener("a", "a1"))], &[]),
+        &mut apply,
+    );
+    s.on_response(
+        response(Kind::Cluster, "2", vec![("c1", cluster("c1"))], &[]),
+        &mut apply,
+    );
+    s.on_response(
+        response(Kind::Endpoints, "3", vec![("c1", endpoints("c1", ""))], &[]),
+        &mut apply,
+    );
+    assert_eq!(got.borrow().len(), 1);
+    // A new cluster whose first endpoints are refused: NACKed, and the
+    // cluster serves with none instead of holding everything back.
+    s.on_response(
+        response(Kind::Cluster, "4", vec![("c2", cluster("c2"))], &[]),
+        &mut apply,
+    );
+    let out = s.on_response(
+        response(
+            Kind::Endpoints,
+            "5",
+            vec![("c2", endpoints("c2", "!bad"))],
+            &[],
+        ),
+        &mut apply,
+    );
+    assert_eq!(
+        out.reply,
+        Reply::Nack("eds c2: endpoints marked bad are refused".into())
+    );
+    assert!(out.delivered, "c2 applies without endpoints");
+    assert!(out.waiting_for.is_empty(), "{:?}", out.waiting_for);
+    assert_eq!(last(), "lds[a=a1] cds[c1,c2] eds[c1=c1]");
+    assert!(s.versions()[&Kind::Endpoints].get("c2").is_none());
+    // A later update is not held back.
+    let out = s.on_response(
+        response(Kind::Listener, "6", vec![("b", listener("b", "b1"))], &[]),
+        &mut apply,
+    );
+    assert_eq!(out.reply, Reply::Ack);
+    assert!(out.delivered);
+    assert_eq!(last(), "lds[a=a1,b=b1] cds[c1,c2] eds[c1=c1]");
+    // A good version replaces the refusal.
+    let out = s.on_response(
+        response(
+            Kind::Endpoints,
+            "7",
+            vec![("c2", endpoints("c2", "#2"))],
+            &[],
+        ),
+        &mut apply,
+    );
+    assert_eq!(out.reply, Reply::Ack);
+    assert_eq!(last(), "lds[a=a1,b=b1] cds[c1,c2] eds[c1=c1,c2=c2#2]");
+    assert!(s.resources().refused.is_empty());
+    // A refused update of endpoints already held keeps the old ones.
+    let out = s.on_response(
+        response(
+            Kind::Endpoints,
+            "8",
+            vec![("c2", endpoints("c2", "!bad"))],
+            &[],
+        ),
+        &mut apply,
+    );
+    assert!(matches!(out.reply, Reply::Nack(_)));
+    assert!(!out.delivered);
+    assert!(s.resources().refused.is_empty());
+    assert_eq!(s.resources().endpoints["c2"].cluster_name, "c2#2");
+    // A cluster removed takes its refusal with it.
+    s.on_response(
+        response(Kind::Cluster, "9", vec![("c3", cluster("c3"))], &[]),
+        &mut apply,
+    );
+    s.on_response(
+        response(
+            Kind::Endpoints,
+            "10",
+            vec![("c3", endpoints("c3", "!bad"))],
+            &[],
+        ),
+        &mut apply,
+    );
+    assert_eq!(s.resources().refused.len(), 1);
+    s.on_response(response(Kind::Cluster, "11", vec![], &["c3"]), &mut apply);
+    assert!(s.resources().refused.is_empty());
 }
 
 #[test]

@@ -331,6 +331,39 @@ fn missing_says_what_a_first_config_waits_for() {
 }
 
 #[test]
+fn refused_endpoints_are_none_not_missing() {
+    let p = params();
+    let x = cx::transparent_proxy(&p);
+    let mut res = load(&x);
+    let g = p.sni("google");
+    res.endpoints.remove(&g);
+    assert_eq!(missing(&res), vec![format!("endpoints {g} (EDS)")]);
+    res.refused
+        .insert((Kind::Endpoints, g.clone()), "bad address".into());
+    assert!(missing(&res).is_empty());
+    let spec = translate(&res).unwrap_or_else(|e| panic!("{e}"));
+    let up = spec
+        .upstreams
+        .iter()
+        .find(|u| u.sni.as_deref() == Some(g.as_str()))
+        .expect("google is still an upstream");
+    assert!(up.endpoints.is_empty());
+    // A refused secret is still waited for, and says why.
+    let mut p = params();
+    p.tls = TlsDelivery::Sds;
+    let mut res = load(&cx::transparent_proxy(&p));
+    let name = res.secrets.keys().next().cloned().expect("SDS secrets");
+    res.secrets.remove(&name);
+    res.refused
+        .insert((Kind::Secret, name.clone()), "bad PEM".into());
+    let m = missing(&res);
+    assert!(
+        m.iter().any(|w| w.contains(&name) && w.contains("bad PEM")),
+        "{m:?}"
+    );
+}
+
+#[test]
 fn empty_assignment_is_an_upstream_without_hosts() {
     let p = params();
     let mut x = cx::transparent_proxy(&p);
@@ -1169,16 +1202,19 @@ fn upstream_with_another_client_certificate_waits() {
     assert!(e.to_string().contains("client certificate differs"), "{e}");
     // The ADS client hears it as "still waiting", never as a refusal (a
     // NACK would make Consul drop the update and veer would stay behind).
-    use crate::ads::Check;
-    let waiting = Translator.missing(&load(&x));
+    use crate::ads::{Check, Compiled};
+    let Compiled::Waiting(waiting) = Translator.compile(&load(&x)) else {
+        panic!("a rotation in progress must wait")
+    };
     assert_eq!(waiting.len(), 1, "{waiting:?}");
     assert!(
         waiting[0].contains("client certificate differs"),
         "{waiting:?}"
     );
-    assert!(Translator
-        .missing(&load(&cx::transparent_proxy(&p)))
-        .is_empty());
+    assert!(matches!(
+        Translator.compile(&load(&cx::transparent_proxy(&p))),
+        Compiled::Ready(_)
+    ));
 }
 
 #[test]
