@@ -171,6 +171,9 @@ pub fn run(opts: RunOpts) -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
+                if let Some(p) = &pre {
+                    p.set_control_plane(Arc::new(ConsulStatus(source.status())));
+                }
                 let spec = tokio::select! {
                     r = source.first() => match r {
                         Ok(s) => s,

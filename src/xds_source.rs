@@ -59,6 +59,9 @@ pub struct XdsStatus {
     away_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// Upstreams in the snapshot in force.
     upstreams: std::sync::atomic::AtomicU64,
+    /// The ADS client's last report (resources and versions accepted, last
+    /// replies, what a configuration waits for).
+    last: std::sync::Mutex<AdsStatus>,
 }
 
 impl XdsStatus {
@@ -69,6 +72,7 @@ impl XdsStatus {
             metrics: Default::default(),
             away_since: Default::default(),
             upstreams: Default::default(),
+            last: Default::default(),
         })
     }
 }
@@ -96,6 +100,44 @@ impl veer_admin::ControlPlaneStatus for XdsStatus {
             errors,
         }
     }
+
+    fn waiting_for(&self) -> Vec<String> {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting_for
+            .clone()
+    }
+
+    /// The accepted xDS resources by kind with their versions, the last
+    /// reply per kind (a NACK with its reason), refused resources, and why
+    /// the last stream ended. Never a resource's content: the secrets carry
+    /// private keys.
+    fn detail(&self) -> Option<serde_json::Value> {
+        let s = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let resources: serde_json::Map<String, serde_json::Value> = s
+            .versions
+            .iter()
+            .map(|(k, v)| (k.short().to_string(), serde_json::json!(v)))
+            .collect();
+        let last: serde_json::Map<String, serde_json::Value> = s
+            .last
+            .iter()
+            .map(|(k, r)| {
+                (
+                    k.short().to_string(),
+                    serde_json::json!({"nonce": r.nonce, "nack": r.nack}),
+                )
+            })
+            .collect();
+        Some(serde_json::json!({
+            "connected": s.connected,
+            "resources": resources,
+            "last_replies": last,
+            "refused": s.refused,
+            "last_stream_error": s.last_error,
+        }))
+    }
 }
 
 /// Starts the Delta ADS client for `bootstrap` (node, ADS server address,
@@ -110,6 +152,7 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
         metrics: cfg.metrics.clone(),
         away_since: Default::default(),
         upstreams: Default::default(),
+        last: Default::default(),
     });
     tokio::spawn(follow_status(seen, xds_status.clone()));
     tracing::info!(ads_server = %cfg.server, node = %cfg.node.id, "connecting to the xDS server");
@@ -146,7 +189,9 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
 /// closes, cleared when one is open again.
 async fn follow_status(mut seen: tokio::sync::watch::Receiver<AdsStatus>, status: Arc<XdsStatus>) {
     while seen.changed().await.is_ok() {
-        let connected = seen.borrow_and_update().connected;
+        let now = seen.borrow_and_update().clone();
+        let connected = now.connected;
+        *status.last.lock().unwrap_or_else(|e| e.into_inner()) = now;
         let mut away = status.away_since.lock().unwrap_or_else(|e| e.into_inner());
         match (connected, *away) {
             (true, _) => *away = None,
@@ -348,6 +393,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        pre.set_control_plane(feed.status.clone());
         tracing::info!(
             node = %b.node.id,
             ads_server = %b.ads.addr,
@@ -375,6 +421,9 @@ pub fn run(opts: RunOpts) -> ExitCode {
         };
         pre.stop();
         let lifecycle = Lifecycle::new();
+        // consul-dataplane drains with /drain_listeners, waits its grace
+        // period, then calls /quitquitquit expecting Envoy's prompt exit.
+        lifecycle.set_quit_exits_now();
         feed.status.upstreams.store(
             shared.snapshot().routes.upstreams().len() as u64,
             std::sync::atomic::Ordering::Relaxed,

@@ -356,10 +356,41 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
     }
     let mut t = Topo::new();
     t.serve(&t.api_ads, &t.api_resources(&["web"]));
-    t.serve(&t.web_ads, &t.web_resources(web_shape()));
+    // web first gets everything but its endpoints: not ready, and it says
+    // why, while its metrics and config dump already answer.
+    let mut no_eds = t.web_resources(web_shape());
+    no_eds.endpoints.clear();
+    t.serve(&t.web_ads, &no_eds);
     let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
-    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    let mut web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
     wait_ready(&t.server, &api);
+    assert!(
+        wait_until(Duration::from_secs(20), || admin_get(
+            &t.client, 19000, "/ready"
+        )
+        .is_some_and(|(s, b)| s == 503 && b.contains("waiting for: endpoints"))),
+        "/ready before the endpoints: {:?}\n{}",
+        admin_get(&t.client, 19000, "/ready"),
+        web.log_text()
+    );
+    let (status, metrics) = admin_get(&t.client, 19000, "/stats/prometheus").unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("veer_ready 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("veer_control_plane_errors_total{source=\"xds\",kind=\"nack\"} 0"),
+        "{metrics}"
+    );
+    let (status, pre) = admin_get(&t.client, 19000, "/config_dump").unwrap();
+    assert_eq!(status, 200, "{pre}");
+    let pre: serde_json::Value = serde_json::from_str(&pre).unwrap();
+    assert_eq!(pre["state"], "PRE_INITIALIZING", "{pre}");
+    assert!(
+        pre["control_plane"]["resources"]["cds"]
+            .as_object()
+            .is_some_and(|c| c.contains_key("local_app")),
+        "{pre}"
+    );
+    t.serve(&t.web_ads, &t.web_resources(web_shape()));
     wait_ready(&t.client, &web);
 
     // A VIP on any port, and passthrough to a server outside the mesh.
@@ -416,6 +447,20 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
     );
     let (_, ready) = admin_get(&t.client, 19000, "/ready").unwrap();
     assert!(ready.starts_with("LIVE\nxds: 1 upstreams"), "{ready}");
+    // The config dump lists the accepted resources with their versions and
+    // the NACK with its reason.
+    let cp = &dump(&t.client)["control_plane"];
+    let lds = cp["resources"]["lds"].as_object().expect("lds versions");
+    assert!(
+        lds.keys().any(|n| n.starts_with("public_listener")) && lds.values().all(|v| v.is_string()),
+        "{cp}"
+    );
+    assert!(
+        cp["last_replies"]["lds"]["nack"]
+            .as_str()
+            .is_some_and(|m| m.contains("ext_authz")),
+        "{cp}"
+    );
 
     // An open, allowed connection survives an endpoint change and a new
     // leaf for web; a deny for web then closes it and refuses new ones.
@@ -526,8 +571,52 @@ fn xds_driven_sidecars_carry_traffic_follow_updates_and_survive_the_server() {
         web.log_text()
     );
     assert_eq!(echo(&t.client, &vip(80), "mesh").unwrap(), "mesh");
+
+    // consul-dataplane's shutdown: drain, wait, then /quitquitquit, which
+    // exits at once as Envoy's does, open connections or not.
+    let mut held = Held::open(&t.client, &vip(82));
+    assert!(held.alive());
+    assert_eq!(
+        admin_post(&t.client, 19000, "/drain_listeners?inboundonly&graceful").map(|r| r.0),
+        Some(200)
+    );
+    assert!(held.alive(), "a drain closed an outbound connection");
+    let asked = Instant::now();
+    assert_eq!(
+        admin_post(&t.client, 19000, "/quitquitquit").map(|r| r.0),
+        Some(200)
+    );
+    let exited = wait_until(Duration::from_secs(3), || {
+        web.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        exited,
+        "/quitquitquit did not exit at once with a connection open:\n{}",
+        web.log_text()
+    );
+    assert!(asked.elapsed() < Duration::from_secs(3));
     drop(web);
     drop(api);
+}
+
+/// `POST path` on the admin address inside `ns`: (status, body).
+fn admin_post(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out.get(9..12)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+        Some((status, body))
+    })
 }
 
 /// Dialed-directly instances (`passthrough~` clusters and per-instance

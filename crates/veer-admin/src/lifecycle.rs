@@ -139,10 +139,25 @@ pub struct ControlPlane {
 /// Implemented by a source that can report a [`ControlPlane`].
 pub trait ControlPlaneStatus: Send + Sync {
     fn control_plane(&self) -> ControlPlane;
+    /// What the next configuration still waits for, if anything (said by
+    /// `/ready` while veer is not ready).
+    fn waiting_for(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The source's own view for `/config_dump` (e.g. the xDS resources
+    /// accepted, their versions, the last NACK): a JSON object whose fields
+    /// join `control_plane`.
+    fn detail(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The lifecycle controller; shared by the admin server and `veer run`.
 pub struct Lifecycle {
+    /// `POST /quitquitquit` exits at once instead of draining (Envoy's
+    /// meaning, which consul-dataplane relies on: it drains first with
+    /// `/drain_listeners`, waits its grace period, then quits).
+    quit_exits_now: AtomicBool,
     listeners_bound: AtomicBool,
     snapshot_applied: AtomicBool,
     requests: watch::Sender<Request>,
@@ -159,6 +174,7 @@ fn unix_now() -> i64 {
 impl Lifecycle {
     pub fn new() -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
+            quit_exits_now: AtomicBool::new(false),
             listeners_bound: AtomicBool::new(false),
             snapshot_applied: AtomicBool::new(false),
             requests: watch::channel(Request::Run).0,
@@ -171,9 +187,29 @@ impl Lifecycle {
         let _ = self.control_plane.set(s);
     }
 
+    /// Makes `POST /quitquitquit` exit at once, as Envoy's does (veer in
+    /// Envoy's place); otherwise it is a graceful exit, as SIGTERM.
+    pub fn set_quit_exits_now(&self) {
+        self.quit_exits_now.store(true, SeqCst);
+    }
+
+    /// What `POST /quitquitquit` asks for.
+    pub fn quit_request(&self) -> Request {
+        if self.quit_exits_now.load(SeqCst) {
+            Request::Now
+        } else {
+            Request::Quit
+        }
+    }
+
     /// The source's status, when one was registered.
     pub fn control_plane(&self) -> Option<ControlPlane> {
         self.control_plane.get().map(|s| s.control_plane())
+    }
+
+    /// The registered source itself.
+    pub fn control_plane_status(&self) -> Option<&Arc<dyn ControlPlaneStatus>> {
+        self.control_plane.get()
     }
 
     /// The inbound and outbound listeners are bound.

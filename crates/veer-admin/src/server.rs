@@ -17,7 +17,7 @@
 //! drain its outbound listeners; veer keeps them serving the app. The
 //! `?include_eds` of `GET /config_dump` is accepted too: the dump always
 //! holds the upstream endpoints.
-//! | `POST /quitquitquit` | graceful exit (as SIGTERM) |
+//! | `POST /quitquitquit` | graceful exit (as SIGTERM); in Envoy's place (xDS), an immediate exit, as Envoy's |
 //!
 //! The Prometheus listener (Consul's `envoy_prometheus_bind_addr`, usually
 //! `0.0.0.0:20200`) serves only the read-only `/stats/prometheus`,
@@ -28,7 +28,7 @@
 //! they never take a data-plane worker.
 use crate::expose::Exposer;
 use crate::http::{respond, serve, stopped, text, Body, Tracker};
-use crate::lifecycle::{ControlPlane, Lifecycle, Request};
+use crate::lifecycle::{ControlPlane, ControlPlaneStatus, Lifecycle, Request};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
 use hyper::{Method, Response, StatusCode};
@@ -214,11 +214,13 @@ impl AdminServer {
 }
 
 /// The admin and Prometheus addresses while veer waits for its first
-/// complete configuration (from the Consul agent): `/ready` answers
-/// `503 PRE_INITIALIZING` with what veer is waiting for, everything else
-/// `503`, so probes and `veer await-ready` get an answer rather than a
-/// refused connection. Stopped (and its ports freed) just before the real
-/// admin endpoint binds them.
+/// complete configuration (from the Consul agent or the xDS server):
+/// `/ready` answers `503 PRE_INITIALIZING` with what veer is waiting for,
+/// so probes and `veer await-ready` get an answer rather than a refused
+/// connection; `/stats/prometheus` (`veer_ready 0` and the control-plane
+/// source's metrics) and `/config_dump` (the source's view) answer `200`,
+/// as Envoy's do before it is initialized; everything else `503`. Stopped
+/// (and its ports freed) just before the real admin endpoint binds them.
 ///
 /// `POST /quitquitquit` is the exception: it answers `200 OK` and is
 /// reported by [`PreInitAdmin::quit_requested`] (consul-dataplane calls it
@@ -227,6 +229,7 @@ pub struct PreInitAdmin {
     pub admin: Option<SocketAddr>,
     thread: AdminThread,
     quit: watch::Receiver<bool>,
+    control_plane: Arc<std::sync::OnceLock<Arc<dyn ControlPlaneStatus>>>,
 }
 
 impl PreInitAdmin {
@@ -244,6 +247,10 @@ impl PreInitAdmin {
         let (quit_tx, quit) = watch::channel(false);
         let quit_tx = Arc::new(quit_tx);
         let body: Arc<str> = format!("PRE_INITIALIZING: {waiting_for}\n").into();
+        let control_plane: Arc<std::sync::OnceLock<Arc<dyn ControlPlaneStatus>>> =
+            Default::default();
+        let cp_all = control_plane.clone();
+        let started = std::time::Instant::now();
         let thread = std::thread::Builder::new()
             .name("veer-admin-pre".into())
             .spawn(move || {
@@ -261,26 +268,45 @@ impl PreInitAdmin {
                         };
                         let body = body.clone();
                         let quit_tx = quit_tx.clone();
+                        let cp_all = cp_all.clone();
                         tokio::spawn(serve(
                             l,
                             "admin",
                             move |req: hyper::Request<Incoming>, _peer| {
-                                let b = body.clone();
-                                let quit = req.method() == Method::POST
-                                    && req.uri().path() == "/quitquitquit";
-                                if quit {
-                                    tracing::info!(
-                                        "admin: exit requested before the first configuration"
-                                    );
-                                    quit_tx.send_replace(true);
-                                }
-                                async move {
-                                    if quit {
+                                let get = req.method() == Method::GET
+                                    || req.method() == Method::HEAD;
+                                let post = req.method() == Method::POST;
+                                let cp = cp_all.get();
+                                let resp = match req.uri().path() {
+                                    "/quitquitquit" if post => {
+                                        tracing::info!(
+                                            "admin: exit requested before the first configuration"
+                                        );
+                                        quit_tx.send_replace(true);
                                         text(StatusCode::OK, "OK\n")
-                                    } else {
-                                        text(StatusCode::SERVICE_UNAVAILABLE, b.as_bytes().to_vec())
                                     }
-                                }
+                                    "/ready" if get => text(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        pre_init_ready(&body, cp),
+                                    ),
+                                    "/stats/prometheus" | "/metrics" if get => respond(
+                                        StatusCode::OK,
+                                        PROMETHEUS_TYPE,
+                                        render_pre_init(cp, started),
+                                    ),
+                                    "/config_dump" if get => {
+                                        let dump = serde_json::json!({
+                                            "state": "PRE_INITIALIZING",
+                                            "waiting": body.trim_end().trim_start_matches("PRE_INITIALIZING: "),
+                                            "control_plane": cp.map(control_plane_dump),
+                                        });
+                                        let mut b = serde_json::to_vec_pretty(&dump).unwrap_or_default();
+                                        b.push(b'\n');
+                                        respond(StatusCode::OK, "application/json", b)
+                                    }
+                                    _ => text(StatusCode::SERVICE_UNAVAILABLE, body.as_bytes().to_vec()),
+                                };
+                                async move { resp }
                             },
                             stop_rx.clone(),
                             tracker.clone(),
@@ -299,7 +325,14 @@ impl PreInitAdmin {
                 thread: Some(thread),
             },
             quit,
+            control_plane,
         })
+    }
+
+    /// Registers the control-plane source, so that `/ready`, the metrics
+    /// and `/config_dump` say why veer is not ready yet.
+    pub fn set_control_plane(&self, s: Arc<dyn ControlPlaneStatus>) {
+        let _ = self.control_plane.set(s);
     }
 
     /// Resolves once `POST /quitquitquit` was received.
@@ -334,8 +367,15 @@ fn admin_routes(req: hyper::Request<Incoming>, ctx: Arc<Ctx>) -> Fut {
                 text(StatusCode::OK, "OK\n")
             }
             "/quitquitquit" if post => {
-                ctx.lifecycle.request(Request::Quit);
-                tracing::info!("admin: graceful exit requested");
+                let r = ctx.lifecycle.quit_request();
+                ctx.lifecycle.request(r);
+                if r == Request::Now {
+                    tracing::info!(
+                        "admin: exit requested (/quitquitquit exits at once, as Envoy's)"
+                    );
+                } else {
+                    tracing::info!("admin: graceful exit requested");
+                }
                 text(StatusCode::OK, "OK\n")
             }
             "/" if get => text(StatusCode::OK, INDEX),
@@ -483,46 +523,96 @@ pub fn render_metrics(shared: &Shared, lifecycle: &Lifecycle) -> String {
     ];
     let mut out = shared.metrics.render(&extra);
     if let Some(cp) = lifecycle.control_plane() {
-        use std::fmt::Write;
-        let mut gauge = |name: &str, help: &str, v: f64| {
-            let _ = write!(
-                out,
-                "# HELP veer_control_plane_{name} {help}\n# TYPE veer_control_plane_{name} gauge\nveer_control_plane_{name} {v}\n"
-            );
-        };
-        gauge(
-            "upstreams",
-            "Upstreams in the last configuration from the control plane.",
-            cp.upstreams as f64,
-        );
-        gauge(
-            "services",
-            "Services the control plane source follows.",
-            cp.services.map_or(f64::NAN, |n| n as f64),
-        );
-        gauge(
-            "view_age_seconds",
-            "How old the control plane view is: 0 while in sync (NaN before the first sync).",
-            cp.view_age.map_or(f64::NAN, |d| d.as_secs_f64()),
-        );
-        gauge(
-            "max_connections",
-            "Connections to the control plane the source may hold at most.",
-            cp.max_connections as f64,
-        );
+        render_control_plane(&mut out, &cp);
+    }
+    out
+}
+
+/// The `veer_control_plane_*` metrics of a source's status.
+fn render_control_plane(out: &mut String, cp: &ControlPlane) {
+    use std::fmt::Write;
+    let mut gauge = |name: &str, help: &str, v: f64| {
         let _ = write!(
             out,
-            "# HELP veer_control_plane_errors_total Errors talking to the control plane, by kind.\n# TYPE veer_control_plane_errors_total counter\n"
+            "# HELP veer_control_plane_{name} {help}\n# TYPE veer_control_plane_{name} gauge\nveer_control_plane_{name} {v}\n"
         );
-        for (kind, n) in &cp.errors {
-            let _ = writeln!(
-                out,
-                "veer_control_plane_errors_total{{source=\"{}\",kind=\"{kind}\"}} {n}",
-                cp.source
-            );
+    };
+    gauge(
+        "upstreams",
+        "Upstreams in the last configuration from the control plane.",
+        cp.upstreams as f64,
+    );
+    gauge(
+        "services",
+        "Services the control plane source follows.",
+        cp.services.map_or(f64::NAN, |n| n as f64),
+    );
+    gauge(
+        "view_age_seconds",
+        "How old the control plane view is: 0 while in sync (NaN before the first sync).",
+        cp.view_age.map_or(f64::NAN, |d| d.as_secs_f64()),
+    );
+    gauge(
+        "max_connections",
+        "Connections to the control plane the source may hold at most.",
+        cp.max_connections as f64,
+    );
+    let _ = write!(
+        out,
+        "# HELP veer_control_plane_errors_total Errors talking to the control plane, by kind.\n# TYPE veer_control_plane_errors_total counter\n"
+    );
+    for (kind, n) in &cp.errors {
+        let _ = writeln!(
+            out,
+            "veer_control_plane_errors_total{{source=\"{}\",kind=\"{kind}\"}} {n}",
+            cp.source
+        );
+    }
+}
+
+/// The metrics served before the first configuration: not ready, the
+/// process's uptime, and what the control-plane source reports (why it is
+/// not ready yet), so that scrapes succeed from the start as Envoy's do.
+fn render_pre_init(
+    cp: Option<&Arc<dyn ControlPlaneStatus>>,
+    started: std::time::Instant,
+) -> String {
+    let mut out = format!(
+        "# HELP veer_ready 1 when /ready answers 200.\n# TYPE veer_ready gauge\nveer_ready 0\n\
+         # HELP veer_process_uptime_seconds Seconds since the process started.\n# TYPE veer_process_uptime_seconds gauge\nveer_process_uptime_seconds {}\n",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(cp) = cp {
+        render_control_plane(&mut out, &cp.control_plane());
+    }
+    out
+}
+
+/// `/ready`'s text before the first configuration.
+fn pre_init_ready(body: &str, cp: Option<&Arc<dyn ControlPlaneStatus>>) -> String {
+    let mut out = body.to_string();
+    if let Some(cp) = cp {
+        out.push_str(&describe(&cp.control_plane()));
+        out.push('\n');
+        let waiting = cp.waiting_for();
+        if !waiting.is_empty() {
+            out.push_str(&format!("waiting for: {}\n", waiting.join(", ")));
         }
     }
     out
+}
+
+/// `control_plane` in `/config_dump`: the summary and the source's detail.
+fn control_plane_dump(status: &Arc<dyn ControlPlaneStatus>) -> serde_json::Value {
+    let mut v = control_plane_json(&status.control_plane());
+    let waiting = status.waiting_for();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("waiting_for".into(), serde_json::json!(waiting));
+        if let Some(serde_json::Value::Object(d)) = status.detail() {
+            obj.extend(d);
+        }
+    }
+    v
 }
 
 fn metrics(ctx: &Ctx) -> Response<Body> {
@@ -535,8 +625,8 @@ fn metrics(ctx: &Ctx) -> Response<Body> {
 
 fn config_dump(ctx: &Ctx) -> Response<Body> {
     let mut dump = ctx.shared.snapshot().dump();
-    if let (Some(cp), Some(obj)) = (ctx.lifecycle.control_plane(), dump.as_object_mut()) {
-        obj.insert("control_plane".into(), control_plane_json(&cp));
+    if let (Some(cp), Some(obj)) = (ctx.lifecycle.control_plane_status(), dump.as_object_mut()) {
+        obj.insert("control_plane".into(), control_plane_dump(cp));
     }
     let mut body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
     body.push(b'\n');

@@ -297,6 +297,9 @@ pub struct AdsStatus {
     pub versions: BTreeMap<Kind, BTreeMap<String, String>>,
     /// Why the last stream ended, if one did.
     pub last_error: Option<String>,
+    /// By-name resources refused before any version was accepted
+    /// (`"<kind> <name>"` → reason; see `Resources::refused`).
+    pub refused: BTreeMap<String, String>,
 }
 
 /// Runs the ADS client until the future is dropped: connects, streams,
@@ -520,6 +523,12 @@ async fn stream_once<C: Check>(
             s.applied = state.delivered();
             s.waiting_for = out.waiting_for.clone();
             s.versions = state.versions().clone();
+            s.refused = state
+                .resources()
+                .refused
+                .iter()
+                .map(|((k, n), why)| (format!("{} {n}", k.short()), why.clone()))
+                .collect();
         });
     }
 }

@@ -67,6 +67,7 @@ pub trait Check {
 
 /// What [`Check::compile`] makes of the accepted resources.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per response, moved at once
 pub enum Compiled {
     /// A whole configuration, to deliver.
     Ready(Spec),

@@ -337,7 +337,7 @@ fn refused_endpoints_of_a_new_cluster_hold_nothing_back() {
     assert!(out.delivered, "c2 applies without endpoints");
     assert!(out.waiting_for.is_empty(), "{:?}", out.waiting_for);
     assert_eq!(last(), "lds[a=a1] cds[c1,c2] eds[c1=c1]");
-    assert!(s.versions()[&Kind::Endpoints].get("c2").is_none());
+    assert!(!s.versions()[&Kind::Endpoints].contains_key("c2"));
     // A later update is not held back.
     let out = s.on_response(
         response(Kind::Listener, "6", vec![("b", listener("b", "b1"))], &[]),
