@@ -47,7 +47,11 @@ fn init_logs(a: &EnvoyArgs) -> Result<(), String> {
         Ok(f) if !f.is_empty() => {
             EnvFilter::try_new(&f).map_err(|e| format!("bad VEER_LOG {f:?}: {e}"))?
         }
-        _ => EnvFilter::new(a.log_level.as_filter()),
+        // Envoy's log level covers its own logs, not access logs (Consul
+        // configures none unless proxy-defaults `AccessLogs` asks), so
+        // veer's per-connection lines stay off here; `VEER_LOG` can turn
+        // them on (`info,veer::access=info`).
+        _ => EnvFilter::new(format!("{},veer::access=off", a.log_level.as_filter())),
     };
     let writer = match &a.log_path {
         Some(p) => {

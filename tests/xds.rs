@@ -36,25 +36,8 @@ fn veer() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_veer"))
 }
 
-/// consul-dataplane's bootstrap for `service` (golden
-/// `pkg/consuldp/testdata/TestBootstrapConfig/unix-socket-xds-server.golden`,
-/// consul-dataplane HEAD 28a963a, MPL-2.0, copied to
-/// `crates/veer-xds/tests/fixtures/bootstrap/`), with the test's socket,
-/// node and service.
 fn dataplane_bootstrap(service: &str, socket: &Path, admin_port: u16) -> String {
-    let golden = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crates/veer-xds/tests/fixtures/bootstrap/dataplane-28a963a/unix-socket-xds-server.json"
-    ))
-    .expect("dataplane golden");
-    let mut b: serde_json::Value = serde_json::from_str(&golden).expect("golden JSON");
-    b["node"]["id"] = format!("{service}-sidecar-proxy").into();
-    b["node"]["cluster"] = service.into();
-    b["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
-    let ep = &mut b["static_resources"]["clusters"][0]["loadAssignment"]["endpoints"][0]
-        ["lbEndpoints"][0]["endpoint"]["address"]["pipe"]["path"];
-    *ep = socket.display().to_string().into();
-    b.to_string()
+    cx::dataplane_bootstrap(service, socket, admin_port)
 }
 
 /// Which proxy plays the sidecar.

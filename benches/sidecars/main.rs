@@ -3,7 +3,8 @@
 //! `cargo bench --bench sidecars` (as root; see `benches/README.md`).
 //! Options after `--`: `--concurrency N` (sidecar worker threads, default 1),
 //! `--rate R` (fixed offered load, default 5000 req/s), `--only
-//! direct,veer,envoy`, `--idle N` (idle connections, default 10000),
+//! direct,veer,envoy` (also `veer-xds,envoy-xds`: both started by
+//! consul-dataplane's command line and configured over Delta xDS), `--idle N` (idle connections, default 10000),
 //! `--quick` (short phases, for development), `--perf PHASES` (record both
 //! sidecars with `perf` during `keepalive`, `newconn` and/or `bulk`,
 //! comma-separated, into `bench-results/perf-<system>-<phase>.data`),
@@ -52,11 +53,10 @@ impl Settings {
             || vec![Kind::Direct, Kind::Veer, Kind::Envoy],
             |s| {
                 s.split(',')
-                    .map(|k| match k {
-                        "direct" => Kind::Direct,
-                        "veer" => Kind::Veer,
-                        "envoy" => Kind::Envoy,
-                        other => panic!("--only: unknown system {other:?}"),
+                    .map(|k| {
+                        Kind::parse(k).unwrap_or_else(|| {
+                            panic!("--only: unknown system {k:?} (direct, veer, envoy, veer-xds, envoy-xds)")
+                        })
                     })
                     .collect()
             },
@@ -591,7 +591,7 @@ fn main() {
     let started = Instant::now();
     let mut results = Vec::new();
     for kind in &set.only {
-        if *kind == Kind::Envoy && tools.envoy.is_none() {
+        if kind.is_envoy() && tools.envoy.is_none() {
             continue;
         }
         let (b0, o0, t0) = (machine_busy(), own_cpu(), Instant::now());
@@ -619,7 +619,7 @@ fn main() {
 
 /// veer's client sidecar's outbound TLS handshakes so far: (full, resumed).
 fn outbound_handshakes(sys: &System, kind: Kind) -> Option<(u64, u64)> {
-    if kind != Kind::Veer {
+    if !kind.is_veer() {
         return None;
     }
     let text = sys

@@ -265,6 +265,12 @@ fn goals(v: &Results, e: Option<&Results>, d: Option<&Results>) -> Vec<Goal> {
 pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
     let find = |k: Kind| results.iter().find(|r| r.kind == k);
     let (d, e, v) = (find(Kind::Direct), find(Kind::Envoy), find(Kind::Veer));
+    // The goals table: static veer vs static Envoy; when only the xDS
+    // systems ran, veer over xDS vs Envoy over xDS.
+    let (gv, ge) = match v {
+        Some(v) => (Some(v), e),
+        None => (find(Kind::VeerXds), find(Kind::EnvoyXds).or(e)),
+    };
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -310,7 +316,12 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
             };
             let mut cell = f(val, c.digits);
             let mut ratios = Vec::new();
-            if let Some(e) = e.filter(|_| r.kind != Kind::Envoy) {
+            // veer over xDS is compared with Envoy over xDS when both ran.
+            let e = match r.kind {
+                Kind::VeerXds => find(Kind::EnvoyXds).or(e),
+                _ => e,
+            };
+            if let Some(e) = e.filter(|_| !r.kind.is_envoy()) {
                 if let Some(ev) = (c.get)(e, d) {
                     ratios.push(format!("{:.2}×E", val / ev));
                 }
@@ -340,8 +351,14 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
         set.bulk_secs,
         f(set.idle as f64, 0)
     );
-    if let Some(v) = v {
-        let _ = writeln!(md, "\n### Goals (issue 6)\n");
+    if let Some(v) = gv {
+        let e = ge;
+        let _ = writeln!(
+            md,
+            "\n### Goals (issue 6; {} vs {})\n",
+            v.kind.name(),
+            e.map_or("-", |e| e.kind.name())
+        );
         md.push_str(
             "| goal | target | veer | Envoy | ratio | met |\n|---|---|---:|---:|---:|---|\n",
         );

@@ -9,15 +9,24 @@
 //!
 //! `direct` has no redirect rules and no sidecars: the client dials
 //! 10.77.0.2:8080 and 10.77.0.4:5202 itself.
+//!
+//! `veer` and `envoy` are configured statically (veer's TOML, an Envoy
+//! bootstrap with static resources); `veer-xds` and `envoy-xds` are both
+//! started by consul-dataplane's command line with its bootstrap and get
+//! the same Consul-shaped resources (built from Consul v1.16.0's goldens,
+//! `veer_testsupport::consul_xds`) from a Delta ADS server on a unix
+//! socket in this process, as consul-dataplane would serve them.
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use veer_testsupport::ca::{TempDir, TestCa, TRUST_DOMAIN};
+use veer_testsupport::consul_xds::{self as cx, Certs, Params, SidecarShape};
 use veer_testsupport::envoy::{Bootstrap, Envoy};
-use veer_testsupport::mesh::{self, Sidecar, API_VIP, API_VIP6, PLAIN_IP, SERVER_IP};
+use veer_testsupport::mesh::{self, Sidecar, API_VIP, API_VIP6, PLAIN_IP, PROXY_UID, SERVER_IP};
 use veer_testsupport::netns::Netns;
+use veer_testsupport::xds::XdsServer;
 
 /// The plain (non-mesh) iperf3 server's port; excluded from inbound redirection.
 pub const PLAIN_PORT: u16 = 5202;
@@ -27,6 +36,10 @@ pub enum Kind {
     Direct,
     Veer,
     Envoy,
+    /// veer in Envoy's place, configured over Delta xDS.
+    VeerXds,
+    /// Envoy configured over Delta xDS, as consul-dataplane runs it.
+    EnvoyXds,
 }
 
 impl Kind {
@@ -35,8 +48,39 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Veer => "veer",
             Kind::Envoy => "envoy",
+            Kind::VeerXds => "veer-xds",
+            Kind::EnvoyXds => "envoy-xds",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        [
+            Kind::Direct,
+            Kind::Veer,
+            Kind::Envoy,
+            Kind::VeerXds,
+            Kind::EnvoyXds,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+    }
+
+    /// veer's metrics (its own names) are there to read.
+    pub fn is_veer(self) -> bool {
+        matches!(self, Kind::Veer | Kind::VeerXds)
+    }
+
+    /// Needs the Envoy binary.
+    pub fn is_envoy(self) -> bool {
+        matches!(self, Kind::Envoy | Kind::EnvoyXds)
+    }
+}
+
+/// The ADS servers of the xDS systems, on a runtime of their own.
+struct Ads {
+    _api: XdsServer,
+    _web: XdsServer,
+    _rt: tokio::runtime::Runtime,
 }
 
 /// A child process killed (and reaped) on drop.
@@ -62,6 +106,8 @@ pub struct System {
     // Field order is drop order: processes first, then namespaces and files.
     veer: Vec<Sidecar>,
     envoy: Vec<Envoy>,
+    xds: Vec<Proc>,
+    _ads: Option<Ads>,
     app: Option<Proc>,
     _plain: Proc,
     pub client: Netns,
@@ -176,6 +222,8 @@ impl System {
             kind,
             veer: Vec::new(),
             envoy: Vec::new(),
+            xds: Vec::new(),
+            _ads: None,
             app: Some(app),
             _plain: plain,
             client,
@@ -238,8 +286,137 @@ impl System {
                     concurrency,
                 ));
             }
+            Kind::VeerXds | Kind::EnvoyXds => sys.start_xds(kind, tools, concurrency),
         }
         sys
+    }
+
+    /// Both sidecars started by consul-dataplane's command line, fed by a
+    /// Delta ADS server each.
+    fn start_xds(&mut self, kind: Kind, tools: &Tools, concurrency: usize) {
+        use std::os::unix::fs::PermissionsExt;
+        // The proxies run as UID 5995 and must reach the sockets.
+        std::fs::set_permissions(self.files.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let params = |service: &str| {
+            let mut p = Params::golden(Certs::issue(&self._ca.ca, "dc1", service));
+            p.public = "0.0.0.0:20000".parse().unwrap();
+            p.local_app = "127.0.0.1:8080".parse().unwrap();
+            p.vips.clear();
+            p.instances.clear();
+            p.endpoints.clear();
+            p.vips.insert(
+                "api".into(),
+                vec![API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()],
+            );
+            p.endpoints.insert(
+                "api".into(),
+                vec![format!("{SERVER_IP}:20000").parse().unwrap()],
+            );
+            p
+        };
+        let mut api = cx::sidecar(
+            &params("api"),
+            &SidecarShape {
+                rbac: Some(cx::rbac_allow(TRUST_DOMAIN, &["web"])),
+                passthrough: true,
+                ..Default::default()
+            },
+        );
+        let mut web = cx::sidecar(
+            &params("web"),
+            &SidecarShape {
+                upstreams: vec!["api".into()],
+                passthrough: true,
+                ..Default::default()
+            },
+        );
+        // Room for 10k idle connections (Envoy's default is 1024 per
+        // cluster, as Consul leaves it).
+        api.set_max_connections(65_536);
+        web.set_max_connections(65_536);
+        let serve = |name: &str, x: &cx::ConsulXds| {
+            let sock = self.files.join(&format!("{name}-xds.sock"));
+            let server = rt
+                .block_on(XdsServer::unix(sock.clone()))
+                .expect("ADS server");
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+            let items = x.resources();
+            server.set_all(
+                items
+                    .iter()
+                    .map(|(t, n, a)| (t.as_str(), n.as_str(), a.clone()))
+                    .collect(),
+            );
+            (server, sock)
+        };
+        let (api_ads, api_sock) = serve("api", &api);
+        let (web_ads, web_sock) = serve("web", &web);
+        let bin = match kind {
+            Kind::VeerXds => {
+                // A link named `envoy`, as the dataplane image would carry it.
+                let dir = self.files.join("bin");
+                std::fs::create_dir_all(&dir).expect("bin dir");
+                let link = dir.join("envoy");
+                if !link.exists() {
+                    std::os::unix::fs::symlink(&tools.veer, &link).expect("link");
+                }
+                link
+            }
+            _ => tools.envoy.clone().expect("envoy binary"),
+        };
+        for (ns, service, sock) in [
+            (&self.server, "api", &api_sock),
+            (&self.client, "web", &web_sock),
+        ] {
+            let log =
+                std::fs::File::create(self.files.join(&format!("{service}-xds.log"))).expect("log");
+            let child = ns
+                .command("setpriv")
+                .args([
+                    &format!("--reuid={PROXY_UID}"),
+                    &format!("--regid={PROXY_UID}"),
+                    "--clear-groups",
+                ])
+                .arg(&bin)
+                .arg("--config-yaml")
+                .arg(cx::dataplane_bootstrap(service, sock, 19000))
+                .args(["--log-level", "info", "--disable-hot-restart"])
+                .arg(format!("--concurrency {concurrency}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{bin:?}: {e}"));
+            self.xds.push(Proc(child));
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = ns
+                    .sh_ok("curl -sS --max-time 2 -o /dev/null -w '%{http_code}' http://127.0.0.1:19000/ready")
+                    .unwrap_or_default();
+                if r.trim() == "200" {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "{} in {service}'s place did not become ready: {}",
+                    kind.name(),
+                    std::fs::read_to_string(self.files.join(&format!("{service}-xds.log")))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self._ads = Some(Ads {
+            _api: api_ads,
+            _web: web_ads,
+            _rt: rt,
+        });
     }
 
     /// Where the client sends HTTP (and the mesh bulk streams).
@@ -263,6 +440,9 @@ impl System {
         }
         for (e, name) in self.envoy.iter().zip(["api", "web"]) {
             out.push((name.to_string(), e.pid().unwrap()));
+        }
+        for (p, name) in self.xds.iter().zip(["api", "web"]) {
+            out.push((name.to_string(), p.0.id()));
         }
         out
     }

@@ -1073,3 +1073,41 @@ pub fn rbac_allow(trust_domain: &str, sources: &[&str]) -> Filter {
             .collect(),
     )))
 }
+
+impl ConsulXds {
+    /// Sets every cluster's circuit-breaker `max_connections` (Consul's
+    /// `limits.max_connections`; benchmarks raise it past Envoy's default
+    /// of 1024 so that thousands of idle connections fit).
+    pub fn set_max_connections(&mut self, n: u32) {
+        use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+        for c in &mut self.clusters {
+            c.circuit_breakers = Some(CircuitBreakers {
+                thresholds: vec![Thresholds {
+                    max_connections: Some(UInt32Value { value: n }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// consul-dataplane's bootstrap for `service`: the golden
+/// `pkg/consuldp/testdata/TestBootstrapConfig/unix-socket-xds-server.golden`
+/// (consul-dataplane HEAD 28a963a, MPL-2.0, copied to
+/// `crates/veer-xds/tests/fixtures/bootstrap/`), with the node and cluster
+/// of `service`, the admin on `127.0.0.1:<admin_port>` and the xDS server
+/// on the unix socket `socket`.
+pub fn dataplane_bootstrap(service: &str, socket: &std::path::Path, admin_port: u16) -> String {
+    let golden = include_str!(
+        "../../veer-xds/tests/fixtures/bootstrap/dataplane-28a963a/unix-socket-xds-server.json"
+    );
+    let mut b: serde_json::Value = serde_json::from_str(golden).expect("golden JSON");
+    b["node"]["id"] = format!("{service}-sidecar-proxy").into();
+    b["node"]["cluster"] = service.into();
+    b["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    let ep = &mut b["static_resources"]["clusters"][0]["loadAssignment"]["endpoints"][0]
+        ["lbEndpoints"][0]["endpoint"]["address"]["pipe"]["path"];
+    *ep = socket.display().to_string().into();
+    b.to_string()
+}
