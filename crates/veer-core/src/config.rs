@@ -625,6 +625,23 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
             &cx.opt_name(&u.datacenter, &k("datacenter"), &identity.datacenter)?,
             &cx.name(&u.name, &k("name"))?,
         );
+        // One entry per upstream, as Consul refuses duplicate upstreams in
+        // a proxy registration (same destination name, namespace, partition
+        // and datacenter): one entry takes a service's virtual IPs, its
+        // `local_bind` listener and its dialed-directly instances.
+        if let Some(j) = upstreams.iter().position(|o| o.identity == id) {
+            return Err(cx.err(
+                u.name.span(),
+                k("name"),
+                format!(
+                    "{:?} is already upstreams[{j}] (line {}); one entry per upstream service \
+                     (Consul refuses duplicate upstreams too): give that entry the virtual_ips, \
+                     local_bind or dialed_directly instances",
+                    u.name.get_ref(),
+                    cx.line(file.upstreams[j].get_ref().name.span()),
+                ),
+            ));
+        }
         let mut spec = UpstreamSpec::new(id);
         if let Some(p) = &u.protocol {
             spec.protocol = Protocol::parse(p.get_ref()).ok_or_else(|| {
@@ -690,27 +707,6 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 span,
                 k("endpoints"),
                 "an upstream reached by virtual IP or local_bind needs endpoints",
-            ));
-        }
-        // Several entries may name one service (virtual IPs with their own
-        // endpoints, a dialed-directly entry, listeners); a virtual IP or a
-        // listener address is claimed once (checked elsewhere), and so is
-        // dialing the service directly: a second entry would be a second,
-        // conflicting list of its instances (or an exact duplicate).
-        let clash_with = upstreams.iter().enumerate().find_map(|(j, o)| {
-            (o.identity == spec.identity && o.dialed_directly && spec.dialed_directly).then_some((
-                j,
-                "dialed_directly; list all of a service's instances in one entry",
-            ))
-        });
-        if let Some((j, what)) = clash_with {
-            return Err(cx.err(
-                u.name.span(),
-                k("name"),
-                format!(
-                    "{:?} is already upstreams[{j}] with {what}",
-                    u.name.get_ref()
-                ),
             ));
         }
         upstreams.push(spec);
