@@ -690,3 +690,54 @@ fn issue15_leaf_problems_are_named() {
     assert_eq!(e.key.as_deref(), Some("tls.cert_file"), "{e}");
     assert!(e.msg.contains("another CA"), "{e}");
 }
+
+/// Issue 15: every listen address is known with its key and line (or as a
+/// default), to name a listener that cannot bind.
+#[test]
+fn listen_addresses_are_known_by_key_and_line() {
+    let d = certs("api");
+    let text = format!(
+        "{GOOD}\n[[expose]]\nlistener = \"0.0.0.0:20300\"\npath = \"/healthz\"\nlocal_path_port = 8080\n\
+         [[expose]]\nlistener = \"0.0.0.0:20300\"\npath = \"/ready\"\nlocal_path_port = 8080\n"
+    );
+    let l = parse_in(&d, &text).unwrap();
+    let file = d.0.join("veer.toml").display().to_string();
+    let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    // (address, where)
+    let cases = [
+        (
+            "0.0.0.0:20000",
+            format!("{file}:{}: inbound.bind", line("bind = \"0.0.0.0:20000\"")),
+        ),
+        (
+            "127.0.0.1:15001",
+            format!(
+                "{file}:{}: outbound.bind",
+                line("bind = \"127.0.0.1:15001\"")
+            ),
+        ),
+        (
+            "[::1]:15001",
+            format!("{file}: outbound.bind_ipv6 (default)"),
+        ),
+        (
+            "127.0.0.1:9191",
+            format!("{file}:{}: upstreams[2].local_bind", line("127.0.0.1:9191")),
+        ),
+        // Two paths on one listener: named by the first.
+        (
+            "0.0.0.0:20300",
+            format!("{file}:{}: expose[0].listener", line("0.0.0.0:20300")),
+        ),
+        ("127.0.0.1:19000", format!("{file}: admin.bind (default)")),
+    ];
+    for (addr, want) in &cases {
+        assert_eq!(
+            l.key_of(addr.parse().unwrap()),
+            Some(want.as_str()),
+            "{addr}"
+        );
+    }
+    assert_eq!(l.listeners.len(), cases.len(), "{:?}", l.listeners);
+    assert_eq!(l.key_of("127.0.0.1:1".parse().unwrap()), None);
+}
