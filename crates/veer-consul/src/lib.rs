@@ -101,7 +101,7 @@
 //! default `limits.http_max_conns_per_client` of 200). Two blocking lists,
 //! the catalog and every check, say which services changed; those are read
 //! with non-blocking requests, `--consul-max-reads` (default 8) at a time,
-//! so veer holds about ten long polls plus that many connections whatever
+//! so veer holds about a dozen long polls plus that many connections whatever
 //! the catalog's size, and nothing runs per service while idle. A sidecar
 //! name seen in a service's Connect answer is not read itself. A catalog
 //! change that no list explains (a port change without a check change) or
