@@ -74,15 +74,32 @@ fn reload(config: &Path, shared: &Shared, forced: bool) -> Option<Vec<PathBuf>> 
         Ok(l) => {
             // A change of listen addresses is kept for the next restart and
             // named (log, metric, /config_dump) by Shared::apply.
-            match shared.apply(l.spec) {
+            let veer_core::config::Loaded {
+                spec,
+                files,
+                listeners,
+                ..
+            } = l;
+            match shared.apply(spec) {
                 Ok(s) => {
                     tracing::info!(version = s.version, leaf_serial = %s.tls.leaf.serial, "configuration reloaded ({why})")
                 }
-                Err(e) => tracing::error!(
-                    "configuration reload ({why}) rejected, keeping the current snapshot: {e}"
-                ),
+                Err(e) => {
+                    // A listener that cannot bind: named by its key and line.
+                    let at = match &e {
+                        veer_core::snapshot::SnapshotError::Listener { addr, .. } => listeners
+                            .iter()
+                            .find(|(a, _)| a == addr)
+                            .map(|(_, k)| format!("{k}: ")),
+                        _ => None,
+                    };
+                    tracing::error!(
+                        "configuration reload ({why}) rejected, keeping the current snapshot: {}{e}",
+                        at.unwrap_or_default()
+                    )
+                }
             }
-            Some(l.files)
+            Some(files)
         }
     }
 }

@@ -72,6 +72,34 @@ fn admin_clash(e: &std::io::Error) -> String {
     }
 }
 
+/// Where a listener that cannot bind is configured, from `keys` (address,
+/// `file:line: key` or a flag), when `e` is a bind failure of one of them.
+fn bind_key<'a>(e: &std::io::Error, keys: &'a [(SocketAddr, String)]) -> Option<&'a str> {
+    let b = veer_proxy::net::BindError::of(e)?;
+    keys.iter()
+        .find(|(a, _)| *a == b.addr)
+        .map(|(_, k)| k.as_str())
+}
+
+/// The listen addresses the file sets and the flags over them, with where
+/// each is set: the flags first, as they win.
+fn listener_keys(file: &[(SocketAddr, String)], opts: &RunOpts) -> Vec<(SocketAddr, String)> {
+    let mut keys = Vec::new();
+    for (flag, b) in [
+        ("--admin-bind", opts.admin_bind),
+        (
+            "--prometheus-bind",
+            opts.prometheus_bind.filter(|b| *b != AdminBind::Default),
+        ),
+    ] {
+        if let Some(a) = b.and_then(|b| b.addr()) {
+            keys.push((a, flag.to_string()));
+        }
+    }
+    keys.extend(file.iter().cloned());
+    keys
+}
+
 /// The Consul source's counts for `/ready`, `/config_dump` and metrics.
 struct ConsulStatus(Arc<veer_consul::Status>);
 
@@ -136,16 +164,20 @@ pub fn run(opts: RunOpts) -> ExitCode {
         let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         // Both sources hand over only complete specs (leaf, roots, the lot):
         // nothing serves with a half-built snapshot.
+        let mut keys = Vec::new();
         let (spec, admin_spec, follow, what) = match (&opts.source, loaded) {
-            (Source::File(path), Some(l)) => (
-                l.spec,
-                l.admin,
-                Follow::File {
-                    path: path.clone(),
-                    files: l.files,
-                },
-                path.display().to_string(),
-            ),
+            (Source::File(path), Some(l)) => {
+                keys = listener_keys(&l.listeners, &opts);
+                (
+                    l.spec,
+                    l.admin,
+                    Follow::File {
+                        path: path.clone(),
+                        files: l.files,
+                    },
+                    path.display().to_string(),
+                )
+            }
             (Source::Consul(flags), _) => {
                 let mut source = match veer_consul::Options::from_env_and_flags(flags)
                     .and_then(veer_consul::ConsulSource::new)
@@ -218,17 +250,20 @@ pub fn run(opts: RunOpts) -> ExitCode {
         // A taken admin address is an error, as with Envoy: running on
         // without it would let `veer await-ready` and probes reach another
         // sidecar's admin endpoint and take it for this one.
+        // A listener that cannot bind is named by its key and line when
+        // the file sets it (by the flag, when one does).
         let admin = match AdminServer::start(addrs, shared.clone(), lifecycle.clone()) {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("veer: {what}: {}", admin_clash(&e));
+                let at = bind_key(&e, &keys).unwrap_or(&what);
+                eprintln!("veer: {at}: {}", admin_clash(&e));
                 return ExitCode::FAILURE;
             }
         };
         let listeners = match Listeners::start(shared.clone()).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("veer: {what}: {e}");
+                eprintln!("veer: {}: {e}", bind_key(&e, &keys).unwrap_or(&what));
                 return ExitCode::FAILURE;
             }
         };

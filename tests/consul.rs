@@ -538,3 +538,124 @@ fn consul_tcp_check_is_a_quiet_probe_and_unapplied_settings_are_named() {
         );
     }
 }
+
+/// Issue 15: `service-resolver`, `service-router` (and `service-splitter`)
+/// entries of an upstream in use are named — one warning, the metric,
+/// `/config_dump` `unapplied` — as they are written, without a restart;
+/// entries of other services are not; deleting an entry clears it.
+#[test]
+fn consul_resolver_and_router_entries_are_named_until_deleted() {
+    let Some(agent) = agent_or_skip(
+        "consul_resolver_and_router_entries_are_named_until_deleted",
+        &[],
+    ) else {
+        return;
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (inbound, app, admin, bind) = (port(), port(), port(), port());
+    agent.register("api", "127.0.0.1", port(), port(), None);
+    let body = format!(
+        r#"{{"Name":"shop","ID":"shop","Address":"127.0.0.1","Port":{app},"Connect":{{"SidecarService":{{"Port":{inbound},"Checks":[{{"Name":"up","TTL":"24h","Status":"passing"}}],"Proxy":{{"LocalServiceAddress":"127.0.0.1","LocalServicePort":{app},"Upstreams":[{{"DestinationName":"api","LocalBindAddress":"127.0.0.1","LocalBindPort":{bind}}}]}}}}}}}}"#
+    );
+    agent.call("PUT", "/v1/agent/service/register", Some(&body));
+    let files = TempDir::new("veer-consul-chain-");
+    let log = files.join("veer.log");
+    let child = std::process::Command::new(bin())
+        .args(["run", "--proxy-id", "shop-sidecar-proxy"])
+        .args(["--admin-bind", &format!("127.0.0.1:{admin}")])
+        .env("CONSUL_HTTP_ADDR", &agent.addr)
+        .env("VEER_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut k = Kill(child);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        until(Duration::from_secs(20), || get(admin, "/ready").0 == 200),
+        "{}",
+        text()
+    );
+    let unsupported = || {
+        sample(
+            &get(admin, "/stats/prometheus").1,
+            "veer_unapplied_settings_total{kind=\"unsupported\"}",
+        )
+    };
+    let named = || -> Vec<String> {
+        let dump: serde_json::Value =
+            serde_json::from_str(&get(admin, "/config_dump").1).unwrap_or_default();
+        dump["unapplied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["setting"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(named(), Vec::<String>::new());
+    assert_eq!(unsupported(), 0);
+
+    // A router needs an HTTP protocol (Consul refuses it on tcp).
+    for entry in [
+        r#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#,
+        r#"{"Kind":"service-resolver","Name":"api","ConnectTimeout":"1s"}"#,
+        r#"{"Kind":"service-router","Name":"api","Routes":[{"Match":{"HTTP":{"PathPrefix":"/v2"}},"Destination":{"PrefixRewrite":"/"}}]}"#,
+        // Another service's entry: not an upstream of shop, not named.
+        r#"{"Kind":"service-resolver","Name":"billing","ConnectTimeout":"2s"}"#,
+    ] {
+        assert_eq!(
+            agent.call("PUT", "/v1/config", Some(entry)).trim(),
+            "true",
+            "{entry}"
+        );
+    }
+    let want = [
+        "service-defaults api: Protocol = \"http\"",
+        "service-resolver api: ConnectTimeout=1s",
+        "service-router api: Routes",
+    ];
+    assert!(
+        until(Duration::from_secs(10), || named() == want),
+        "{:?}\n{}",
+        named(),
+        text()
+    );
+    assert_eq!(unsupported(), 3);
+    let log_text = text();
+    for setting in &want[1..] {
+        assert_eq!(
+            log_text
+                .matches(&format!("setting not applied: {setting}"))
+                .count(),
+            1,
+            "{log_text}"
+        );
+    }
+    assert!(!log_text.contains("billing"), "{log_text}");
+
+    // Deleted (the router first: Consul keeps the chain consistent).
+    agent.call("DELETE", "/v1/config/service-router/api", None);
+    agent.call("DELETE", "/v1/config/service-resolver/api", None);
+    assert!(
+        until(Duration::from_secs(10), || named() == want[..1]),
+        "{:?}\n{}",
+        named(),
+        text()
+    );
+    // Same process all along, still ready; the counter counts what was named.
+    assert!(k.0.try_wait().unwrap().is_none());
+    assert_eq!(get(admin, "/ready").0, 200);
+    assert_eq!(unsupported(), 3);
+}

@@ -178,8 +178,11 @@ fn a_local_bind_that_is_taken_fails_the_start_and_refuses_the_reload() {
     let port = taken.local_addr().unwrap().port();
     let ledger = LEDGER.replace("{PORT}", &port.to_string());
 
-    // At start: exits non-zero naming the upstream and the address; never "ready".
-    let cfg = dir.write("veer.toml", &config(&ca, &cert, &p, p.inbound, &ledger));
+    // At start: exits non-zero naming the key and line, the upstream and
+    // the address; never "ready".
+    let text = config(&ca, &cert, &p, p.inbound, &ledger);
+    let cfg = dir.write("veer.toml", &text);
+    let line = line_of(&text, &format!("127.0.0.1:{port}\""));
     let mut v = Veer::start(&cfg, dir.join("start.log"), p.admin);
     let st = v
         .wait_exit(Duration::from_secs(10))
@@ -187,7 +190,10 @@ fn a_local_bind_that_is_taken_fails_the_start_and_refuses_the_reload() {
     assert!(!st.success());
     let log = v.log();
     assert!(
-        log.contains(&format!("upstream \"ledger\" local_bind 127.0.0.1:{port}")),
+        log.contains(&format!(
+            "{}:{line}: upstreams[0].local_bind: upstream \"ledger\" local_bind 127.0.0.1:{port}: ",
+            cfg.display()
+        )),
         "{log}"
     );
     assert!(!log.contains("veer ready"), "{log}");
@@ -206,7 +212,8 @@ fn a_local_bind_that_is_taken_fails_the_start_and_refuses_the_reload() {
     let log = v.log();
     assert!(
         log.contains(&format!(
-            "upstream \"ledger\" local_bind: cannot listen on 127.0.0.1:{port}"
+            "{}:{line}: upstreams[0].local_bind: upstream \"ledger\" local_bind: cannot listen on 127.0.0.1:{port}",
+            cfg.display()
         )),
         "{log}"
     );
@@ -254,6 +261,64 @@ fn a_local_bind_that_is_taken_fails_the_start_and_refuses_the_reload() {
         "{m}"
     );
     assert_eq!(v.log().matches("setting not applied").count(), 1);
+}
+
+/// The 1-based line of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+/// Every listener the file configures that cannot bind at start is named by
+/// its key and line (and the admin address by its flag, when given there).
+#[test]
+fn a_taken_listener_at_start_is_named_by_its_key_and_line() {
+    let ca = TestCa::new(TRUST_DOMAIN);
+    let cert = ca.service("api");
+    let dir = TempDir::new("veer-i15-");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let t = taken.local_addr().unwrap().port();
+    let p = Ports::new();
+    // (config, admin port, where the taken address is named)
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            config(&ca, &cert, &p, p.inbound, &LEDGER.replace("{PORT}", &t.to_string())),
+            p.admin,
+            "upstreams[0].local_bind",
+        ),
+        (
+            config(&ca, &cert, &p, p.inbound, &format!(
+                "\n[[expose]]\nlistener = \"127.0.0.1:{t}\"\npath = \"/healthz\"\nlocal_path_port = {}\n",
+                p.app
+            )),
+            p.admin,
+            "expose[0].listener",
+        ),
+        (
+            config(&ca, &cert, &p, p.inbound, &format!("\n[admin]\nprometheus_bind = \"127.0.0.1:{t}\"\n")),
+            p.admin,
+            "admin.prometheus_bind",
+        ),
+        (config(&ca, &cert, &p, t, ""), p.admin, "inbound.bind"),
+        (config(&ca, &cert, &p, p.inbound, ""), t, "--admin-bind"),
+    ];
+    for (i, (text, admin, key)) in cases.into_iter().enumerate() {
+        let cfg = dir.write(&format!("veer{i}.toml"), &text);
+        let mut v = Veer::start(&cfg, dir.join(&format!("{i}.log")), admin);
+        let st = v
+            .wait_exit(Duration::from_secs(10))
+            .expect("veer should exit");
+        assert!(!st.success(), "{key}");
+        let log = v.log();
+        let want = if key.starts_with("--") {
+            format!("veer: {key}: admin listener 127.0.0.1:{t}: ")
+        } else {
+            let line = line_of(&text, &format!("127.0.0.1:{t}\""));
+            format!("veer: {}:{line}: {key}: ", cfg.display())
+        };
+        assert!(log.contains(&want), "want {want:?} in:\n{log}");
+        assert!(log.contains(&format!("127.0.0.1:{t}: ")), "{log}");
+        assert!(!log.contains("veer ready"), "{log}");
+    }
 }
 
 #[test]

@@ -433,16 +433,15 @@ fn local_app_refusing_or_resetting_and_resets_both_ways() {
 #[test]
 fn black_holed_endpoint_fails_over_within_the_connect_timeout() {
     need_root!("black_holed_endpoint_fails_over_within_the_connect_timeout");
-    let extra = format!(
-        "\n[[upstreams]]\nname = \"api\"\nvirtual_ips = [\"10.96.0.30\"]\n\
-         endpoints = [\"{BLACKHOLE_IP}:20000\", \"{SERVER_IP}:20000\"]\nconnect_timeout = \"1s\"\n"
+    let api = format!(
+        "endpoints = [\"{BLACKHOLE_IP}:20000\", \"{SERVER_IP}:20000\"]\nconnect_timeout = \"1s\""
     );
-    let m = Mesh::with(&bin(), &extra, &mesh::allow("web"));
+    let m = Mesh::with_api(&bin(), &api, "", &mesh::allow("web"));
     let mut took = Vec::new();
     for i in 0..6 {
         let t = Instant::now();
         assert_eq!(
-            echo(&m.client, "10.96.0.30:80", &format!("call {i}")).unwrap(),
+            echo(&m.client, &format!("{API_VIP}:80"), &format!("call {i}")).unwrap(),
             format!("call {i}")
         );
         took.push(t.elapsed());

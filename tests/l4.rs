@@ -151,10 +151,11 @@ fn passthrough_to_a_non_mesh_server_with_curl() {
 #[test]
 fn dialed_directly_instance_gets_mtls_to_the_original_destination() {
     need_root!("dialed_directly_instance_gets_mtls_to_the_original_destination");
-    let extra = format!(
-        "\n[[upstreams]]\nname = \"api\"\ndialed_directly = true\ninstances = [\"{SERVER_IP}\"]\n"
+    let api = format!(
+        "{}\ndialed_directly = true\ninstances = [\"{SERVER_IP}\"]",
+        mesh::api_endpoints()
     );
-    let m = Mesh::with(&bin(), &extra, &mesh::allow("web"));
+    let m = Mesh::with_api(&bin(), &api, "", &mesh::allow("web"));
     // The app port of the instance: web dials it with mTLS, the server's
     // PREROUTING rule hands it to the api sidecar, which checks web's identity.
     assert_eq!(

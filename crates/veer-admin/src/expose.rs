@@ -145,7 +145,7 @@ impl Exposer {
         let std = match self.shared.take_prebound(addr) {
             Some(l) => l,
             None => std::net::TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("expose listener {addr}: {e}")))?,
+                .map_err(|e| veer_proxy::net::BindError::wrap(e, "expose listener", addr))?,
         };
         std.set_nonblocking(true)?;
         let l = TcpListener::from_std(std)?;

@@ -93,7 +93,7 @@ struct Ctx {
 
 fn bind(addr: SocketAddr, what: &str) -> io::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)
-        .map_err(|e| io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))?;
+        .map_err(|e| veer_proxy::net::BindError::wrap(e, format!("{what} listener"), addr))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -10,6 +10,7 @@ use crate::api::{
     CatalogInstance, ConnectInstance, Leaf, Mesh, Mode, ProxyDefaults, Registration, Roots,
     ServiceDefaults,
 };
+use crate::entries::Entries;
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -68,6 +69,8 @@ pub struct State {
     pub service_defaults: Option<BTreeMap<String, ServiceDefaults>>,
     pub proxy_defaults: Option<ProxyDefaults>,
     pub mesh: Option<Mesh>,
+    /// `service-resolver`, `service-router` and `service-splitter` entries.
+    pub chain_entries: Entries,
 }
 
 /// Settings that do not come from the agent.
@@ -169,6 +172,9 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
     );
     need(state.proxy_defaults.is_some(), "the proxy-defaults entry");
     need(state.mesh.is_some(), "the mesh entry");
+    for k in state.chain_entries.missing() {
+        need(false, &format!("the {k} entries"));
+    }
     if transparent(state, settings) == Some(true) {
         need(state.catalog.is_some(), "the catalog services");
     }
@@ -446,6 +452,8 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         }
     }
     let mut upstreams: Vec<UpstreamSpec> = by_key.into_values().chain(extra).collect();
+    // Resolvers, routers and splitters of the upstreams: named, not applied.
+    unapplied.extend(crate::entries::unapplied(&state.chain_entries, &upstreams));
     // One VIP, one service: Snapshot::build refuses duplicates, and one bad
     // registration must not stop every update.
     let mut owner: HashMap<IpAddr, String> = HashMap::new();

@@ -53,6 +53,7 @@
 //! | explicit upstreams (not transparent; or in another datacenter) | `/v1/health/connect/:svc` (`?dc=`), `/v1/catalog/service/:svc` | index |
 //! | each candidate upstream (transparent mode), after it changed | `/v1/catalog/service/:svc`, then `/v1/health/connect/:svc` | no: read once, at most `--consul-max-reads` at a time |
 //! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh` | index |
+//! | discovery-chain entries ([`entries`]) | `/v1/config/service-resolver`, `/v1/config/service-router`, `/v1/config/service-splitter` | index |
 //!
 //! Blocking queries use `wait=5m`; the index is reset to 0 when it goes
 //! backwards and raised to 1 when it is 0; errors reset the cursor and are
@@ -100,7 +101,7 @@
 //! default `limits.http_max_conns_per_client` of 200). Two blocking lists,
 //! the catalog and every check, say which services changed; those are read
 //! with non-blocking requests, `--consul-max-reads` (default 8) at a time,
-//! so veer holds about ten long polls plus that many connections whatever
+//! so veer holds about a dozen long polls plus that many connections whatever
 //! the catalog's size, and nothing runs per service while idle. A sidecar
 //! name seen in a service's Connect answer is not read itself. A catalog
 //! change that no list explains (a port change without a check change) or
@@ -130,7 +131,8 @@
 //! Unix-socket upstreams, peering, L7 intentions (enforced as deny at L4),
 //! per-namespace queries beyond sending `ns=`/`partition=`, and
 //! discovery-chain routing (routers, splitters, resolvers) are not
-//! supported. `CONSUL_HTTP_AUTH` (basic auth) and
+//! supported; resolver, router and splitter entries of upstreams in use are
+//! named in [`Spec::unapplied`] ([`entries::unapplied`]). `CONSUL_HTTP_AUTH` (basic auth) and
 //! `CONSUL_HTTP_SSL_VERIFY=false` are not supported. The token file is read
 //! once at start.
 #![deny(unsafe_code)]
@@ -138,6 +140,7 @@
 pub mod api;
 pub mod assemble;
 pub mod blocking;
+pub mod entries;
 mod error;
 pub mod feed;
 pub mod http;

@@ -163,8 +163,9 @@ pub struct Options {
     pub wait: Duration,
     /// How many services the transparent-mode feed reads at once (each
     /// read is one agent connection while it lasts). veer's agent
-    /// connections stay below this plus about ten long polls (registration,
-    /// roots, leaf, intentions, catalog, checks, three config entries, and
+    /// connections stay below this plus about a dozen long polls
+    /// (registration, roots, leaf, intentions, catalog, checks, six config
+    /// entry lists, and
     /// one per explicit upstream in another datacenter) — far below
     /// Consul's `limits.http_max_conns_per_client` (200). At least 1.
     pub max_reads: usize,

@@ -44,6 +44,7 @@ pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey>
         WatchKey::Mesh,
     ]
     .into();
+    w.extend(crate::entries::Kind::ALL.map(WatchKey::ChainEntries));
     if let Some(reg) = &state.registration {
         w.insert(WatchKey::Leaf(reg.destination_service.clone()));
     }
@@ -543,6 +544,7 @@ impl ConsulSource {
             }
             (WatchKey::ProxyDefaults, Payload::ProxyDefaults(d)) => s.proxy_defaults = Some(d),
             (WatchKey::Mesh, Payload::Mesh(m)) => s.mesh = Some(m),
+            (WatchKey::ChainEntries(k), Payload::ChainEntries(e)) => s.chain_entries.set(k, e),
             (WatchKey::DefaultProbe, Payload::Default(o)) => {
                 self.probe = None;
                 match o {

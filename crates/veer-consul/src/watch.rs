@@ -6,6 +6,7 @@ use crate::api::{
 };
 use crate::assemble::ServiceKey;
 use crate::blocking::{Backoff, Cursor, Pacer};
+use crate::entries::{self, Entry, Kind};
 use crate::feed::{CatalogView, Fetched};
 use crate::http::{escape, Client, Response};
 use crate::Error;
@@ -44,6 +45,9 @@ pub enum WatchKey {
     ProxyDefaults,
     /// `/v1/config/mesh/mesh`.
     Mesh,
+    /// `/v1/config/service-resolver` (`-router`, `-splitter`): every entry
+    /// of the kind ([`crate::entries`]).
+    ChainEntries(Kind),
     /// The default-decision probe (not a blocking query).
     DefaultProbe,
 }
@@ -64,6 +68,7 @@ impl std::fmt::Display for WatchKey {
             WatchKey::ServiceDefaults => f.write_str("service-defaults"),
             WatchKey::ProxyDefaults => f.write_str("proxy-defaults"),
             WatchKey::Mesh => f.write_str("mesh"),
+            WatchKey::ChainEntries(k) => f.write_str(k.as_str()),
             WatchKey::DefaultProbe => f.write_str("default-decision"),
         }
     }
@@ -95,6 +100,7 @@ pub enum Payload {
     ServiceDefaults(BTreeMap<String, ServiceDefaults>),
     ProxyDefaults(ProxyDefaults),
     Mesh(Mesh),
+    ChainEntries(Vec<Entry>),
     Default(DefaultOutcome),
 }
 
@@ -125,6 +131,7 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
         WatchKey::ServiceDefaults => "/v1/config/service-defaults".into(),
         WatchKey::ProxyDefaults => "/v1/config/proxy-defaults".into(),
         WatchKey::Mesh => "/v1/config/mesh/mesh".into(),
+        WatchKey::ChainEntries(k) => k.path(),
         WatchKey::DefaultProbe => "/v1/agent/connect/authorize".into(),
     }
 }
@@ -193,6 +200,7 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             Payload::ProxyDefaults(api::parse_proxy_defaults(b)?),
             Vec::new(),
         ),
+        WatchKey::ChainEntries(k) => (Payload::ChainEntries(entries::parse(*k, b)?), Vec::new()),
         WatchKey::Mesh | WatchKey::DefaultProbe | WatchKey::Fetch(_) => {
             unreachable!("handled elsewhere")
         }

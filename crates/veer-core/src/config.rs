@@ -263,6 +263,14 @@ impl Ctx<'_> {
             Some(v) => crate::duration::parse(v.get_ref()).map_err(|m| self.err(v.span(), key, m)),
         }
     }
+    /// `file:line: key`, for a value set in the file, else
+    /// `file: key (default)`.
+    fn at(&self, v: Option<&S<String>>, key: &str) -> String {
+        match v {
+            Some(v) => format!("{}:{}: {key}", self.file, self.line(v.span())),
+            None => format!("{}: {key} (default)", self.file),
+        }
+    }
     fn path(&self, v: &S<String>) -> PathBuf {
         let p = Path::new(v.get_ref());
         if p.is_absolute() {
@@ -326,6 +334,21 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
     /// The `[admin]` section.
     pub admin: AdminSpec,
+    /// Every listen address the file configures, with where it is set
+    /// (`veer.toml:14: upstreams[2].local_bind`; `veer.toml: admin.bind
+    /// (default)` when the key is not written): [`Loaded::key_of`].
+    pub listeners: Vec<(SocketAddr, String)>,
+}
+
+impl Loaded {
+    /// Where the file sets listen address `addr` (`file:line: key`), to
+    /// name it when the address cannot be bound.
+    pub fn key_of(&self, addr: SocketAddr) -> Option<&str> {
+        self.listeners
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, k)| k.as_str())
+    }
 }
 
 /// Whether two listen addresses would collide (same port, and the same IP
@@ -625,6 +648,23 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
             &cx.opt_name(&u.datacenter, &k("datacenter"), &identity.datacenter)?,
             &cx.name(&u.name, &k("name"))?,
         );
+        // One entry per upstream, as Consul refuses duplicate upstreams in
+        // a proxy registration (same destination name, namespace, partition
+        // and datacenter): one entry takes a service's virtual IPs, its
+        // `local_bind` listener and its dialed-directly instances.
+        if let Some(j) = upstreams.iter().position(|o| o.identity == id) {
+            return Err(cx.err(
+                u.name.span(),
+                k("name"),
+                format!(
+                    "{:?} is already upstreams[{j}] (line {}); one entry per upstream service \
+                     (Consul refuses duplicate upstreams too): give that entry the virtual_ips, \
+                     local_bind or dialed_directly instances",
+                    u.name.get_ref(),
+                    cx.line(file.upstreams[j].get_ref().name.span()),
+                ),
+            ));
+        }
         let mut spec = UpstreamSpec::new(id);
         if let Some(p) = &u.protocol {
             spec.protocol = Protocol::parse(p.get_ref()).ok_or_else(|| {
@@ -690,27 +730,6 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 span,
                 k("endpoints"),
                 "an upstream reached by virtual IP or local_bind needs endpoints",
-            ));
-        }
-        // Several entries may name one service (virtual IPs with their own
-        // endpoints, a dialed-directly entry, listeners); a virtual IP or a
-        // listener address is claimed once (checked elsewhere), and so is
-        // dialing the service directly: a second entry would be a second,
-        // conflicting list of its instances (or an exact duplicate).
-        let clash_with = upstreams.iter().enumerate().find_map(|(j, o)| {
-            (o.identity == spec.identity && o.dialed_directly && spec.dialed_directly).then_some((
-                j,
-                "dialed_directly; list all of a service's instances in one entry",
-            ))
-        });
-        if let Some((j, what)) = clash_with {
-            return Err(cx.err(
-                u.name.span(),
-                k("name"),
-                format!(
-                    "{:?} is already upstreams[{j}] with {what}",
-                    u.name.get_ref()
-                ),
             ));
         }
         upstreams.push(spec);
@@ -884,10 +903,44 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         };
         return Err(cx.err(span, key, e.to_string()));
     }
+    let mut listeners: Vec<(SocketAddr, String)> = vec![
+        (inbound, cx.at(file.inbound.bind.as_ref(), "inbound.bind")),
+        (out4, cx.at(ob.bind.as_ref(), "outbound.bind")),
+    ];
+    if let Some(a) = spec.listen.outbound.get(1) {
+        listeners.push((*a, cx.at(ob.bind_ipv6.as_ref(), "outbound.bind_ipv6")));
+    }
+    for (i, u) in file.upstreams.iter().enumerate() {
+        if let (Some(v), Some(a)) = (&u.get_ref().local_bind, spec.upstreams[i].local_bind) {
+            listeners.push((a, cx.at(Some(v), &format!("upstreams[{i}].local_bind"))));
+        }
+    }
+    for (i, e) in file.expose.iter().enumerate() {
+        let a = spec.expose[i].listener;
+        if !listeners.iter().any(|(b, _)| *b == a) {
+            listeners.push((
+                a,
+                cx.at(
+                    Some(&e.get_ref().listener),
+                    &format!("expose[{i}].listener"),
+                ),
+            ));
+        }
+    }
+    if let Some(a) = admin.bind.addr() {
+        listeners.push((a, cx.at(file.admin.bind.as_ref(), "admin.bind")));
+    }
+    if let Some(a) = admin.prometheus_bind {
+        listeners.push((
+            a,
+            cx.at(file.admin.prometheus_bind.as_ref(), "admin.prometheus_bind"),
+        ));
+    }
     Ok(Loaded {
         spec,
         files: vec![path.to_path_buf(), ca, cert, key],
         admin,
+        listeners,
     })
 }
 

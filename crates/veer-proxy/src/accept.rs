@@ -204,12 +204,8 @@ impl Listeners {
         let (stop_outbound, stop_out_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        let l = net::bind(snap.listen.inbound).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("inbound listener {}: {e}", snap.listen.inbound),
-            )
-        })?;
+        let l = net::bind(snap.listen.inbound)
+            .map_err(|e| net::BindError::wrap(e, "inbound listener", snap.listen.inbound))?;
         let inbound_addr = l.local_addr()?;
         let sh = shared.clone();
         tasks.push(tokio::spawn(serve(
@@ -228,12 +224,7 @@ impl Listeners {
                     tracing::warn!(%addr, error = %e, "IPv6 outbound listener not started (no IPv6 on this host?)");
                     continue;
                 }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("outbound listener {addr}: {e}"),
-                    ))
-                }
+                Err(e) => return Err(net::BindError::wrap(e, "outbound listener", *addr)),
             };
             outbound_addrs.push(l.local_addr()?);
             let sh = shared.clone();
@@ -251,10 +242,7 @@ impl Listeners {
         for u in snap.routes.upstreams() {
             let Some(addr) = u.local_bind else { continue };
             let l = net::bind(addr).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("upstream {:?} local_bind {addr}: {e}", u.name()),
-                )
+                net::BindError::wrap(e, format!("upstream {:?} local_bind", u.name()), addr)
             })?;
             initial.insert(addr, l);
         }

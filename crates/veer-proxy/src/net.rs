@@ -12,6 +12,47 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use veer_core::addr::{canonical, ClientAddr, EndpointAddr, OrigDstAddr};
 
+/// A listener that cannot bind, with what it is for and where: the payload
+/// of the `io::Error` start-up returns ([`BindError::wrap`]), so that the
+/// caller can name the address's source (a TOML key, a flag) through
+/// [`BindError::of`].
+#[derive(Debug)]
+pub struct BindError {
+    /// What the listener is for: `inbound listener`, `upstream "db"
+    /// local_bind`, `admin listener`, `expose listener`.
+    pub what: String,
+    pub addr: SocketAddr,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.what, self.addr, self.error)
+    }
+}
+
+impl std::error::Error for BindError {}
+
+impl BindError {
+    /// `error` (binding `addr`) as an `io::Error` of the same kind that
+    /// reads `<what> <addr>: <error>` and carries the [`BindError`].
+    pub fn wrap(error: io::Error, what: impl Into<String>, addr: SocketAddr) -> io::Error {
+        io::Error::new(
+            error.kind(),
+            BindError {
+                what: what.into(),
+                addr,
+                error,
+            },
+        )
+    }
+
+    /// The [`BindError`] inside `e`, if it is one.
+    pub fn of(e: &io::Error) -> Option<&BindError> {
+        e.get_ref()?.downcast_ref::<BindError>()
+    }
+}
+
 /// Binds a listener with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(bind_std(addr)?)

@@ -183,8 +183,22 @@ pub fn redirect(bin: &Path, ns: &Netns, extra: &[&str]) {
     );
 }
 
+/// The keys of the web sidecar's `api` upstream besides its name, virtual
+/// IPs and listener: the api sidecar as its one endpoint.
+pub fn api_endpoints() -> String {
+    format!("endpoints = [\"{SERVER_IP}:20000\"]")
+}
+
 /// The web (client) sidecar's configuration.
 pub fn web_config(ca: &TestCa, extra: &str) -> String {
+    web_config_with(ca, &api_endpoints(), extra)
+}
+
+/// The web (client) sidecar's configuration, with `api_keys` for its one
+/// `api` upstream entry (reached by virtual IP and on 127.0.0.1:9191):
+/// [`api_endpoints`] by default; its endpoints, `connect_timeout`,
+/// `dialed_directly` and `instances` go there (one entry per service).
+pub fn web_config_with(ca: &TestCa, api_keys: &str, extra: &str) -> String {
     let (cert, key) = ca.service("web");
     format!(
         r#"[service]
@@ -210,12 +224,8 @@ default_action = "deny"
 [[upstreams]]
 name = "api"
 virtual_ips = ["{API_VIP}", "{API_VIP6}"]
-endpoints = ["{SERVER_IP}:20000"]
-
-[[upstreams]]
-name = "api"
 local_bind = "127.0.0.1:9191"
-endpoints = ["{SERVER_IP}:20000"]
+{api_keys}
 
 [[upstreams]]
 name = "db"
@@ -319,6 +329,12 @@ impl Mesh {
     /// `web_extra` is appended to the web config; `api_rules` are the api's
     /// intention rules (default deny).
     pub fn with(bin: &Path, web_extra: &str, api_rules: &str) -> Mesh {
+        Mesh::with_api(bin, &api_endpoints(), web_extra, api_rules)
+    }
+
+    /// [`Mesh::with`], with the keys of web's `api` upstream entry
+    /// ([`web_config_with`]).
+    pub fn with_api(bin: &Path, api_keys: &str, web_extra: &str, api_rules: &str) -> Mesh {
         let ca = TestCa::new(TRUST_DOMAIN);
         let files = TempDir::new("veer-mesh-");
         let (client, server) = namespaces();
@@ -334,7 +350,7 @@ impl Mesh {
             format!("{PLAIN_IP}:9000").parse().unwrap(),
             "plain",
         );
-        let web_cfg = files.write("web.toml", &web_config(&ca, web_extra));
+        let web_cfg = files.write("web.toml", &web_config_with(&ca, api_keys, web_extra));
         let api_cfg = files.write("api.toml", &api_config(&ca, "deny", api_rules));
         let web = Sidecar::start(bin, &client, web_cfg, files.join("web.log"), &[]);
         let api = Sidecar::start(bin, &server, api_cfg, files.join("api.log"), &[]);

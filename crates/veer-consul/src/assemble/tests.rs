@@ -96,6 +96,9 @@ fn world(ca: &veer_ca::Ca) -> (State, Settings) {
         mesh: Some(api::Mesh::Unsupported),
         ..State::default()
     };
+    for k in crate::entries::Kind::ALL {
+        s.chain_entries.set(k, Vec::new());
+    }
     let k = ServiceKey::local;
     s.connect.insert(
         k("api"),
@@ -136,7 +139,7 @@ fn sa(s: &str) -> SocketAddr {
 fn nothing_arrived_is_incomplete() {
     let s = State::default();
     let m = missing(&s, &Settings::default());
-    assert_eq!(m.len(), 8, "{m:?}");
+    assert_eq!(m.len(), 11, "{m:?}");
     let e = assemble(&s, &Settings::default()).unwrap_err();
     assert_eq!(e.classify(), "incomplete");
     assert!(e.to_string().contains("the proxy registration"), "{e}");
@@ -315,11 +318,14 @@ fn desired_watch_set() {
         WatchKey::Catalog,
         WatchKey::Checks,
         WatchKey::Mesh,
+        WatchKey::ChainEntries(crate::entries::Kind::Resolver),
+        WatchKey::ChainEntries(crate::entries::Kind::Router),
+        WatchKey::ChainEntries(crate::entries::Kind::Splitter),
         remote.clone(),
     ] {
         assert!(w.contains(&k), "{k}");
     }
-    assert_eq!(w.len(), 10, "{w:?}");
+    assert_eq!(w.len(), 13, "{w:?}");
     // Not transparent: a blocking watch per explicit upstream, no lists.
     let opaque = Settings {
         transparent: false,
@@ -330,7 +336,7 @@ fn desired_watch_set() {
     assert!(w.contains(&remote));
     assert!(!w.contains(&WatchKey::Catalog) && !w.contains(&WatchKey::Checks));
     let w0 = crate::desired_watches(&State::default(), &Settings::default());
-    assert_eq!(w0.len(), 6, "before the registration: the fixed set only");
+    assert_eq!(w0.len(), 9, "before the registration: the fixed set only");
 }
 
 #[test]
@@ -552,4 +558,74 @@ fn outbound_port_flag_wins() {
         spec.listen.outbound,
         vec![sa("127.0.0.1:15099"), sa("[::1]:15099")]
     );
+}
+
+/// Issue 15: resolver, router and splitter entries of upstreams in use are
+/// named; entries of other services (and of our own) are not; the spec is
+/// held until every kind has been read.
+#[test]
+fn chain_entries_of_upstreams_are_named() {
+    use crate::entries::{self, Kind};
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let list = |kind: Kind, json: serde_json::Value| {
+        entries::parse(kind, &serde_json::to_vec(&json).unwrap()).unwrap()
+    };
+    s.chain_entries.set(
+        Kind::Resolver,
+        list(
+            Kind::Resolver,
+            serde_json::json!([
+                {"Kind": "service-resolver", "Name": "db", "ConnectTimeout": "1s", "Failover": {"*": {"Datacenters": ["dc2"]}}},
+                {"Kind": "service-resolver", "Name": "cache", "ConnectTimeout": "1s"},
+                {"Kind": "service-resolver", "Name": "web", "ConnectTimeout": "1s"}
+            ]),
+        ),
+    );
+    s.chain_entries.set(
+        Kind::Router,
+        list(
+            Kind::Router,
+            serde_json::json!([{"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/v2"}}}]}]),
+        ),
+    );
+    let spec = assemble(&s, &set).unwrap().spec;
+    let named: Vec<&str> = spec
+        .unapplied
+        .iter()
+        .map(|u| u.setting.as_str())
+        .filter(|u| u.starts_with("service-r"))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            "service-router api: Routes",
+            "service-resolver db: ConnectTimeout=1s, Failover"
+        ],
+        "{:#?}",
+        spec.unapplied
+    );
+    // A kind not read yet holds the spec back, and says so.
+    let mut t = s.clone();
+    t.chain_entries.clear();
+    t.chain_entries.set(Kind::Resolver, Vec::new());
+    let m = missing(&t, &set);
+    assert!(
+        m.contains(&"the service-router entries".to_string()),
+        "{m:?}"
+    );
+    assert!(
+        m.contains(&"the service-splitter entries".to_string()),
+        "{m:?}"
+    );
+    assert!(assemble(&t, &set).is_err());
+    // Deleted: no longer named, and the spec differs.
+    let mut u = s.clone();
+    u.chain_entries.set(Kind::Router, Vec::new());
+    let after = assemble(&u, &set).unwrap().spec;
+    assert!(!after
+        .unapplied
+        .iter()
+        .any(|x| x.setting.contains("service-router")));
+    assert!(!same_spec(&spec, &after));
 }

@@ -512,7 +512,7 @@ fn issue15_refusals_name_file_line_and_key() {
             format!("{GOOD}\n[[upstreams]]\nname = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]\n"),
             "upstreams[3].name",
             "name = \"db\"\ndialed_directly = true\ninstances = [\"10.77.0.7\"]",
-            "already upstreams[1] with dialed_directly",
+            "\"db\" is already upstreams[1] (line 34); one entry per upstream service",
         ),
         (
             GOOD.replace("instances = [\"10.77.0.5\", \"10.77.0.6\"]", "instances = [\"10.77.0.5\", \"10.96.0.20\"]"),
@@ -582,24 +582,78 @@ fn issue15_refusals_name_file_line_and_key() {
     }
 }
 
+/// One `[[upstreams]]` entry per service, as Consul refuses duplicate
+/// upstreams (destination name, namespace, partition, datacenter); one
+/// entry holds virtual IPs, a listener and dialed-directly instances.
 #[test]
-fn a_further_entry_for_one_service_may_add_a_listener() {
+fn one_entry_per_upstream_service() {
     let d = certs("api");
-    let text = format!(
-        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]\n"
+    // (extra entry, refused with the key and the earlier entry, or accepted)
+    let cases: &[(&str, Option<&str>)] = &[
+        // A listener for billing: refused, billing's entry takes it.
+        (
+            "name = \"billing\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]",
+            Some("upstreams[3].name: \"billing\" is already upstreams[0] (line 28)"),
+        ),
+        // More virtual IPs with other endpoints: refused too.
+        (
+            "name = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]",
+            Some("upstreams[3].name: \"billing\" is already upstreams[0]"),
+        ),
+        // The datacenter spelled out is the same upstream.
+        (
+            "name = \"ledger\"\ndatacenter = \"dc1\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]",
+            Some("upstreams[3].name: \"ledger\" is already upstreams[2] (line 39)"),
+        ),
+        // Another datacenter or namespace is another upstream.
+        (
+            "name = \"billing\"\ndatacenter = \"dc2\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]",
+            None,
+        ),
+        (
+            "name = \"billing\"\nnamespace = \"team\"\nlocal_bind = \"127.0.0.1:9192\"\nendpoints = [\"10.77.0.2:20000\"]",
+            None,
+        ),
+    ];
+    for (entry, want) in cases {
+        let text = format!("{GOOD}\n[[upstreams]]\n{entry}\n");
+        match (parse_in(&d, &text), want) {
+            (Err(e), Some(w)) => {
+                let shown = e.to_string();
+                assert!(shown.contains(w), "{shown}");
+                assert_eq!(e.key.as_deref(), Some("upstreams[3].name"));
+                // The line of the second entry's name.
+                let at = text
+                    .rfind(&format!("name = \"{}\"", entry.split('"').nth(1).unwrap()))
+                    .unwrap();
+                assert_eq!(
+                    e.line,
+                    Some(text[..at].matches('\n').count() + 1),
+                    "{shown}"
+                );
+            }
+            (Ok(l), None) => assert_eq!(l.spec.upstreams.len(), 4),
+            (got, want) => panic!(
+                "{entry}: want {want:?}, got {:?}",
+                got.map(|l| l.spec.upstreams.len())
+            ),
+        }
+    }
+    // One entry: virtual IPs, a listener and dialed-directly instances together.
+    let text = GOOD.replace(
+        "virtual_ips = [\"10.96.0.20\", \"fd00::20\"]\n",
+        "virtual_ips = [\"10.96.0.20\", \"fd00::20\"]\nlocal_bind = \"127.0.0.1:9192\"\ndialed_directly = true\ninstances = [\"10.77.0.8\"]\n",
     );
     let l = parse_in(&d, &text).unwrap();
-    assert_eq!(l.spec.upstreams.len(), 4);
-    // And its own virtual IPs with their own endpoints.
-    let text = format!(
-        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.99\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
+    let b = &l.spec.upstreams[0];
+    assert_eq!(b.identity.service, "billing");
+    assert_eq!(b.virtual_ips.len(), 2);
+    assert_eq!(b.local_bind, Some("127.0.0.1:9192".parse().unwrap()));
+    assert!(b.dialed_directly);
+    assert_eq!(
+        b.instances,
+        vec!["10.77.0.8".parse::<std::net::IpAddr>().unwrap()]
     );
-    assert_eq!(parse_in(&d, &text).unwrap().spec.upstreams.len(), 4);
-    // But not one of the first entry's.
-    let text = format!(
-        "{GOOD}\n[[upstreams]]\nname = \"billing\"\nvirtual_ips = [\"10.96.0.20\"]\nendpoints = [\"10.77.0.9:20000\"]\n"
-    );
-    assert!(parse_in(&d, &text).is_err());
 }
 
 #[test]
@@ -635,4 +689,55 @@ fn issue15_leaf_problems_are_named() {
     let e = parse_in(&d, &text).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("tls.cert_file"), "{e}");
     assert!(e.msg.contains("another CA"), "{e}");
+}
+
+/// Issue 15: every listen address is known with its key and line (or as a
+/// default), to name a listener that cannot bind.
+#[test]
+fn listen_addresses_are_known_by_key_and_line() {
+    let d = certs("api");
+    let text = format!(
+        "{GOOD}\n[[expose]]\nlistener = \"0.0.0.0:20300\"\npath = \"/healthz\"\nlocal_path_port = 8080\n\
+         [[expose]]\nlistener = \"0.0.0.0:20300\"\npath = \"/ready\"\nlocal_path_port = 8080\n"
+    );
+    let l = parse_in(&d, &text).unwrap();
+    let file = d.0.join("veer.toml").display().to_string();
+    let line = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    // (address, where)
+    let cases = [
+        (
+            "0.0.0.0:20000",
+            format!("{file}:{}: inbound.bind", line("bind = \"0.0.0.0:20000\"")),
+        ),
+        (
+            "127.0.0.1:15001",
+            format!(
+                "{file}:{}: outbound.bind",
+                line("bind = \"127.0.0.1:15001\"")
+            ),
+        ),
+        (
+            "[::1]:15001",
+            format!("{file}: outbound.bind_ipv6 (default)"),
+        ),
+        (
+            "127.0.0.1:9191",
+            format!("{file}:{}: upstreams[2].local_bind", line("127.0.0.1:9191")),
+        ),
+        // Two paths on one listener: named by the first.
+        (
+            "0.0.0.0:20300",
+            format!("{file}:{}: expose[0].listener", line("0.0.0.0:20300")),
+        ),
+        ("127.0.0.1:19000", format!("{file}: admin.bind (default)")),
+    ];
+    for (addr, want) in &cases {
+        assert_eq!(
+            l.key_of(addr.parse().unwrap()),
+            Some(want.as_str()),
+            "{addr}"
+        );
+    }
+    assert_eq!(l.listeners.len(), cases.len(), "{:?}", l.listeners);
+    assert_eq!(l.key_of("127.0.0.1:1".parse().unwrap()), None);
 }
