@@ -49,8 +49,13 @@ pub async fn watch(config: PathBuf, mut files: Vec<PathBuf>, shared: Arc<Shared>
         last = now;
         match reload(&config, &shared, forced) {
             Some(f) => {
-                files = f;
-                last = stamp(&files);
+                // The stamps taken before the load stay, so that a write
+                // during the load is seen at the next poll (stamping after
+                // it missed such a write); a new list of files is stamped now.
+                if f != files {
+                    files = f;
+                    last = stamp(&files);
+                }
                 retry_at = None;
             }
             None => retry_at = Some(tokio::time::Instant::now() + RETRY),
