@@ -481,6 +481,7 @@ pub fn render_metrics(shared: &Shared, lifecycle: &Lifecycle) -> String {
             shared.now_ms() as f64 / 1000.0,
         ),
     ];
+    shared.refresh_envoy_stats(lifecycle.current() < Request::Drain);
     let mut out = shared.metrics.render(&extra);
     if let Some(cp) = lifecycle.control_plane() {
         use std::fmt::Write;
