@@ -801,6 +801,9 @@ fn dechunk(body: &str) -> String {
     out
 }
 
+/// (on web's side?, family, selector, must equal Envoy's value?)
+type Case<'a> = (bool, &'a str, &'a [(&'a str, &'a str)], bool);
+
 /// Both sidecars played by `proxy`: `n` connections from web to api, then
 /// both sidecars' /stats/prometheus.
 fn scrape_after_traffic(t: &Topo, proxy: Proxy, n: usize) -> (Scrape, Scrape) {
@@ -862,7 +865,7 @@ fn xds_metrics_consul_reads_match_envoys() {
     let outbound = [("envoy_listener_address", "127.0.0.1_15001")];
     let inbound = [("envoy_listener_address", "0.0.0.0_20000")];
     let rbac = [("envoy_rbac_prefix", "connect_authz")];
-    let cases: Vec<(bool, &str, &[(&str, &str)], bool)> = vec![
+    let cases: Vec<Case> = vec![
         // web's side: the upstream api.
         (true, "envoy_cluster_upstream_cx_total", &api_cluster, true),
         (true, "envoy_cluster_upstream_cx_active", &api_cluster, true),
