@@ -420,6 +420,14 @@ pub fn run(opts: RunOpts) -> ExitCode {
             }
         };
         pre.stop();
+        // The bootstrap's stats tags name the envoy_* metrics' labels, as
+        // they do Envoy's (checked when the bootstrap was parsed).
+        shared.metrics.envoy.set_rules(
+            b.stats_config
+                .as_ref()
+                .and_then(|sc| veer_core::stats_tags::TagRules::from_stats_config(sc).ok())
+                .unwrap_or_default(),
+        );
         let lifecycle = Lifecycle::new();
         // consul-dataplane drains with /drain_listeners, waits its grace
         // period, then calls /quitquitquit expecting Envoy's prompt exit.

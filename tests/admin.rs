@@ -113,6 +113,49 @@ fn prometheus_counters_match_the_traffic() {
         5,
         "{api}"
     );
+    // Envoy's metrics with Consul's tags, from the TOML file's identity
+    // and upstream (the names Consul's UI queries).
+    let envoy = |text: &str, name: &str, labels: &[&str]| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+            .unwrap_or_else(|| panic!("no {name} with {labels:?} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let to_api = [
+        "consul_destination_service=\"api\"",
+        "consul_destination_datacenter=\"dc1\"",
+        "consul_source_service=\"web\"",
+        "consul_source_datacenter=\"dc1\"",
+    ];
+    assert_eq!(envoy(&web, "envoy_cluster_upstream_cx_active", &to_api), 1);
+    assert_eq!(envoy(&web, "envoy_cluster_upstream_cx_total", &to_api), 1);
+    assert_eq!(envoy(&web, "envoy_cluster_membership_healthy", &to_api), 1);
+    let up = [
+        "envoy_tcp_prefix=\"upstream\"",
+        "consul_upstream_service=\"api\"",
+    ];
+    assert_eq!(
+        envoy(&web, "envoy_tcp_downstream_cx_rx_bytes_total", &up),
+        5
+    );
+    assert_eq!(
+        envoy(&web, "envoy_tcp_downstream_cx_tx_bytes_total", &up),
+        4
+    );
+    let public = [
+        "envoy_tcp_prefix=\"public_listener\"",
+        "consul_source_service=\"api\"",
+    ];
+    assert_eq!(
+        envoy(&api, "envoy_tcp_downstream_cx_rx_bytes_total", &public),
+        5
+    );
+    assert_eq!(envoy(&api, "envoy_rbac_allowed", &["connect_authz"]), 1);
+    assert_eq!(envoy(&api, "envoy_server_live", &[]), 1);
     assert!(value(&api, "veer_open_fds") >= 4, "{api}");
     assert!(value(&api, "veer_snapshot_age_seconds") < 60);
 
@@ -217,7 +260,14 @@ fn prometheus_counters_match_the_traffic() {
     // sample line belongs to a declared family.
     for l in web.lines().filter(|l| !l.starts_with('#')) {
         let name = l.split(['{', ' ']).next().unwrap();
-        assert!(web.contains(&format!("# TYPE {name} ")), "{name}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| web.contains(&format!("# TYPE {f} histogram")))
+            })
+            .unwrap_or(name);
+        assert!(web.contains(&format!("# TYPE {family} ")), "{name}");
     }
 }
 

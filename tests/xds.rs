@@ -772,6 +772,306 @@ fn xds_same_resources_same_outcome_as_envoy() {
     drop(api);
 }
 
+/// One Prometheus text exposition: family -> type, and every series as
+/// (name, sorted labels) -> value.
+struct Scrape {
+    types: std::collections::BTreeMap<String, String>,
+    series: std::collections::BTreeMap<(String, Vec<(String, String)>), f64>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut types = std::collections::BTreeMap::new();
+        let mut series = std::collections::BTreeMap::new();
+        for l in text.lines() {
+            if let Some(t) = l.strip_prefix("# TYPE ") {
+                let (n, ty) = t.split_once(' ').unwrap();
+                types.insert(n.to_string(), ty.to_string());
+                continue;
+            }
+            if l.starts_with('#') || l.is_empty() {
+                continue;
+            }
+            let Some((head, value)) = l.rsplit_once(' ') else {
+                panic!("not a sample: {l:?}");
+            };
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}').unwrap_or(rest)),
+                None => (head, ""),
+            };
+            // key="value" pairs; values may hold escaped quotes and commas.
+            let mut ls = Vec::new();
+            let mut chars = labels.chars().peekable();
+            while chars.peek().is_some() {
+                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                assert_eq!(chars.next(), Some('"'), "{l}");
+                let mut val = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => val.extend(chars.next()),
+                        '"' => break,
+                        c => val.push(c),
+                    }
+                }
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                }
+                // `le` as Prometheus reads it: a number (Envoy prints
+                // 1800000 where prometheus-client prints 1.8e+06).
+                if key == "le" {
+                    if let Ok(f) = val.parse::<f64>() {
+                        val = f.to_string();
+                    }
+                }
+                ls.push((key.trim().to_string(), val));
+            }
+            ls.sort();
+            let v = value.replace("+Inf", "inf").parse().unwrap_or(f64::NAN);
+            series.insert((name.to_string(), ls), v);
+        }
+        Scrape { types, series }
+    }
+
+    /// The series of `name` whose labels include all of `sel`.
+    fn select(&self, name: &str, sel: &[(&str, &str)]) -> Vec<(&Vec<(String, String)>, f64)> {
+        self.series
+            .iter()
+            .filter(|((n, ls), _)| {
+                n == name
+                    && sel
+                        .iter()
+                        .all(|(k, v)| ls.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|((_, ls), v)| (ls, *v))
+            .collect()
+    }
+}
+
+/// The body of an HTTP/1.1 response as sent: chunked (Envoy's admin) or
+/// not (veer's).
+fn dechunk(body: &str) -> String {
+    let first = body.lines().next().unwrap_or("");
+    if first.is_empty() || !first.chars().all(|c| c.is_ascii_hexdigit()) {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// (on web's side?, family, selector, must equal Envoy's value?)
+type Case<'a> = (bool, &'a str, &'a [(&'a str, &'a str)], bool);
+
+/// Both sidecars played by `proxy`: `n` connections from web to api, then
+/// both sidecars' /stats/prometheus.
+fn scrape_after_traffic(t: &Topo, proxy: Proxy, n: usize) -> (Scrape, Scrape) {
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    t.serve(&t.web_ads, &t.web_resources(web_shape()));
+    let api = Dp::start(proxy, &t.server, &t.files, "api", &t.api_sock);
+    wait_ready(&t.server, &api);
+    let web = Dp::start(proxy, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.client, &web);
+    for _ in 0..n {
+        assert_eq!(echo(&t.client, &vip(80), "d").unwrap(), "d", "{proxy:?}");
+    }
+    // Connections are counted closed once both sides saw the end.
+    std::thread::sleep(Duration::from_millis(500));
+    let get = |ns: &Netns| {
+        let (status, body) = admin_get(ns, 19000, "/stats/prometheus").unwrap();
+        assert_eq!(status, 200);
+        Scrape::parse(&dechunk(&body))
+    };
+    let out = (get(&t.client), get(&t.server));
+    drop(web);
+    drop(api);
+    out
+}
+
+/// The differential test of the metrics Consul's UI reads: the same
+/// bootstrap (consul-dataplane's, with its stats tags), the same resources
+/// and the same traffic through a pair of Envoy 1.40 sidecars and a pair of
+/// veer sidecars; every series of the families the UI's Prometheus provider
+/// queries (`ui/packages/consul-ui/vendor/metrics-providers/prometheus.js`,
+/// Consul v1.16.0: `envoy_tcp_downstream_cx_*` by `envoy_tcp_prefix`
+/// `public_listener` / `upstream.*` and `consul_upstream_*`,
+/// `envoy_cluster_upstream_cx_*` by `consul_destination_*`) and of the
+/// other families dashboards and alerts read exists in veer's output with
+/// the same name, type and label set, and the connection and byte counters
+/// agree.
+#[test]
+fn xds_metrics_consul_reads_match_envoys() {
+    if !veer_testsupport::require_root("xds_metrics_match_envoy") {
+        return;
+    }
+    if veer_testsupport::tool("envoy").is_none() {
+        veer_testsupport::skip("xds_metrics_match_envoy", "no envoy binary");
+        return;
+    }
+    let t = Topo::new();
+    let n = 3;
+    let (ew, ea) = scrape_after_traffic(&t, Proxy::Envoy, n);
+    let (vw, va) = scrape_after_traffic(&t, Proxy::Veer, n);
+    // (family, selector of the series veer serves as Envoy does, counter
+    // that must equal Envoy's)
+    let api_cluster = [("consul_destination_service", "api")];
+    let up = [
+        ("envoy_tcp_prefix", "upstream"),
+        ("consul_upstream_service", "api"),
+    ];
+    let public = [("envoy_tcp_prefix", "public_listener")];
+    let local_app = [("envoy_cluster_name", "local_app")];
+    let outbound = [("envoy_listener_address", "127.0.0.1_15001")];
+    let inbound = [("envoy_listener_address", "0.0.0.0_20000")];
+    let rbac = [("envoy_rbac_prefix", "connect_authz")];
+    let cases: Vec<Case> = vec![
+        // web's side: the upstream api.
+        (true, "envoy_cluster_upstream_cx_total", &api_cluster, true),
+        (true, "envoy_cluster_upstream_cx_active", &api_cluster, true),
+        (
+            true,
+            "envoy_cluster_upstream_cx_connect_fail",
+            &api_cluster,
+            true,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_connect_timeout",
+            &api_cluster,
+            true,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_rx_bytes_total",
+            &api_cluster,
+            true,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_tx_bytes_total",
+            &api_cluster,
+            true,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_connect_ms_count",
+            &api_cluster,
+            false,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_connect_ms_bucket",
+            &api_cluster,
+            false,
+        ),
+        (
+            true,
+            "envoy_cluster_upstream_cx_length_ms_count",
+            &api_cluster,
+            false,
+        ),
+        (true, "envoy_cluster_membership_healthy", &api_cluster, true),
+        (true, "envoy_cluster_membership_total", &api_cluster, true),
+        (true, "envoy_tcp_downstream_cx_total", &up, true),
+        (true, "envoy_tcp_downstream_cx_rx_bytes_total", &up, true),
+        (true, "envoy_tcp_downstream_cx_tx_bytes_total", &up, true),
+        (true, "envoy_tcp_downstream_cx_no_route", &up, true),
+        (true, "envoy_listener_downstream_cx_total", &outbound, true),
+        (true, "envoy_listener_downstream_cx_active", &outbound, true),
+        (true, "envoy_server_live", &[], true),
+        (true, "envoy_server_uptime", &[], false),
+        // api's side: the public listener, its RBAC and the local app.
+        (false, "envoy_tcp_downstream_cx_total", &public, true),
+        (
+            false,
+            "envoy_tcp_downstream_cx_rx_bytes_total",
+            &public,
+            true,
+        ),
+        (
+            false,
+            "envoy_tcp_downstream_cx_tx_bytes_total",
+            &public,
+            true,
+        ),
+        (false, "envoy_tcp_downstream_cx_no_route", &public, true),
+        (false, "envoy_rbac_allowed", &rbac, true),
+        (false, "envoy_rbac_denied", &rbac, true),
+        (false, "envoy_cluster_upstream_cx_total", &local_app, true),
+        (
+            false,
+            "envoy_cluster_upstream_cx_connect_fail",
+            &local_app,
+            true,
+        ),
+        (
+            false,
+            "envoy_cluster_upstream_cx_rx_bytes_total",
+            &local_app,
+            true,
+        ),
+        (
+            false,
+            "envoy_cluster_upstream_cx_tx_bytes_total",
+            &local_app,
+            true,
+        ),
+        (false, "envoy_listener_downstream_cx_total", &inbound, true),
+        (false, "envoy_listener_downstream_cx_active", &inbound, true),
+    ];
+    let family = |name: &str| {
+        let n = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_count"))
+            .unwrap_or(name);
+        n.to_string()
+    };
+    let mut bad = Vec::new();
+    for (web_side, name, sel, equal) in cases {
+        let (e, v) = if web_side { (&ew, &vw) } else { (&ea, &va) };
+        let es = e.select(name, sel);
+        let vs = v.select(name, sel);
+        assert!(!es.is_empty(), "Envoy has no {name}{sel:?}");
+        let f = family(name);
+        if e.types.get(&f) != v.types.get(&f) {
+            bad.push(format!(
+                "{f}: type {:?} in Envoy, {:?} in veer",
+                e.types.get(&f),
+                v.types.get(&f)
+            ));
+        }
+        for (labels, ev) in &es {
+            match vs.iter().find(|(l, _)| l == labels) {
+                None => bad.push(format!(
+                    "{name}: veer has no series {labels:?}; it has {:?}",
+                    vs.iter().map(|x| x.0).collect::<Vec<_>>()
+                )),
+                Some((_, vv)) if equal && vv != ev => {
+                    bad.push(format!("{name}{labels:?}: Envoy {ev}, veer {vv}"))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "veer's metrics differ from Envoy's:\n{}",
+        bad.join("\n")
+    );
+    // The traffic is in them.
+    let total = vw.select("envoy_cluster_upstream_cx_total", &api_cluster);
+    assert_eq!(total[0].1, n as f64);
+    let allowed = va.select("envoy_rbac_allowed", &rbac);
+    assert_eq!(allowed[0].1, n as f64);
+}
+
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -521,6 +521,7 @@ pub fn render_metrics(shared: &Shared, lifecycle: &Lifecycle) -> String {
             shared.now_ms() as f64 / 1000.0,
         ),
     ];
+    shared.refresh_envoy_stats(lifecycle.current() < Request::Drain);
     let mut out = shared.metrics.render(&extra);
     if let Some(cp) = lifecycle.control_plane() {
         render_control_plane(&mut out, &cp);
@@ -579,7 +580,8 @@ fn render_pre_init(
 ) -> String {
     let mut out = format!(
         "# HELP veer_ready 1 when /ready answers 200.\n# TYPE veer_ready gauge\nveer_ready 0\n\
-         # HELP veer_process_uptime_seconds Seconds since the process started.\n# TYPE veer_process_uptime_seconds gauge\nveer_process_uptime_seconds {}\n",
+         # HELP veer_process_uptime_seconds Seconds since the process started.\n# TYPE veer_process_uptime_seconds gauge\nveer_process_uptime_seconds {}\n\
+         # HELP envoy_server_live 1 once the server is live (Envoy's server.live).\n# TYPE envoy_server_live gauge\nenvoy_server_live 0\n",
         started.elapsed().as_secs_f64()
     );
     if let Some(cp) = cp {

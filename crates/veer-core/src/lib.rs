@@ -13,6 +13,7 @@
 //! - [`tls`]: rustls configurations and peer-identity extraction.
 //! - [`config`]: the TOML file format and its validation.
 //! - [`snapshot`]: the immutable configuration snapshot the listeners read.
+//! - [`stats_tags`]: Envoy stat names and tag extraction (Consul's `stats_tags`).
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -23,4 +24,5 @@ pub mod intentions;
 pub mod route;
 pub mod snapshot;
 pub mod spiffe;
+pub mod stats_tags;
 pub mod tls;

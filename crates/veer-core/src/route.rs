@@ -72,6 +72,42 @@ impl Endpoint {
     }
 }
 
+/// A place for whatever the runtime keeps per upstream (its metric
+/// handles), set once on first use.
+#[derive(Default)]
+pub struct StatsSlot(std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl StatsSlot {
+    /// The value of type `T`, made by `init` on the first call; `None` if
+    /// the slot holds another type.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> Arc<T>,
+    ) -> Option<&T> {
+        self.0
+            .get_or_init(|| init() as Arc<dyn std::any::Any + Send + Sync>)
+            .downcast_ref()
+    }
+
+    /// Endpoints of `u` not in back-off after a failure at `now_ms`.
+    pub fn healthy(u: &Upstream, now_ms: u64) -> usize {
+        u.endpoints
+            .iter()
+            .filter(|e| e.failed_until_ms.load(Ordering::Relaxed) <= now_ms)
+            .count()
+    }
+}
+
+impl std::fmt::Debug for StatsSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "StatsSlot(set)"
+        } else {
+            "StatsSlot(empty)"
+        })
+    }
+}
+
 /// An upstream service and what veer needs to reach it.
 #[derive(Debug)]
 pub struct Upstream {
@@ -101,6 +137,9 @@ pub struct Upstream {
     /// this upstream's roots, and a server certificate check that requires
     /// `san_matchers` inside the handshake. Set by `Snapshot::build`.
     pub tls: Option<crate::tls::LazyClientConfig>,
+    /// The runtime's metric handles for this upstream, made on its first
+    /// connection: later connections find them here, without a lookup.
+    pub stats: StatsSlot,
     open: AtomicU32,
     next: AtomicUsize,
 }
@@ -125,6 +164,7 @@ impl Upstream {
             max_connections: None,
             roots: None,
             tls: None,
+            stats: StatsSlot::default(),
             open: AtomicU32::new(0),
             next: AtomicUsize::new(0),
         }

@@ -4,6 +4,7 @@
 //! once at start. Explicit upstream listeners follow the snapshot: a swap
 //! that adds or removes an upstream's `local_bind` opens or closes its
 //! listener (open connections are not touched).
+use crate::metrics::envoy::ListenerStats;
 use crate::state::Shared;
 use crate::{inbound, net, outbound};
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,13 +33,18 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// One open connection's place in its listener's count; freed on drop, also
-/// when the connection's task panics.
-struct Slot(Arc<AtomicUsize>);
+/// One open connection's place in its listener's count (and in its
+/// Envoy listener stats); freed on drop, also when the connection's task
+/// panics.
+struct Slot(Arc<AtomicUsize>, Option<(Arc<ListenerStats>, Instant)>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+        if let Some((l, since)) = &self.1 {
+            l.cx_active.fetch_sub(1, Relaxed);
+            l.length_ms.observe(since.elapsed().as_secs_f64() * 1e3);
+        }
     }
 }
 
@@ -100,6 +106,10 @@ pub async fn serve<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let open = Arc::new(AtomicUsize::new(0));
+    let stats = listener
+        .local_addr()
+        .ok()
+        .map(|a| shared.metrics.envoy.listener(a));
     let mut reserve = reserve_fd();
     let mut warn_fds = Throttle::new();
     let mut warn_overflow = Throttle::new();
@@ -122,7 +132,11 @@ pub async fn serve<F, Fut>(
                         continue;
                     }
                     open.fetch_add(1, Relaxed);
-                    let slot = Slot(open.clone());
+                    let slot = Slot(open.clone(), stats.as_ref().map(|l| {
+                        l.cx_total.fetch_add(1, Relaxed);
+                        l.cx_active.fetch_add(1, Relaxed);
+                        (l.clone(), Instant::now())
+                    }));
                     // Boxed: the task then holds a pointer, not a second copy
                     // of the (several KiB) connection future.
                     let conn = Box::pin(handler(s, ClientAddr::from(peer)));

@@ -10,12 +10,14 @@
 //!
 //! The check after the handshake is the one point where a request-level
 //! (L7) check will sit for HTTP upstreams.
+use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::net;
 use crate::relay::{self, Leg, Limits};
 use crate::state::Shared;
 use crate::tls_stream::ServerTls;
 use rustls::server::UnbufferedServerConnection;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
@@ -75,12 +77,19 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
             }
         }
     }
+    let t0 = Instant::now();
     let Some(tls) = handshake(&shared, &snap, tcp, peer).await else {
         return;
     };
-    shared
-        .metrics
-        .handshake(Direction::Inbound, tls.conn().handshake_kind());
+    shared.metrics.handshake(
+        Direction::Inbound,
+        tls.conn().handshake_kind(),
+        t0.elapsed(),
+    );
+    // Envoy's public listener: its TCP proxy sees every connection whose
+    // handshake completed; the RBAC filter then allows or denies it.
+    let envoy = shared.metrics.envoy.inbound();
+    envoy.tcp.cx_total.fetch_add(1, Relaxed);
     let Some(leaf) = tls.conn().peer_certificates().and_then(|c| c.first()) else {
         return refuse(
             &shared,
@@ -118,6 +127,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     let snap = shared.snapshot();
     let decision = snap.authz.evaluate(&source);
     if !decision.allowed() {
+        envoy.rbac.denied.fetch_add(1, Relaxed);
         let why = snap.authz.explain(&decision);
         return refuse(
             &shared,
@@ -126,27 +136,30 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
             InboundError::Denied(decision, why),
         );
     }
-    let dialed = net::dial(
-        EndpointAddr(snap.local_app),
-        snap.timeouts.local_connect,
-        &shared.own_dials,
-        0,
-    )
-    .await;
-    let app = match dialed {
+    envoy.rbac.allowed.fetch_add(1, Relaxed);
+    let app = match dial_app(&shared, &snap, Some(&envoy.cluster)).await {
         Ok(s) => s,
         Err(e) => return refuse(&shared, peer, Some(&source.to_string()), e.into()),
     };
+    let up = Instant::now();
     let limits = Limits {
         idle: snap.timeouts.idle,
         half_close: snap.timeouts.half_close,
     };
     let local_app = snap.local_app;
     drop(snap);
-    let live = Some(shared.metrics.live(Direction::Inbound));
+    let live = Some(
+        shared
+            .metrics
+            .live(Direction::Inbound)
+            .with(Some(envoy.tcp.bytes())),
+    );
     let out = relay::copy(tls, app, limits, Some(reg.revoke.clone()), live).await;
     drop(reg);
-    shared.metrics.closed(Direction::Inbound);
+    envoy.cluster.closed(up.elapsed().as_secs_f64() * 1e3);
+    shared
+        .metrics
+        .relayed(Direction::Inbound, started.elapsed());
     tracing::info!(
         target: "veer::access",
         direction = "inbound",
@@ -171,14 +184,7 @@ async fn plain(
     port: u16,
     started: Instant,
 ) {
-    let dialed = net::dial(
-        EndpointAddr(snap.local_app),
-        snap.timeouts.local_connect,
-        &shared.own_dials,
-        0,
-    )
-    .await;
-    let app = match dialed {
+    let app = match dial_app(&shared, &snap, None).await {
         Ok(s) => s,
         Err(e) => return refuse(&shared, peer, None, e.into()),
     };
@@ -193,7 +199,9 @@ async fn plain(
     drop(snap);
     let live = Some(shared.metrics.live(Direction::Inbound));
     let out = relay::splice(tcp, app, limits, None, live).await;
-    shared.metrics.closed(Direction::Inbound);
+    shared
+        .metrics
+        .relayed(Direction::Inbound, started.elapsed());
     tracing::info!(
         target: "veer::access",
         direction = "inbound",
@@ -207,6 +215,45 @@ async fn plain(
         close = %out.reason.as_str(),
         "connection closed"
     );
+}
+
+/// Dials the local app, timed; a connection of Envoy's `local_app`
+/// cluster when `cluster` is given (the caller reports its close).
+async fn dial_app(
+    shared: &Shared,
+    snap: &Snapshot,
+    cluster: Option<&ClusterStats>,
+) -> Result<net::Dialed, net::DialError> {
+    if let Some(c) = cluster {
+        c.attempt();
+    }
+    let t0 = Instant::now();
+    let dialed = net::dial(
+        EndpointAddr(snap.local_app),
+        snap.timeouts.local_connect,
+        &shared.own_dials,
+        0,
+    )
+    .await;
+    match &dialed {
+        Ok(_) => {
+            let t = t0.elapsed();
+            shared
+                .metrics
+                .h(Direction::Inbound)
+                .connect
+                .observe(t.as_secs_f64());
+            if let Some(c) = cluster {
+                c.connect_ms.observe(t.as_secs_f64() * 1e3);
+            }
+        }
+        Err(e) => {
+            if let Some(c) = cluster {
+                c.failed(e.classify() == "timeout");
+            }
+        }
+    }
+    dialed
 }
 
 /// The TLS handshake of an inbound connection, within the handshake

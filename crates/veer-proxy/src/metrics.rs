@@ -1,15 +1,31 @@
-//! Counters and gauges, rendered in the Prometheus text format.
+//! veer's metrics, encoded by prometheus-client in the Prometheus text
+//! format: its own `veer_*` families and, beside them, the `envoy_*`
+//! families Consul's UI and dashboards read ([`envoy`]).
 //!
-//! Hot-path counters are plain atomics. Counters keyed by a reason use
-//! `&'static str` labels from the `classify()` functions, so their
-//! cardinality is bounded by the code, never by traffic. Upstream-labelled
-//! counters are keyed by service name (bounded by the mesh's services, and
-//! created only for upstreams actually used). No label ever carries a port
-//! or a client address.
+//! Hot-path counters are plain atomics (and histograms of atomics,
+//! [`hist::Hist`]); the encoders read them when `/stats/prometheus` is
+//! rendered. Counters keyed by a reason use `&'static str` labels from the
+//! `classify()` functions, so their cardinality is bounded by the code,
+//! never by traffic. Upstream-labelled counters are keyed by service name
+//! (bounded by the mesh's services, and created only for upstreams actually
+//! used). No label ever carries a port or a client address.
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub mod envoy;
+pub mod hist;
+
+#[cfg(test)]
+mod tests;
+
+use hist::{Hist, LONG_SECONDS, SHORT_SECONDS};
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,10 +61,33 @@ pub struct PerDirection {
     pub tls_resumed: AtomicU64,
 }
 
-/// All of veer's metrics.
+/// Per-direction histograms (seconds).
+#[derive(Debug)]
+pub struct DirHists {
+    /// Dials: the local app (inbound), upstream endpoints and passthrough
+    /// destinations (outbound), until the TCP connection is up.
+    pub connect: Hist,
+    /// Completed mTLS handshakes.
+    pub handshake: Hist,
+    /// Relayed connections, accept to close.
+    pub duration: Hist,
+}
+
+impl Default for DirHists {
+    fn default() -> Self {
+        DirHists {
+            connect: Hist::new(SHORT_SECONDS),
+            handshake: Hist::new(SHORT_SECONDS),
+            duration: Hist::new(LONG_SECONDS),
+        }
+    }
+}
+
+/// Every counter, gauge and histogram (reached through [`Metrics`]).
 #[derive(Default)]
-pub struct Metrics {
+pub struct Core {
     pub dir: [PerDirection; 2],
+    pub hist: [DirHists; 2],
     pub splice_bytes: AtomicU64,
     pub copy_bytes: AtomicU64,
     pub snapshot_swaps: AtomicU64,
@@ -57,6 +96,31 @@ pub struct Metrics {
     pub accept_errors: AtomicU64,
     /// (metric name, labels) -> count.
     labelled: Mutex<BTreeMap<(&'static str, Labels), u64>>,
+    /// The `envoy_*` families.
+    pub envoy: envoy::EnvoyStats,
+}
+
+/// All of veer's metrics, and the prometheus-client registry that encodes
+/// them.
+pub struct Metrics {
+    core: Arc<Core>,
+    registry: Registry,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let core = Arc::new(Core::default());
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Veer(core.clone())));
+        Metrics { core, registry }
+    }
 }
 
 /// The labels of one labelled counter, in a fixed order.
@@ -131,22 +195,13 @@ const DIAL_FAILURES: &[(&str, Direction)] = &[
 /// The `reason` label value of a dial that timed out (`DialError::classify`).
 const TIMEOUT: &str = "timeout";
 
-fn escape(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-impl Metrics {
+impl Core {
     pub fn d(&self, d: Direction) -> &PerDirection {
         &self.dir[d.idx()]
+    }
+
+    pub fn h(&self, d: Direction) -> &DirHists {
+        &self.hist[d.idx()]
     }
 
     pub fn opened(&self, d: Direction) {
@@ -154,9 +209,15 @@ impl Metrics {
     }
 
     /// A connection of direction `d` ended (its bytes were counted while
-    /// they moved, through [`Metrics::live`]).
+    /// they moved, through [`Core::live`]).
     pub fn closed(&self, d: Direction) {
         self.d(d).closed.fetch_add(1, Relaxed);
+    }
+
+    /// A relayed connection of direction `d` ended after `t`.
+    pub fn relayed(&self, d: Direction, t: Duration) {
+        self.closed(d);
+        self.h(d).duration.observe(t.as_secs_f64());
     }
 
     /// The counters a relay of direction `d` adds its bytes to as they
@@ -168,16 +229,18 @@ impl Metrics {
             b_to_a: &p.tx_bytes,
             copied: &self.copy_bytes,
             spliced: &self.splice_bytes,
+            extra: None,
         }
     }
 
-    /// Counts a completed handshake of direction `d`.
-    pub fn handshake(&self, d: Direction, kind: Option<rustls::HandshakeKind>) {
+    /// Counts a completed handshake of direction `d` that took `t`.
+    pub fn handshake(&self, d: Direction, kind: Option<rustls::HandshakeKind>, t: Duration) {
         let p = self.d(d);
         match kind {
             Some(rustls::HandshakeKind::Resumed) => p.tls_resumed.fetch_add(1, Relaxed),
             _ => p.tls_full.fetch_add(1, Relaxed),
         };
+        self.h(d).handshake.observe(t.as_secs_f64());
     }
 
     /// Counts one event of `name` with `label = value`.
@@ -229,172 +292,264 @@ impl Metrics {
     pub fn active(&self) -> u64 {
         [Direction::Inbound, Direction::Outbound]
             .iter()
-            .map(|d| {
-                let p = self.d(*d);
-                p.opened
-                    .load(Relaxed)
-                    .saturating_sub(p.closed.load(Relaxed))
-            })
+            .map(|d| self.active_of(*d))
             .sum()
     }
 
-    /// Renders everything in the Prometheus text format. `extra` gauges
-    /// (open fds, snapshot age...) are appended by the caller.
+    fn active_of(&self, d: Direction) -> u64 {
+        let p = self.d(d);
+        p.opened
+            .load(Relaxed)
+            .saturating_sub(p.closed.load(Relaxed))
+    }
+}
+
+impl Metrics {
+    /// Renders everything in the Prometheus text format: the `veer_*`
+    /// families, the `extra` gauges of the caller (open fds, snapshot
+    /// age...), then the `envoy_*` families.
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
-        let mut out = String::with_capacity(4096);
-        let per = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&PerDirection) -> u64| {
-            let _ = writeln!(out, "# HELP veer_{name} {help}\n# TYPE veer_{name} counter");
-            for d in [Direction::Inbound, Direction::Outbound] {
-                let _ = writeln!(
-                    out,
-                    "veer_{name}{{direction=\"{}\"}} {}",
-                    d.as_str(),
-                    f(self.d(d))
-                );
-            }
-        };
-        per(
-            &mut out,
-            "connections_opened_total",
-            "Connections accepted.",
-            &|p| p.opened.load(Relaxed),
-        );
-        per(
-            &mut out,
-            "connections_closed_total",
-            "Connections closed.",
-            &|p| p.closed.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP veer_connections_active Connections open now.\n# TYPE veer_connections_active gauge");
-        for d in [Direction::Inbound, Direction::Outbound] {
-            let p = self.d(d);
-            let active = p
-                .opened
-                .load(Relaxed)
-                .saturating_sub(p.closed.load(Relaxed));
-            let _ = writeln!(
-                out,
-                "veer_connections_active{{direction=\"{}\"}} {active}",
-                d.as_str()
-            );
-        }
-        let _ = writeln!(out, "# HELP veer_tls_handshakes_total Completed mTLS handshakes, full or resumed from a session ticket.\n# TYPE veer_tls_handshakes_total counter");
-        for d in [Direction::Inbound, Direction::Outbound] {
-            let p = self.d(d);
-            for (kind, n) in [("full", &p.tls_full), ("resumed", &p.tls_resumed)] {
-                let _ = writeln!(
-                    out,
-                    "veer_tls_handshakes_total{{direction=\"{}\",kind=\"{kind}\"}} {}",
-                    d.as_str(),
-                    n.load(Relaxed)
-                );
-            }
-        }
-        per(
-            &mut out,
-            "received_bytes_total",
-            "Bytes received from the downstream client.",
-            &|p| p.rx_bytes.load(Relaxed),
-        );
-        per(
-            &mut out,
-            "sent_bytes_total",
-            "Bytes sent to the downstream client.",
-            &|p| p.tx_bytes.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP veer_relayed_bytes_total Bytes relayed, by mechanism.\n# TYPE veer_relayed_bytes_total counter");
-        let _ = writeln!(
-            out,
-            "veer_relayed_bytes_total{{mode=\"splice\"}} {}",
-            self.splice_bytes.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "veer_relayed_bytes_total{{mode=\"copy\"}} {}",
-            self.copy_bytes.load(Relaxed)
-        );
-        for (name, help, v) in [
-            (
-                "snapshot_swaps_total",
-                "Snapshots applied.",
-                &self.snapshot_swaps,
-            ),
-            (
-                "snapshot_errors_total",
-                "Snapshots rejected (the previous one stays).",
-                &self.snapshot_errors,
-            ),
-            (
-                "connections_revoked_total",
-                "Open inbound connections closed because an intention change denies them.",
-                &self.revoked,
-            ),
-            (
-                "accept_errors_total",
-                "Errors accepting connections (e.g. out of file descriptors).",
-                &self.accept_errors,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP veer_{name} {help}\n# TYPE veer_{name} counter\nveer_{name} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP veer_connect_timeouts_total Dials that timed out (local app, upstream endpoints, passthrough destinations).\n# TYPE veer_connect_timeouts_total counter");
-        for d in [Direction::Inbound, Direction::Outbound] {
-            let _ = writeln!(
-                out,
-                "veer_connect_timeouts_total{{direction=\"{}\"}} {}",
-                d.as_str(),
-                self.connect_timeouts(d)
-            );
-        }
-        let m = self.labelled.lock().unwrap_or_else(|e| e.into_inner());
-        for (name, help) in LABELLED {
-            let _ = writeln!(out, "# HELP veer_{name} {help}\n# TYPE veer_{name} counter");
-            for ((_, labels), c) in m
-                .range((*name, Labels::new())..)
-                .take_while(|((n, _), _)| n == name)
-            {
-                write_sample(&mut out, name, labels, *c);
-            }
-        }
-        let mut last = "";
-        for ((name, labels), c) in m.iter() {
-            if LABELLED.iter().any(|(n, _)| n == name) {
-                continue;
-            }
-            if *name != last {
-                let _ = writeln!(out, "# TYPE veer_{name} counter");
-                last = name;
-            }
-            write_sample(&mut out, name, labels, *c);
-        }
-        drop(m);
+        let mut out = String::with_capacity(8192);
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        let mut gauges = Registry::default();
         for (name, help, v) in extra {
-            let _ = writeln!(
-                out,
-                "# HELP veer_{name} {help}\n# TYPE veer_{name} gauge\nveer_{name} {v}"
+            let (name, help) = (
+                format!("veer_{name}"),
+                help.strip_suffix('.').unwrap_or(help),
             );
+            // Whole numbers as integers (`veer_ready 1`), the rest as floats.
+            if v.is_finite() && v.fract() == 0.0 && v.abs() < 9e15 {
+                let g = Gauge::<i64>::default();
+                g.set(*v as i64);
+                gauges.register(name, help, g);
+            } else {
+                let g = Gauge::<f64, AtomicU64>::default();
+                g.set(*v);
+                gauges.register(name, help, g);
+            }
+        }
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &gauges);
+        let mut envoy = Registry::default();
+        envoy.register_collector(Box::new(EnvoyOf(self.core.clone())));
+        let mut text = String::with_capacity(4096);
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &envoy);
+        // Envoy's counters without `_total` were encoded untyped (see
+        // `envoy::ENVOY_COUNTER_HELP`): give them back their type.
+        let help = envoy::ENVOY_COUNTER_HELP;
+        let mut untyped = false;
+        for line in text.lines() {
+            if line.starts_with("# HELP ") {
+                untyped = line.ends_with(help);
+            }
+            match line.strip_suffix(" untyped") {
+                Some(t) if untyped && t.starts_with("# TYPE ") => {
+                    out.push_str(t);
+                    out.push_str(" counter\n");
+                }
+                _ => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
         }
         out
     }
 }
 
-fn write_sample(out: &mut String, name: &str, labels: &Labels, v: u64) {
-    let _ = write!(out, "veer_{name}");
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, val)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{}\"", escape(val));
-        }
-        out.push('}');
+/// Encodes the `veer_*` families.
+#[derive(Debug)]
+struct Veer(Arc<Core>);
+
+/// Encodes the `envoy_*` families.
+#[derive(Debug)]
+struct EnvoyOf(Arc<Core>);
+
+impl Collector for EnvoyOf {
+    fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.0.envoy.encode(enc)
     }
-    let _ = writeln!(out, " {v}");
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("metrics::Core")
+    }
+}
+
+const DIRS: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
+
+/// A counter family's name for prometheus-client, which appends `_total`.
+fn counter_name(name: &str) -> &str {
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+impl Collector for Veer {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let per = |enc: &mut DescriptorEncoder,
+                   name: &str,
+                   help: &str,
+                   f: &dyn Fn(&PerDirection) -> u64|
+         -> Result<(), std::fmt::Error> {
+            let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for d in DIRS {
+                e.encode_family(&[("direction", d.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&f(m.d(d)), None)?;
+            }
+            Ok(())
+        };
+        per(
+            &mut enc,
+            "veer_connections_opened",
+            "Connections accepted.",
+            &|p| p.opened.load(Relaxed),
+        )?;
+        per(
+            &mut enc,
+            "veer_connections_closed",
+            "Connections closed.",
+            &|p| p.closed.load(Relaxed),
+        )?;
+        {
+            let mut e = enc.encode_descriptor(
+                "veer_connections_active",
+                "Connections open now.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for d in DIRS {
+                e.encode_family(&[("direction", d.as_str())])?
+                    .encode_gauge(&(m.active_of(d) as i64))?;
+            }
+        }
+        {
+            let mut e = enc.encode_descriptor(
+                "veer_tls_handshakes",
+                "Completed mTLS handshakes, full or resumed from a session ticket.",
+                None,
+                MetricType::Counter,
+            )?;
+            for d in DIRS {
+                let p = m.d(d);
+                for (kind, n) in [("full", &p.tls_full), ("resumed", &p.tls_resumed)] {
+                    e.encode_family(&[("direction", d.as_str()), ("kind", kind)])?
+                        .encode_counter::<NoLabelSet, _, u64>(&n.load(Relaxed), None)?;
+                }
+            }
+        }
+        per(
+            &mut enc,
+            "veer_received_bytes",
+            "Bytes received from the downstream client.",
+            &|p| p.rx_bytes.load(Relaxed),
+        )?;
+        per(
+            &mut enc,
+            "veer_sent_bytes",
+            "Bytes sent to the downstream client.",
+            &|p| p.tx_bytes.load(Relaxed),
+        )?;
+        {
+            let mut e = enc.encode_descriptor(
+                "veer_relayed_bytes",
+                "Bytes relayed, by mechanism.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (mode, v) in [("splice", &m.splice_bytes), ("copy", &m.copy_bytes)] {
+                e.encode_family(&[("mode", mode)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+            }
+        }
+        for (name, help, v) in [
+            (
+                "veer_snapshot_swaps",
+                "Snapshots applied.",
+                &m.snapshot_swaps,
+            ),
+            (
+                "veer_snapshot_errors",
+                "Snapshots rejected (the previous one stays).",
+                &m.snapshot_errors,
+            ),
+            (
+                "veer_connections_revoked",
+                "Open inbound connections closed because an intention change denies them.",
+                &m.revoked,
+            ),
+            (
+                "veer_accept_errors",
+                "Errors accepting connections (e.g. out of file descriptors).",
+                &m.accept_errors,
+            ),
+        ] {
+            enc.encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+        }
+        {
+            let mut e = enc.encode_descriptor(
+                "veer_connect_timeouts",
+                "Dials that timed out (local app, upstream endpoints, passthrough destinations).",
+                None,
+                MetricType::Counter,
+            )?;
+            for d in DIRS {
+                e.encode_family(&[("direction", d.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&m.connect_timeouts(d), None)?;
+            }
+        }
+        for (name, help, f) in [
+            (
+                "veer_connect_seconds",
+                "Time to connect a dial (local app inbound; upstream endpoints and passthrough destinations outbound).",
+                (|h: &DirHists| &h.connect) as fn(&DirHists) -> &Hist,
+            ),
+            (
+                "veer_tls_handshake_seconds",
+                "Time of completed mTLS handshakes.",
+                |h: &DirHists| &h.handshake,
+            ),
+            (
+                "veer_connection_duration_seconds",
+                "How long relayed connections lasted, accept to close.",
+                |h: &DirHists| &h.duration,
+            ),
+        ] {
+            let mut e = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for d in DIRS {
+                let labels = [("direction", d.as_str())];
+                let mut s = e.encode_family(&labels)?;
+                f(m.h(d)).encode_into(&mut s)?;
+            }
+        }
+        let map = m.labelled.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, help) in LABELLED {
+            let full = format!("veer_{}", counter_name(name));
+            let mut e = enc.encode_descriptor(&full, help, None, MetricType::Counter)?;
+            for ((_, labels), c) in map
+                .range((*name, Labels::new())..)
+                .take_while(|((n, _), _)| n == name)
+            {
+                e.encode_family(labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(c, None)?;
+            }
+        }
+        let mut rest: BTreeMap<&str, Vec<(&Labels, u64)>> = BTreeMap::new();
+        for ((name, labels), c) in map.iter() {
+            if !LABELLED.iter().any(|(n, _)| n == name) {
+                rest.entry(name).or_default().push((labels, *c));
+            }
+        }
+        for (name, series) in rest {
+            let full = format!("veer_{}", counter_name(name));
+            let mut e = enc.encode_descriptor(&full, "", None, MetricType::Counter)?;
+            for (labels, c) in series {
+                e.encode_family(labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&c, None)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Open file descriptors of this process (`/proc/self/fd`).
@@ -413,65 +568,4 @@ pub fn max_fds() -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labelled_counters_render_with_help_and_escaping() {
-        let m = Metrics::default();
-        m.count("intention_denials_total", "reason", "denied_by_default");
-        m.count("intention_denials_total", "reason", "denied_by_default");
-        m.endpoint_failure("api", "timeout");
-        m.endpoint_failure("we\"ird", "refused");
-        m.count("outbound_failures_total", "reason", "timeout");
-        m.count("local_app_connect_failures_total", "reason", "refused");
-        m.count("something_new_total", "reason", "x");
-        let out = m.render(&[("open_fds", "Open fds.", 7.0)]);
-        assert!(out.contains("veer_intention_denials_total{reason=\"denied_by_default\"} 2\n"));
-        assert!(out.contains(
-            "veer_upstream_endpoint_failures_total{upstream=\"api\",reason=\"timeout\"} 1\n"
-        ));
-        assert!(out.contains("upstream=\"we\\\"ird\""), "{out}");
-        assert!(out.contains("veer_connect_timeouts_total{direction=\"outbound\"} 2\n"));
-        assert!(out.contains("veer_connect_timeouts_total{direction=\"inbound\"} 0\n"));
-        assert!(out.contains("# HELP veer_inbound_handshake_failures_total "));
-        assert!(out.contains(
-            "# TYPE veer_something_new_total counter\nveer_something_new_total{reason=\"x\"} 1\n"
-        ));
-        assert!(out.contains("# TYPE veer_open_fds gauge\nveer_open_fds 7\n"));
-        assert_eq!(m.get("upstream_endpoint_failures_total", "api"), 1);
-        assert_eq!(m.connect_timeouts(Direction::Outbound), 2);
-        // Every sample line belongs to a family declared just before it.
-        let mut families = std::collections::HashSet::new();
-        for l in out.lines() {
-            if let Some(rest) = l.strip_prefix("# TYPE ") {
-                assert!(
-                    families.insert(rest.split(' ').next().unwrap().to_string()),
-                    "{l}"
-                );
-            } else if !l.starts_with('#') {
-                let name = l.split(['{', ' ']).next().unwrap();
-                assert!(families.contains(name), "{name} has no TYPE line");
-            }
-        }
-    }
-
-    #[test]
-    fn active_counts_both_directions() {
-        let m = Metrics::default();
-        m.opened(Direction::Inbound);
-        m.opened(Direction::Outbound);
-        m.opened(Direction::Outbound);
-        m.closed(Direction::Outbound);
-        assert_eq!(m.active(), 2);
-    }
-
-    #[test]
-    fn process_fds_are_read() {
-        assert!(open_fds().unwrap() >= 3);
-        assert!(max_fds().unwrap() >= 64);
-    }
 }

@@ -9,6 +9,7 @@
 //! any byte of the app is sent. An upstream with `max_connections` open
 //! refuses more (`reason=overflow`).
 //! Passthrough routes dial plain TCP and relay with splice.
+use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::net::{self, DialError, Dialed};
 use crate::relay::{self, Limits, Outcome};
@@ -17,6 +18,7 @@ use crate::tls_stream::ClientTls;
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -130,7 +132,15 @@ pub async fn handle_explicit(
     };
     match route::route_explicit(&upstream) {
         Ok(r) => forward(shared, snap, tcp, peer, None, r, 0).await,
-        Err(e) => fail(&shared, peer, None, Some(upstream.name()), e.into(), &tcp),
+        Err(e) => {
+            // The upstream's TCP proxy has nowhere to send it (Envoy's
+            // `downstream_cx_no_route`).
+            if let Some(s) = shared.metrics.envoy.upstream(&upstream) {
+                s.tcp.cx_total.fetch_add(1, Relaxed);
+                s.tcp.no_route.fetch_add(1, Relaxed);
+            }
+            fail(&shared, peer, None, Some(upstream.name()), e.into(), &tcp)
+        }
     }
 }
 
@@ -151,7 +161,15 @@ async fn forward(
     let live = Some(shared.metrics.live(Direction::Outbound));
     let (out, upstream): (Outcome, String) = match route {
         Route::Passthrough { addr } => {
+            let t0 = Instant::now();
             let dialed = net::dial(addr, snap.timeouts.connect, &shared.own_dials, hops).await;
+            if dialed.is_ok() {
+                shared
+                    .metrics
+                    .h(Direction::Outbound)
+                    .connect
+                    .observe(t0.elapsed().as_secs_f64());
+            }
             let up = match dialed {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some("passthrough"), e.into(), &tcp),
@@ -170,15 +188,23 @@ async fn forward(
                 );
                 return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
             };
-            let tls = match connect_mesh(&shared, &snap, &upstream).await {
+            let stats = shared.metrics.envoy.upstream(&upstream);
+            if let Some(s) = stats {
+                s.tcp.cx_total.fetch_add(1, Relaxed);
+            }
+            let cluster = stats.map(|s| &*s.cluster);
+            let tls = match connect_mesh(&shared, &snap, &upstream, cluster).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
             drop(snap);
-            (
-                relay::copy(tcp, tls, limits, None, live).await,
-                upstream.name().to_string(),
-            )
+            let up = Instant::now();
+            let live = live.map(|l| l.with(stats.map(|s| s.tcp.bytes())));
+            let out = relay::copy(tcp, tls, limits, None, live).await;
+            if let Some(c) = cluster {
+                c.closed(up.elapsed().as_secs_f64() * 1e3);
+            }
+            (out, upstream.name().to_string())
         }
         Route::Direct { upstream, addr } => {
             let Some(_slot) = upstream.try_open() else {
@@ -188,18 +214,28 @@ async fn forward(
                 );
                 return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
             };
-            let tls = match connect_tls(&shared, &snap, &upstream, addr).await {
+            let stats = shared.metrics.envoy.upstream(&upstream);
+            if let Some(s) = stats {
+                s.tcp.cx_total.fetch_add(1, Relaxed);
+            }
+            let cluster = stats.map(|s| &*s.cluster);
+            let tls = match connect_tls(&shared, &snap, &upstream, addr, cluster).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
             drop(snap);
-            (
-                relay::copy(tcp, tls, limits, None, live).await,
-                upstream.name().to_string(),
-            )
+            let up = Instant::now();
+            let live = live.map(|l| l.with(stats.map(|s| s.tcp.bytes())));
+            let out = relay::copy(tcp, tls, limits, None, live).await;
+            if let Some(c) = cluster {
+                c.closed(up.elapsed().as_secs_f64() * 1e3);
+            }
+            (out, upstream.name().to_string())
         }
     };
-    shared.metrics.closed(Direction::Outbound);
+    shared
+        .metrics
+        .relayed(Direction::Outbound, started.elapsed());
     tracing::info!(
         target: "veer::access",
         direction = "outbound",
@@ -221,10 +257,11 @@ async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
+    cluster: Option<&ClusterStats>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     let now = shared.now_ms();
     for ep in upstream.pick_order(now) {
-        match connect_tls(shared, snap, upstream, ep.addr).await {
+        match connect_tls(shared, snap, upstream, ep.addr, cluster).await {
             Ok(s) => {
                 upstream.mark_ok(ep);
                 return Ok(s);
@@ -245,13 +282,35 @@ async fn connect_mesh(
     ))
 }
 
-/// mTLS to one address; the server's identity is checked inside the
-/// handshake by the upstream's TLS configuration and once more after it.
+/// mTLS to one address, counted as one connection attempt of the
+/// upstream's cluster (Envoy's `upstream_cx_total`, `_connect_fail`,
+/// `_connect_timeout`, `_connect_ms`; `_active` until the caller reports
+/// the close).
 async fn connect_tls(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
+    cluster: Option<&ClusterStats>,
+) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
+    if let Some(c) = cluster {
+        c.attempt();
+    }
+    let r = try_tls(shared, snap, upstream, addr, cluster).await;
+    if let (Err(e), Some(c)) = (&r, cluster) {
+        c.failed(matches!(e, OutboundError::Dial(d) if d.classify() == "timeout"));
+    }
+    r
+}
+
+/// mTLS to one address; the server's identity is checked inside the
+/// handshake by the upstream's TLS configuration and once more after it.
+async fn try_tls(
+    shared: &Shared,
+    snap: &Snapshot,
+    upstream: &Upstream,
+    addr: EndpointAddr,
+    cluster: Option<&ClusterStats>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     let Some(config) = upstream.tls.as_ref().map(|t| t.get()) else {
         return Err(OutboundError::Handshake(
@@ -260,7 +319,18 @@ async fn connect_tls(
             "the upstream has no TLS configuration".into(),
         ));
     };
+    let t0 = Instant::now();
     let tcp = net::dial(addr, upstream.connect_timeout, &shared.own_dials, 0).await?;
+    let dialed = t0.elapsed();
+    shared
+        .metrics
+        .h(Direction::Outbound)
+        .connect
+        .observe(dialed.as_secs_f64());
+    if let Some(c) = cluster {
+        c.connect_ms.observe(dialed.as_secs_f64() * 1e3);
+    }
+    let t1 = Instant::now();
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
     let conn = UnbufferedClientConnection::new(config, name)
@@ -284,9 +354,11 @@ async fn connect_tls(
         }
         Ok(Ok(())) => {}
     }
-    shared
-        .metrics
-        .handshake(Direction::Outbound, tls.conn().handshake_kind());
+    shared.metrics.handshake(
+        Direction::Outbound,
+        tls.conn().handshake_kind(),
+        t1.elapsed(),
+    );
     // Second line (a resumed session skips the certificate check).
     let Some(leaf) = tls.conn().peer_certificates().and_then(|c| c.first()) else {
         return Err(OutboundError::ServerIdentity {

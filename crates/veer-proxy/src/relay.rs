@@ -63,13 +63,47 @@ pub struct Live<'a> {
     /// Bytes moved by userspace copy and by splice (both directions).
     pub copied: &'a AtomicU64,
     pub spliced: &'a AtomicU64,
+    /// One more pair (a to b, b to a): the upstream's own counters.
+    pub extra: Option<(&'a AtomicU64, &'a AtomicU64)>,
 }
 
-impl Live<'_> {
-    fn add(counter: Option<&AtomicU64>, total: Option<&AtomicU64>, n: usize) {
-        if let (Some(c), Some(t)) = (counter, total) {
-            c.fetch_add(n as u64, Relaxed);
-            t.fetch_add(n as u64, Relaxed);
+impl<'a> Live<'a> {
+    /// With the upstream's own pair of counters.
+    pub fn with(self, extra: Option<(&'a AtomicU64, &'a AtomicU64)>) -> Live<'a> {
+        Live { extra, ..self }
+    }
+    fn ab(&self, mode: &'a AtomicU64) -> Tally<'a> {
+        Tally {
+            dir: self.a_to_b,
+            mode,
+            extra: self.extra.map(|e| e.0),
+        }
+    }
+    fn ba(&self, mode: &'a AtomicU64) -> Tally<'a> {
+        Tally {
+            dir: self.b_to_a,
+            mode,
+            extra: self.extra.map(|e| e.1),
+        }
+    }
+}
+
+/// The counters one direction of a relay adds to.
+#[derive(Clone, Copy)]
+struct Tally<'a> {
+    dir: &'a AtomicU64,
+    mode: &'a AtomicU64,
+    extra: Option<&'a AtomicU64>,
+}
+
+impl Tally<'_> {
+    fn add(t: Option<Tally<'_>>, n: usize) {
+        if let Some(t) = t {
+            t.dir.fetch_add(n as u64, Relaxed);
+            t.mode.fetch_add(n as u64, Relaxed);
+            if let Some(e) = t.extra {
+                e.fetch_add(n as u64, Relaxed);
+            }
         }
     }
 }
@@ -213,7 +247,7 @@ impl Half {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
-        live: Option<(&AtomicU64, &AtomicU64)>,
+        live: Option<Tally<'_>>,
     ) -> Poll<Result<(), HalfErr>>
     where
         R: AsyncRead + Unpin,
@@ -232,7 +266,7 @@ impl Half {
                         self.pos += n;
                         self.bytes += n as u64;
                         self.need_flush = true;
-                        Live::add(live.map(|l| l.0), live.map(|l| l.1), n);
+                        Tally::add(live, n);
                     }
                 }
             }
@@ -335,14 +369,14 @@ pub async fn copy<A: Leg, B: Leg>(
             return Poll::Ready(Err(CloseReason::Revoked));
         }
         if !ab.done {
-            match ab.poll_copy(cx, &mut a, &mut b, live.map(|l| (l.a_to_b, l.copied))) {
+            match ab.poll_copy(cx, &mut a, &mut b, live.map(|l| l.ab(l.copied))) {
                 Poll::Ready(Err(HalfErr::Read)) => return Poll::Ready(Ok(Some(Fault::A))),
                 Poll::Ready(Err(HalfErr::Write)) => return Poll::Ready(Ok(Some(Fault::B))),
                 _ => {}
             }
         }
         if !ba.done {
-            match ba.poll_copy(cx, &mut b, &mut a, live.map(|l| (l.b_to_a, l.copied))) {
+            match ba.poll_copy(cx, &mut b, &mut a, live.map(|l| l.ba(l.copied))) {
                 Poll::Ready(Err(HalfErr::Read)) => return Poll::Ready(Ok(Some(Fault::B))),
                 Poll::Ready(Err(HalfErr::Write)) => return Poll::Ready(Ok(Some(Fault::A))),
                 _ => {}
@@ -386,7 +420,7 @@ async fn splice_half(
     dst: &TcpStream,
     moved: &AtomicU64,
     started: &AtomicU64,
-    live: Option<(&AtomicU64, &AtomicU64)>,
+    live: Option<Tally<'_>>,
 ) -> Result<(), (bool, io::Error)> {
     loop {
         // Wait for data before taking a pipe: idle directions hold none.
@@ -424,7 +458,7 @@ async fn splice_half(
                 Ok(m) => {
                     left -= m;
                     moved.fetch_add(m as u64, Relaxed);
-                    Live::add(live.map(|l| l.0), live.map(|l| l.1), m);
+                    Tally::add(live, m);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable().await.map_err(|e| (false, e))?;
@@ -478,20 +512,8 @@ pub async fn splice<B: Leg>(
         Timer(CloseReason),
     }
     let end = {
-        let f_ab = splice_half(
-            &a,
-            b.tcp(),
-            &ab,
-            &started,
-            live.map(|l| (l.a_to_b, l.spliced)),
-        );
-        let f_ba = splice_half(
-            b.tcp(),
-            &a,
-            &ba,
-            &started,
-            live.map(|l| (l.b_to_a, l.spliced)),
-        );
+        let f_ab = splice_half(&a, b.tcp(), &ab, &started, live.map(|l| l.ab(l.spliced)));
+        let f_ba = splice_half(b.tcp(), &a, &ba, &started, live.map(|l| l.ba(l.spliced)));
         let rv = revoked(revoke.clone());
         tokio::pin!(f_ab, f_ba, rv);
         std::future::poll_fn(|cx| {

@@ -161,9 +161,17 @@ impl Shared {
         let max_connections = AtomicUsize::new(first.timeouts.max_connections);
         let inbound_max_connections = AtomicUsize::new(first.inbound_max_connections);
         let (snap, _) = watch::channel(Arc::new(first));
+        let metrics = Metrics::default();
+        // Consul's stats tags for this sidecar; the xDS source replaces
+        // them with its bootstrap's.
+        metrics
+            .envoy
+            .set_rules(veer_core::stats_tags::TagRules::consul(
+                &snap.borrow().identity,
+            ));
         let shared = Arc::new(Shared {
             snap,
-            metrics: Metrics::default(),
+            metrics,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             version: AtomicU64::new(1),
@@ -333,6 +341,15 @@ impl Shared {
             id,
             revoke,
         }
+    }
+
+    /// Sets the `envoy_*` gauges read from the current snapshot and the
+    /// server's (`live`: not draining); call before rendering metrics.
+    pub fn refresh_envoy_stats(&self, live: bool) {
+        let snap = self.snapshot();
+        self.metrics
+            .envoy
+            .refresh(&snap, self.now_ms(), live, self.started.elapsed().as_secs());
     }
 
     /// Open inbound connections in the registry.

@@ -1096,8 +1096,8 @@ impl ConsulXds {
 /// `pkg/consuldp/testdata/TestBootstrapConfig/unix-socket-xds-server.golden`
 /// (consul-dataplane HEAD 28a963a, MPL-2.0, copied to
 /// `crates/veer-xds/tests/fixtures/bootstrap/`), with the node and cluster
-/// of `service`, the admin on `127.0.0.1:<admin_port>` and the xDS server
-/// on the unix socket `socket`.
+/// of `service` (also in its fixed stats tags), the admin on
+/// `127.0.0.1:<admin_port>` and the xDS server on the unix socket `socket`.
 pub fn dataplane_bootstrap(service: &str, socket: &std::path::Path, admin_port: u16) -> String {
     let golden = include_str!(
         "../../veer-xds/tests/fixtures/bootstrap/dataplane-28a963a/unix-socket-xds-server.json"
@@ -1106,6 +1106,17 @@ pub fn dataplane_bootstrap(service: &str, socket: &std::path::Path, admin_port: 
     b["node"]["id"] = format!("{service}-sidecar-proxy").into();
     b["node"]["cluster"] = service.into();
     b["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    // Its fixed stats tags name the sidecar's service (the golden's is web).
+    for t in b["stats_config"]["stats_tags"]
+        .as_array_mut()
+        .expect("stats_tags")
+    {
+        if ["local_cluster", "consul.source.service"]
+            .contains(&t["tag_name"].as_str().unwrap_or(""))
+        {
+            t["fixed_value"] = service.into();
+        }
+    }
     let ep = &mut b["static_resources"]["clusters"][0]["loadAssignment"]["endpoints"][0]
         ["lbEndpoints"][0]["endpoint"]["address"]["pipe"]["path"];
     *ep = socket.display().to_string().into();

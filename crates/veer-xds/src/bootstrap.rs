@@ -39,6 +39,10 @@ pub struct Bootstrap {
     pub clusters: Vec<StaticCluster>,
     /// The static HTTP listeners veer serves itself (Prometheus, ready).
     pub listeners: Vec<StaticListener>,
+    /// `stats_config`, whose `stats_tags` name the `envoy_*` metrics'
+    /// labels ([`veer_core::stats_tags::TagRules::from_stats_config`];
+    /// checked here).
+    pub stats_config: Option<Value>,
     /// JSON paths of settings accepted without effect (log them once).
     pub ignored: Vec<String>,
     /// JSON paths of unknown fields let through by
@@ -587,11 +591,30 @@ pub fn parse(doc: Value, opts: Options) -> R<Bootstrap> {
     }
     let dynamic = top.req_msg("dynamic_resources")?;
     let ads = parse_dynamic(dynamic, &clusters, &mut ctx)?;
+    let stats_config = top.take("stats_config");
+    if let Some(sc) = &stats_config {
+        let at = top.at("stats_config");
+        veer_core::stats_tags::TagRules::from_stats_config(sc)
+            .map_err(|e| invalid(&at, e.to_string()))?;
+        if let Some(o) = sc.as_object() {
+            for k in o.keys() {
+                if ![
+                    "stats_tags",
+                    "statsTags",
+                    "use_all_default_tags",
+                    "useAllDefaultTags",
+                ]
+                .contains(&k.as_str())
+                {
+                    ctx.ignored.push(format!("{at}.{k}"));
+                }
+            }
+        }
+    }
     top.ignore(
         &mut ctx,
         &[
             "layered_runtime",
-            "stats_config",
             "stats_sinks",
             "stats_flush_interval",
             "stats_flush_on_admin",
@@ -613,6 +636,7 @@ pub fn parse(doc: Value, opts: Options) -> R<Bootstrap> {
         ads,
         clusters,
         listeners,
+        stats_config,
         ignored: ctx.ignored,
         unknown: ctx.unknown,
     })

@@ -107,11 +107,16 @@ fn dataplane_ready_listener_and_unix_socket() {
         l.routes[1].action,
         RouteAction::Direct { status: 404, .. }
     ));
+    // Its stats tags name the envoy_* metrics' labels: taken, not ignored.
     assert!(
-        b.ignored.iter().any(|i| i == "stats_config"),
+        !b.ignored.iter().any(|i| i.starts_with("stats_config")),
         "{:?}",
         b.ignored
     );
+    let rules =
+        veer_core::stats_tags::TagRules::from_stats_config(b.stats_config.as_ref().unwrap())
+            .unwrap();
+    assert_eq!(rules.rules().len(), 20);
 
     let b = load(&dir("dataplane-v1.1.0/unix-socket-xds-server.json")).unwrap();
     assert!(matches!(b.ads.addr, Addr::Unix(_)), "{:?}", b.ads.addr);
@@ -135,4 +140,26 @@ fn consul_agent_token_tls_and_prometheus() {
         matches!(&l.routes[0].action, RouteAction::Forward { cluster, prefix_rewrite, .. }
         if cluster == "prometheus_backend" && prefix_rewrite.as_deref() == Some("/stats/prometheus"))
     );
+}
+
+/// Every bootstrap Consul v1.16 and consul-dataplane generate has stats
+/// tags veer takes; a bad regex is refused naming its field.
+#[test]
+fn stats_tags_of_every_fixture_are_taken_and_a_bad_one_is_refused() {
+    for d in ["consul-v1.16.0", "dataplane-28a963a", "dataplane-v1.1.0"] {
+        for f in std::fs::read_dir(dir(d)).unwrap() {
+            let p = f.unwrap().path();
+            let Ok(b) = load(&p) else { continue };
+            if let Some(sc) = &b.stats_config {
+                veer_core::stats_tags::TagRules::from_stats_config(sc)
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+    let text = std::fs::read_to_string(dir("dataplane-28a963a/basic.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["stats_config"]["stats_tags"][2]["regex"] = "(unclosed".into();
+    let e = veer_xds::bootstrap::parse(v, Default::default()).unwrap_err();
+    assert!(e.to_string().contains("stats_config"), "{e}");
+    assert!(e.to_string().contains("stats_tags[2]"), "{e}");
 }
