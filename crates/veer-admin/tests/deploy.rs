@@ -671,6 +671,99 @@ fn dockerfile_builds_a_static_image_running_as_5995() {
     }
 }
 
+/// The `dataplane` target: HashiCorp's consul-dataplane image with veer
+/// where consul-dataplane looks for Envoy. Facts from consul-dataplane's
+/// own `Dockerfile` (release-default stage, tags v1.9.9 and HEAD 28a963a):
+/// Envoy at `/usr/local/bin/envoy` (found by `exec.LookPath("envoy")` in
+/// pkg/envoy/proxy.go when `-envoy-executable-path` is unset), entrypoint
+/// `["/usr/local/bin/dumb-init", "/usr/local/bin/consul-dataplane"]`, `USER
+/// 100` (consul-k8s runs it as 5995 regardless). consul-k8s 1.x probes the
+/// native sidecar with `/usr/local/bin/consul-dataplane -check-proxy-health`
+/// (control-plane/connect-inject/webhook/consul_dataplane_sidecar.go,
+/// v1.9.11), so that binary must stay consul-dataplane's.
+#[test]
+fn dataplane_image_puts_veer_where_consul_dataplane_looks_for_envoy() {
+    let text = read("Dockerfile");
+    let stages = stages(&parse_dockerfile(&text).unwrap()).unwrap();
+    let build = stages.iter().find(|s| s.name == "build").unwrap();
+    let cargo = build
+        .instrs
+        .iter()
+        .find(|i| i.op == "RUN" && i.args.contains("cargo build"))
+        .unwrap();
+    let words: Vec<&str> = cargo.args.split_whitespace().collect();
+    let target = words[words.iter().position(|w| *w == "--target").unwrap() + 1];
+    let produced = format!("{}/target/{target}/release/veer", build.workdir);
+
+    let dp = stages
+        .iter()
+        .find(|s| s.name == "dataplane")
+        .expect("a dataplane stage");
+    let (image, tag) = dp.base.split_once(':').expect("a pinned tag");
+    assert_eq!(image, "hashicorp/consul-dataplane");
+    let v: Vec<&str> = tag.split('.').collect();
+    assert!(
+        v.len() == 3 && v.iter().all(|p| p.parse::<u32>().is_ok()),
+        "{tag}: pin a release (x.y.z), as global.imageConsulDataplane does"
+    );
+
+    // veer, from the build stage, exactly where Envoy was.
+    let copies = copies_from(dp);
+    assert_eq!(
+        copies,
+        [(
+            "build".to_string(),
+            produced.clone(),
+            "/usr/local/bin/envoy".to_string()
+        )],
+        "the stage copies veer over Envoy and nothing else"
+    );
+    // Nothing else changes: no RUN (the base has no shell anyway, and no
+    // setcap or chmod can add a capability), no other file, no ADD.
+    for i in &dp.instrs {
+        assert!(
+            matches!(
+                i.op.as_str(),
+                "ARG" | "COPY" | "USER" | "ENTRYPOINT" | "LABEL"
+            ),
+            "line {}: {} in the dataplane stage",
+            i.line,
+            i.op
+        );
+        assert!(
+            !i.args.contains("--chmod") && !i.args.contains("--chown"),
+            "line {}: {}",
+            i.line,
+            i.args
+        );
+    }
+    // consul-k8s runs it as 5995:5995; the image says so too.
+    assert_eq!(last(dp, "USER").map(|i| i.args.as_str()), Some("5995:5995"));
+    // consul-dataplane stays the entrypoint (the injected container has
+    // args only, no command).
+    assert_eq!(
+        exec_form(last(dp, "ENTRYPOINT").unwrap()),
+        [
+            "/usr/local/bin/dumb-init",
+            "/usr/local/bin/consul-dataplane"
+        ]
+    );
+    // `docker build .` still gives the plain sidecar.
+    assert_eq!(stages.last().unwrap().name, "sidecar");
+    // The checker notices a copy to the wrong place.
+    let broken = text.replace(
+        "/release/veer /usr/local/bin/envoy",
+        "/release/veer /usr/local/bin/veer",
+    );
+    let st = stages_of(&broken);
+    let dp = st.iter().find(|s| s.name == "dataplane").unwrap();
+    assert_ne!(copies_from(dp)[0].2, "/usr/local/bin/envoy");
+}
+
+fn stages_of(text: &str) -> Vec<Stage> {
+    stages(&parse_dockerfile(text).unwrap()).unwrap()
+}
+
 #[test]
 fn dockerfile_checker_rejects_broken_files() {
     let bad = [
