@@ -220,7 +220,7 @@ fn consul_mode_systemd_unit_command_lines_are_accepted() {
 ///    line, veer reads the FIFO and refuses that 1.8-era bootstrap (API v2
 ///    fields, State-of-the-World ADS) with an error naming it.
 /// 2. The exact argv Consul passed in step 1, with the FIFO now carrying the
-///    bootstrap `consul connect envoy` writes from Consul 1.14 on (v1.16.0
+///    bootstrap `consul connect envoy` writes from Consul 1.10 on (v1.16.0
 ///    golden `token-file-env`: Delta ADS to the agent's gRPC port
 ///    127.0.0.1:8502 with the ACL token), served by veer's test Delta ADS
 ///    server on that port (as tests/xds.rs does): veer runs as the veer
@@ -347,7 +347,7 @@ fn consul_connect_envoy_unit_runs_for_real() {
         "veer must refuse the v2 bootstrap by name: {err}"
     );
 
-    // Step 2: the same argv, the bootstrap Consul >= 1.14 writes.
+    // Step 2: the same argv, the bootstrap Consul >= 1.10 writes.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
