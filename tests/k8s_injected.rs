@@ -475,6 +475,29 @@ fn injected_pod_is_served_by_veer_as_its_spec_says() {
             .find_map(|r| r.error().map(str::to_string))
     );
 
+    // The inbound port itself on the pod IP, as a `tcpSocket` readiness
+    // probe (consul-k8s' default for the sidecar) and Consul's TCP check
+    // reach it: the connection is accepted, and counted as a probe.
+    let probes = |t: &str| -> u64 {
+        t.lines()
+            .filter(|l| l.starts_with("veer_inbound_probes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let admin_scrape = || http_get(&server, f.admin, "/stats/prometheus").unwrap().1;
+    let p0 = probes(&admin_scrape());
+    let inbound_at = SocketAddr::new(pod_ip.parse().unwrap(), f.inbound_port);
+    assert!(
+        client
+            .run(move || TcpStream::connect_timeout(&inbound_at, Duration::from_secs(2)))
+            .is_ok(),
+        "tcpSocket probe on {inbound_at}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || probes(&admin_scrape()) > p0),
+        "the TCP probe was not seen as one"
+    );
+
     // The container's user and capabilities, as its securityContext says.
     let uids = status_field(pid, "Uid");
     assert!(

@@ -427,6 +427,9 @@ fn injected_pod_fixture_is_a_strict_kubernetes_pod() {
         return;
     };
     validate_strict(&tool, &repo().join(rel)).unwrap_or_else(|e| panic!("{e}"));
+    // The static example too (native sidecars: Kubernetes >= 1.29).
+    validate_strict(&tool, &repo().join("deploy/kubernetes/static/web.yaml"))
+        .unwrap_or_else(|e| panic!("static/web.yaml: {e}"));
     // And it does reject a misplaced field.
     let tmp = Tmp::new("pod");
     let bad = tmp.0.join("bad.yaml");
