@@ -64,7 +64,12 @@ fn validate_every_fixture() {
     let d = TempDir::new("veer-envoy-validate");
     let bin = envoy(&d);
     let mut n = 0;
-    for sub in ["dataplane-28a963a", "dataplane-v1.1.0", "consul-v1.16.0"] {
+    for sub in [
+        "dataplane-28a963a",
+        "dataplane-v1.1.0",
+        "dataplane-releases",
+        "consul-v1.16.0",
+    ] {
         for e in std::fs::read_dir(fixtures().join(sub)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_none_or(|x| x != "json") {
@@ -96,7 +101,7 @@ fn validate_every_fixture() {
             n += 1;
         }
     }
-    assert!(n >= 45, "{n}");
+    assert!(n >= 55, "{n}");
 }
 
 #[test]
