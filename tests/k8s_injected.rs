@@ -531,14 +531,39 @@ fn injected_pod_is_served_by_veer_as_its_spec_says() {
     // The admin address, inside the pod only.
     let r = http_get(&server, f.admin, "/ready");
     assert_eq!(r.map(|r| r.0), Some(200));
-    assert!(
-        http_get(
-            &client,
-            SocketAddr::new(pod_ip.parse().unwrap(), f.admin.port()),
-            "/ready"
-        )
-        .is_none_or(|r| r.0 != 200),
-        "admin reachable from outside the pod"
+
+    // Every listening socket is veer's and on the address the spec implies:
+    // the pod IP for what the kubelet and peers reach, loopback for the
+    // admin and outbound ports, all addresses for Prometheus.
+    let ss = server.sh_ok("ss -Hltnp").unwrap();
+    let pod = |port: u16| format!("{pod_ip}:{port}");
+    let mut want = vec![
+        pod(f.inbound_port),
+        format!("127.0.0.1:{}", f.outbound_port),
+        f.admin.to_string(),
+        pod(f.ready_port),
+        format!("0.0.0.0:{}", f.prom_port),
+    ];
+    want.extend(f.app_probes.iter().map(|(_, _, port, _)| pod(*port)));
+    for addr in &want {
+        let line = ss
+            .lines()
+            .find(|l| l.split_whitespace().nth(3) == Some(addr.as_str()))
+            .unwrap_or_else(|| panic!("nothing listens on {addr}:\n{ss}"));
+        assert!(
+            line.contains(&format!("pid={pid},")),
+            "{addr} is not veer's: {line}"
+        );
+    }
+    let veers: std::collections::BTreeSet<&str> = ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
+    assert_eq!(
+        veers, want,
+        "veer listens on more than the spec says:\n{ss}"
     );
 
     // The inbound port on the pod IP: mTLS from a mesh peer to the app (any
