@@ -64,7 +64,12 @@ fn validate_every_fixture() {
     let d = TempDir::new("veer-envoy-validate");
     let bin = envoy(&d);
     let mut n = 0;
-    for sub in ["dataplane-28a963a", "dataplane-v1.1.0", "consul-v1.16.0"] {
+    for sub in [
+        "dataplane-28a963a",
+        "dataplane-v1.1.0",
+        "dataplane-releases",
+        "consul-v1.16.0",
+    ] {
         for e in std::fs::read_dir(fixtures().join(sub)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_none_or(|x| x != "json") {
@@ -96,7 +101,7 @@ fn validate_every_fixture() {
             n += 1;
         }
     }
-    assert!(n >= 45, "{n}");
+    assert!(n >= 55, "{n}");
 }
 
 #[test]
@@ -206,8 +211,13 @@ impl Drop for Kill {
 
 /// consul-dataplane's ready-listener bootstrap with free ports.
 fn dataplane_bootstrap(admin: u16, ready: u16) -> String {
+    dataplane_bootstrap_of("dataplane-28a963a", admin, ready)
+}
+
+/// The ready-listener golden of one consul-dataplane version, free ports.
+fn dataplane_bootstrap_of(version_dir: &str, admin: u16, ready: u16) -> String {
     let mut doc: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join("dataplane-28a963a/ready-listener.json")).unwrap(),
+        &std::fs::read(fixtures().join(version_dir).join("ready-listener.json")).unwrap(),
     )
     .unwrap();
     doc["admin"]["address"]["socket_address"]["port_value"] = admin.into();
@@ -336,4 +346,140 @@ fn quitquitquit_before_the_first_configuration_exits() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// The log patterns consul-dataplane passes (`pkg/envoy/proxy.go`, the same
+/// from v1.0.0 to HEAD).
+const DP_PLAIN: &str = "%Y-%m-%dT%T.%eZ%z [%l] envoy.%n(%t) %v";
+const DP_JSON: &str = r#"{"@timestamp":"%Y-%m-%dT%T.%fZ%z","@module":"envoy.%n","@level":"%l","@message":"%j","thread":%t}"#;
+
+/// How each consul-dataplane release line builds Envoy's argv
+/// (`pkg/envoy/proxy.go` buildCommand, `pkg/consuldp/consul_dataplane.go`
+/// envoyProxyConfig; read at tags v1.0.0, v1.1.0, v1.2.0, v1.3.0 … v2.0.1
+/// and HEAD 28a963a), with consul-k8s' `-- --base-id 1` for a multi-port
+/// pod's second service as the extra arguments.
+#[derive(Clone, Copy, Debug)]
+enum DpEra {
+    /// v1.0.0–v1.2.x (before 45453c1): the bootstrap in a FIFO made in
+    /// TMPDIR, `--config-path`; only `--concurrency` appended.
+    Fifo,
+    /// v1.3.0 onwards: `--config-yaml <json>`; `--concurrency`,
+    /// `--drain-time-s`, `--drain-strategy` appended (Go map order).
+    ConfigYaml,
+    /// HEAD: as ConfigYaml, and a `--log-level` among the extra arguments
+    /// is taken out of them and replaces the logger's level.
+    ConfigYamlLogLevelFromExtra,
+}
+
+#[test]
+fn every_consul_dataplane_release_line_starts_veer() {
+    for (era, version_dir, json_logs) in [
+        (DpEra::Fifo, "dataplane-v1.1.0", true),
+        (DpEra::ConfigYaml, "dataplane-v1.1.0", false),
+        (DpEra::ConfigYaml, "dataplane-28a963a", true),
+        (
+            DpEra::ConfigYamlLogLevelFromExtra,
+            "dataplane-28a963a",
+            false,
+        ),
+    ] {
+        let d = TempDir::new("veer-envoy-era");
+        let (admin, ready) = (free_port(), free_port());
+        let boot = dataplane_bootstrap_of(version_dir, admin, ready);
+        let log_format = if json_logs { DP_JSON } else { DP_PLAIN };
+        let mut extra = vec!["--base-id".to_string(), "1".to_string()];
+        let level = match era {
+            DpEra::ConfigYamlLogLevelFromExtra => "debug",
+            _ => "info",
+        };
+        let mut argv: Vec<String> = Vec::new();
+        let mut writer = None;
+        match era {
+            DpEra::Fifo => {
+                let fifo = d.path().join("envoy-17e5a2b4c3d2e1f0-bootstrap.json");
+                assert!(Command::new("mkfifo")
+                    .arg(&fifo)
+                    .status()
+                    .unwrap()
+                    .success());
+                let f = fifo.clone();
+                writer = Some(std::thread::spawn(move || std::fs::write(&f, boot)));
+                argv.extend(["--config-path".into(), fifo.display().to_string()]);
+                extra.push("--concurrency 2".into());
+            }
+            _ => {
+                argv.extend(["--config-yaml".into(), boot]);
+                extra.extend([
+                    "--drain-strategy immediate".into(),
+                    "--concurrency 2".into(),
+                    "--drain-time-s 30".into(),
+                ]);
+            }
+        }
+        argv.extend([
+            "--log-format".into(),
+            log_format.into(),
+            "--log-level".into(),
+            level.into(),
+            "--disable-hot-restart".into(),
+        ]);
+        argv.extend(extra);
+        let child = Command::new(envoy(&d))
+            .args(&argv)
+            .env_remove("VEER_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = Kill(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        let r = loop {
+            if let Some(r) = get(ready, "/ready") {
+                break r;
+            }
+            assert!(
+                Instant::now() < end,
+                "{era:?}: ready listener never answered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(r.0, 503, "{era:?}: {r:?}");
+        assert!(r.1.contains("PRE_INITIALIZING"), "{era:?}: {r:?}");
+        if let Some(w) = writer {
+            w.join().unwrap().expect("veer read the FIFO");
+        }
+        let st = Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let end = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < end, "{era:?}: no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "{era:?}: {status:?}\n{err}");
+        // The log format followed the pattern's kind, and no flag was
+        // refused or repeated.
+        if json_logs {
+            assert!(
+                err.lines().any(|l| l.starts_with('{')),
+                "{era:?}: JSON logs expected:\n{err}"
+            );
+        } else {
+            assert!(!err.lines().any(|l| l.starts_with('{')), "{era:?}:\n{err}");
+        }
+        assert!(!err.contains("more than once"), "{era:?}:\n{err}");
+    }
 }

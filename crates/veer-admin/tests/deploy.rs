@@ -6,7 +6,7 @@
 //! its images run the binary the build stage produces, as 5995:5995; the
 //! systemd unit passes `systemd-analyze verify`.
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -92,7 +92,7 @@ fn flag(args: &[String], name: &str) -> Vec<String> {
 
 /// Every document of every manifest, as JSON.
 fn manifests() -> Vec<(String, serde_json::Value)> {
-    let dir = repo().join("deploy/kubernetes");
+    let dir = repo().join("deploy/kubernetes/static");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -346,6 +346,216 @@ fn strict_parsing_catches_a_misplaced_field() {
         v["spec"]["template"]["spec"]["containers"][0]["readinessProbe"].clone();
     let r = std::panic::catch_unwind(|| typed::<Deployment>(&file, &v));
     assert!(r.is_err(), "a misspelt field must not pass");
+}
+
+/// The documents of one YAML file, as JSON.
+fn yaml_docs(rel: &str) -> Vec<serde_json::Value> {
+    let text = read(rel);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|y| !y.is_null())
+        .map(|y| serde_json::to_value(y).unwrap())
+        .collect()
+}
+
+/// `kubernetes-validate` (PyPI; `.ci/install-deps` puts it in
+/// /opt/veer-tools/bin): the API server's OpenAPI schemas, strict.
+fn kubernetes_validate() -> Option<PathBuf> {
+    veer_testsupport_tool("kubernetes-validate").or_else(|| {
+        let p = PathBuf::from("/opt/veer-tools/bin/kubernetes-validate");
+        p.exists().then_some(p)
+    })
+}
+
+/// Runs `kubernetes-validate --strict` for Kubernetes 1.29 (the oldest
+/// with native sidecars) and 1.33 on `file`: Ok, or its complaint.
+fn validate_strict(tool: &Path, file: &Path) -> Result<(), String> {
+    for k in ["1.29", "1.33"] {
+        let out = Command::new(tool)
+            .args(["-k", k, "--strict", "--quiet"])
+            .arg(file)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The injected pod fixture (consul-k8s 1.9.11's webhook output, image
+/// swapped; served for real in tests/k8s_injected.rs) is a Pod the API
+/// server would store: k8s-openapi's types with nothing dropped, and the
+/// API's own schema in strict mode when `kubernetes-validate` is installed.
+#[test]
+fn injected_pod_fixture_is_a_strict_kubernetes_pod() {
+    let rel = "deploy/kubernetes/testdata/injected-pod.yaml";
+    let docs = yaml_docs(rel);
+    assert_eq!(docs.len(), 1);
+    let pod: Pod = typed(rel, &docs[0]);
+    let spec = pod.spec.as_ref().unwrap();
+    let dp = &spec.containers[0];
+    assert_eq!(
+        dp.name, "consul-dataplane",
+        "prepended (proxy lifecycle on)"
+    );
+    assert!(dp.command.is_none(), "consul-k8s sets args only");
+    assert!(dp
+        .image
+        .as_deref()
+        .unwrap()
+        .starts_with("veer-consul-dataplane:"));
+    let sc = dp.security_context.as_ref().unwrap();
+    assert_eq!((sc.run_as_user, sc.run_as_group), (Some(5995), Some(5995)));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    // No app container runs as the proxy UID (consul-k8s refuses those).
+    for c in &spec.containers[1..] {
+        assert_ne!(
+            c.security_context.as_ref().and_then(|s| s.run_as_user),
+            Some(5995)
+        );
+    }
+
+    let Some(tool) = kubernetes_validate() else {
+        loud_skip(
+            "kubernetes-validate: not installed (run .ci/install-deps); k8s-openapi checks ran",
+        );
+        return;
+    };
+    validate_strict(&tool, &repo().join(rel)).unwrap_or_else(|e| panic!("{e}"));
+    // The static example too (native sidecars: Kubernetes >= 1.29).
+    validate_strict(&tool, &repo().join("deploy/kubernetes/static/web.yaml"))
+        .unwrap_or_else(|e| panic!("static/web.yaml: {e}"));
+    // And it does reject a misplaced field.
+    let tmp = Tmp::new("pod");
+    let bad = tmp.0.join("bad.yaml");
+    std::fs::write(&bad, read(rel).replace("readinessProbe:", "readinesProbe:")).unwrap();
+    let e = validate_strict(&tool, &bad).expect_err("a misspelt field must not pass");
+    assert!(e.contains("readinesProbe"), "{e}");
+}
+
+/// The Helm post-renderer changes the injector's `-consul-dataplane-image`
+/// and nothing else (gateways keep HashiCorp's image), and refuses input
+/// where it cannot find that flag exactly once instead of passing it
+/// through unchanged.
+#[test]
+fn helm_post_renderer_swaps_only_the_injectors_dataplane_image() {
+    let script = repo().join("deploy/kubernetes/helm/veer-dataplane-image.sh");
+    let input_rel = "deploy/kubernetes/testdata/consul-1.9.11-rendered-excerpt.yaml";
+    let input = read(input_rel);
+    let image = "registry.example.com/veer-consul-dataplane:0.1.0";
+    let run = |args: &[&str], env: Option<&str>, stdin: &str| {
+        use std::io::Write;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg(&script).args(args);
+        cmd.env_remove("VEER_DATAPLANE_IMAGE");
+        if let Some(v) = env {
+            cmd.env("VEER_DATAPLANE_IMAGE", v);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    let out = run(&[image], None, &input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    // The environment variable form gives the same.
+    let out2 = run(&[], Some(image), &input);
+    assert_eq!(String::from_utf8(out2.stdout).unwrap(), rendered);
+
+    let before: Vec<serde_json::Value> = yaml_docs(input_rel);
+    let tmp = Tmp::new("postrender");
+    let out_file = tmp.0.join("rendered.yaml");
+    std::fs::write(&out_file, &rendered).unwrap();
+    let after: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(before.len(), after.len());
+    let script_of = |v: &serde_json::Value| {
+        v["spec"]["template"]["spec"]["containers"][0]["command"][2]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (b, a) in before.iter().zip(&after) {
+        let _: Deployment = typed(input_rel, a);
+        if b["metadata"]["name"] == "consul-connect-injector" {
+            let (sb, sa) = (script_of(b), script_of(a));
+            assert!(
+                sa.contains(&format!("-consul-dataplane-image=\"{image}\" \\\n")),
+                "{sa}"
+            );
+            assert_eq!(
+                sa.replace(image, "hashicorp/consul-dataplane:1.9.11"),
+                sb,
+                "only the image changed"
+            );
+            let mut b2 = b.clone();
+            b2["spec"]["template"]["spec"]["containers"][0]["command"][2] = sa.into();
+            assert_eq!(&b2, a, "nothing else in the injector changed");
+        } else {
+            assert_eq!(b, a, "{} must not change", b["metadata"]["name"]);
+            assert!(a.to_string().contains("hashicorp/consul-dataplane:1.9.11"));
+        }
+    }
+    if let Some(tool) = kubernetes_validate() {
+        validate_strict(&tool, &out_file).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // Refusals: no flag (not the consul-k8s 1.x chart, or connectInject
+    // off), the flag twice, no image, a bad image. Nothing on stdout.
+    let gateway_only = input
+        .split("\n---\n")
+        .filter(|d| !d.contains("consul-connect-injector"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let twice = format!("{input}\n---\n{input}");
+    for (args, stdin, code, why) in [
+        (&[image][..], gateway_only.as_str(), 1, "found it 0 times"),
+        (&[image][..], twice.as_str(), 1, "found it 2 times"),
+        (&[][..], input.as_str(), 2, "give the image"),
+        (&["a|b"][..], input.as_str(), 2, "not an image reference"),
+    ] {
+        let out = run(args, None, stdin);
+        assert_eq!(out.status.code(), Some(code), "{why}");
+        assert!(out.stdout.is_empty(), "{why}: wrote output");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{why}");
+    }
+
+    // The Helm 4 plugin runs this very script.
+    let plugin: serde_json::Value = serde_json::to_value(
+        serde_yaml::from_str::<serde_yaml::Value>(&read("deploy/kubernetes/helm/plugin.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(plugin["type"], "postrenderer/v1");
+    assert_eq!(
+        plugin["runtimeConfig"]["platformCommand"][0]["command"],
+        "${HELM_PLUGIN_DIR}/veer-dataplane-image.sh"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&script).unwrap().permissions().mode();
+    assert!(mode & 0o111 != 0, "the script must be executable for Helm");
 }
 
 // ---------------------------------------------------------------- Dockerfile
@@ -669,6 +879,99 @@ fn dockerfile_builds_a_static_image_running_as_5995() {
         }
         None => loud_skip("hadolint: not installed (the built-in checks above ran)"),
     }
+}
+
+/// The `dataplane` target: HashiCorp's consul-dataplane image with veer
+/// where consul-dataplane looks for Envoy. Facts from consul-dataplane's
+/// own `Dockerfile` (release-default stage, tags v1.9.9 and HEAD 28a963a):
+/// Envoy at `/usr/local/bin/envoy` (found by `exec.LookPath("envoy")` in
+/// pkg/envoy/proxy.go when `-envoy-executable-path` is unset), entrypoint
+/// `["/usr/local/bin/dumb-init", "/usr/local/bin/consul-dataplane"]`, `USER
+/// 100` (consul-k8s runs it as 5995 regardless). consul-k8s 1.x probes the
+/// native sidecar with `/usr/local/bin/consul-dataplane -check-proxy-health`
+/// (control-plane/connect-inject/webhook/consul_dataplane_sidecar.go,
+/// v1.9.11), so that binary must stay consul-dataplane's.
+#[test]
+fn dataplane_image_puts_veer_where_consul_dataplane_looks_for_envoy() {
+    let text = read("Dockerfile");
+    let stages = stages(&parse_dockerfile(&text).unwrap()).unwrap();
+    let build = stages.iter().find(|s| s.name == "build").unwrap();
+    let cargo = build
+        .instrs
+        .iter()
+        .find(|i| i.op == "RUN" && i.args.contains("cargo build"))
+        .unwrap();
+    let words: Vec<&str> = cargo.args.split_whitespace().collect();
+    let target = words[words.iter().position(|w| *w == "--target").unwrap() + 1];
+    let produced = format!("{}/target/{target}/release/veer", build.workdir);
+
+    let dp = stages
+        .iter()
+        .find(|s| s.name == "dataplane")
+        .expect("a dataplane stage");
+    let (image, tag) = dp.base.split_once(':').expect("a pinned tag");
+    assert_eq!(image, "hashicorp/consul-dataplane");
+    let v: Vec<&str> = tag.split('.').collect();
+    assert!(
+        v.len() == 3 && v.iter().all(|p| p.parse::<u32>().is_ok()),
+        "{tag}: pin a release (x.y.z), as global.imageConsulDataplane does"
+    );
+
+    // veer, from the build stage, exactly where Envoy was.
+    let copies = copies_from(dp);
+    assert_eq!(
+        copies,
+        [(
+            "build".to_string(),
+            produced.clone(),
+            "/usr/local/bin/envoy".to_string()
+        )],
+        "the stage copies veer over Envoy and nothing else"
+    );
+    // Nothing else changes: no RUN (the base has no shell anyway, and no
+    // setcap or chmod can add a capability), no other file, no ADD.
+    for i in &dp.instrs {
+        assert!(
+            matches!(
+                i.op.as_str(),
+                "ARG" | "COPY" | "USER" | "ENTRYPOINT" | "LABEL"
+            ),
+            "line {}: {} in the dataplane stage",
+            i.line,
+            i.op
+        );
+        assert!(
+            !i.args.contains("--chmod") && !i.args.contains("--chown"),
+            "line {}: {}",
+            i.line,
+            i.args
+        );
+    }
+    // consul-k8s runs it as 5995:5995; the image says so too.
+    assert_eq!(last(dp, "USER").map(|i| i.args.as_str()), Some("5995:5995"));
+    // consul-dataplane stays the entrypoint (the injected container has
+    // args only, no command).
+    assert_eq!(
+        exec_form(last(dp, "ENTRYPOINT").unwrap()),
+        [
+            "/usr/local/bin/dumb-init",
+            "/usr/local/bin/consul-dataplane"
+        ]
+    );
+    // `docker build .` still gives the plain sidecar.
+    assert_eq!(stages.last().unwrap().name, "sidecar");
+    // The checker notices a copy to the wrong place.
+    let broken = text.replace(
+        "/release/veer /usr/local/bin/envoy",
+        "/release/veer /usr/local/bin/veer",
+    );
+    let st = stages_of(&broken);
+    let dp = st.iter().find(|s| s.name == "dataplane").unwrap();
+    assert_ne!(copies_from(dp)[0].2, "/usr/local/bin/envoy");
+}
+
+fn stages_of(text: &str) -> Vec<Stage> {
+    stages(&parse_dockerfile(text).unwrap()).unwrap()
 }
 
 #[test]

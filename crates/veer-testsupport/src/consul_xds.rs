@@ -459,6 +459,73 @@ pub fn secrets(p: &Params) -> Vec<Secret> {
 
 // ---------------------------------------------------------------- listeners
 
+/// `exposed_path_<path>:<ip>:<port>`: one plain HTTP listener forwarding one
+/// exact path to `cluster` (Consul's `Expose.Paths`, which consul-k8s fills
+/// from the probes it overwrites), the shape of
+/// `listeners/expose-paths-local-app-paths.latest.golden` (v1.16.0).
+pub fn exposed_path_listener(addr: SocketAddr, path: &str, cluster: &str) -> Listener {
+    use envoy_types::pb::envoy::config::route::v3::{
+        route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
+        VirtualHost,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager, http_filter, HttpConnectionManager, HttpFilter,
+    };
+    // Consul strips the non-alphanumerics of the path for the names.
+    let clean: String = path.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let filter_name = format!("exposed_path_filter_{clean}_{}", addr.port());
+    let hcm = HttpConnectionManager {
+        stat_prefix: filter_name.clone(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: filter_name.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name: filter_name,
+                    domains: vec!["*".into()],
+                    routes: vec![Route {
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Path(path.into())),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                cluster.into(),
+                            )),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        tracing: Some(Default::default()),
+        ..Default::default()
+    };
+    Listener {
+        name: format!("exposed_path_{clean}:{}:{}", addr.ip(), addr.port()),
+        address: Some(socket(addr)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
 /// `public_listener:<addr>`: mTLS, `rbac` with `rules: {}`, `tcp_proxy` to
 /// `local_app`.
 pub fn public_listener(p: &Params) -> Listener {

@@ -46,7 +46,12 @@ fn load(p: &Path) -> Result<Bootstrap, bootstrap::BootstrapError> {
 
 fn all() -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for sub in ["dataplane-28a963a", "dataplane-v1.1.0", "consul-v1.16.0"] {
+    for sub in [
+        "dataplane-28a963a",
+        "dataplane-v1.1.0",
+        "dataplane-releases",
+        "consul-v1.16.0",
+    ] {
         for e in std::fs::read_dir(dir(sub)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "json") {
@@ -61,7 +66,7 @@ fn all() -> Vec<PathBuf> {
 #[test]
 fn every_sidecar_golden_parses_or_is_refused_with_its_reason() {
     let files = all();
-    assert!(files.len() >= 45, "fixtures missing: {}", files.len());
+    assert!(files.len() >= 55, "fixtures missing: {}", files.len());
     let mut parsed = 0;
     for p in &files {
         let rel = p
