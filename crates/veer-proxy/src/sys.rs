@@ -166,3 +166,6 @@ pub fn release_free_heap() -> bool {
         false
     }
 }
+
+#[cfg(test)]
+mod tests;
