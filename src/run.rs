@@ -24,6 +24,12 @@ use veer_core::config::{AdminBind, AdminSpec};
 use veer_proxy::accept::Listeners;
 use veer_proxy::state::Shared;
 
+/// How long after start and after each snapshot swap veer hands the heap
+/// the swap freed back to the kernel ([`veer_proxy::state::release_heap_after_swaps`]):
+/// by then the source has dropped that update's buffers, and a burst of
+/// swaps shares one trim.
+const RELEASE_HEAP_AFTER: Duration = Duration::from_secs(2);
+
 /// Where snapshots come from.
 pub enum Source {
     /// A TOML file, reloaded when it or a file it names changes, or on SIGHUP.
@@ -268,6 +274,10 @@ pub fn run(opts: RunOpts) -> ExitCode {
             }
         };
         tokio::spawn(Lifecycle::watch_leaf(shared.clone()));
+        tokio::spawn(veer_proxy::state::release_heap_after_swaps(
+            shared.clone(),
+            RELEASE_HEAP_AFTER,
+        ));
         lifecycle.set_listeners_bound();
         announce_ready(&shared, &lifecycle, &admin);
         match follow {

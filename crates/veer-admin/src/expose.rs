@@ -93,9 +93,12 @@ impl Exposer {
     /// Follows the snapshot until stopped.
     pub(crate) async fn run(&mut self) {
         let mut rx = self.shared.subscribe();
-        // A swap between the initial bind and now is caught up here.
-        let snap = rx.borrow_and_update().clone();
-        self.reconcile(&snap);
+        // A swap between the initial bind and now is caught up here. (Not
+        // kept in a variable: this future would hold that snapshot, the
+        // first one, for the life of the process.)
+        let first = rx.borrow_and_update().clone();
+        self.reconcile(&first);
+        drop(first);
         let mut stop = self.stop.clone();
         loop {
             tokio::select! {

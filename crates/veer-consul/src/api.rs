@@ -1124,9 +1124,11 @@ pub struct CatalogInstance {
 /// Parses `/v1/catalog/service/:service`.
 pub fn parse_catalog_service(service: &str, body: &[u8]) -> Result<Vec<CatalogInstance>, Error> {
     let raw: Vec<RawCatalogEntry> = json(&format!("/v1/catalog/service/{service}"), body)?;
-    let mut out: Vec<CatalogInstance> = raw
-        .into_iter()
-        .map(|r| CatalogInstance {
+    // `extend`, not `collect`: collecting in place would keep the raw
+    // entries' larger buffer for as long as the instances are kept.
+    let mut out: Vec<CatalogInstance> = Vec::with_capacity(raw.len());
+    out.extend(raw.into_iter().map(|r| {
+        CatalogInstance {
             id: r.service_id,
             kind: r.service_kind,
             partition: or_default(&r.partition),
@@ -1135,8 +1137,8 @@ pub fn parse_catalog_service(service: &str, body: &[u8]) -> Result<Vec<CatalogIn
                 .service_proxy
                 .map(|p| p.destination_service_name)
                 .unwrap_or_default(),
-        })
-        .collect();
+        }
+    }));
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }

@@ -143,8 +143,10 @@ pub struct Feed {
     checks: Option<ChecksView>,
     /// A catalog change at this index waiting for the checks to explain it.
     pending: Option<u64>,
-    /// Proxy service name → the services its instances are proxies for.
-    proxies: HashMap<String, BTreeSet<String>>,
+    /// Proxy service name → the services its instances are proxies for,
+    /// sorted (a `Vec`: nearly always one name, which a `BTreeSet` would
+    /// keep in a node of eleven).
+    proxies: HashMap<String, Vec<String>>,
     queue: BTreeSet<String>,
     in_flight: BTreeSet<String>,
     /// How often every service was read again (unexplained change or reset).
@@ -374,7 +376,8 @@ impl Feed {
                         self.queue(d);
                     }
                 }
-                self.proxies.insert(name.to_string(), destinations.clone())
+                self.proxies
+                    .insert(name.to_string(), destinations.iter().cloned().collect())
             }
             Fetched::Service { connect, .. } => {
                 // The sidecars named here are proxies for `name`: a sidecar
@@ -382,7 +385,9 @@ impl Feed {
                 for c in connect {
                     if c.service != name && self.in_catalog(&c.service) {
                         let dests = self.proxies.entry(c.service.clone()).or_default();
-                        dests.insert(name.to_string());
+                        if let Err(i) = dests.binary_search_by(|d| d.as_str().cmp(name)) {
+                            dests.insert(i, name.to_string());
+                        }
                         self.queue.remove(&c.service);
                     }
                 }
@@ -391,10 +396,13 @@ impl Feed {
         };
         if let Some(before) = before {
             let now = match f {
-                Fetched::Proxy { destinations, .. } => destinations.clone(),
-                Fetched::Service { .. } => BTreeSet::new(),
+                Fetched::Proxy { destinations, .. } => Some(destinations),
+                Fetched::Service { .. } => None,
             };
-            for d in before.difference(&now) {
+            for d in before
+                .iter()
+                .filter(|d| !now.is_some_and(|n| n.contains(*d)))
+            {
                 self.queue(d);
             }
         }

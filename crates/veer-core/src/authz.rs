@@ -78,25 +78,21 @@ impl StringMatch {
 
     /// Compiles the matcher (the regex, once).
     pub fn compile(&self) -> Result<Matcher, AuthzError> {
-        let kind = match &self.pattern {
-            MatchPattern::Exact(s) => Kind::Exact(s.clone()),
-            MatchPattern::Prefix(s) => Kind::Prefix(s.clone()),
-            MatchPattern::Suffix(s) => Kind::Suffix(s.clone()),
-            MatchPattern::Contains(s) => Kind::Contains(s.clone()),
-            MatchPattern::SafeRegex(r) => {
-                let re = regex::RegexBuilder::new(&format!("^(?:{r})$"))
+        let regex = match &self.pattern {
+            MatchPattern::SafeRegex(r) => Some(
+                regex::RegexBuilder::new(&format!("^(?:{r})$"))
                     .size_limit(REGEX_SIZE_LIMIT)
                     .build()
                     .map_err(|e| AuthzError::BadRegex {
                         regex: r.clone(),
                         msg: e.to_string(),
-                    })?;
-                Kind::Regex(re)
-            }
+                    })?,
+            ),
+            _ => None,
         };
         Ok(Matcher {
             spec: self.clone(),
-            kind,
+            regex,
         })
     }
 }
@@ -122,20 +118,12 @@ impl std::fmt::Display for StringMatch {
 /// control plane cannot make veer build a huge automaton.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-#[derive(Clone, Debug)]
-enum Kind {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-    Regex(regex::Regex),
-}
-
-/// A compiled [`StringMatch`].
+/// A compiled [`StringMatch`]: the plain-data matcher (whose pattern the
+/// literal kinds match against directly) and, for `SafeRegex`, its regex.
 #[derive(Clone, Debug)]
 pub struct Matcher {
     spec: StringMatch,
-    kind: Kind,
+    regex: Option<regex::Regex>,
 }
 
 impl Matcher {
@@ -147,15 +135,20 @@ impl Matcher {
     pub fn matches(&self, s: &str) -> bool {
         let ic = self.spec.ignore_case;
         let s = s.as_bytes();
-        match &self.kind {
-            Kind::Exact(p) => eq(s, p.as_bytes(), ic),
-            Kind::Prefix(p) => s.len() >= p.len() && eq(&s[..p.len()], p.as_bytes(), ic),
-            Kind::Suffix(p) => s.len() >= p.len() && eq(&s[s.len() - p.len()..], p.as_bytes(), ic),
-            Kind::Contains(p) => {
+        match &self.spec.pattern {
+            MatchPattern::Exact(p) => eq(s, p.as_bytes(), ic),
+            MatchPattern::Prefix(p) => s.len() >= p.len() && eq(&s[..p.len()], p.as_bytes(), ic),
+            MatchPattern::Suffix(p) => {
+                s.len() >= p.len() && eq(&s[s.len() - p.len()..], p.as_bytes(), ic)
+            }
+            MatchPattern::Contains(p) => {
                 let p = p.as_bytes();
                 p.is_empty() || s.windows(p.len()).any(|w| eq(w, p, ic))
             }
-            Kind::Regex(re) => std::str::from_utf8(s).is_ok_and(|s| re.is_match(s)),
+            MatchPattern::SafeRegex(_) => match &self.regex {
+                Some(re) => std::str::from_utf8(s).is_ok_and(|s| re.is_match(s)),
+                None => false, // compile() always sets it for SafeRegex
+            },
         }
     }
 }

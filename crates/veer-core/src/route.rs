@@ -341,7 +341,12 @@ impl RouteTable {
         mesh_destinations_only: bool,
         own_listeners: Vec<SocketAddr>,
     ) -> RouteTable {
-        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
+        // Not `into_iter().map(Arc::new).collect()`: that collects in place
+        // and keeps the `Vec<Upstream>`'s buffer (hundreds of bytes per
+        // upstream) as this vector's spare capacity for the snapshot's life.
+        let mut arcs = Vec::with_capacity(upstreams.len());
+        arcs.extend(upstreams.into_iter().map(Arc::new));
+        let upstreams: Vec<Arc<Upstream>> = arcs;
         let mut by_vip = HashMap::new();
         let mut by_vip_port = HashMap::new();
         let mut by_instance = HashMap::new();

@@ -469,20 +469,16 @@ impl Snapshot {
                     .map_err(|e| bad(format!("SNI {sni:?}: {e}")))?;
                 up.sni = sni;
             }
-            let default_san = StringMatch::exact(up.identity.to_string());
-            let sans = if u.san_matchers.is_empty() {
-                vec![default_san.clone()]
-            } else {
-                u.san_matchers
-            };
-            let compile = |sans: &[StringMatch]| {
-                sans.iter()
+            // `Upstream::new` compiled the default: exactly its SPIFFE ID.
+            let custom = !u.san_matchers.is_empty()
+                && u.san_matchers.as_slice() != std::slice::from_ref(up.san_matchers[0].spec());
+            if custom {
+                up.san_matchers = u
+                    .san_matchers
+                    .iter()
                     .map(|m| m.compile())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(format!("SAN matcher: {e}")))
-            };
-            if sans != [default_san] {
-                up.san_matchers = Arc::from(compile(&sans)?);
+                    .collect::<Result<Arc<[_]>, _>>()
+                    .map_err(|e| bad(format!("SAN matcher: {e}")))?;
             }
             let (roots_key, store) = match &u.roots {
                 None => (None, spec_store.clone()),
@@ -497,8 +493,7 @@ impl Snapshot {
                     }
                 },
             };
-            let key: tls::UpstreamTlsKey = (roots_key, sans);
-            if let Some(r) = &key.0 {
+            if let Some(r) = &roots_key {
                 up.roots = Some(match root_infos.get(&**r) {
                     Some(i) => i.clone(),
                     None => {
@@ -513,7 +508,7 @@ impl Snapshot {
                 });
             }
             up.tls = Some(tls::LazyClientConfig::new(
-                key,
+                roots_key,
                 store,
                 up.san_matchers.clone(),
                 upstream_configs.clone(),

@@ -557,7 +557,10 @@ impl UpstreamConfigs {
 /// One upstream's TLS client configuration, made on first use.
 #[derive(Debug)]
 pub struct LazyClientConfig {
-    key: UpstreamTlsKey,
+    /// The upstream's own roots (`None` = the snapshot's): with `sans`,
+    /// the [`UpstreamTlsKey`], made when the configuration is first needed
+    /// rather than kept per upstream.
+    roots_key: Option<Arc<Vec<CertificateDer<'static>>>>,
     roots: Arc<RootCertStore>,
     sans: Arc<[Matcher]>,
     configs: Arc<UpstreamConfigs>,
@@ -566,13 +569,13 @@ pub struct LazyClientConfig {
 
 impl LazyClientConfig {
     pub fn new(
-        key: UpstreamTlsKey,
+        roots_key: Option<Arc<Vec<CertificateDer<'static>>>>,
         roots: Arc<RootCertStore>,
         sans: Arc<[Matcher]>,
         configs: Arc<UpstreamConfigs>,
     ) -> LazyClientConfig {
         LazyClientConfig {
-            key,
+            roots_key,
             roots,
             sans,
             configs,
@@ -584,7 +587,13 @@ impl LazyClientConfig {
     /// server certificate check that requires its SANs inside the handshake.
     pub fn get(&self) -> Arc<ClientConfig> {
         self.cell
-            .get_or_init(|| self.configs.get(&self.key, &self.roots, &self.sans))
+            .get_or_init(|| {
+                let key = (
+                    self.roots_key.clone(),
+                    self.sans.iter().map(|m| m.spec().clone()).collect(),
+                );
+                self.configs.get(&key, &self.roots, &self.sans)
+            })
             .clone()
     }
 }

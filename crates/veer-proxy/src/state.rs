@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use veer_core::authz::Peer;
 use veer_core::route::Protocol;
@@ -381,6 +381,27 @@ fn bind_all(
         }
     }
     Ok(fresh)
+}
+
+/// Returns the heap freed by building snapshots to the kernel, `settle`
+/// after start and after each swap (swaps that come meanwhile share one
+/// trim): a snapshot swap frees the old snapshot and the source's parse
+/// buffers, and glibc keeps those pages otherwise (at 2,000 Consul
+/// upstreams, about a quarter of the resident set). Runs until `shared`'s
+/// snapshot channel closes.
+pub async fn release_heap_after_swaps(shared: Arc<Shared>, settle: Duration) {
+    let mut rx = shared.subscribe();
+    drop(shared);
+    loop {
+        tokio::time::sleep(settle).await;
+        rx.mark_unchanged();
+        let t = Instant::now();
+        let released = crate::sys::release_free_heap();
+        tracing::debug!(took = ?t.elapsed(), released, "returned free heap memory to the kernel");
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

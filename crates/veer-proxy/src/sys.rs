@@ -1,4 +1,5 @@
-//! The only `unsafe` in veer's runtime: pipes and `splice(2)`.
+//! The only `unsafe` in veer's runtime: pipes and `splice(2)`, the
+//! open-file limit, and handing freed heap back to the kernel.
 //!
 //! Invariants the callers keep (see `relay::splice`):
 //! - A pipe is only filled from a socket when it is **empty**, so `EAGAIN`
@@ -145,3 +146,26 @@ pub fn open_fds() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Hands the heap memory that is free inside the allocator back to the
+/// kernel (glibc `malloc_trim(0)`): the pages of freed chunks in every
+/// arena, not only the top of the main heap. Building a snapshot and
+/// parsing a control plane's answers leave megabytes freed but kept by
+/// glibc, scattered over its per-thread arenas, which `VmRSS` counts until
+/// they are reused. Returns whether any memory was released; a no-op
+/// (`false`) with other C libraries.
+pub fn release_free_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointer; it locks each arena and
+        // only madvises pages that hold no allocated chunk.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests;
