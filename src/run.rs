@@ -28,7 +28,7 @@ use veer_proxy::state::Shared;
 /// the swap freed back to the kernel ([`veer_proxy::state::release_heap_after_swaps`]):
 /// by then the source has dropped that update's buffers, and a burst of
 /// swaps shares one trim.
-const RELEASE_HEAP_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const RELEASE_HEAP_AFTER: Duration = Duration::from_secs(2);
 
 /// Where snapshots come from.
 pub enum Source {

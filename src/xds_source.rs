@@ -455,6 +455,15 @@ pub fn run(opts: RunOpts) -> ExitCode {
         lifecycle.set_listeners_bound();
         announce_ready(&shared, &lifecycle, &admin);
         tokio::spawn(follow(feed, shared.clone()));
+        // An expired leaf says so (/ready LEAF_EXPIRED, a metric), as in
+        // the other modes.
+        tokio::spawn(Lifecycle::watch_leaf(shared.clone()));
+        // The decoded responses behind a swap are freed; hand the heap
+        // they leave back to the kernel, as the other sources do.
+        tokio::spawn(veer_proxy::state::release_heap_after_swaps(
+            shared.clone(),
+            crate::run::RELEASE_HEAP_AFTER,
+        ));
         let exit = match lifecycle
             .drive(&shared, &listeners, shutdown, Some(signals))
             .await
