@@ -138,6 +138,7 @@
 pub mod api;
 pub mod assemble;
 pub mod blocking;
+pub mod chain;
 mod error;
 pub mod feed;
 pub mod http;
