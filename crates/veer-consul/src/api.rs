@@ -939,6 +939,8 @@ struct RawNode {
     datacenter: String,
     #[serde(rename = "Partition", default, deserialize_with = "nullable")]
     partition: String,
+    #[serde(rename = "TaggedAddresses", default, deserialize_with = "nullable")]
+    tagged_addresses: HashMap<String, Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1022,6 +1024,15 @@ pub struct ConnectInstance {
     /// Every check of the instance and its node is passing (what `?passing`
     /// filters on).
     pub passing: bool,
+    /// A check of the instance or its node is critical (Consul's Envoy
+    /// marks such an endpoint unhealthy; a warning is unhealthy only for a
+    /// subset with `OnlyPassing`).
+    pub critical: bool,
+    /// The address another datacenter dials (Consul's
+    /// `BestAddress(wan=true)`): `Service.TaggedAddresses.wan`, else
+    /// `Service.Address`, else `Node.TaggedAddresses.wan`, else
+    /// `Node.Address`.
+    pub wan: Option<SocketAddr>,
     pub vips: Vips,
     /// `Proxy.TransparentProxy.DialedDirectly` on the instance (1.10+).
     pub dialed_directly: bool,
@@ -1034,6 +1045,38 @@ impl ConnectInstance {
             .filter(|_| self.port != 0)
             .map(|ip| SocketAddr::new(ip, self.port))
     }
+}
+
+/// Consul's `BestAddress(wan=true)` of one instance.
+fn wan_addr(node: &RawNode, svc: &RawHealthService) -> Option<SocketAddr> {
+    if let Some(v) = svc.tagged_addresses.get("wan") {
+        let ip = tagged_ip(&svc.tagged_addresses, "wan");
+        let port = v.get("Port").and_then(Value::as_u64).unwrap_or(0);
+        if let (Some(ip), Ok(port)) = (ip, u16::try_from(port)) {
+            if port != 0 {
+                return Some(SocketAddr::new(ip, port));
+            }
+        }
+    }
+    let ip = match non_empty(&svc.address) {
+        Some(a) => parse_ip(a),
+        None => tagged_ip(&node.tagged_addresses, "wan").or_else(|| parse_ip(&node.address)),
+    }?;
+    (svc.port != 0).then(|| SocketAddr::new(ip, svc.port))
+}
+
+/// Parses `/v1/config/service-resolver` (all entries): the names of the
+/// services that have a resolver, each with its `ModifyIndex`.
+pub fn parse_resolvers(body: &[u8]) -> Result<BTreeMap<String, u64>, Error> {
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(rename = "Name")]
+        name: String,
+        #[serde(rename = "ModifyIndex", default)]
+        modify_index: u64,
+    }
+    let raw: Vec<Raw> = json("/v1/config/service-resolver", body)?;
+    Ok(raw.into_iter().map(|r| (r.name, r.modify_index)).collect())
 }
 
 /// Parses `/v1/health/connect/:service` (without `?passing`: health is
@@ -1054,6 +1097,7 @@ pub fn parse_health_connect(
             .unwrap_or(node.address.as_str())
             .to_string();
         let ip = parse_ip(&addr);
+        let wan = wan_addr(&node, &svc);
         if ip.is_none() {
             warnings.push(format!(
                 "{what}: instance {} has address {addr:?}, which is not an IP address; not used",
@@ -1069,6 +1113,8 @@ pub fn parse_health_connect(
             ip,
             port: svc.port,
             passing: e.checks.iter().all(|c| c.status == "passing"),
+            critical: e.checks.iter().any(|c| c.status == "critical"),
+            wan,
             vips: vips(&svc.tagged_addresses),
             dialed_directly: svc
                 .proxy

@@ -10,12 +10,13 @@ use crate::api::{
     CatalogInstance, ConnectInstance, Leaf, Mesh, Mode, ProxyDefaults, Registration, Roots,
     ServiceDefaults,
 };
+use crate::chain::{self, Compiled};
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use veer_core::intentions::{Action, Intention, Intentions};
 use veer_core::route::Protocol;
-use veer_core::snapshot::{ListenSpec, Spec, Timeouts, Unapplied, UpstreamSpec};
+use veer_core::snapshot::{ListenSpec, Spec, TargetSpec, Timeouts, Unapplied, UpstreamSpec};
 use veer_core::spiffe::ServiceId;
 
 /// Consul's default transparent outbound listener port.
@@ -50,6 +51,35 @@ impl std::fmt::Display for ServiceKey {
     }
 }
 
+/// The instances of one discovery-chain target: a service in a datacenter,
+/// through its subset's filter (`/v1/health/connect/:service?dc=&filter=`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TargetKey {
+    pub service: String,
+    pub datacenter: String,
+    pub filter: Option<String>,
+}
+
+impl TargetKey {
+    pub fn of(t: &chain::Target) -> TargetKey {
+        TargetKey {
+            service: t.service.clone(),
+            datacenter: t.datacenter.clone(),
+            filter: t.filter.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.service, self.datacenter)?;
+        match &self.filter {
+            Some(x) => write!(f, "[{x}]"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The latest parsed answer of every watch; `None` / absent = not yet.
 #[derive(Clone, Debug, Default)]
 pub struct State {
@@ -68,6 +98,39 @@ pub struct State {
     pub service_defaults: Option<BTreeMap<String, ServiceDefaults>>,
     pub proxy_defaults: Option<ProxyDefaults>,
     pub mesh: Option<Mesh>,
+    /// `/v1/config/service-resolver`: services with a resolver entry
+    /// (name → `ModifyIndex`). Only their chains are read: a service
+    /// without one has Consul's default chain, which is what veer does
+    /// without a chain.
+    pub resolvers: Option<BTreeMap<String, u64>>,
+    /// The compiled discovery chain per upstream (key: name and the
+    /// datacenter it is compiled in, for explicit upstreams with one).
+    pub chains: BTreeMap<ServiceKey, Compiled>,
+    /// The chain keys the last completed chain read was for.
+    pub chains_read: Option<BTreeSet<ServiceKey>>,
+    /// The instances of each target of those chains.
+    pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
+}
+
+/// The upstreams whose discovery chain is read: those with a
+/// `service-resolver` entry (empty until the resolver list is in).
+pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
+    let Some(res) = &state.resolvers else {
+        return BTreeSet::new();
+    };
+    wanted(state, settings)
+        .into_keys()
+        .filter(|k| res.contains_key(&k.name))
+        .collect()
+}
+
+/// The targets of the chains in force, whose instances are watched.
+pub fn target_keys(state: &State, settings: &Settings) -> BTreeSet<TargetKey> {
+    chain_keys(state, settings)
+        .iter()
+        .filter_map(|k| state.chains.get(k))
+        .flat_map(|c| c.targets.iter().map(TargetKey::of))
+        .collect()
 }
 
 /// Settings that do not come from the agent.
@@ -169,8 +232,27 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
     );
     need(state.proxy_defaults.is_some(), "the proxy-defaults entry");
     need(state.mesh.is_some(), "the mesh entry");
+    need(state.resolvers.is_some(), "the service-resolver entries");
     if transparent(state, settings) == Some(true) {
         need(state.catalog.is_some(), "the catalog services");
+    }
+    let keys = chain_keys(state, settings);
+    let read = state.chains_read.as_ref();
+    let unread: Vec<String> = keys
+        .iter()
+        .filter(|k| !read.is_some_and(|r| r.contains(*k)))
+        .map(|k| k.to_string())
+        .collect();
+    if !unread.is_empty() {
+        m.push(format!("the discovery chains of {}", unread.join(", ")));
+    }
+    let targets: Vec<String> = target_keys(state, settings)
+        .into_iter()
+        .filter(|k| !state.targets.contains_key(k))
+        .map(|k| k.to_string())
+        .collect();
+    if !targets.is_empty() {
+        m.push(format!("chain targets: {}", targets.join(", ")));
     }
     let mut svc: Vec<String> = Vec::new();
     for (k, need_instances) in wanted(state, settings) {
@@ -335,6 +417,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
 
     // Upstreams.
     let wanted = wanted(state, settings);
+    let chains = chain_keys(state, settings);
     let explicit_keys: BTreeSet<ServiceKey> = reg
         .upstreams
         .iter()
@@ -351,7 +434,11 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             .upstreams
             .iter()
             .find(|u| u.name == key.name && u.datacenter == key.datacenter);
-        if sidecars.is_empty() && !explicit_keys.contains(key) {
+        let chain = chains
+            .contains(key)
+            .then(|| state.chains.get(key))
+            .flatten();
+        if sidecars.is_empty() && !explicit_keys.contains(key) && chain.is_none() {
             continue; // not a mesh service (or none registered yet)
         }
         let dc = sidecars
@@ -419,6 +506,17 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         u.connect_timeout = explicit
             .and_then(|e| e.connect_timeout)
             .or(reg.connect_timeout);
+        if let Some(c) = chain {
+            let timeout = explicit.and_then(|e| e.connect_timeout);
+            apply_chain(
+                &mut u,
+                c,
+                state,
+                (&roots.trust_domain, part, &identity.datacenter),
+                timeout,
+                &mut unapplied,
+            );
+        }
         by_key.insert(key.clone(), u);
     }
     // Explicit upstream listeners: the first of a service goes on its entry,
@@ -433,7 +531,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         let Some(base) = by_key.get_mut(&key) else {
             continue;
         };
-        if bound.insert(key) {
+        if bound.insert(key.clone()) {
             base.local_bind = Some(e.bind);
         } else {
             let mut u = base.clone();
@@ -441,7 +539,16 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             u.dialed_directly = false;
             u.instances.clear();
             u.local_bind = Some(e.bind);
-            u.connect_timeout = e.connect_timeout.or(reg.connect_timeout);
+            if u.failover.is_empty() && !chains.contains(&key) {
+                u.connect_timeout = e.connect_timeout.or(reg.connect_timeout);
+            } else if let Some(t) = e.connect_timeout {
+                // A chain's targets share the resolver's timeout; this
+                // listener's own overrides it for each of them.
+                u.connect_timeout = Some(t);
+                for f in &mut u.failover {
+                    f.connect_timeout = Some(t);
+                }
+            }
             extra.push(u);
         }
     }
@@ -516,6 +623,76 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         unapplied,
     };
     Ok(Assembled { spec, warnings })
+}
+
+/// Whether an instance is a healthy endpoint of a chain target: no
+/// critical check, and with `OnlyPassing` no warning either (Consul's
+/// rules for the endpoints it gives Envoy).
+fn healthy(i: &ConnectInstance, only_passing: bool) -> bool {
+    if only_passing {
+        i.passing
+    } else {
+        !i.critical
+    }
+}
+
+/// Makes `u` follow its compiled discovery chain: the primary target's
+/// identity, SNI, endpoints and connect timeout replace the default
+/// ones, the failover targets follow in order. `local` = (trust domain,
+/// partition, local datacenter); `timeout` = the explicit upstream's own
+/// connect timeout, which overrides the resolver's. Instances in another
+/// datacenter are dialed at their WAN address (mesh gateway mode `none`).
+pub fn apply_chain(
+    u: &mut UpstreamSpec,
+    c: &Compiled,
+    state: &State,
+    local: (&str, &str, &str),
+    timeout: Option<std::time::Duration>,
+    unapplied: &mut Vec<Unapplied>,
+) {
+    let (td, part, local_dc) = local;
+    for line in &c.unapplied {
+        let (node, detail) = line.split_once(": ").unwrap_or((line.as_str(), ""));
+        unapplied.push(Unapplied::unsupported(
+            format!("discovery chain {}: {node}", c.service),
+            detail.to_string(),
+        ));
+    }
+    let none = Vec::new();
+    let mut targets: Vec<TargetSpec> = Vec::with_capacity(c.targets.len());
+    for t in &c.targets {
+        let remote = t.datacenter != local_dc;
+        if remote && t.mesh_gateway.via_gateway() {
+            unapplied.push(Unapplied::unsupported(
+                format!(
+                    "discovery chain {}: target {} MeshGateway.Mode = {:?}",
+                    c.service,
+                    t.id,
+                    t.mesh_gateway.as_str()
+                ),
+                "mesh gateways are not dialed yet; veer dials the remote instances at their WAN address (mode none)",
+            ));
+        }
+        let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
+        let mut ts = TargetSpec::new(id);
+        ts.sni = Some(t.sni.clone());
+        let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
+        let mut eps: Vec<SocketAddr> = inst
+            .iter()
+            .filter(|i| healthy(i, t.only_passing))
+            .filter_map(|i| if remote { i.wan } else { i.endpoint() })
+            .collect();
+        eps.sort();
+        eps.dedup();
+        ts.endpoints = eps;
+        ts.connect_timeout = Some(timeout.unwrap_or(c.connect_timeout));
+        targets.push(ts);
+    }
+    let mut it = targets.into_iter();
+    if let Some(primary) = it.next() {
+        u.set_primary(primary);
+    }
+    u.failover = it.collect();
 }
 
 /// Checks that the leaf chains to one of the roots (as `Snapshot::build` will).

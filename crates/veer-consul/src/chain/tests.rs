@@ -16,10 +16,13 @@ fn ids(c: &Compiled) -> Vec<&str> {
     c.targets.iter().map(|t| t.id.as_str()).collect()
 }
 
+/// (fixture, targets, connect timeout in ms, default, gateway mode of the
+/// first, unapplied lines)
+type Row<'a> = (&'a str, &'a [&'a str], u64, bool, GatewayMode, usize);
+
 #[test]
 fn samples_compile_to_targets_in_failover_order() {
-    // (fixture, targets, connect timeout, default, gateway mode of the first, unapplied lines)
-    let rows: &[(&str, &[&str], u64, bool, GatewayMode, usize)] = &[
+    let rows: &[Row] = &[
         (
             "01-tcp-default.json",
             &["db.default.dc1"],

@@ -292,10 +292,12 @@ fn in_dc(name: &str, dc: &str, eps: &[&str]) -> Upstream {
     u
 }
 
+/// (primary endpoints, failover targets' endpoints, wanted target's dc)
+type TargetRow<'a> = (&'a [&'a str], &'a [&'a [&'a str]], Option<&'a str>);
+
 #[test]
 fn target_is_the_first_in_failover_order_with_an_endpoint() {
-    // (primary endpoints, failover targets' endpoints, wanted target's dc)
-    let rows: &[(&[&str], &[&[&str]], Option<&str>)] = &[
+    let rows: &[TargetRow] = &[
         (&["10.0.1.1:20000"], &[], Some("dc1")),
         (&[], &[], None),
         (&["10.0.1.1:20000"], &[&["10.0.2.1:20000"]], Some("dc1")),
