@@ -76,7 +76,11 @@ impl Dcs<'_> {
     fn lands(&self, ns: &Netns, addr: &str) -> &'static str {
         let (a, b) = (self.dc1.accepted(), self.dc2.accepted());
         let r = echo(ns, addr, "x");
-        match (r.as_deref(), self.dc1.accepted() > a, self.dc2.accepted() > b) {
+        match (
+            r.as_deref(),
+            self.dc1.accepted() > a,
+            self.dc2.accepted() > b,
+        ) {
             (Ok("x"), true, false) => "dc1",
             (Ok("x"), false, true) => "dc2",
             _ => "none",
@@ -91,7 +95,9 @@ impl Dcs<'_> {
             last = self.lands(ns, addr);
             if last == want {
                 let took = t0.elapsed();
-                eprintln!("chain test: {what}: new connections to {addr} reach {want} after {took:?}");
+                eprintln!(
+                    "chain test: {what}: new connections to {addr} reach {want} after {took:?}"
+                );
                 return took;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -123,7 +129,15 @@ fn discovery_chain_across_two_datacenters() {
     .unwrap();
     let link = first_link(&web).unwrap();
     web.ip(&[
-        "neigh", "add", HOLE_IP, "lladdr", "02:00:00:00:00:09", "dev", &link, "nud", "permanent",
+        "neigh",
+        "add",
+        HOLE_IP,
+        "lladdr",
+        "02:00:00:00:00:09",
+        "dev",
+        &link,
+        "nud",
+        "permanent",
     ])
     .unwrap();
     for ns in [&web, &api1, &api2] {
@@ -173,9 +187,22 @@ fn discovery_chain_across_two_datacenters() {
     // with Datacenter dc2 (web's dc1 leaf, checked by dc2's sidecar; dc2's
     // leaf and intermediate checked by web's), and dc2 → dc1.
     dcs.until_lands(&web, "127.0.0.1:10002", "dc2", "explicit upstream to dc2");
-    dcs.until_lands(&api2, "127.0.0.1:10001", "dc1", "explicit upstream from dc2 to dc1");
-    assert!(api2_sc.wait_log("dc/dc1/svc/web", Duration::from_secs(3)), "{}", api2_sc.log_text());
-    assert!(api1_sc.wait_log("dc/dc2/svc/api", Duration::from_secs(3)), "{}", api1_sc.log_text());
+    dcs.until_lands(
+        &api2,
+        "127.0.0.1:10001",
+        "dc1",
+        "explicit upstream from dc2 to dc1",
+    );
+    assert!(
+        api2_sc.wait_log("dc/dc1/svc/web", Duration::from_secs(3)),
+        "{}",
+        api2_sc.log_text()
+    );
+    assert!(
+        api1_sc.wait_log("dc/dc2/svc/api", Duration::from_secs(3)),
+        "{}",
+        api1_sc.log_text()
+    );
     assert_eq!(dcs.lands(&web, local), "dc1");
 
     // An open connection through the upstream the chain changes.
@@ -191,7 +218,10 @@ fn discovery_chain_across_two_datacenters() {
     let redirect_took = dcs.until_lands(&web, local, "dc2", "resolver redirect to dc2");
     open.write_all(b"2").unwrap();
     open.read_exact(&mut one).unwrap();
-    assert_eq!(&one, b"2", "the open connection kept working through the change");
+    assert_eq!(
+        &one, b"2",
+        "the open connection kept working through the change"
+    );
 
     // Failover to dc2 when dc1's instance turns critical, and back.
     resolver(&dc1, r#","Failover":{"*":{"Datacenters":["dc2"]}}"#);
@@ -205,13 +235,19 @@ fn discovery_chain_across_two_datacenters() {
 
     // A default subset by Service.Meta.version: v2 is only in dc2.
     let subsets = r#""Subsets":{"v1":{"Filter":"Service.Meta.version == v1"},"v2":{"Filter":"Service.Meta.version == v2"}}"#;
-    resolver(&dc1, &format!(r#","DefaultSubset":"v2",{subsets},"Failover":{{"*":{{"Datacenters":["dc2"]}}}}"#));
+    resolver(
+        &dc1,
+        &format!(r#","DefaultSubset":"v2",{subsets},"Failover":{{"*":{{"Datacenters":["dc2"]}}}}"#),
+    );
     dcs.until_lands(&web, local, "dc2", "default subset v2 (only in dc2)");
     resolver(&dc1, &format!(r#","DefaultSubset":"v1",{subsets}"#));
     dcs.until_lands(&web, local, "dc1", "default subset v1");
     open.write_all(b"3").unwrap();
     open.read_exact(&mut one).unwrap();
-    assert_eq!(&one, b"3", "the open connection survived every chain change");
+    assert_eq!(
+        &one, b"3",
+        "the open connection survived every chain change"
+    );
 
     // ConnectTimeout 1 s to a black-holed instance closes the client in
     // about a second (Consul's default would be 5 s).
@@ -240,7 +276,9 @@ fn discovery_chain_across_two_datacenters() {
         clean >= Duration::from_millis(900) && clean < Duration::from_millis(2500),
         "closed after {clean:?}"
     );
-    assert!(web_sc.log_text().contains("reason=timeout") || web_sc.log_text().contains("timed out"));
+    assert!(
+        web_sc.log_text().contains("reason=timeout") || web_sc.log_text().contains("timed out")
+    );
     eprintln!(
         "chain test: summary: redirect {redirect_took:?}, failover {to_dc2:?}, failback {back:?}; \
          dc1 app accepted {}, dc2 app accepted {}",
@@ -248,5 +286,26 @@ fn discovery_chain_across_two_datacenters() {
         app2.accepted()
     );
     drop(open);
+    std::thread::sleep(Duration::from_millis(200));
+    for (dc, sc) in [("dc1 api", &api1_sc), ("dc2 api", &api2_sc)] {
+        let seen = inbound_sources(&sc.log_text());
+        eprintln!("chain test: {dc} sidecar accepted (mTLS source: connections): {seen:?}");
+        assert!(!seen.is_empty(), "{dc} saw no connection");
+    }
     drop((web_sc, api1_sc, api2_sc));
+}
+
+/// Inbound connections closed, by the client's SPIFFE ID, from a sidecar log.
+fn inbound_sources(log: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("inbound") && l.contains("connection closed"))
+    {
+        if let Some(s) = l.split("source=").nth(1) {
+            let s = s.split_whitespace().next().unwrap_or("").trim_matches('"');
+            *m.entry(s.to_string()).or_insert(0) += 1;
+        }
+    }
+    m
 }
