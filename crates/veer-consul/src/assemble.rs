@@ -110,6 +110,38 @@ pub struct State {
     pub chains_read: Option<BTreeSet<ServiceKey>>,
     /// The instances of each target of those chains.
     pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
+    /// The mesh gateways of a datacenter (the `mesh-gateway` service),
+    /// for targets reached through one.
+    pub gateways: BTreeMap<String, Vec<ConnectInstance>>,
+}
+
+/// The name `consul connect envoy -gateway=mesh -register` gives mesh
+/// gateways; veer finds a datacenter's gateways under it.
+pub const MESH_GATEWAY_SERVICE: &str = "mesh-gateway";
+
+/// This proxy's datacenter (its leaf's), once known.
+pub fn local_dc(state: &State) -> Option<String> {
+    let leaf = state.leaf.as_ref()?.chain.first()?;
+    Some(veer_core::tls::peer_identity(leaf).ok()?.datacenter)
+}
+
+/// The datacenters whose mesh gateways are needed: the local one for a
+/// remote target in mode `local`, the target's for mode `remote`.
+pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
+    let Some(local) = local_dc(state) else {
+        return BTreeSet::new();
+    };
+    chain_keys(state, settings)
+        .iter()
+        .filter_map(|k| state.chains.get(k))
+        .flat_map(|c| c.targets.iter())
+        .filter(|t| t.datacenter != local)
+        .filter_map(|t| match t.mesh_gateway {
+            chain::GatewayMode::Local => Some(local.clone()),
+            chain::GatewayMode::Remote => Some(t.datacenter.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The upstreams whose discovery chain is read: those with a
@@ -253,6 +285,13 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
         .collect();
     if !targets.is_empty() {
         m.push(format!("chain targets: {}", targets.join(", ")));
+    }
+    let gws: Vec<String> = gateway_keys(state, settings)
+        .into_iter()
+        .filter(|dc| !state.gateways.contains_key(dc))
+        .collect();
+    if !gws.is_empty() {
+        m.push(format!("the mesh gateways of {}", gws.join(", ")));
     }
     let mut svc: Vec<String> = Vec::new();
     for (k, need_instances) in wanted(state, settings) {
@@ -662,26 +701,33 @@ pub fn apply_chain(
     let mut targets: Vec<TargetSpec> = Vec::with_capacity(c.targets.len());
     for t in &c.targets {
         let remote = t.datacenter != local_dc;
-        if remote && t.mesh_gateway.via_gateway() {
-            unapplied.push(Unapplied::unsupported(
-                format!(
-                    "discovery chain {}: target {} MeshGateway.Mode = {:?}",
-                    c.service,
-                    t.id,
-                    t.mesh_gateway.as_str()
-                ),
-                "mesh gateways are not dialed yet; veer dials the remote instances at their WAN address (mode none)",
-            ));
-        }
         let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
         let mut ts = TargetSpec::new(id);
         ts.sni = Some(t.sni.clone());
         let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
-        let mut eps: Vec<SocketAddr> = inst
-            .iter()
-            .filter(|i| healthy(i, t.only_passing))
-            .filter_map(|i| if remote { i.wan } else { i.endpoint() })
-            .collect();
+        let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
+        let mut eps: Vec<SocketAddr> = if remote && t.mesh_gateway.via_gateway() {
+            // Through a gateway (which routes on the SNI at L4, TLS end to
+            // end): its endpoints, while the target has a healthy instance
+            // (Consul gives them the health of the backends).
+            let (dc, wan) = match t.mesh_gateway {
+                chain::GatewayMode::Local => (local_dc, false),
+                _ => (t.datacenter.as_str(), true),
+            };
+            let gws = state.gateways.get(dc).unwrap_or(&none);
+            if healthy_inst.next().is_some() {
+                gws.iter()
+                    .filter(|g| g.passing)
+                    .filter_map(|g| if wan { g.wan } else { g.endpoint() })
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        } else {
+            healthy_inst
+                .filter_map(|i| if remote { i.wan } else { i.endpoint() })
+                .collect()
+        };
         eps.sort();
         eps.dedup();
         ts.endpoints = eps;

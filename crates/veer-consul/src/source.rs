@@ -48,6 +48,9 @@ pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey>
     for t in assemble::target_keys(state, settings) {
         w.insert(WatchKey::Target(t));
     }
+    for dc in assemble::gateway_keys(state, settings) {
+        w.insert(WatchKey::Gateways(dc));
+    }
     if let Some(reg) = &state.registration {
         w.insert(WatchKey::Leaf(reg.destination_service.clone()));
     }
@@ -450,6 +453,10 @@ impl ConsulSource {
                             tracing::warn!(service = %k, error = %e, "cannot read this service's sidecars; treating it as having none for now");
                             self.state.connect.insert(k.clone(), Vec::new());
                         }
+                        WatchKey::Gateways(dc) if !self.state.gateways.contains_key(dc) => {
+                            tracing::warn!(datacenter = %dc, error = %e, "cannot read the mesh gateways; treating the datacenter as having none for now");
+                            self.state.gateways.insert(dc.clone(), Vec::new());
+                        }
                         WatchKey::Target(k) if !self.state.targets.contains_key(k) => {
                             tracing::warn!(target = %k, error = %e, "cannot read this chain target's instances; treating it as having none for now");
                             self.state.targets.insert(k.clone(), Vec::new());
@@ -572,6 +579,9 @@ impl ConsulSource {
             (WatchKey::Target(k), Payload::Connect(c)) => {
                 s.targets.insert(k, c);
             }
+            (WatchKey::Gateways(dc), Payload::Connect(c)) => {
+                s.gateways.insert(dc, c);
+            }
             (WatchKey::Chains, Payload::Chains(keys, got)) => {
                 for (k, r) in got {
                     match r {
@@ -641,6 +651,9 @@ impl ConsulSource {
                 }
                 WatchKey::Target(t) => {
                     self.state.targets.remove(t);
+                }
+                WatchKey::Gateways(dc) => {
+                    self.state.gateways.remove(dc);
                 }
                 WatchKey::Catalog => {
                     self.state.catalog = None;

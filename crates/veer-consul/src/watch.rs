@@ -53,6 +53,8 @@ pub enum WatchKey {
     Chains,
     /// `/v1/health/connect/:service?dc=&filter=`: a chain target's instances.
     Target(TargetKey),
+    /// `/v1/health/service/mesh-gateway?dc=`: a datacenter's mesh gateways.
+    Gateways(String),
     /// The default-decision probe (not a blocking query).
     DefaultProbe,
 }
@@ -76,6 +78,7 @@ impl std::fmt::Display for WatchKey {
             WatchKey::Resolvers => f.write_str("service-resolvers"),
             WatchKey::Chains => f.write_str("discovery-chains"),
             WatchKey::Target(k) => write!(f, "target:{k}"),
+            WatchKey::Gateways(dc) => write!(f, "gateways:{dc}"),
             WatchKey::DefaultProbe => f.write_str("default-decision"),
         }
     }
@@ -157,6 +160,12 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
             }
             p
         }
+        WatchKey::Gateways(dc) => format!(
+            "/v1/health/service/{}?dc={}&filter={}",
+            crate::assemble::MESH_GATEWAY_SERVICE,
+            escape(dc),
+            escape("Service.Kind == \"mesh-gateway\"")
+        ),
         WatchKey::DefaultProbe => "/v1/agent/connect/authorize".into(),
     }
 }
@@ -215,6 +224,10 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
         }
         WatchKey::Target(k) => {
             let (c, w) = api::parse_health_connect(&k.service, b)?;
+            (Payload::Connect(c), w)
+        }
+        WatchKey::Gateways(_) => {
+            let (c, w) = api::parse_health_connect(crate::assemble::MESH_GATEWAY_SERVICE, b)?;
             (Payload::Connect(c), w)
         }
         WatchKey::Resolvers => (Payload::Resolvers(api::parse_resolvers(b)?), Vec::new()),

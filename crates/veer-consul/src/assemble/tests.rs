@@ -734,3 +734,83 @@ fn redirect_and_failover_become_targets() {
     assert!(api_up.failover[0].san_matchers[0]
         .matches(&veer_ca::service_uri(TD, "default", "dc2", "api")));
 }
+
+#[test]
+fn gateway_modes_dial_the_gateways_with_the_targets_sni() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    for (file, mode_dc, want) in [
+        // local: a gateway of dc1, at its LAN address
+        ("10-meshgw-local.json", "dc1", "10.0.1.5:8443"),
+        // remote: a gateway of dc2, at its WAN address
+        (
+            "08b-post-override-timeout-meshgw.json",
+            "dc2",
+            "192.0.2.7:9443",
+        ),
+    ] {
+        let (mut s, set) = chain_world(&ca);
+        s.chains.insert(
+            ServiceKey::local("legacy"),
+            chain::compile(&chain_fixture(file)).unwrap(),
+        );
+        assert_eq!(
+            gateway_keys(&s, &set),
+            [mode_dc.to_string()].into(),
+            "{file}"
+        );
+        assert!(missing(&s, &set)
+            .join(";")
+            .contains(&format!("the mesh gateways of {mode_dc}")));
+        let w = crate::desired_watches(&s, &set);
+        assert!(w.contains(&WatchKey::Gateways(mode_dc.into())), "{file}");
+        let mut gw = inst("gw", "10.0.1.5", 8443, true);
+        gw.wan = Some(sa("192.0.2.7:9443"));
+        s.gateways.insert(mode_dc.into(), vec![gw]);
+        let (dc2_legacy, _) = api::parse_health_connect(
+            "legacy",
+            &chain_fixture("17-health-connect-legacy-dc2.json"),
+        )
+        .unwrap();
+        let k = TargetKey {
+            service: "legacy".into(),
+            datacenter: "dc2".into(),
+            filter: None,
+        };
+        s.targets.insert(k.clone(), dc2_legacy);
+        let f = Some("Service.Meta.version == v1");
+        for dc in ["dc1", "dc2"] {
+            s.targets
+                .entry(TargetKey {
+                    service: "api".into(),
+                    datacenter: dc.into(),
+                    filter: f.map(str::to_string),
+                })
+                .or_default();
+        }
+        let a = assemble(&s, &set).unwrap();
+        let l = a
+            .spec
+            .upstreams
+            .iter()
+            .find(|u| u.identity.service == "legacy")
+            .unwrap();
+        assert_eq!(l.endpoints, vec![sa(want)], "{file}");
+        assert_eq!(l.identity.datacenter, "dc2");
+        assert!(l
+            .sni
+            .as_deref()
+            .unwrap()
+            .starts_with("legacy.default.dc2.internal."));
+        // No healthy instance behind the gateway: no endpoint (Consul gives
+        // gateway endpoints the backends' health).
+        s.targets.insert(k.clone(), Vec::new());
+        let a = assemble(&s, &set).unwrap();
+        let l = a
+            .spec
+            .upstreams
+            .iter()
+            .find(|u| u.identity.service == "legacy")
+            .unwrap();
+        assert!(l.endpoints.is_empty(), "{file}");
+    }
+}
