@@ -18,6 +18,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use veer_testsupport::ca::TempDir;
 use veer_testsupport::consul::Agent;
@@ -33,6 +34,69 @@ const WEB_IP: &str = "10.78.0.1";
 const API1_IP: &str = "10.78.0.2";
 const API2_IP: &str = "10.78.0.3";
 const HOLE_IP: &str = "10.78.0.9";
+const GW_IP: &str = "10.78.0.5";
+
+/// A stand-in for dc2's mesh gateway (Consul 1.8's is Envoy routing on the
+/// SNI at L4, TLS passing through): forwards every connection to dc2's api
+/// sidecar and records the SNI of each ClientHello it saw.
+fn gateway(ns: &Netns, to: SocketAddr) -> Arc<Mutex<Vec<String>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = ns.path();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        veer_testsupport::netns::enter(&path).unwrap();
+        let l = std::net::TcpListener::bind((GW_IP, 8443)).unwrap();
+        tx.send(()).unwrap();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let hello = &buf[..n];
+                let sni = sni_of(hello).unwrap_or_default();
+                log.lock().unwrap().push(sni);
+                let Ok(mut up) = TcpStream::connect(to) else {
+                    return;
+                };
+                let _ = up.write_all(hello);
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut c, &mut up);
+                let _ = up.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    rx.recv().unwrap();
+    seen
+}
+
+/// The server_name of a TLS ClientHello record (enough of the format for a
+/// test's gateway).
+fn sni_of(b: &[u8]) -> Option<String> {
+    let get = |i: usize| b.get(i).copied().map(usize::from);
+    // record(5) handshake(4) version(2) random(32)
+    let mut i = 5 + 4 + 2 + 32;
+    i += 1 + get(i)?; // session id
+    i += 2 + (get(i)? << 8 | get(i + 1)?); // cipher suites
+    i += 1 + get(i)?; // compression
+    let end = i + 2 + (get(i)? << 8 | get(i + 1)?);
+    i += 2;
+    while i + 4 <= end {
+        let (typ, len) = (get(i)? << 8 | get(i + 1)?, get(i + 2)? << 8 | get(i + 3)?);
+        if typ == 0 {
+            // list len(2) type(1) name len(2) name
+            let n = get(i + 7)? << 8 | get(i + 8)?;
+            return String::from_utf8(b.get(i + 9..i + 9 + n)?.to_vec()).ok();
+        }
+        i += 4 + len;
+    }
+    None
+}
 
 /// A service with a sidecar on port 20000, a passing TTL check `<id>-up`
 /// (the agent cannot reach into the namespaces) and explicit upstreams.
@@ -121,7 +185,9 @@ fn discovery_chain_across_two_datacenters() {
     let web = Netns::new("cw").unwrap();
     let api1 = Netns::new("c1").unwrap();
     let api2 = Netns::new("c2").unwrap();
+    let gw = Netns::new("cg").unwrap();
     let _hub = star(&[
+        (&gw, &[&format!("{GW_IP}/24")]),
         (&web, &[&format!("{WEB_IP}/24")]),
         (&api1, &[&format!("{API1_IP}/24")]),
         (&api2, &[&format!("{API2_IP}/24")]),
@@ -248,6 +314,42 @@ fn discovery_chain_across_two_datacenters() {
         &one, b"3",
         "the open connection survived every chain change"
     );
+
+    // Through dc2's mesh gateway (mode remote): the gateway sees the
+    // target's SNI and passes the TLS through to dc2's sidecar.
+    let seen = gateway(&gw, format!("{API2_IP}:20000").parse().unwrap());
+    dc2.call(
+        "PUT",
+        "/v1/agent/service/register",
+        Some(&format!(
+            r#"{{"Kind":"mesh-gateway","Name":"mesh-gateway","ID":"mgw","Address":"{GW_IP}","Port":8443,
+            "TaggedAddresses":{{"wan":{{"Address":"{GW_IP}","Port":8443}}}},
+            "Check":{{"TTL":"24h","Status":"passing"}}}}"#
+        )),
+    );
+    dc1.call(
+        "PUT",
+        "/v1/config",
+        Some(r#"{"Kind":"service-defaults","Name":"api","MeshGateway":{"Mode":"remote"}}"#),
+    );
+    resolver(&dc1, r#","Redirect":{"Datacenter":"dc2"}"#);
+    let t = Instant::now();
+    while seen.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(20) {
+        dcs.lands(&web, local);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    assert_eq!(dcs.lands(&web, local), "dc2");
+    let snis = seen.lock().unwrap().clone();
+    eprintln!("chain test: mesh gateway (mode remote) used after {took:?}, SNIs it saw: {snis:?}");
+    assert!(
+        snis.len() >= 2
+            && snis
+                .iter()
+                .all(|s| s.starts_with("api.default.dc2.internal.")),
+        "{snis:?}"
+    );
+    dc1.call("DELETE", "/v1/config/service-defaults/api", None);
 
     // ConnectTimeout 1 s to a black-holed instance closes the client in
     // about a second (Consul's default would be 5 s).

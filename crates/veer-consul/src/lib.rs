@@ -130,10 +130,9 @@
 //! at start by the runtime; a later change is logged, not applied.
 //! `Expose.Checks` (paths derived from HTTP checks), prepared-query and
 //! Unix-socket upstreams, peering, L7 intentions (enforced as deny at L4),
-//! per-namespace queries beyond sending `ns=`/`partition=`, L7
+//! per-namespace queries beyond sending `ns=`/`partition=` and L7
 //! discovery-chain routing (routers and splitters: named as unapplied)
-//! and mesh gateways (remote instances are dialed directly) are not
-//! supported.
+//! are not supported.
 //!
 //! **Discovery chain** ([`chain`]). Only services with a
 //! `service-resolver` entry have their chain read (a service without one
@@ -141,8 +140,11 @@
 //! redirect and default subset, then failover in order — become the
 //! upstream's targets, each with its SNI, expected identity, connect
 //! timeout and healthy instances (no critical check; with `OnlyPassing`
-//! every check passing; another datacenter's at their WAN address). The
-//! number of target watches follows the resolvers' targets, not the mesh. `CONSUL_HTTP_AUTH` (basic auth) and
+//! every check passing; another datacenter's at their WAN address, or
+//! through the mesh gateways of mode `local`/`remote`:
+//! `/v1/health/service/mesh-gateway?dc=`, one watch per datacenter
+//! needed). The number of target watches follows the resolvers'
+//! targets, not the mesh. `CONSUL_HTTP_AUTH` (basic auth) and
 //! `CONSUL_HTTP_SSL_VERIFY=false` are not supported. The token file is read
 //! once at start.
 #![deny(unsafe_code)]
