@@ -814,3 +814,55 @@ fn gateway_modes_dial_the_gateways_with_the_targets_sni() {
         assert!(l.endpoints.is_empty(), "{file}");
     }
 }
+
+#[test]
+fn transparent_upstreams_follow_their_chain_too() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    // Only services with a resolver have a chain read; the others keep
+    // Consul's default chain without any read.
+    s.resolvers = Some([("api".to_string(), 3), ("nope".to_string(), 4)].into());
+    assert_eq!(chain_keys(&s, &set), [ServiceKey::local("api")].into());
+    let before = assemble(&s, &set);
+    assert!(before.is_err(), "waits for the api chain");
+    // api (reached by its virtual IP) redirected to dc2.
+    let mut c = chain::compile(&chain_fixture("06a-redirect-dc2-legacy.json")).unwrap();
+    c.service = "api".into();
+    for t in &mut c.targets {
+        t.service = "api".into();
+        t.sni = t.sni.replacen("legacy", "api", 1);
+    }
+    s.chains.insert(ServiceKey::local("api"), c);
+    s.chains_read = Some(chain_keys(&s, &set));
+    let mut remote = inst("api-dc2", "10.1.0.2", 21000, true);
+    remote.wan = Some(sa("10.1.0.2:21000"));
+    s.targets.insert(
+        TargetKey {
+            service: "api".into(),
+            datacenter: "dc2".into(),
+            filter: None,
+        },
+        vec![remote],
+    );
+    let a = assemble(&s, &set).unwrap();
+    let api = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert_eq!(
+        api.virtual_ips,
+        vec!["10.96.0.20".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(api.identity.datacenter, "dc2");
+    assert_eq!(api.endpoints, vec![sa("10.1.0.2:21000")]);
+    let db = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "db")
+        .unwrap();
+    assert_eq!(db.identity.datacenter, "dc1");
+    assert!(db.failover.is_empty() && db.sni.is_none());
+}
