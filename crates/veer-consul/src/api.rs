@@ -143,6 +143,21 @@ struct RawProxy {
     upstreams: Vec<RawUpstream>,
     #[serde(rename = "Expose", default)]
     expose: Option<RawExpose>,
+    #[serde(rename = "MeshGateway", default)]
+    mesh_gateway: Option<RawMeshGateway>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct RawMeshGateway {
+    #[serde(rename = "Mode", default, deserialize_with = "nullable")]
+    mode: String,
+}
+
+/// A `MeshGateway.Mode` override of the registration: `None` when unset.
+fn gateway_mode(g: &Option<RawMeshGateway>) -> Option<String> {
+    g.as_ref()
+        .and_then(|g| non_empty(&g.mode))
+        .map(str::to_string)
 }
 
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -187,6 +202,8 @@ struct RawUpstream {
     local_bind_socket_path: String,
     #[serde(rename = "Config", default, deserialize_with = "nullable")]
     config: serde_json::Map<String, Value>,
+    #[serde(rename = "MeshGateway", default)]
+    mesh_gateway: Option<RawMeshGateway>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -239,6 +256,9 @@ pub struct ExplicitUpstream {
     pub connect_timeout: Option<Duration>,
     /// `Config.protocol`.
     pub protocol: Option<String>,
+    /// `MeshGateway.Mode`, when set: overrides the registration's and the
+    /// config entries' mode for this upstream's remote targets.
+    pub mesh_gateway: Option<String>,
 }
 
 /// The proxy registration, as veer uses it.
@@ -262,6 +282,9 @@ pub struct Registration {
     /// `Proxy.TransparentProxy.OutboundListenerPort`, when non-zero.
     pub outbound_port: Option<u16>,
     pub upstreams: Vec<ExplicitUpstream>,
+    /// `Proxy.MeshGateway.Mode`, when set: overrides the config entries'
+    /// mode for every upstream's remote targets.
+    pub mesh_gateway: Option<String>,
     pub expose: Vec<ExposePath>,
     /// `Proxy.Expose.Checks` (not acted on yet).
     pub expose_checks: bool,
@@ -398,6 +421,7 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
             connect_timeout: weak_ms(uconf("connect_timeout_ms"))
                 .map_err(|e| bad(&format!("upstream {name}: Config.connect_timeout_ms"), e))?,
             protocol: weak_str(uconf("protocol")),
+            mesh_gateway: gateway_mode(&u.mesh_gateway),
         });
     }
 
@@ -461,6 +485,7 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
         mode: parse_mode(proxy.mode.as_deref()),
         outbound_port: (tp.outbound_listener_port != 0).then_some(tp.outbound_listener_port),
         upstreams,
+        mesh_gateway: gateway_mode(&proxy.mesh_gateway),
         expose,
         expose_checks,
         protocol: weak_str(conf("protocol")),

@@ -133,10 +133,10 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
     };
     chain_keys(state, settings)
         .iter()
-        .filter_map(|k| state.chains.get(k))
-        .flat_map(|c| c.targets.iter())
-        .filter(|t| t.datacenter != local)
-        .filter_map(|t| match t.mesh_gateway {
+        .filter_map(|k| Some((state.chains.get(k)?, gateway_override(state, k))))
+        .flat_map(|(c, o)| c.targets.iter().map(move |t| (t, o)))
+        .filter(|(t, _)| t.datacenter != local)
+        .filter_map(|(t, o)| match o.unwrap_or(t.mesh_gateway) {
             chain::GatewayMode::Local => Some(local.clone()),
             chain::GatewayMode::Remote => Some(t.datacenter.clone()),
             _ => None,
@@ -145,15 +145,32 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
 }
 
 /// The upstreams whose discovery chain is read: those with a
-/// `service-resolver` entry (empty until the resolver list is in).
+/// `service-resolver` entry, and explicit upstreams in another datacenter
+/// (their chain carries the mesh gateway mode of the config entries);
+/// empty until the resolver list is in.
 pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
     let Some(res) = &state.resolvers else {
         return BTreeSet::new();
     };
     wanted(state, settings)
         .into_keys()
-        .filter(|k| res.contains_key(&k.name))
+        .filter(|k| res.contains_key(&k.name) || k.datacenter.is_some())
         .collect()
+}
+
+/// The registration's mesh gateway mode for upstream `key`: the explicit
+/// upstream's `MeshGateway.Mode`, else the proxy's (Consul's precedence:
+/// both over the config entries). Unknown modes are ignored (Consul's
+/// agent refuses them at registration).
+pub fn gateway_override(state: &State, key: &ServiceKey) -> Option<chain::GatewayMode> {
+    let reg = state.registration.as_ref()?;
+    let up = reg
+        .upstreams
+        .iter()
+        .find(|u| u.name == key.name && u.datacenter == key.datacenter)
+        .and_then(|u| u.mesh_gateway.as_deref());
+    up.or(reg.mesh_gateway.as_deref())
+        .and_then(chain::GatewayMode::parse)
 }
 
 /// The targets of the chains in force, whose instances are watched.
@@ -547,12 +564,24 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             .or(reg.connect_timeout);
         if let Some(c) = chain {
             let timeout = explicit.and_then(|e| e.connect_timeout);
+            let modes = [
+                explicit.and_then(|e| e.mesh_gateway.as_deref()),
+                reg.mesh_gateway.as_deref(),
+            ];
+            for m in modes.into_iter().flatten() {
+                if chain::GatewayMode::parse(m).is_none() {
+                    warnings.push(format!(
+                        "upstream {}: MeshGateway.Mode {m:?} is not none, local or remote; ignored",
+                        key.name
+                    ));
+                }
+            }
             apply_chain(
                 &mut u,
                 c,
                 state,
                 (&roots.trust_domain, part, &identity.datacenter),
-                timeout,
+                (timeout, gateway_override(state, key)),
                 &mut unapplied,
             );
         }
@@ -678,18 +707,21 @@ fn healthy(i: &ConnectInstance, only_passing: bool) -> bool {
 /// Makes `u` follow its compiled discovery chain: the primary target's
 /// identity, SNI, endpoints and connect timeout replace the default
 /// ones, the failover targets follow in order. `local` = (trust domain,
-/// partition, local datacenter); `timeout` = the explicit upstream's own
-/// connect timeout, which overrides the resolver's. Instances in another
-/// datacenter are dialed at their WAN address (mesh gateway mode `none`).
+/// partition, local datacenter); `overrides` = the explicit upstream's
+/// own connect timeout (over the resolver's) and the registration's mesh
+/// gateway mode (over the config entries'). Instances in another
+/// datacenter are dialed at their WAN address (mesh gateway mode `none`)
+/// or through the gateways of mode `local`/`remote`.
 pub fn apply_chain(
     u: &mut UpstreamSpec,
     c: &Compiled,
     state: &State,
     local: (&str, &str, &str),
-    timeout: Option<std::time::Duration>,
+    overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
     unapplied: &mut Vec<Unapplied>,
 ) {
     let (td, part, local_dc) = local;
+    let (timeout, gw_override) = overrides;
     for line in &c.unapplied {
         let (node, detail) = line.split_once(": ").unwrap_or((line.as_str(), ""));
         unapplied.push(Unapplied::unsupported(
@@ -706,11 +738,12 @@ pub fn apply_chain(
         ts.sni = Some(t.sni.clone());
         let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
         let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
-        let mut eps: Vec<SocketAddr> = if remote && t.mesh_gateway.via_gateway() {
+        let mode = gw_override.unwrap_or(t.mesh_gateway);
+        let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
             // Through a gateway (which routes on the SNI at L4, TLS end to
             // end): its endpoints, while the target has a healthy instance
             // (Consul gives them the health of the backends).
-            let (dc, wan) = match t.mesh_gateway {
+            let (dc, wan) = match mode {
                 chain::GatewayMode::Local => (local_dc, false),
                 _ => (t.datacenter.as_str(), true),
             };

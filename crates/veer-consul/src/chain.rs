@@ -35,7 +35,7 @@ pub enum GatewayMode {
 }
 
 impl GatewayMode {
-    fn parse(s: &str) -> Option<GatewayMode> {
+    pub fn parse(s: &str) -> Option<GatewayMode> {
         match s {
             "" => Some(GatewayMode::Default),
             "none" => Some(GatewayMode::None),

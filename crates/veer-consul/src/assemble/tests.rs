@@ -866,3 +866,39 @@ fn transparent_upstreams_follow_their_chain_too() {
     assert_eq!(db.identity.datacenter, "dc1");
     assert!(db.failover.is_empty() && db.sni.is_none());
 }
+
+#[test]
+fn the_registrations_gateway_mode_overrides_the_entries() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    // An explicit upstream in another datacenter has its chain read even
+    // without a resolver (for the entries' gateway mode).
+    let mut remote = s.registration.as_ref().unwrap().upstreams[0].clone();
+    remote.name = "billing".into();
+    remote.datacenter = Some("dc2".into());
+    remote.bind = sa("127.0.0.1:10200");
+    s.registration.as_mut().unwrap().upstreams.push(remote);
+    assert!(chain_keys(&s, &set).contains(&ServiceKey {
+        name: "billing".into(),
+        datacenter: Some("dc2".into())
+    }));
+    s.registration.as_mut().unwrap().upstreams.pop();
+    // legacy's chain says mode unset; the upstream says local.
+    assert!(gateway_keys(&s, &set).is_empty());
+    s.registration.as_mut().unwrap().upstreams[0].mesh_gateway = Some("local".into());
+    assert_eq!(gateway_keys(&s, &set), ["dc1".to_string()].into());
+    s.registration.as_mut().unwrap().mesh_gateway = Some("remote".into());
+    // legacy keeps its upstream's local; api's dc2 failover target takes
+    // the proxy's remote.
+    assert_eq!(
+        gateway_keys(&s, &set),
+        ["dc1".to_string(), "dc2".to_string()].into(),
+        "the upstream's wins over the proxy's"
+    );
+    s.registration.as_mut().unwrap().upstreams[0].mesh_gateway = None;
+    assert_eq!(
+        gateway_keys(&s, &set),
+        ["dc2".to_string()].into(),
+        "then the proxy's"
+    );
+}
