@@ -112,6 +112,8 @@ pub struct ConsulSource {
     chains_task: Option<Task>,
     chains_for: Option<BTreeSet<ServiceKey>>,
     chains_dirty: bool,
+    /// The number of the current chain read.
+    chains_round: u64,
     status: Arc<Status>,
 }
 
@@ -204,6 +206,7 @@ impl ConsulSource {
             chains_task: None,
             chains_for: None,
             chains_dirty: false,
+            chains_round: 0,
             status: Arc::default(),
         })
     }
@@ -383,7 +386,14 @@ impl ConsulSource {
             WatchKey::DefaultProbe => self.probe.is_some(),
             WatchKey::ChecksNow => self.checks_now.take().is_some(),
             WatchKey::Fetch(n) => self.reads.remove(n).is_some(),
-            WatchKey::Chains => self.chains_task.take().is_some(),
+            WatchKey::Chains => match &result {
+                // Only the current round's answer; an earlier one, sent
+                // before its task was replaced, is dropped.
+                Ok(Payload::Chains(round, ..)) if *round == self.chains_round => {
+                    self.chains_task.take().is_some()
+                }
+                _ => false,
+            },
             k => self.watches.contains_key(k),
         };
         if !current {
@@ -582,7 +592,7 @@ impl ConsulSource {
             (WatchKey::Gateways(dc), Payload::Connect(c)) => {
                 s.gateways.insert(dc, c);
             }
-            (WatchKey::Chains, Payload::Chains(keys, got)) => {
+            (WatchKey::Chains, Payload::Chains(_, keys, got)) => {
                 for (k, r) in got {
                     match r {
                         Ok(c) => {
@@ -718,7 +728,13 @@ impl ConsulSource {
             self.state.chains_read = Some(keys);
             return;
         }
-        let fut = watch::read_chains(self.client.clone(), keys, self.tx.clone());
+        self.chains_round += 1;
+        let fut = watch::read_chains(
+            self.client.clone(),
+            self.chains_round,
+            keys,
+            self.tx.clone(),
+        );
         self.chains_task = Some(Task(tokio::spawn(fut)));
     }
 

@@ -111,8 +111,9 @@ pub enum Payload {
     ProxyDefaults(ProxyDefaults),
     Mesh(Mesh),
     Resolvers(BTreeMap<String, u64>),
-    /// The chains read for these keys: compiled, or why not.
+    /// The chains read (round number) for these keys: compiled, or why not.
     Chains(
+        u64,
         BTreeSet<ServiceKey>,
         BTreeMap<ServiceKey, Result<Compiled, String>>,
     ),
@@ -405,11 +406,13 @@ pub fn chain_path(k: &ServiceKey) -> String {
 
 /// Reads the discovery chains of `keys`, one after the other (one agent
 /// connection whatever their number), and sends one message with each
-/// compiled or the reason it is not. Agent trouble and 5xx answers are
+/// compiled or the reason it is not (`round` tells a superseded read's
+/// answer from the current one). Agent trouble and 5xx answers are
 /// retried with back-off; a refusal or an unusable chain is reported for
 /// that key.
 pub async fn read_chains(
     client: Client,
+    round: u64,
     keys: BTreeSet<ServiceKey>,
     tx: mpsc::UnboundedSender<Msg>,
 ) {
@@ -442,7 +445,7 @@ pub async fn read_chains(
     }
     let _ = tx.send(Msg {
         key: WatchKey::Chains,
-        result: Ok(Payload::Chains(keys, out)),
+        result: Ok(Payload::Chains(round, keys, out)),
     });
 }
 
