@@ -143,6 +143,21 @@ struct RawProxy {
     upstreams: Vec<RawUpstream>,
     #[serde(rename = "Expose", default)]
     expose: Option<RawExpose>,
+    #[serde(rename = "MeshGateway", default)]
+    mesh_gateway: Option<RawMeshGateway>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct RawMeshGateway {
+    #[serde(rename = "Mode", default, deserialize_with = "nullable")]
+    mode: String,
+}
+
+/// A `MeshGateway.Mode` override of the registration: `None` when unset.
+fn gateway_mode(g: &Option<RawMeshGateway>) -> Option<String> {
+    g.as_ref()
+        .and_then(|g| non_empty(&g.mode))
+        .map(str::to_string)
 }
 
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -187,6 +202,8 @@ struct RawUpstream {
     local_bind_socket_path: String,
     #[serde(rename = "Config", default, deserialize_with = "nullable")]
     config: serde_json::Map<String, Value>,
+    #[serde(rename = "MeshGateway", default)]
+    mesh_gateway: Option<RawMeshGateway>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -239,6 +256,9 @@ pub struct ExplicitUpstream {
     pub connect_timeout: Option<Duration>,
     /// `Config.protocol`.
     pub protocol: Option<String>,
+    /// `MeshGateway.Mode`, when set: overrides the registration's and the
+    /// config entries' mode for this upstream's remote targets.
+    pub mesh_gateway: Option<String>,
 }
 
 /// The proxy registration, as veer uses it.
@@ -262,6 +282,9 @@ pub struct Registration {
     /// `Proxy.TransparentProxy.OutboundListenerPort`, when non-zero.
     pub outbound_port: Option<u16>,
     pub upstreams: Vec<ExplicitUpstream>,
+    /// `Proxy.MeshGateway.Mode`, when set: overrides the config entries'
+    /// mode for every upstream's remote targets.
+    pub mesh_gateway: Option<String>,
     pub expose: Vec<ExposePath>,
     /// `Proxy.Expose.Checks` (not acted on yet).
     pub expose_checks: bool,
@@ -398,6 +421,7 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
             connect_timeout: weak_ms(uconf("connect_timeout_ms"))
                 .map_err(|e| bad(&format!("upstream {name}: Config.connect_timeout_ms"), e))?,
             protocol: weak_str(uconf("protocol")),
+            mesh_gateway: gateway_mode(&u.mesh_gateway),
         });
     }
 
@@ -461,6 +485,7 @@ pub fn parse_registration(id: &str, body: &[u8]) -> Result<(Registration, Vec<St
         mode: parse_mode(proxy.mode.as_deref()),
         outbound_port: (tp.outbound_listener_port != 0).then_some(tp.outbound_listener_port),
         upstreams,
+        mesh_gateway: gateway_mode(&proxy.mesh_gateway),
         expose,
         expose_checks,
         protocol: weak_str(conf("protocol")),
@@ -939,6 +964,8 @@ struct RawNode {
     datacenter: String,
     #[serde(rename = "Partition", default, deserialize_with = "nullable")]
     partition: String,
+    #[serde(rename = "TaggedAddresses", default, deserialize_with = "nullable")]
+    tagged_addresses: HashMap<String, Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1022,6 +1049,15 @@ pub struct ConnectInstance {
     /// Every check of the instance and its node is passing (what `?passing`
     /// filters on).
     pub passing: bool,
+    /// A check of the instance or its node is critical (Consul's Envoy
+    /// marks such an endpoint unhealthy; a warning is unhealthy only for a
+    /// subset with `OnlyPassing`).
+    pub critical: bool,
+    /// The address another datacenter dials (Consul's
+    /// `BestAddress(wan=true)`): `Service.TaggedAddresses.wan`, else
+    /// `Service.Address`, else `Node.TaggedAddresses.wan`, else
+    /// `Node.Address`.
+    pub wan: Option<SocketAddr>,
     pub vips: Vips,
     /// `Proxy.TransparentProxy.DialedDirectly` on the instance (1.10+).
     pub dialed_directly: bool,
@@ -1034,6 +1070,38 @@ impl ConnectInstance {
             .filter(|_| self.port != 0)
             .map(|ip| SocketAddr::new(ip, self.port))
     }
+}
+
+/// Consul's `BestAddress(wan=true)` of one instance.
+fn wan_addr(node: &RawNode, svc: &RawHealthService) -> Option<SocketAddr> {
+    if let Some(v) = svc.tagged_addresses.get("wan") {
+        let ip = tagged_ip(&svc.tagged_addresses, "wan");
+        let port = v.get("Port").and_then(Value::as_u64).unwrap_or(0);
+        if let (Some(ip), Ok(port)) = (ip, u16::try_from(port)) {
+            if port != 0 {
+                return Some(SocketAddr::new(ip, port));
+            }
+        }
+    }
+    let ip = match non_empty(&svc.address) {
+        Some(a) => parse_ip(a),
+        None => tagged_ip(&node.tagged_addresses, "wan").or_else(|| parse_ip(&node.address)),
+    }?;
+    (svc.port != 0).then(|| SocketAddr::new(ip, svc.port))
+}
+
+/// Parses `/v1/config/service-resolver` (all entries): the names of the
+/// services that have a resolver, each with its `ModifyIndex`.
+pub fn parse_resolvers(body: &[u8]) -> Result<BTreeMap<String, u64>, Error> {
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(rename = "Name")]
+        name: String,
+        #[serde(rename = "ModifyIndex", default)]
+        modify_index: u64,
+    }
+    let raw: Vec<Raw> = json("/v1/config/service-resolver", body)?;
+    Ok(raw.into_iter().map(|r| (r.name, r.modify_index)).collect())
 }
 
 /// Parses `/v1/health/connect/:service` (without `?passing`: health is
@@ -1054,6 +1122,7 @@ pub fn parse_health_connect(
             .unwrap_or(node.address.as_str())
             .to_string();
         let ip = parse_ip(&addr);
+        let wan = wan_addr(&node, &svc);
         if ip.is_none() {
             warnings.push(format!(
                 "{what}: instance {} has address {addr:?}, which is not an IP address; not used",
@@ -1069,6 +1138,8 @@ pub fn parse_health_connect(
             ip,
             port: svc.port,
             passing: e.checks.iter().all(|c| c.status == "passing"),
+            critical: e.checks.iter().any(|c| c.status == "critical"),
+            wan,
             vips: vips(&svc.tagged_addresses),
             dialed_directly: svc
                 .proxy

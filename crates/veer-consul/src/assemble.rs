@@ -10,13 +10,14 @@ use crate::api::{
     CatalogInstance, ConnectInstance, Leaf, Mesh, Mode, ProxyDefaults, Registration, Roots,
     ServiceDefaults,
 };
+use crate::chain::{self, Compiled};
 use crate::entries::Entries;
 use crate::Error;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use veer_core::intentions::{Action, Intention, Intentions};
 use veer_core::route::Protocol;
-use veer_core::snapshot::{ListenSpec, Spec, Timeouts, Unapplied, UpstreamSpec};
+use veer_core::snapshot::{ListenSpec, Spec, TargetSpec, Timeouts, Unapplied, UpstreamSpec};
 use veer_core::spiffe::ServiceId;
 
 /// Consul's default transparent outbound listener port.
@@ -51,6 +52,35 @@ impl std::fmt::Display for ServiceKey {
     }
 }
 
+/// The instances of one discovery-chain target: a service in a datacenter,
+/// through its subset's filter (`/v1/health/connect/:service?dc=&filter=`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TargetKey {
+    pub service: String,
+    pub datacenter: String,
+    pub filter: Option<String>,
+}
+
+impl TargetKey {
+    pub fn of(t: &chain::Target) -> TargetKey {
+        TargetKey {
+            service: t.service.clone(),
+            datacenter: t.datacenter.clone(),
+            filter: t.filter.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.service, self.datacenter)?;
+        match &self.filter {
+            Some(x) => write!(f, "[{x}]"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The latest parsed answer of every watch; `None` / absent = not yet.
 #[derive(Clone, Debug, Default)]
 pub struct State {
@@ -71,6 +101,88 @@ pub struct State {
     pub mesh: Option<Mesh>,
     /// `service-resolver`, `service-router` and `service-splitter` entries.
     pub chain_entries: Entries,
+    /// `/v1/config/service-resolver`: services with a resolver entry
+    /// (name → `ModifyIndex`). Only their chains are read: a service
+    /// without one has Consul's default chain, which is what veer does
+    /// without a chain.
+    pub resolvers: Option<BTreeMap<String, u64>>,
+    /// The compiled discovery chain per upstream (key: name and the
+    /// datacenter it is compiled in, for explicit upstreams with one).
+    pub chains: BTreeMap<ServiceKey, Compiled>,
+    /// The chain keys the last completed chain read was for.
+    pub chains_read: Option<BTreeSet<ServiceKey>>,
+    /// The instances of each target of those chains.
+    pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
+    /// The mesh gateways of a datacenter (the `mesh-gateway` service),
+    /// for targets reached through one.
+    pub gateways: BTreeMap<String, Vec<ConnectInstance>>,
+}
+
+/// The name `consul connect envoy -gateway=mesh -register` gives mesh
+/// gateways; veer finds a datacenter's gateways under it.
+pub const MESH_GATEWAY_SERVICE: &str = "mesh-gateway";
+
+/// This proxy's datacenter (its leaf's), once known.
+pub fn local_dc(state: &State) -> Option<String> {
+    let leaf = state.leaf.as_ref()?.chain.first()?;
+    Some(veer_core::tls::peer_identity(leaf).ok()?.datacenter)
+}
+
+/// The datacenters whose mesh gateways are needed: the local one for a
+/// remote target in mode `local`, the target's for mode `remote`.
+pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
+    let Some(local) = local_dc(state) else {
+        return BTreeSet::new();
+    };
+    chain_keys(state, settings)
+        .iter()
+        .filter_map(|k| Some((state.chains.get(k)?, gateway_override(state, k))))
+        .flat_map(|(c, o)| c.targets.iter().map(move |t| (t, o)))
+        .filter(|(t, _)| t.datacenter != local)
+        .filter_map(|(t, o)| match o.unwrap_or(t.mesh_gateway) {
+            chain::GatewayMode::Local => Some(local.clone()),
+            chain::GatewayMode::Remote => Some(t.datacenter.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The upstreams whose discovery chain is read: those with a
+/// `service-resolver` entry, and explicit upstreams in another datacenter
+/// (their chain carries the mesh gateway mode of the config entries);
+/// empty until the resolver list is in.
+pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
+    let Some(res) = &state.resolvers else {
+        return BTreeSet::new();
+    };
+    wanted(state, settings)
+        .into_keys()
+        .filter(|k| res.contains_key(&k.name) || k.datacenter.is_some())
+        .collect()
+}
+
+/// The registration's mesh gateway mode for upstream `key`: the explicit
+/// upstream's `MeshGateway.Mode`, else the proxy's (Consul's precedence:
+/// both over the config entries). Unknown modes are ignored (Consul's
+/// agent refuses them at registration).
+pub fn gateway_override(state: &State, key: &ServiceKey) -> Option<chain::GatewayMode> {
+    let reg = state.registration.as_ref()?;
+    let up = reg
+        .upstreams
+        .iter()
+        .find(|u| u.name == key.name && u.datacenter == key.datacenter)
+        .and_then(|u| u.mesh_gateway.as_deref());
+    up.or(reg.mesh_gateway.as_deref())
+        .and_then(chain::GatewayMode::parse)
+}
+
+/// The targets of the chains in force, whose instances are watched.
+pub fn target_keys(state: &State, settings: &Settings) -> BTreeSet<TargetKey> {
+    chain_keys(state, settings)
+        .iter()
+        .filter_map(|k| state.chains.get(k))
+        .flat_map(|c| c.targets.iter().map(TargetKey::of))
+        .collect()
 }
 
 /// Settings that do not come from the agent.
@@ -175,8 +287,34 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
     for k in state.chain_entries.missing() {
         need(false, &format!("the {k} entries"));
     }
+    need(state.resolvers.is_some(), "the service-resolver entries");
     if transparent(state, settings) == Some(true) {
         need(state.catalog.is_some(), "the catalog services");
+    }
+    let keys = chain_keys(state, settings);
+    let read = state.chains_read.as_ref();
+    let unread: Vec<String> = keys
+        .iter()
+        .filter(|k| !read.is_some_and(|r| r.contains(*k)))
+        .map(|k| k.to_string())
+        .collect();
+    if !unread.is_empty() {
+        m.push(format!("the discovery chains of {}", unread.join(", ")));
+    }
+    let targets: Vec<String> = target_keys(state, settings)
+        .into_iter()
+        .filter(|k| !state.targets.contains_key(k))
+        .map(|k| k.to_string())
+        .collect();
+    if !targets.is_empty() {
+        m.push(format!("chain targets: {}", targets.join(", ")));
+    }
+    let gws: Vec<String> = gateway_keys(state, settings)
+        .into_iter()
+        .filter(|dc| !state.gateways.contains_key(dc))
+        .collect();
+    if !gws.is_empty() {
+        m.push(format!("the mesh gateways of {}", gws.join(", ")));
     }
     let mut svc: Vec<String> = Vec::new();
     for (k, need_instances) in wanted(state, settings) {
@@ -341,6 +479,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
 
     // Upstreams.
     let wanted = wanted(state, settings);
+    let chains = chain_keys(state, settings);
     let explicit_keys: BTreeSet<ServiceKey> = reg
         .upstreams
         .iter()
@@ -357,7 +496,11 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             .upstreams
             .iter()
             .find(|u| u.name == key.name && u.datacenter == key.datacenter);
-        if sidecars.is_empty() && !explicit_keys.contains(key) {
+        let chain = chains
+            .contains(key)
+            .then(|| state.chains.get(key))
+            .flatten();
+        if sidecars.is_empty() && !explicit_keys.contains(key) && chain.is_none() {
             continue; // not a mesh service (or none registered yet)
         }
         let dc = sidecars
@@ -425,6 +568,29 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         u.connect_timeout = explicit
             .and_then(|e| e.connect_timeout)
             .or(reg.connect_timeout);
+        if let Some(c) = chain {
+            let timeout = explicit.and_then(|e| e.connect_timeout);
+            let modes = [
+                explicit.and_then(|e| e.mesh_gateway.as_deref()),
+                reg.mesh_gateway.as_deref(),
+            ];
+            for m in modes.into_iter().flatten() {
+                if chain::GatewayMode::parse(m).is_none() {
+                    warnings.push(format!(
+                        "upstream {}: MeshGateway.Mode {m:?} is not none, local or remote; ignored",
+                        key.name
+                    ));
+                }
+            }
+            apply_chain(
+                &mut u,
+                c,
+                state,
+                (&roots.trust_domain, part, &identity.datacenter),
+                (timeout, gateway_override(state, key)),
+                &mut unapplied,
+            );
+        }
         by_key.insert(key.clone(), u);
     }
     // Explicit upstream listeners: the first of a service goes on its entry,
@@ -439,7 +605,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         let Some(base) = by_key.get_mut(&key) else {
             continue;
         };
-        if bound.insert(key) {
+        if bound.insert(key.clone()) {
             base.local_bind = Some(e.bind);
         } else {
             let mut u = base.clone();
@@ -447,13 +613,31 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             u.dialed_directly = false;
             u.instances.clear();
             u.local_bind = Some(e.bind);
-            u.connect_timeout = e.connect_timeout.or(reg.connect_timeout);
+            if u.failover.is_empty() && !chains.contains(&key) {
+                u.connect_timeout = e.connect_timeout.or(reg.connect_timeout);
+            } else if let Some(t) = e.connect_timeout {
+                // A chain's targets share the resolver's timeout; this
+                // listener's own overrides it for each of them.
+                u.connect_timeout = Some(t);
+                for f in &mut u.failover {
+                    f.connect_timeout = Some(t);
+                }
+            }
             extra.push(u);
         }
     }
     let mut upstreams: Vec<UpstreamSpec> = by_key.into_values().chain(extra).collect();
-    // Resolvers, routers and splitters of the upstreams: named, not applied.
-    unapplied.extend(crate::entries::unapplied(&state.chain_entries, &upstreams));
+    // Routers and splitters of upstreams whose chain is not read: named.
+    unapplied.extend(crate::entries::unapplied(
+        &state.chain_entries,
+        &upstreams,
+        |svc| {
+            state
+                .resolvers
+                .as_ref()
+                .is_some_and(|r| r.contains_key(svc))
+        },
+    ));
     // One VIP, one service: Snapshot::build refuses duplicates, and one bad
     // registration must not stop every update.
     let mut owner: HashMap<IpAddr, String> = HashMap::new();
@@ -524,6 +708,87 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         unapplied,
     };
     Ok(Assembled { spec, warnings })
+}
+
+/// Whether an instance is a healthy endpoint of a chain target: no
+/// critical check, and with `OnlyPassing` no warning either (Consul's
+/// rules for the endpoints it gives Envoy).
+fn healthy(i: &ConnectInstance, only_passing: bool) -> bool {
+    if only_passing {
+        i.passing
+    } else {
+        !i.critical
+    }
+}
+
+/// Makes `u` follow its compiled discovery chain: the primary target's
+/// identity, SNI, endpoints and connect timeout replace the default
+/// ones, the failover targets follow in order. `local` = (trust domain,
+/// partition, local datacenter); `overrides` = the explicit upstream's
+/// own connect timeout (over the resolver's) and the registration's mesh
+/// gateway mode (over the config entries'). Instances in another
+/// datacenter are dialed at their WAN address (mesh gateway mode `none`)
+/// or through the gateways of mode `local`/`remote`.
+pub fn apply_chain(
+    u: &mut UpstreamSpec,
+    c: &Compiled,
+    state: &State,
+    local: (&str, &str, &str),
+    overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
+    unapplied: &mut Vec<Unapplied>,
+) {
+    let (td, part, local_dc) = local;
+    let (timeout, gw_override) = overrides;
+    for line in &c.unapplied {
+        let (node, detail) = line.split_once(": ").unwrap_or((line.as_str(), ""));
+        unapplied.push(Unapplied::unsupported(
+            format!("discovery chain {}: {node}", c.service),
+            detail.to_string(),
+        ));
+    }
+    let none = Vec::new();
+    let mut targets: Vec<TargetSpec> = Vec::with_capacity(c.targets.len());
+    for t in &c.targets {
+        let remote = t.datacenter != local_dc;
+        let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
+        let mut ts = TargetSpec::new(id);
+        ts.sni = Some(t.sni.clone());
+        let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
+        let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
+        let mode = gw_override.unwrap_or(t.mesh_gateway);
+        let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
+            // Through a gateway (which routes on the SNI at L4, TLS end to
+            // end): its endpoints, while the target has a healthy instance
+            // (Consul gives them the health of the backends).
+            let (dc, wan) = match mode {
+                chain::GatewayMode::Local => (local_dc, false),
+                _ => (t.datacenter.as_str(), true),
+            };
+            let gws = state.gateways.get(dc).unwrap_or(&none);
+            if healthy_inst.next().is_some() {
+                gws.iter()
+                    .filter(|g| g.passing)
+                    .filter_map(|g| if wan { g.wan } else { g.endpoint() })
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        } else {
+            healthy_inst
+                .filter_map(|i| if remote { i.wan } else { i.endpoint() })
+                .collect()
+        };
+        eps.sort();
+        eps.dedup();
+        ts.endpoints = eps;
+        ts.connect_timeout = Some(timeout.unwrap_or(c.connect_timeout));
+        targets.push(ts);
+    }
+    let mut it = targets.into_iter();
+    if let Some(primary) = it.next() {
+        u.set_primary(primary);
+    }
+    u.failover = it.collect();
 }
 
 /// Checks that the leaf chains to one of the roots (as `Snapshot::build` will).

@@ -219,14 +219,25 @@ impl Entries {
 /// name; several upstream entries of one service are named once), sorted
 /// by service, then kind: `service-resolver web: ConnectTimeout=1s,
 /// Failover`, `service-router api: Routes`, `service-splitter api: Splits`.
-pub fn unapplied(entries: &Entries, upstreams: &[UpstreamSpec]) -> Vec<Unapplied> {
+///
+/// Resolvers are applied (the discovery chain, [`crate::chain`]), so they
+/// are never named here; nor is anything of a service whose chain veer
+/// reads (`chained`): the chain names its own routers and splitters.
+pub fn unapplied(
+    entries: &Entries,
+    upstreams: &[UpstreamSpec],
+    chained: impl Fn(&str) -> bool,
+) -> Vec<Unapplied> {
     let names: BTreeSet<&str> = upstreams
         .iter()
         .map(|u| u.identity.service.as_str())
         .collect();
     let mut out = Vec::new();
     for service in names {
-        for kind in Kind::ALL {
+        if chained(service) {
+            continue;
+        }
+        for kind in [Kind::Router, Kind::Splitter] {
             let Some(e) = entries.get(kind, service) else {
                 continue;
             };

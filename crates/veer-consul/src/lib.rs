@@ -52,8 +52,10 @@
 //! | every check (transparent mode) | `/v1/health/state/any` | index |
 //! | explicit upstreams (not transparent; or in another datacenter) | `/v1/health/connect/:svc` (`?dc=`), `/v1/catalog/service/:svc` | index |
 //! | each candidate upstream (transparent mode), after it changed | `/v1/catalog/service/:svc`, then `/v1/health/connect/:svc` | no: read once, at most `--consul-max-reads` at a time |
-//! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh` | index |
-//! | discovery-chain entries ([`entries`]) | `/v1/config/service-resolver`, `/v1/config/service-router`, `/v1/config/service-splitter` | index |
+//! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh`, `/v1/config/service-resolver` | index |
+//! | discovery chains of the upstreams with a resolver, after any config-entry change | `/v1/discovery-chain/:svc` (`?compile-dc=`) | no: read one after the other on one connection |
+//! | each target of those chains | `/v1/health/connect/:svc?dc=&filter=` | index |
+//! | router and splitter entries ([`entries`]; resolvers too, read a second time for now) | `/v1/config/service-router`, `/v1/config/service-splitter`, `/v1/config/service-resolver` | index |
 //!
 //! Blocking queries use `wait=5m`; the index is reset to 0 when it goes
 //! backwards and raised to 1 when it is 0; errors reset the cursor and are
@@ -129,10 +131,22 @@
 //! at start by the runtime; a later change is logged, not applied.
 //! `Expose.Checks` (paths derived from HTTP checks), prepared-query and
 //! Unix-socket upstreams, peering, L7 intentions (enforced as deny at L4),
-//! per-namespace queries beyond sending `ns=`/`partition=`, and
-//! discovery-chain routing (routers, splitters, resolvers) are not
-//! supported; resolver, router and splitter entries of upstreams in use are
-//! named in [`Spec::unapplied`] ([`entries::unapplied`]). `CONSUL_HTTP_AUTH` (basic auth) and
+//! per-namespace queries beyond sending `ns=`/`partition=` and L7
+//! discovery-chain routing (routers and splitters: named as unapplied)
+//! are not supported.
+//!
+//! **Discovery chain** ([`chain`]). Only services with a
+//! `service-resolver` entry have their chain read (a service without one
+//! has Consul's default chain); the resolver's targets — primary after
+//! redirect and default subset, then failover in order — become the
+//! upstream's targets, each with its SNI, expected identity, connect
+//! timeout and healthy instances (no critical check; with `OnlyPassing`
+//! every check passing; another datacenter's at their WAN address, or
+//! through the mesh gateways of mode `local`/`remote`:
+//! `/v1/health/service/mesh-gateway?dc=`, one watch per datacenter
+//! needed). The number of target watches follows the resolvers'
+//! targets, not the mesh. Router and splitter entries of upstreams in use
+//! are named in [`Spec::unapplied`] ([`entries::unapplied`]). `CONSUL_HTTP_AUTH` (basic auth) and
 //! `CONSUL_HTTP_SSL_VERIFY=false` are not supported. The token file is read
 //! once at start.
 #![deny(unsafe_code)]
@@ -140,6 +154,7 @@
 pub mod api;
 pub mod assemble;
 pub mod blocking;
+pub mod chain;
 pub mod entries;
 mod error;
 pub mod feed;

@@ -42,9 +42,16 @@ pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey>
         WatchKey::ServiceDefaults,
         WatchKey::ProxyDefaults,
         WatchKey::Mesh,
+        WatchKey::Resolvers,
     ]
     .into();
     w.extend(crate::entries::Kind::ALL.map(WatchKey::ChainEntries));
+    for t in assemble::target_keys(state, settings) {
+        w.insert(WatchKey::Target(t));
+    }
+    for dc in assemble::gateway_keys(state, settings) {
+        w.insert(WatchKey::Gateways(dc));
+    }
     if let Some(reg) = &state.registration {
         w.insert(WatchKey::Leaf(reg.destination_service.clone()));
     }
@@ -101,6 +108,13 @@ pub struct ConsulSource {
     /// `read_pause`.
     read_backoff: Backoff,
     read_pause: Option<tokio::time::Instant>,
+    /// The discovery-chain read under way, the keys it (or the last one)
+    /// was for, and whether a config entry changed since it started.
+    chains_task: Option<Task>,
+    chains_for: Option<BTreeSet<ServiceKey>>,
+    chains_dirty: bool,
+    /// The number of the current chain read.
+    chains_round: u64,
     status: Arc<Status>,
 }
 
@@ -190,6 +204,10 @@ impl ConsulSource {
             checks_now: None,
             read_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             read_pause: None,
+            chains_task: None,
+            chains_for: None,
+            chains_dirty: false,
+            chains_round: 0,
             status: Arc::default(),
         })
     }
@@ -369,6 +387,14 @@ impl ConsulSource {
             WatchKey::DefaultProbe => self.probe.is_some(),
             WatchKey::ChecksNow => self.checks_now.take().is_some(),
             WatchKey::Fetch(n) => self.reads.remove(n).is_some(),
+            WatchKey::Chains => match &result {
+                // Only the current round's answer; an earlier one, sent
+                // before its task was replaced, is dropped.
+                Ok(Payload::Chains(round, ..)) if *round == self.chains_round => {
+                    self.chains_task.take().is_some()
+                }
+                _ => false,
+            },
             k => self.watches.contains_key(k),
         };
         if !current {
@@ -437,6 +463,14 @@ impl ConsulSource {
                         WatchKey::Connect(k) if !self.state.connect.contains_key(k) => {
                             tracing::warn!(service = %k, error = %e, "cannot read this service's sidecars; treating it as having none for now");
                             self.state.connect.insert(k.clone(), Vec::new());
+                        }
+                        WatchKey::Gateways(dc) if !self.state.gateways.contains_key(dc) => {
+                            tracing::warn!(datacenter = %dc, error = %e, "cannot read the mesh gateways; treating the datacenter as having none for now");
+                            self.state.gateways.insert(dc.clone(), Vec::new());
+                        }
+                        WatchKey::Target(k) if !self.state.targets.contains_key(k) => {
+                            tracing::warn!(target = %k, error = %e, "cannot read this chain target's instances; treating it as having none for now");
+                            self.state.targets.insert(k.clone(), Vec::new());
                         }
                         WatchKey::Instances(k) if !self.state.instances.contains_key(k) => {
                             tracing::warn!(service = %k, error = %e, "cannot read this service's instances; using no virtual addresses from them for now");
@@ -540,9 +574,42 @@ impl ConsulSource {
                 s.instances.insert(k, c);
             }
             (WatchKey::ServiceDefaults, Payload::ServiceDefaults(d)) => {
+                // Any config-entry change may change a compiled chain
+                // (protocol, mesh gateway mode, ExternalSNI).
+                self.chains_dirty = true;
                 s.service_defaults = Some(d)
             }
-            (WatchKey::ProxyDefaults, Payload::ProxyDefaults(d)) => s.proxy_defaults = Some(d),
+            (WatchKey::ProxyDefaults, Payload::ProxyDefaults(d)) => {
+                self.chains_dirty = true;
+                s.proxy_defaults = Some(d)
+            }
+            (WatchKey::Resolvers, Payload::Resolvers(r)) => {
+                self.chains_dirty = true;
+                s.resolvers = Some(r);
+            }
+            (WatchKey::Target(k), Payload::Connect(c)) => {
+                s.targets.insert(k, c);
+            }
+            (WatchKey::Gateways(dc), Payload::Connect(c)) => {
+                s.gateways.insert(dc, c);
+            }
+            (WatchKey::Chains, Payload::Chains(_, keys, got)) => {
+                for (k, r) in got {
+                    match r {
+                        Ok(c) => {
+                            if s.chains.get(&k) != Some(&c) {
+                                tracing::info!(chain = %k, targets = ?c.targets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), connect_timeout = ?c.connect_timeout, "discovery chain");
+                            }
+                            s.chains.insert(k, c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(chain = %k, error = %e, "cannot use this discovery chain; keeping the last good one (or Consul's default chain)");
+                        }
+                    }
+                }
+                s.chains.retain(|k, _| keys.contains(k));
+                s.chains_read = Some(keys);
+            }
             (WatchKey::Mesh, Payload::Mesh(m)) => s.mesh = Some(m),
             (WatchKey::ChainEntries(k), Payload::ChainEntries(e)) => s.chain_entries.set(k, e),
             (WatchKey::DefaultProbe, Payload::Default(o)) => {
@@ -594,6 +661,12 @@ impl ConsulSource {
                 WatchKey::Instances(s) => {
                     self.state.instances.remove(s);
                 }
+                WatchKey::Target(t) => {
+                    self.state.targets.remove(t);
+                }
+                WatchKey::Gateways(dc) => {
+                    self.state.gateways.remove(dc);
+                }
                 WatchKey::Catalog => {
                     self.state.catalog = None;
                     self.feed = Feed::default();
@@ -623,6 +696,7 @@ impl ConsulSource {
         if self.watches.contains_key(&WatchKey::Catalog) {
             self.feed_reads();
         }
+        self.chain_reads();
         self.status
             .max_connections
             .store(self.max_connections() as u64, Relaxed);
@@ -636,6 +710,34 @@ impl ConsulSource {
                 self.probe = Some(Task(tokio::spawn(fut)));
             }
         }
+    }
+
+    /// Starts a round of chain reads when the upstreams with a resolver
+    /// changed, or a config entry did since the last round.
+    fn chain_reads(&mut self) {
+        if self.state.resolvers.is_none() {
+            return;
+        }
+        let keys = assemble::chain_keys(&self.state, &self.settings);
+        if self.chains_for.as_ref() == Some(&keys) && !self.chains_dirty {
+            return;
+        }
+        self.chains_dirty = false;
+        self.chains_for = Some(keys.clone());
+        if keys.is_empty() {
+            self.chains_task = None;
+            self.state.chains.clear();
+            self.state.chains_read = Some(keys);
+            return;
+        }
+        self.chains_round += 1;
+        let fut = watch::read_chains(
+            self.client.clone(),
+            self.chains_round,
+            keys,
+            self.tx.clone(),
+        );
+        self.chains_task = Some(Task(tokio::spawn(fut)));
     }
 
     /// In sync: a spec was handed out, the agent answers, every watch's
@@ -654,14 +756,15 @@ impl ConsulSource {
     }
 
     /// Agent connections this source may hold at once: its long polls, the
-    /// feed's reads, the one-shot check read and the default probe.
+    /// feed's reads, the one-shot check read, the chain reads and the
+    /// default probe.
     fn max_connections(&self) -> usize {
         let feed = if self.watches.contains_key(&WatchKey::Catalog) {
             self.opts.max_reads + 1
         } else {
             0
         };
-        self.watches.len() + feed + 1
+        self.watches.len() + feed + 2
     }
 
     /// Transparent mode: explicit local upstreams missing from the catalog

@@ -4,14 +4,16 @@ use crate::api::{
     self, CatalogInstance, ConnectInstance, Leaf, Mesh, ProxyDefaults, Registration, Roots,
     ServiceDefaults,
 };
-use crate::assemble::ServiceKey;
+use crate::assemble::{ServiceKey, TargetKey};
 use crate::blocking::{Backoff, Cursor, Pacer};
+use crate::chain::Compiled;
 use crate::entries::{self, Entry, Kind};
 use crate::feed::{CatalogView, Fetched};
 use crate::http::{escape, Client, Response};
 use crate::Error;
 use api::ChecksView;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use veer_core::intentions::{Action, Intention};
@@ -48,6 +50,15 @@ pub enum WatchKey {
     /// `/v1/config/service-resolver` (`-router`, `-splitter`): every entry
     /// of the kind ([`crate::entries`]).
     ChainEntries(Kind),
+    /// `/v1/config/service-resolver` (which services have a resolver).
+    Resolvers,
+    /// One round of non-blocking reads of `/v1/discovery-chain/:service`
+    /// for the upstreams with a resolver (not a watch).
+    Chains,
+    /// `/v1/health/connect/:service?dc=&filter=`: a chain target's instances.
+    Target(TargetKey),
+    /// `/v1/health/service/mesh-gateway?dc=`: a datacenter's mesh gateways.
+    Gateways(String),
     /// The default-decision probe (not a blocking query).
     DefaultProbe,
 }
@@ -69,6 +80,10 @@ impl std::fmt::Display for WatchKey {
             WatchKey::ProxyDefaults => f.write_str("proxy-defaults"),
             WatchKey::Mesh => f.write_str("mesh"),
             WatchKey::ChainEntries(k) => f.write_str(k.as_str()),
+            WatchKey::Resolvers => f.write_str("service-resolvers"),
+            WatchKey::Chains => f.write_str("discovery-chains"),
+            WatchKey::Target(k) => write!(f, "target:{k}"),
+            WatchKey::Gateways(dc) => write!(f, "gateways:{dc}"),
             WatchKey::DefaultProbe => f.write_str("default-decision"),
         }
     }
@@ -101,6 +116,13 @@ pub enum Payload {
     ProxyDefaults(ProxyDefaults),
     Mesh(Mesh),
     ChainEntries(Vec<Entry>),
+    Resolvers(BTreeMap<String, u64>),
+    /// The chains read (round number) for these keys: compiled, or why not.
+    Chains(
+        u64,
+        BTreeSet<ServiceKey>,
+        BTreeMap<ServiceKey, Result<Compiled, String>>,
+    ),
     Default(DefaultOutcome),
 }
 
@@ -132,6 +154,26 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
         WatchKey::ProxyDefaults => "/v1/config/proxy-defaults".into(),
         WatchKey::Mesh => "/v1/config/mesh/mesh".into(),
         WatchKey::ChainEntries(k) => k.path(),
+        WatchKey::Resolvers => "/v1/config/service-resolver".into(),
+        WatchKey::Chains => "/v1/discovery-chain".into(),
+        WatchKey::Target(k) => {
+            let mut p = format!(
+                "/v1/health/connect/{}?dc={}",
+                escape(&k.service),
+                escape(&k.datacenter)
+            );
+            if let Some(f) = &k.filter {
+                p.push_str("&filter=");
+                p.push_str(&escape(f));
+            }
+            p
+        }
+        WatchKey::Gateways(dc) => format!(
+            "/v1/health/service/{}?dc={}&filter={}",
+            crate::assemble::MESH_GATEWAY_SERVICE,
+            escape(dc),
+            escape("Service.Kind == \"mesh-gateway\"")
+        ),
         WatchKey::DefaultProbe => "/v1/agent/connect/authorize".into(),
     }
 }
@@ -188,6 +230,15 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             let (c, w) = api::parse_health_connect(&k.name, b)?;
             (Payload::Connect(c), w)
         }
+        WatchKey::Target(k) => {
+            let (c, w) = api::parse_health_connect(&k.service, b)?;
+            (Payload::Connect(c), w)
+        }
+        WatchKey::Gateways(_) => {
+            let (c, w) = api::parse_health_connect(crate::assemble::MESH_GATEWAY_SERVICE, b)?;
+            (Payload::Connect(c), w)
+        }
+        WatchKey::Resolvers => (Payload::Resolvers(api::parse_resolvers(b)?), Vec::new()),
         WatchKey::Instances(k) => (
             Payload::Instances(api::parse_catalog_service(&k.name, b)?),
             Vec::new(),
@@ -201,7 +252,7 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             Vec::new(),
         ),
         WatchKey::ChainEntries(k) => (Payload::ChainEntries(entries::parse(*k, b)?), Vec::new()),
-        WatchKey::Mesh | WatchKey::DefaultProbe | WatchKey::Fetch(_) => {
+        WatchKey::Mesh | WatchKey::DefaultProbe | WatchKey::Fetch(_) | WatchKey::Chains => {
             unreachable!("handled elsewhere")
         }
     })
@@ -349,6 +400,61 @@ async fn fetch_once(client: &Client, name: &str) -> Result<Fetched, Error> {
         tracing::warn!(service = %name, "{w}");
     }
     Ok(Fetched::Service { instances, connect })
+}
+
+/// The path of one chain read: `/v1/discovery-chain/:service`, compiled in
+/// the key's datacenter when it names one.
+pub fn chain_path(k: &ServiceKey) -> String {
+    let p = format!("/v1/discovery-chain/{}", escape(&k.name));
+    match &k.datacenter {
+        Some(dc) => format!("{p}?compile-dc={}", escape(dc)),
+        None => p,
+    }
+}
+
+/// Reads the discovery chains of `keys`, one after the other (one agent
+/// connection whatever their number), and sends one message with each
+/// compiled or the reason it is not (`round` tells a superseded read's
+/// answer from the current one). Agent trouble and 5xx answers are
+/// retried with back-off; a refusal or an unusable chain is reported for
+/// that key.
+pub async fn read_chains(
+    client: Client,
+    round: u64,
+    keys: BTreeSet<ServiceKey>,
+    tx: mpsc::UnboundedSender<Msg>,
+) {
+    let mut out = BTreeMap::new();
+    for k in &keys {
+        let path = chain_path(k);
+        let mut backoff = Backoff::default();
+        let r = loop {
+            let r = async {
+                let r = client.get(&path, READ_DEADLINE).await?.ok(&path)?;
+                crate::chain::compile(&r.body)
+            }
+            .await;
+            match r {
+                Err(e)
+                    if e.is_unreachable()
+                        || e.is_closed()
+                        || matches!(e, Error::Status { status, .. } if status >= 500) =>
+                {
+                    let d = backoff.failure();
+                    if backoff.should_warn() {
+                        tracing::warn!(chain = %k, error = %e, retry_in = ?d, "cannot read the discovery chain yet");
+                    }
+                    tokio::time::sleep(d).await;
+                }
+                r => break r.map_err(|e| e.to_string()),
+            }
+        };
+        out.insert(k.clone(), r);
+    }
+    let _ = tx.send(Msg {
+        key: WatchKey::Chains,
+        result: Ok(Payload::Chains(round, keys, out)),
+    });
 }
 
 /// Where the default-decision probe asks.

@@ -6,7 +6,9 @@
 //! ready for [`Snapshot::build`](crate::snapshot::Snapshot::build).
 use crate::intentions::{Action, Intention, Target};
 use crate::route::Protocol;
-use crate::snapshot::{ExposePath, ListenSpec, SnapshotError, Spec, Timeouts, UpstreamSpec};
+use crate::snapshot::{
+    ExposePath, ListenSpec, SnapshotError, Spec, TargetSpec, Timeouts, UpstreamSpec,
+};
 use crate::spiffe::ServiceId;
 use serde::Deserialize;
 use std::fmt;
@@ -158,6 +160,26 @@ struct UpstreamSection {
     instances: Vec<S<String>>,
     local_bind: Option<S<String>>,
     protocol: Option<S<String>>,
+    connect_timeout: Option<S<String>>,
+    /// The primary target's subset (its SNI gets the `<subset>.` prefix).
+    subset: Option<S<String>>,
+    /// The targets after the primary one, in failover order.
+    #[serde(default)]
+    failover: Vec<S<FailoverSection>>,
+}
+
+/// `[[upstreams.failover]]`: one failover target. Name, namespace and
+/// partition default to the upstream's, the datacenter to the local one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverSection {
+    name: Option<S<String>>,
+    namespace: Option<S<String>>,
+    partition: Option<S<String>>,
+    datacenter: Option<S<String>>,
+    subset: Option<S<String>>,
+    #[serde(default)]
+    endpoints: Vec<S<String>>,
     connect_timeout: Option<S<String>>,
 }
 
@@ -717,6 +739,48 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                     .map_err(|m| cx.err(t.span(), k("connect_timeout"), m))?,
             );
         }
+        if let Some(sub) = &u.subset {
+            let sub = cx.name(sub, &k("subset"))?;
+            spec.sni = Some(format!("{sub}.{}", spec.identity.sni()));
+        }
+        for (j, f) in u.failover.iter().enumerate() {
+            let fk = |x: &str| format!("upstreams[{i}].failover[{j}].{x}");
+            let fspan = f.span();
+            let f = f.get_ref();
+            let id = ServiceId::new(
+                &trust_domain,
+                &cx.opt_name(&f.partition, &fk("partition"), &spec.identity.partition)?,
+                &cx.opt_name(&f.namespace, &fk("namespace"), &spec.identity.namespace)?,
+                &cx.opt_name(&f.datacenter, &fk("datacenter"), &identity.datacenter)?,
+                &cx.opt_name(&f.name, &fk("name"), &spec.identity.service)?,
+            );
+            let mut t = TargetSpec::new(id);
+            if let Some(sub) = &f.subset {
+                let sub = cx.name(sub, &fk("subset"))?;
+                t.sni = Some(format!("{sub}.{}", t.identity.sni()));
+            }
+            for v in &f.endpoints {
+                t.endpoints.push(cx.sockaddr(v, &fk("endpoints"))?);
+            }
+            if t.endpoints.is_empty() {
+                return Err(cx.err(fspan, fk("endpoints"), "a failover target needs endpoints"));
+            }
+            t.connect_timeout = match &f.connect_timeout {
+                Some(c) => Some(
+                    crate::duration::parse(c.get_ref())
+                        .map_err(|m| cx.err(c.span(), fk("connect_timeout"), m))?,
+                ),
+                None => spec.connect_timeout,
+            };
+            spec.failover.push(t);
+        }
+        if u.dialed_directly && !u.failover.is_empty() {
+            return Err(cx.err(
+                span,
+                k("failover"),
+                "failover targets apply to upstreams reached by virtual IP or local_bind, not to dialed_directly instances",
+            ));
+        }
         if spec.virtual_ips.is_empty() && spec.local_bind.is_none() && !spec.dialed_directly {
             return Err(cx.err(
                 span,
@@ -724,7 +788,9 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream needs virtual_ips, local_bind or dialed_directly to be reachable",
             ));
         }
-        if (!spec.virtual_ips.is_empty() || spec.local_bind.is_some()) && spec.endpoints.is_empty()
+        if (!spec.virtual_ips.is_empty() || spec.local_bind.is_some())
+            && spec.endpoints.is_empty()
+            && spec.failover.is_empty()
         {
             return Err(cx.err(
                 span,

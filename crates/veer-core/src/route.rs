@@ -140,6 +140,10 @@ pub struct Upstream {
     /// The runtime's metric handles for this upstream, made on its first
     /// connection: later connections find them here, without a lookup.
     pub stats: StatsSlot,
+    /// The targets after this one, in failover order (each with its own
+    /// identity, SNI, endpoints, connect timeout and TLS configuration;
+    /// their other fields are unused). Empty for one target.
+    pub failover: Box<[Upstream]>,
     open: AtomicU32,
     next: AtomicUsize,
 }
@@ -165,6 +169,7 @@ impl Upstream {
             roots: None,
             tls: None,
             stats: StatsSlot::default(),
+            failover: Box::new([]),
             open: AtomicU32::new(0),
             next: AtomicUsize::new(0),
         }
@@ -185,6 +190,17 @@ impl Upstream {
     /// Connections open to it now (slots taken).
     pub fn open_connections(&self) -> u32 {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// The target a new connection goes to: this one if it has an
+    /// endpoint, else the first failover target that has one (endpoints
+    /// are the healthy instances). `None` when no target has any.
+    #[inline]
+    pub fn target(&self) -> Option<&Upstream> {
+        if !self.endpoints.is_empty() {
+            return Some(self);
+        }
+        self.failover.iter().find(|t| !t.endpoints.is_empty())
     }
 
     /// The service name, for logs and metric labels.
@@ -416,7 +432,7 @@ pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteEr
     };
     if let Some(&i) = vip.or_else(|| table.by_vip.get(&dst.ip())) {
         let upstream = table.upstreams[i].clone();
-        if upstream.endpoints.is_empty() {
+        if upstream.target().is_none() {
             return Err(RouteError::NoEndpoints(upstream.name().to_string()));
         }
         return Ok(Route::Mesh { upstream });
@@ -437,7 +453,7 @@ pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteEr
 
 /// The route of an explicit upstream listener: always that upstream.
 pub fn route_explicit(upstream: &Arc<Upstream>) -> Result<Route, RouteError> {
-    if upstream.endpoints.is_empty() {
+    if upstream.target().is_none() {
         return Err(RouteError::NoEndpoints(upstream.name().to_string()));
     }
     Ok(Route::Mesh {

@@ -90,6 +90,48 @@ pub struct UpstreamSpec {
     /// Load-balancing weight of each endpoint, parallel to `endpoints`;
     /// empty = all 1. Each weight must be at least 1.
     pub endpoint_weights: Vec<u32>,
+    /// The targets after this one (its own fields above are the primary
+    /// target), in failover order: a new connection goes to the first
+    /// target that has an endpoint (Consul's discovery-chain failover;
+    /// endpoints are the healthy instances, so failover is taken when the
+    /// primary has none and given back when it has one again). Empty for
+    /// an upstream with one target.
+    pub failover: Vec<TargetSpec>,
+}
+
+/// One failover target of an upstream: a (service, subset, namespace,
+/// datacenter) with its own endpoints, SNI, expected identity, roots and
+/// connect timeout. The same fields as an [`UpstreamSpec`]'s primary target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// The identity its sidecars present (e.g. the same service in `dc2`).
+    pub identity: ServiceId,
+    /// Its healthy endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Parallel to `endpoints`; empty = all 1.
+    pub endpoint_weights: Vec<u32>,
+    /// `None` = `identity.sni()`.
+    pub sni: Option<String>,
+    /// Empty = exactly the SPIFFE ID of `identity`.
+    pub san_matchers: Vec<StringMatch>,
+    /// `None` = the spec's roots.
+    pub roots: Option<Vec<CertificateDer<'static>>>,
+    /// `None` = the spec's connect timeout.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl TargetSpec {
+    pub fn new(identity: ServiceId) -> TargetSpec {
+        TargetSpec {
+            identity,
+            endpoints: Vec::new(),
+            endpoint_weights: Vec::new(),
+            sni: None,
+            san_matchers: Vec::new(),
+            roots: None,
+            connect_timeout: None,
+        }
+    }
 }
 
 impl UpstreamSpec {
@@ -109,7 +151,32 @@ impl UpstreamSpec {
             destination_port: None,
             max_connections: None,
             endpoint_weights: Vec::new(),
+            failover: Vec::new(),
         }
+    }
+
+    /// Its primary target's fields as a [`TargetSpec`] (a copy).
+    pub fn primary(&self) -> TargetSpec {
+        TargetSpec {
+            identity: self.identity.clone(),
+            endpoints: self.endpoints.clone(),
+            endpoint_weights: self.endpoint_weights.clone(),
+            sni: self.sni.clone(),
+            san_matchers: self.san_matchers.clone(),
+            roots: self.roots.clone(),
+            connect_timeout: self.connect_timeout,
+        }
+    }
+
+    /// Sets its primary target's fields from `t`.
+    pub fn set_primary(&mut self, t: TargetSpec) {
+        self.identity = t.identity;
+        self.endpoints = t.endpoints;
+        self.endpoint_weights = t.endpoint_weights;
+        self.sni = t.sni;
+        self.san_matchers = t.san_matchers;
+        self.roots = t.roots;
+        self.connect_timeout = t.connect_timeout;
     }
 }
 
@@ -329,6 +396,102 @@ type SharedRoots = (
     Arc<rustls::RootCertStore>,
 );
 
+/// What building the targets of one snapshot shares: the default connect
+/// timeout, the root stores (the spec's and one per distinct per-target
+/// set) and the lazily made TLS client configurations.
+struct TargetCtx {
+    default_connect: Duration,
+    spec_store: Arc<rustls::RootCertStore>,
+    stores: HashMap<Vec<CertificateDer<'static>>, SharedRoots>,
+    root_infos: HashMap<Vec<CertificateDer<'static>>, Arc<[CertInfo]>>,
+    upstream_configs: Arc<tls::UpstreamConfigs>,
+}
+
+impl TargetCtx {
+    /// One target of upstream `name` as a routing-table [`Upstream`] (its
+    /// target fields set: identity, SNI, endpoints, connect timeout, SANs,
+    /// roots and TLS configuration).
+    fn target(&mut self, name: &str, t: TargetSpec) -> Result<Upstream, SnapshotError> {
+        let bad = |msg: String| SnapshotError::Upstream {
+            upstream: name.to_string(),
+            msg,
+        };
+        if !t.endpoint_weights.is_empty() && t.endpoint_weights.len() != t.endpoints.len() {
+            return Err(bad(format!(
+                "{} endpoint weights for {} endpoints",
+                t.endpoint_weights.len(),
+                t.endpoints.len()
+            )));
+        }
+        if let Some(i) = t.endpoint_weights.iter().position(|w| *w == 0) {
+            return Err(bad(format!("endpoint {} has weight 0", t.endpoints[i])));
+        }
+        let mut up = Upstream::new(
+            t.identity,
+            t.connect_timeout.unwrap_or(self.default_connect),
+        );
+        if let Some(sni) = t.sni {
+            rustls::pki_types::ServerName::try_from(sni.as_str())
+                .map_err(|e| bad(format!("SNI {sni:?}: {e}")))?;
+            up.sni = sni;
+        }
+        // `Upstream::new` compiled the default: exactly its SPIFFE ID.
+        let custom = !t.san_matchers.is_empty()
+            && t.san_matchers.as_slice() != std::slice::from_ref(up.san_matchers[0].spec());
+        if custom {
+            up.san_matchers = t
+                .san_matchers
+                .iter()
+                .map(|m| m.compile())
+                .collect::<Result<Arc<[_]>, _>>()
+                .map_err(|e| bad(format!("SAN matcher: {e}")))?;
+        }
+        let (roots_key, store) = match &t.roots {
+            None => (None, self.spec_store.clone()),
+            Some(r) if r.is_empty() => return Err(bad("empty roots".into())),
+            Some(r) => match self.stores.get(r) {
+                Some((k, s)) => (Some(k.clone()), s.clone()),
+                None => {
+                    let s = tls::root_store(r).map_err(|e| bad(format!("roots: {e}")))?;
+                    let (k, s) = (Arc::new(r.clone()), Arc::new(s));
+                    self.stores.insert(r.clone(), (k.clone(), s.clone()));
+                    (Some(k), s)
+                }
+            },
+        };
+        if let Some(r) = &roots_key {
+            up.roots = Some(match self.root_infos.get(&**r) {
+                Some(i) => i.clone(),
+                None => {
+                    let i = r
+                        .iter()
+                        .map(|c| CertInfo::parse(c))
+                        .collect::<Result<Arc<[CertInfo]>, _>>()
+                        .map_err(|e| bad(format!("roots: {e}")))?;
+                    self.root_infos.insert((**r).clone(), i.clone());
+                    i
+                }
+            });
+        }
+        up.tls = Some(tls::LazyClientConfig::new(
+            roots_key,
+            store,
+            up.san_matchers.clone(),
+            self.upstream_configs.clone(),
+        ));
+        up.endpoints = if t.endpoint_weights.is_empty() {
+            t.endpoints.into_iter().map(Endpoint::new).collect()
+        } else {
+            t.endpoints
+                .into_iter()
+                .zip(t.endpoint_weights)
+                .map(|(a, w)| Endpoint::weighted(a, w))
+                .collect()
+        };
+        Ok(up)
+    }
+}
+
 /// One immutable configuration snapshot.
 pub struct Snapshot {
     /// Increases with every snapshot a process builds.
@@ -425,19 +588,20 @@ impl Snapshot {
         own.extend(spec.expose.iter().map(|e| e.listener));
         // Root stores: the spec's, and one per distinct per-upstream set.
         let spec_store = Arc::new(tls::root_store(&source.2)?);
-        let mut stores: HashMap<Vec<CertificateDer<'static>>, SharedRoots> = HashMap::new();
         let upstream_configs = match same {
             Some(p) => p.tls.upstream_configs.clone(),
             None => Arc::new(tls::UpstreamConfigs::new(client.clone())),
         };
-        let mut root_infos: HashMap<Vec<CertificateDer<'static>>, Arc<[CertInfo]>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(spec.upstreams.len());
-        for u in spec.upstreams {
+        let mut ctx = TargetCtx {
+            default_connect: spec.timeouts.connect,
+            spec_store,
+            stores: HashMap::new(),
+            root_infos: HashMap::new(),
+            upstream_configs: upstream_configs.clone(),
+        };
+        for mut u in spec.upstreams {
             let name = u.identity.service.clone();
-            let bad = |msg: String| SnapshotError::Upstream {
-                upstream: name.clone(),
-                msg,
-            };
             for ip in &u.virtual_ips {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
                 let key = (veer_canonical_ip(*ip), u.destination_port);
@@ -450,80 +614,24 @@ impl Snapshot {
                     });
                 }
             }
-            if !u.endpoint_weights.is_empty() && u.endpoint_weights.len() != u.endpoints.len() {
-                return Err(bad(format!(
-                    "{} endpoint weights for {} endpoints",
-                    u.endpoint_weights.len(),
-                    u.endpoints.len()
-                )));
-            }
-            if let Some(i) = u.endpoint_weights.iter().position(|w| *w == 0) {
-                return Err(bad(format!("endpoint {} has weight 0", u.endpoints[i])));
-            }
-            let mut up = Upstream::new(
-                u.identity,
-                u.connect_timeout.unwrap_or(spec.timeouts.connect),
-            );
-            if let Some(sni) = u.sni {
-                rustls::pki_types::ServerName::try_from(sni.as_str())
-                    .map_err(|e| bad(format!("SNI {sni:?}: {e}")))?;
-                up.sni = sni;
-            }
-            // `Upstream::new` compiled the default: exactly its SPIFFE ID.
-            let custom = !u.san_matchers.is_empty()
-                && u.san_matchers.as_slice() != std::slice::from_ref(up.san_matchers[0].spec());
-            if custom {
-                up.san_matchers = u
-                    .san_matchers
-                    .iter()
-                    .map(|m| m.compile())
-                    .collect::<Result<Arc<[_]>, _>>()
-                    .map_err(|e| bad(format!("SAN matcher: {e}")))?;
-            }
-            let (roots_key, store) = match &u.roots {
-                None => (None, spec_store.clone()),
-                Some(r) if r.is_empty() => return Err(bad("empty roots".into())),
-                Some(r) => match stores.get(r) {
-                    Some((k, s)) => (Some(k.clone()), s.clone()),
-                    None => {
-                        let s = tls::root_store(r).map_err(|e| bad(format!("roots: {e}")))?;
-                        let (k, s) = (Arc::new(r.clone()), Arc::new(s));
-                        stores.insert(r.clone(), (k.clone(), s.clone()));
-                        (Some(k), s)
-                    }
-                },
+            let failover = std::mem::take(&mut u.failover);
+            let primary = TargetSpec {
+                identity: u.identity,
+                endpoints: u.endpoints,
+                endpoint_weights: u.endpoint_weights,
+                sni: u.sni,
+                san_matchers: u.san_matchers,
+                roots: u.roots,
+                connect_timeout: u.connect_timeout,
             };
-            if let Some(r) = &roots_key {
-                up.roots = Some(match root_infos.get(&**r) {
-                    Some(i) => i.clone(),
-                    None => {
-                        let i = r
-                            .iter()
-                            .map(|c| CertInfo::parse(c))
-                            .collect::<Result<Arc<[CertInfo]>, _>>()
-                            .map_err(|e| bad(format!("roots: {e}")))?;
-                        root_infos.insert((**r).clone(), i.clone());
-                        i
-                    }
-                });
-            }
-            up.tls = Some(tls::LazyClientConfig::new(
-                roots_key,
-                store,
-                up.san_matchers.clone(),
-                upstream_configs.clone(),
-            ));
+            let mut up = ctx.target(&name, primary)?;
+            up.failover = failover
+                .into_iter()
+                .map(|t| ctx.target(&name, t))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_boxed_slice();
             up.protocol = u.protocol;
             up.virtual_ips = u.virtual_ips;
-            up.endpoints = if u.endpoint_weights.is_empty() {
-                u.endpoints.into_iter().map(Endpoint::new).collect()
-            } else {
-                u.endpoints
-                    .into_iter()
-                    .zip(u.endpoint_weights)
-                    .map(|(a, w)| Endpoint::weighted(a, w))
-                    .collect()
-            };
             up.dialed_directly = u.dialed_directly;
             up.instances = u.instances;
             up.local_bind = u.local_bind;
@@ -602,6 +710,15 @@ impl Snapshot {
                     "instances": u.instances,
                     "local_bind": u.local_bind,
                     "connect_timeout": crate::duration::format(u.connect_timeout),
+                    "failover": u.failover.iter().map(|t| json!({
+                        "identity": t.identity.to_string(),
+                        "sni": t.sni,
+                        "endpoints": t.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                        "endpoint_weights": t.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+                        "san_matchers": t.san_matchers.iter().map(|m| m.spec().to_string()).collect::<Vec<_>>(),
+                        "roots": t.roots.as_deref(),
+                        "connect_timeout": crate::duration::format(t.connect_timeout),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();

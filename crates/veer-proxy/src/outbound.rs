@@ -251,23 +251,28 @@ async fn forward(
     );
 }
 
-/// Tries the upstream's endpoints in round-robin order, skipping those that
-/// fail (each within the connect timeout) and trying them last for a while.
+/// Tries the endpoints of the upstream's current target (the first, in
+/// failover order, with an endpoint) in round-robin order, skipping those
+/// that fail (each within the target's connect timeout) and trying them
+/// last for a while.
 async fn connect_mesh(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     cluster: Option<&ClusterStats>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
+    let Some(target) = upstream.target() else {
+        return Err(RouteError::NoEndpoints(upstream.name().to_string()).into());
+    };
     let now = shared.now_ms();
-    for ep in upstream.pick_order(now) {
-        match connect_tls(shared, snap, upstream, ep.addr, cluster).await {
+    for ep in target.pick_order(now) {
+        match connect_tls(shared, snap, target, ep.addr, cluster).await {
             Ok(s) => {
-                upstream.mark_ok(ep);
+                target.mark_ok(ep);
                 return Ok(s);
             }
             Err(e) => {
-                upstream.mark_failed(ep, shared.now_ms() + ENDPOINT_BACKOFF.as_millis() as u64);
+                target.mark_failed(ep, shared.now_ms() + ENDPOINT_BACKOFF.as_millis() as u64);
                 shared
                     .metrics
                     .endpoint_failure(upstream.name(), e.classify());

@@ -81,6 +81,52 @@ impl Agent {
         Some(a)
     }
 
+    /// A dev agent as datacenter `dc` (node `<dc>-node`, primary `dc1`).
+    /// With `primary`, a secondary datacenter WAN-joined to it: returns
+    /// once its CA is an intermediate signed by the primary's root (as in
+    /// the reference `chain-samples/reproduce.sh`).
+    pub fn start_dc(dc: &str, primary: Option<&Agent>) -> Option<Agent> {
+        let mut hcl = vec![
+            format!("datacenter = \"{dc}\""),
+            format!("node_name = \"{dc}-node\""),
+            "primary_datacenter = \"dc1\"".to_string(),
+        ];
+        if let Some(p) = primary {
+            hcl.push(format!(
+                "retry_join_wan = [\"127.0.0.1:{}\"]",
+                p.flag("-serf-wan-port")
+            ));
+        }
+        let hcl: Vec<&str> = hcl.iter().map(String::as_str).collect();
+        let a = Agent::start(&hcl, None)?;
+        if primary.is_some() {
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let r: String = a
+                    .try_call("GET", "/v1/agent/connect/ca/roots", None)
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect();
+                if r.contains("\"IntermediateCerts\":[\"") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "{dc} did not get its intermediate CA: {r}\n{}",
+                    std::fs::read_to_string(a.dir.join("agent.log")).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Some(a)
+    }
+
+    /// The value of one of its command-line flags.
+    fn flag(&self, name: &str) -> &str {
+        let i = self.args.iter().position(|a| a == name).expect("flag");
+        &self.args[i + 1]
+    }
+
     /// (Re)starts the process and waits until it has a leader and a CA.
     pub fn run(&mut self) {
         let _ = std::fs::remove_file(&self.sock);

@@ -168,6 +168,29 @@ pub fn veth(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> io::Res
     Ok(())
 }
 
+/// Joins namespaces on one Ethernet segment: a bridge in a hub namespace
+/// (returned; keep it alive) and a veth pair per member, the member's end
+/// with its addresses.
+pub fn star(members: &[(&Netns, &[&str])]) -> io::Result<Netns> {
+    let hub = Netns::new("vh")?;
+    hub.ip(&["link", "add", "br0", "type", "bridge"])?;
+    hub.ip(&["link", "set", "br0", "up"])?;
+    for (ns, addrs) in members {
+        let ia = crate::unique("va");
+        let ib = crate::unique("vb");
+        ip(&["link", "add", &ia, "type", "veth", "peer", "name", &ib])?;
+        ip(&["link", "set", &ia, "netns", ns.name()])?;
+        ip(&["link", "set", &ib, "netns", hub.name()])?;
+        for addr in addrs.iter() {
+            ns.ip(&["addr", "add", addr, "dev", &ia])?;
+        }
+        ns.ip(&["link", "set", &ia, "up"])?;
+        hub.ip(&["link", "set", &ib, "master", "br0"])?;
+        hub.ip(&["link", "set", &ib, "up"])?;
+    }
+    Ok(hub)
+}
+
 /// The interface name used inside `ns` for the veth end (first non-lo link).
 pub fn first_link(ns: &Netns) -> io::Result<String> {
     let out = ns.sh_ok("ip -o link show | awk -F': ' '$2 !~ /^lo/ {print $2; exit}'")?;

@@ -44,6 +44,7 @@ fn registration_1_8_7_plain_sidecar() {
             bind: sa("127.0.0.1:9191"),
             connect_timeout: None,
             protocol: None,
+            mesh_gateway: None,
         }]
     );
     assert!(r.expose.is_empty());

@@ -41,6 +41,8 @@ fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
         ip: Some(ip.parse().unwrap()),
         port,
         passing,
+        critical: !passing,
+        wan: None,
         vips: api::Vips::default(),
         dialed_directly: false,
     }
@@ -94,6 +96,7 @@ fn world(ca: &veer_ca::Ca) -> (State, Settings) {
         ),
         proxy_defaults: Some(api::ProxyDefaults::default()),
         mesh: Some(api::Mesh::Unsupported),
+        resolvers: Some(BTreeMap::new()),
         ..State::default()
     };
     for k in crate::entries::Kind::ALL {
@@ -139,7 +142,7 @@ fn sa(s: &str) -> SocketAddr {
 fn nothing_arrived_is_incomplete() {
     let s = State::default();
     let m = missing(&s, &Settings::default());
-    assert_eq!(m.len(), 11, "{m:?}");
+    assert_eq!(m.len(), 12, "{m:?}");
     let e = assemble(&s, &Settings::default()).unwrap_err();
     assert_eq!(e.classify(), "incomplete");
     assert!(e.to_string().contains("the proxy registration"), "{e}");
@@ -321,11 +324,12 @@ fn desired_watch_set() {
         WatchKey::ChainEntries(crate::entries::Kind::Resolver),
         WatchKey::ChainEntries(crate::entries::Kind::Router),
         WatchKey::ChainEntries(crate::entries::Kind::Splitter),
+        WatchKey::Resolvers,
         remote.clone(),
     ] {
         assert!(w.contains(&k), "{k}");
     }
-    assert_eq!(w.len(), 13, "{w:?}");
+    assert_eq!(w.len(), 14, "{w:?}");
     // Not transparent: a blocking watch per explicit upstream, no lists.
     let opaque = Settings {
         transparent: false,
@@ -336,7 +340,7 @@ fn desired_watch_set() {
     assert!(w.contains(&remote));
     assert!(!w.contains(&WatchKey::Catalog) && !w.contains(&WatchKey::Checks));
     let w0 = crate::desired_watches(&State::default(), &Settings::default());
-    assert_eq!(w0.len(), 9, "before the registration: the fixed set only");
+    assert_eq!(w0.len(), 10, "before the registration: the fixed set only");
 }
 
 #[test]
@@ -596,12 +600,11 @@ fn chain_entries_of_upstreams_are_named() {
         .map(|u| u.setting.as_str())
         .filter(|u| u.starts_with("service-r"))
         .collect();
+    // Resolvers are applied through the discovery chain, so only the router
+    // of api (which has no resolver, so its chain is not read) is named.
     assert_eq!(
         named,
-        [
-            "service-router api: Routes",
-            "service-resolver db: ConnectTimeout=1s, Failover"
-        ],
+        ["service-router api: Routes"],
         "{:#?}",
         spec.unapplied
     );
@@ -628,4 +631,349 @@ fn chain_entries_of_upstreams_are_named() {
         .iter()
         .any(|x| x.setting.contains("service-router")));
     assert!(!same_spec(&spec, &after));
+}
+
+fn chain_fixture(name: &str) -> Vec<u8> {
+    fixture(&format!("chain/{name}"))
+}
+
+/// web (dc1) with explicit upstreams `legacy` (resolver: redirect to dc2)
+/// and `api` (resolver: subset v1, failover to dc2), from the real 1.8.7
+/// chain samples.
+fn chain_world(ca: &veer_ca::Ca) -> (State, Settings) {
+    let (mut s, mut set) = world(ca);
+    set.transparent = false;
+    let reg = s.registration.as_mut().unwrap();
+    let mut legacy = reg.upstreams[0].clone();
+    legacy.name = "legacy".into();
+    legacy.bind = sa("127.0.0.1:10100");
+    let mut api_up = reg.upstreams[0].clone();
+    api_up.name = "api".into();
+    api_up.bind = sa("127.0.0.1:10000");
+    api_up.connect_timeout = None;
+    reg.upstreams = vec![legacy, api_up];
+    s.resolvers = Some([("legacy".to_string(), 7), ("api".to_string(), 8)].into());
+    s.connect.insert(ServiceKey::local("legacy"), Vec::new());
+    s.chains.insert(
+        ServiceKey::local("legacy"),
+        chain::compile(&chain_fixture("06a-redirect-dc2-legacy.json")).unwrap(),
+    );
+    s.chains.insert(
+        ServiceKey::local("api"),
+        chain::compile(&chain_fixture("07-failover.json")).unwrap(),
+    );
+    s.chains_read = Some(chain_keys(&s, &set));
+    (s, set)
+}
+
+#[test]
+fn chains_wait_for_their_reads_and_their_targets() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    assert_eq!(
+        chain_keys(&s, &set),
+        [ServiceKey::local("api"), ServiceKey::local("legacy")].into()
+    );
+    let m = missing(&s, &set).join("; ");
+    assert!(
+        m.contains("chain targets: api@dc1[Service.Meta.version == v1], api@dc2[Service.Meta.version == v1], legacy@dc2"),
+        "{m}"
+    );
+    // One health watch per target, with dc and filter.
+    let w = crate::desired_watches(&s, &set);
+    let t = TargetKey {
+        service: "api".into(),
+        datacenter: "dc2".into(),
+        filter: Some("Service.Meta.version == v1".into()),
+    };
+    assert!(w.contains(&WatchKey::Target(t.clone())), "{w:?}");
+    assert_eq!(
+        crate::watch::path_of(&WatchKey::Target(t), ""),
+        "/v1/health/connect/api?dc=dc2&filter=Service.Meta.version%20%3D%3D%20v1"
+    );
+    s.chains_read = None;
+    let m = missing(&s, &set).join("; ");
+    assert!(m.contains("the discovery chains of api, legacy"), "{m}");
+}
+
+#[test]
+fn redirect_and_failover_become_targets() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    let (dc2_legacy, _) = api::parse_health_connect(
+        "legacy",
+        &chain_fixture("17-health-connect-legacy-dc2.json"),
+    )
+    .unwrap();
+    let (mut v1, _) = api::parse_health_connect(
+        "api",
+        &chain_fixture("16-health-connect-api-subset-v1.json"),
+    )
+    .unwrap();
+    // Recorded with the sidecar not running: its TCP check is critical.
+    assert!(v1[0].critical);
+    v1[0].critical = false;
+    v1[0].passing = true;
+    let key = |svc: &str, dc: &str, f: Option<&str>| TargetKey {
+        service: svc.into(),
+        datacenter: dc.into(),
+        filter: f.map(str::to_string),
+    };
+    let f = Some("Service.Meta.version == v1");
+    s.targets
+        .insert(key("legacy", "dc2", None), dc2_legacy.clone());
+    s.targets.insert(key("api", "dc1", f), v1.clone());
+    let mut dc2_api = dc2_legacy.clone();
+    dc2_api[0].port = 21101;
+    dc2_api[0].wan = Some(sa("127.0.0.1:21101"));
+    s.targets.insert(key("api", "dc2", f), dc2_api);
+    let a = assemble(&s, &set).unwrap();
+    let up = |n: &str| {
+        a.spec
+            .upstreams
+            .iter()
+            .find(|u| u.identity.service == n)
+            .unwrap()
+    };
+    // Redirect to dc2: dc2's identity and SNI, its instance at the WAN address.
+    let l = up("legacy");
+    assert_eq!(l.identity.datacenter, "dc2");
+    assert_eq!(
+        l.sni.as_deref(),
+        Some("legacy.default.dc2.internal.f08cada1-f2ba-9feb-c2ae-6858ba45a30f.consul")
+    );
+    assert_eq!(l.endpoints, vec![sa("127.0.0.1:21102")]);
+    assert!(l.failover.is_empty());
+    assert_eq!(l.connect_timeout, Some(std::time::Duration::from_secs(5)));
+    assert_eq!(l.local_bind, Some(sa("127.0.0.1:10100")));
+    // Subset v1 in dc1, failover to v1 in dc2, 3 s from the resolver.
+    let p = up("api");
+    assert_eq!(p.identity.datacenter, "dc1");
+    assert_eq!(p.endpoints, vec![sa("127.0.0.1:21001")]);
+    assert_eq!(p.connect_timeout, Some(std::time::Duration::from_secs(3)));
+    assert_eq!(p.failover.len(), 1);
+    assert_eq!(p.failover[0].identity.datacenter, "dc2");
+    assert_eq!(p.failover[0].endpoints, vec![sa("127.0.0.1:21101")]);
+    assert_eq!(
+        p.failover[0].connect_timeout,
+        Some(std::time::Duration::from_secs(3))
+    );
+    // The L7 parts of the api chain are named, not dropped.
+    let un: Vec<_> = a
+        .spec
+        .unapplied
+        .iter()
+        .map(|u| u.setting.as_str())
+        .collect();
+    assert!(
+        un.contains(&"discovery chain api: router:api.default"),
+        "{un:?}"
+    );
+    assert!(
+        un.contains(&"discovery chain api: splitter:api.default"),
+        "{un:?}"
+    );
+    // dc1's v1 instance turns critical: its endpoint goes, dc2 stays.
+    let mut crit = v1.clone();
+    crit[0].critical = true;
+    crit[0].passing = false;
+    s.targets.insert(key("api", "dc1", f), crit.clone());
+    let b = assemble(&s, &set).unwrap();
+    let p = b
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert!(p.endpoints.is_empty());
+    assert_eq!(p.failover[0].endpoints, vec![sa("127.0.0.1:21101")]);
+    // A warning is healthy unless the subset is OnlyPassing.
+    crit[0].critical = false;
+    s.targets.insert(key("api", "dc1", f), crit);
+    let c = assemble(&s, &set).unwrap();
+    let p = c
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert_eq!(p.endpoints, vec![sa("127.0.0.1:21001")]);
+    // The spec builds: every target has its TLS identity check.
+    let snap = Snapshot::build(c.spec, 1).unwrap();
+    let api_up = snap
+        .routes
+        .upstreams()
+        .iter()
+        .find(|u| u.name() == "api")
+        .unwrap();
+    assert!(api_up.failover[0].san_matchers[0]
+        .matches(&veer_ca::service_uri(TD, "default", "dc2", "api")));
+}
+
+#[test]
+fn gateway_modes_dial_the_gateways_with_the_targets_sni() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    for (file, mode_dc, want) in [
+        // local: a gateway of dc1, at its LAN address
+        ("10-meshgw-local.json", "dc1", "10.0.1.5:8443"),
+        // remote: a gateway of dc2, at its WAN address
+        (
+            "08b-post-override-timeout-meshgw.json",
+            "dc2",
+            "192.0.2.7:9443",
+        ),
+    ] {
+        let (mut s, set) = chain_world(&ca);
+        s.chains.insert(
+            ServiceKey::local("legacy"),
+            chain::compile(&chain_fixture(file)).unwrap(),
+        );
+        assert_eq!(
+            gateway_keys(&s, &set),
+            [mode_dc.to_string()].into(),
+            "{file}"
+        );
+        assert!(missing(&s, &set)
+            .join(";")
+            .contains(&format!("the mesh gateways of {mode_dc}")));
+        let w = crate::desired_watches(&s, &set);
+        assert!(w.contains(&WatchKey::Gateways(mode_dc.into())), "{file}");
+        let mut gw = inst("gw", "10.0.1.5", 8443, true);
+        gw.wan = Some(sa("192.0.2.7:9443"));
+        s.gateways.insert(mode_dc.into(), vec![gw]);
+        let (dc2_legacy, _) = api::parse_health_connect(
+            "legacy",
+            &chain_fixture("17-health-connect-legacy-dc2.json"),
+        )
+        .unwrap();
+        let k = TargetKey {
+            service: "legacy".into(),
+            datacenter: "dc2".into(),
+            filter: None,
+        };
+        s.targets.insert(k.clone(), dc2_legacy);
+        let f = Some("Service.Meta.version == v1");
+        for dc in ["dc1", "dc2"] {
+            s.targets
+                .entry(TargetKey {
+                    service: "api".into(),
+                    datacenter: dc.into(),
+                    filter: f.map(str::to_string),
+                })
+                .or_default();
+        }
+        let a = assemble(&s, &set).unwrap();
+        let l = a
+            .spec
+            .upstreams
+            .iter()
+            .find(|u| u.identity.service == "legacy")
+            .unwrap();
+        assert_eq!(l.endpoints, vec![sa(want)], "{file}");
+        assert_eq!(l.identity.datacenter, "dc2");
+        assert!(l
+            .sni
+            .as_deref()
+            .unwrap()
+            .starts_with("legacy.default.dc2.internal."));
+        // No healthy instance behind the gateway: no endpoint (Consul gives
+        // gateway endpoints the backends' health).
+        s.targets.insert(k.clone(), Vec::new());
+        let a = assemble(&s, &set).unwrap();
+        let l = a
+            .spec
+            .upstreams
+            .iter()
+            .find(|u| u.identity.service == "legacy")
+            .unwrap();
+        assert!(l.endpoints.is_empty(), "{file}");
+    }
+}
+
+#[test]
+fn transparent_upstreams_follow_their_chain_too() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    // Only services with a resolver have a chain read; the others keep
+    // Consul's default chain without any read.
+    s.resolvers = Some([("api".to_string(), 3), ("nope".to_string(), 4)].into());
+    assert_eq!(chain_keys(&s, &set), [ServiceKey::local("api")].into());
+    let before = assemble(&s, &set);
+    assert!(before.is_err(), "waits for the api chain");
+    // api (reached by its virtual IP) redirected to dc2.
+    let mut c = chain::compile(&chain_fixture("06a-redirect-dc2-legacy.json")).unwrap();
+    c.service = "api".into();
+    for t in &mut c.targets {
+        t.service = "api".into();
+        t.sni = t.sni.replacen("legacy", "api", 1);
+    }
+    s.chains.insert(ServiceKey::local("api"), c);
+    s.chains_read = Some(chain_keys(&s, &set));
+    let mut remote = inst("api-dc2", "10.1.0.2", 21000, true);
+    remote.wan = Some(sa("10.1.0.2:21000"));
+    s.targets.insert(
+        TargetKey {
+            service: "api".into(),
+            datacenter: "dc2".into(),
+            filter: None,
+        },
+        vec![remote],
+    );
+    let a = assemble(&s, &set).unwrap();
+    let api = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert_eq!(
+        api.virtual_ips,
+        vec!["10.96.0.20".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(api.identity.datacenter, "dc2");
+    assert_eq!(api.endpoints, vec![sa("10.1.0.2:21000")]);
+    let db = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "db")
+        .unwrap();
+    assert_eq!(db.identity.datacenter, "dc1");
+    assert!(db.failover.is_empty() && db.sni.is_none());
+}
+
+#[test]
+fn the_registrations_gateway_mode_overrides_the_entries() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    // An explicit upstream in another datacenter has its chain read even
+    // without a resolver (for the entries' gateway mode).
+    let mut remote = s.registration.as_ref().unwrap().upstreams[0].clone();
+    remote.name = "billing".into();
+    remote.datacenter = Some("dc2".into());
+    remote.bind = sa("127.0.0.1:10200");
+    s.registration.as_mut().unwrap().upstreams.push(remote);
+    assert!(chain_keys(&s, &set).contains(&ServiceKey {
+        name: "billing".into(),
+        datacenter: Some("dc2".into())
+    }));
+    s.registration.as_mut().unwrap().upstreams.pop();
+    // legacy's chain says mode unset; the upstream says local.
+    assert!(gateway_keys(&s, &set).is_empty());
+    s.registration.as_mut().unwrap().upstreams[0].mesh_gateway = Some("local".into());
+    assert_eq!(gateway_keys(&s, &set), ["dc1".to_string()].into());
+    s.registration.as_mut().unwrap().mesh_gateway = Some("remote".into());
+    // legacy keeps its upstream's local; api's dc2 failover target takes
+    // the proxy's remote.
+    assert_eq!(
+        gateway_keys(&s, &set),
+        ["dc1".to_string(), "dc2".to_string()].into(),
+        "the upstream's wins over the proxy's"
+    );
+    s.registration.as_mut().unwrap().upstreams[0].mesh_gateway = None;
+    assert_eq!(
+        gateway_keys(&s, &set),
+        ["dc2".to_string()].into(),
+        "then the proxy's"
+    );
 }

@@ -122,7 +122,7 @@ fn unapplied_names_entries_of_upstreams_in_use() {
     let e = recorded();
     assert!(e.complete());
     let named = |ups: &[UpstreamSpec]| -> Vec<String> {
-        unapplied(&e, ups)
+        unapplied(&e, ups, |_| false)
             .into_iter()
             .map(|u| {
                 assert_eq!(u.kind, "unsupported");
@@ -134,36 +134,30 @@ fn unapplied_names_entries_of_upstreams_in_use() {
     let cases: &[(&[&str], &[&str])] = &[
         (&[], &[]),
         (&["web", "db"], &[]),
+        // Resolvers are applied (the discovery chain): never named.
         (
             &["api"],
-            &[
-                "service-resolver api: ConnectTimeout=1s, Failover",
-                "service-router api: Routes",
-                "service-splitter api: Splits",
-            ],
+            &["service-router api: Routes", "service-splitter api: Splits"],
         ),
         // Two upstream entries of one service (two listeners): named once.
         (
             &["db", "api", "api"],
-            &[
-                "service-resolver api: ConnectTimeout=1s, Failover",
-                "service-router api: Routes",
-                "service-splitter api: Splits",
-            ],
+            &["service-router api: Routes", "service-splitter api: Splits"],
         ),
     ];
     for (ups, want) in cases {
         let ups: Vec<UpstreamSpec> = ups.iter().map(|n| upstream(n)).collect();
         assert_eq!(named(&ups), *want, "{ups:?}");
     }
-    let u = unapplied(&e, &[upstream("api")]);
-    assert!(u[0].detail.contains("connect timeout"), "{}", u[0].detail);
-    assert!(u[1].detail.contains("relayed at L4"), "{}", u[1].detail);
+    let u = unapplied(&e, &[upstream("api")], |_| false);
+    assert!(u[0].detail.contains("relayed at L4"), "{}", u[0].detail);
     assert!(
-        u[2].detail.contains("splits not applied"),
+        u[1].detail.contains("splits not applied"),
         "{}",
-        u[2].detail
+        u[1].detail
     );
+    // A service whose chain veer reads: the chain names its own L7 parts.
+    assert!(unapplied(&e, &[upstream("api")], |s| s == "api").is_empty());
 }
 
 #[test]
@@ -185,10 +179,10 @@ fn entries_follow_each_list_and_say_what_is_missing() {
     e.set(Kind::Splitter, Vec::new());
     assert!(e.complete());
     assert_eq!(e.services().into_iter().collect::<Vec<_>>(), ["api", "web"]);
-    let u = unapplied(&e, &[upstream("web")]);
-    assert_eq!(u.len(), 1);
-    assert_eq!(u[0].setting, "service-resolver web: ConnectTimeout=2s");
-    // A new list replaces the old one: a deleted entry is no longer named.
+    // Resolvers are applied (the discovery chain): not named.
+    assert!(unapplied(&e, &[upstream("web")], |_| false).is_empty());
+    assert!(e.get(Kind::Resolver, "web").is_some());
+    // A new list replaces the old one: a deleted entry is gone.
     e.set(
         Kind::Resolver,
         parse(
@@ -197,7 +191,7 @@ fn entries_follow_each_list_and_say_what_is_missing() {
         )
         .unwrap(),
     );
-    assert!(unapplied(&e, &[upstream("web")]).is_empty());
+    assert!(e.get(Kind::Resolver, "web").is_none());
     assert!(e.get(Kind::Resolver, "api").is_some());
     e.clear();
     assert!(!e.complete());

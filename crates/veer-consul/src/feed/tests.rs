@@ -32,6 +32,8 @@ fn inst(id: &str, node: &str) -> ConnectInstance {
         ip: Some("10.0.0.1".parse().unwrap()),
         port: 20000,
         passing: true,
+        critical: false,
+        wan: None,
         vips: Vips::default(),
         dialed_directly: false,
     }

@@ -741,3 +741,100 @@ fn listen_addresses_are_known_by_key_and_line() {
     assert_eq!(l.listeners.len(), cases.len(), "{:?}", l.listeners);
     assert_eq!(l.key_of("127.0.0.1:1".parse().unwrap()), None);
 }
+
+const FAILOVER: &str = r#"subset = "v1"
+connect_timeout = "1s"
+
+[[upstreams.failover]]
+datacenter = "dc2"
+subset = "v1"
+endpoints = ["10.78.0.3:20000"]
+
+[[upstreams.failover]]
+name = "ledger-dr"
+datacenter = "dc3"
+endpoints = ["10.79.0.3:20000", "10.79.0.4:20000"]
+connect_timeout = "3s"
+"#;
+
+#[test]
+fn failover_targets_in_toml() {
+    let d = certs("api");
+    let text = format!("{GOOD}{FAILOVER}");
+    let l = parse_in(&d, &text).unwrap();
+    let u = &l.spec.upstreams[2];
+    assert_eq!(
+        u.sni.as_deref(),
+        Some(&*format!("v1.ledger.default.dc1.internal.{TD}"))
+    );
+    assert_eq!(u.failover.len(), 2);
+    let (a, b) = (&u.failover[0], &u.failover[1]);
+    assert_eq!(
+        a.identity.to_string(),
+        format!("spiffe://{TD}/ns/default/dc/dc2/svc/ledger")
+    );
+    assert_eq!(
+        a.sni.as_deref(),
+        Some(&*format!("v1.ledger.default.dc2.internal.{TD}"))
+    );
+    assert_eq!(
+        a.connect_timeout,
+        Some(std::time::Duration::from_secs(1)),
+        "the upstream's"
+    );
+    assert_eq!(
+        b.identity.to_string(),
+        format!("spiffe://{TD}/ns/default/dc/dc3/svc/ledger-dr")
+    );
+    assert_eq!(b.sni, None);
+    assert_eq!(b.connect_timeout, Some(std::time::Duration::from_secs(3)));
+    assert_eq!(b.endpoints.len(), 2);
+    // The primary's endpoints may be empty when failover targets have some.
+    let only_failover = text.replace("endpoints = [\"10.77.0.3:20000\"]\n", "");
+    let l = parse_in(&d, &only_failover).unwrap();
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    let up = snap
+        .routes
+        .upstream_by_bind("127.0.0.1:9191".parse().unwrap())
+        .unwrap();
+    assert_eq!(up.target().unwrap().identity.datacenter, "dc2");
+    // Mistakes name the failover entry's key and line.
+    let line_of = |t: &str, n: &str| t.lines().position(|l| l.contains(n)).unwrap() + 1;
+    let cases = [
+        (
+            text.replace(
+                "endpoints = [\"10.78.0.3:20000\"]",
+                "endpoints = [\"10.78.0.3\"]",
+            ),
+            "upstreams[2].failover[0].endpoints",
+            "10.78.0.3",
+        ),
+        (
+            text.replace("endpoints = [\"10.78.0.3:20000\"]", ""),
+            "upstreams[2].failover[0].endpoints",
+            "[[upstreams.failover]]",
+        ),
+        (
+            text.replace("connect_timeout = \"3s\"", "connect_timeout = \"3x\""),
+            "upstreams[2].failover[1].connect_timeout",
+            "3x",
+        ),
+        (
+            text.replace("name = \"ledger-dr\"", "name = \"bad name\""),
+            "upstreams[2].failover[1].name",
+            "bad name",
+        ),
+        (
+            text.replace("datacenter = \"dc3\"", "datacenter = \"dc3\"\nweight = 2"),
+            "upstreams[2].failover[1].weight",
+            "weight = 2",
+        ),
+    ];
+    for (t, key, needle) in cases {
+        let e = parse_in(&d, &t)
+            .err()
+            .unwrap_or_else(|| panic!("{key} accepted"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        assert_eq!(e.line, Some(line_of(&t, needle)), "{key}: {e}");
+    }
+}

@@ -282,3 +282,73 @@ fn default_san_matcher_is_the_exact_spiffe_id() {
     assert!(u.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api"));
     assert!(!u.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api2"));
 }
+
+fn in_dc(name: &str, dc: &str, eps: &[&str]) -> Upstream {
+    let mut u = Upstream::new(
+        ServiceId::new("td.consul", "default", "default", dc, name),
+        Duration::from_secs(5),
+    );
+    u.endpoints = eps.iter().map(|e| Endpoint::new(sa(e))).collect();
+    u
+}
+
+/// (primary endpoints, failover targets' endpoints, wanted target's dc)
+type TargetRow<'a> = (&'a [&'a str], &'a [&'a [&'a str]], Option<&'a str>);
+
+#[test]
+fn target_is_the_first_in_failover_order_with_an_endpoint() {
+    let rows: &[TargetRow] = &[
+        (&["10.0.1.1:20000"], &[], Some("dc1")),
+        (&[], &[], None),
+        (&["10.0.1.1:20000"], &[&["10.0.2.1:20000"]], Some("dc1")),
+        (&[], &[&["10.0.2.1:20000"]], Some("dc2")),
+        (&[], &[&[], &["10.0.3.1:20000"]], Some("dc3")),
+        (
+            &[],
+            &[&["10.0.2.1:20000"], &["10.0.3.1:20000"]],
+            Some("dc2"),
+        ),
+        (&[], &[&[], &[]], None),
+    ];
+    for (i, (primary, failover, want)) in rows.iter().enumerate() {
+        let mut u = in_dc("api", "dc1", primary);
+        u.virtual_ips = vec!["10.96.0.30".parse().unwrap()];
+        u.failover = failover
+            .iter()
+            .enumerate()
+            .map(|(j, eps)| in_dc("api", &format!("dc{}", j + 2), eps))
+            .collect();
+        let got = u.target().map(|t| t.identity.datacenter.clone());
+        assert_eq!(got.as_deref(), *want, "row {i}");
+        let t = RouteTable::new(vec![u], false, vec![]);
+        let r = route(&t, dst("10.96.0.30:80"));
+        match want {
+            Some(_) => assert_eq!(r.unwrap().kind(), "mesh", "row {i}"),
+            None => assert_eq!(r.unwrap_err().classify(), "no_endpoints", "row {i}"),
+        }
+        let r = route_explicit(&t.upstreams()[0]);
+        assert_eq!(r.is_ok(), want.is_some(), "row {i}");
+    }
+}
+
+#[test]
+fn a_failover_target_keeps_its_own_identity_sni_and_round_robin() {
+    let mut u = in_dc("api", "dc1", &[]);
+    let mut remote = in_dc("api", "dc2", &["10.0.2.1:20000", "10.0.2.2:20000"]);
+    remote.sni = "v1.api.default.dc2.internal.td.consul".into();
+    u.failover = vec![remote].into_boxed_slice();
+    let t = u.target().unwrap();
+    assert_eq!(t.sni, "v1.api.default.dc2.internal.td.consul");
+    assert!(t.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc2/svc/api"));
+    assert!(!t.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api"));
+    let firsts: Vec<_> = (0..4).map(|_| t.pick_order(0)[0].addr.0).collect();
+    assert_eq!(
+        firsts,
+        [
+            sa("10.0.2.1:20000"),
+            sa("10.0.2.2:20000"),
+            sa("10.0.2.1:20000"),
+            sa("10.0.2.2:20000")
+        ]
+    );
+}

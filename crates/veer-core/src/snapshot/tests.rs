@@ -264,3 +264,55 @@ fn two_thousand_upstreams_are_cheap() {
     assert_eq!(snap.routes.upstreams().len(), 2000);
     assert!(took < std::time::Duration::from_secs(2), "{took:?}");
 }
+
+#[test]
+fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.endpoints.clear();
+    u.sni = Some("v1.api.default.dc1.internal.td.consul".into());
+    u.connect_timeout = Some(Duration::from_secs(1));
+    let mut t = TargetSpec::new(ServiceId::new(TD, "default", "default", "dc2", "api"));
+    t.endpoints = vec![sa("10.0.2.1:21000"), sa("10.0.2.2:21000")];
+    t.endpoint_weights = vec![1, 3];
+    t.sni = Some("v1.api.default.dc2.internal.td.consul".into());
+    u.failover = vec![t.clone()];
+    s.upstreams = vec![u.clone()];
+    let snap = Snapshot::build(s.clone(), 1).unwrap();
+    let a = &snap.routes.upstreams()[0];
+    assert_eq!(a.connect_timeout, Duration::from_secs(1));
+    let f = &a.failover[0];
+    assert_eq!(f.sni, "v1.api.default.dc2.internal.td.consul");
+    assert_eq!(f.connect_timeout, Timeouts::default().connect);
+    assert_eq!(
+        f.endpoints.iter().map(|e| e.weight).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    assert!(f.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc2/svc/api"));
+    assert!(!f.san_matchers[0].matches("spiffe://td.consul/ns/default/dc/dc1/svc/api"));
+    assert!(f.tls.is_some());
+    // No endpoint in dc1: new connections go to dc2.
+    assert_eq!(a.target().unwrap().identity.datacenter, "dc2");
+    let d = snap.dump();
+    assert_eq!(
+        d["upstreams"][0]["failover"][0]["identity"],
+        "spiffe://td.consul/ns/default/dc/dc2/svc/api"
+    );
+    // A bad failover target is refused like a bad primary, naming the upstream.
+    let mut bad = t.clone();
+    bad.endpoint_weights = vec![1];
+    u.failover = vec![bad];
+    s.upstreams = vec![u.clone()];
+    let e = Snapshot::build(s.clone(), 2).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("upstream api: 1 endpoint weights for 2 endpoints"),
+        "{e}"
+    );
+    // primary() / set_primary() round-trip.
+    let mut v = u.clone();
+    v.set_primary(t.clone());
+    assert_eq!(v.primary(), t);
+    assert_eq!(v.identity.datacenter, "dc2");
+}
