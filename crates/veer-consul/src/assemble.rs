@@ -152,13 +152,34 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
 /// (their chain carries the mesh gateway mode of the config entries);
 /// empty until the resolver list is in.
 pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
-    let Some(res) = &state.resolvers else {
+    // The keys of `wanted` with a resolver or a datacenter, computed from
+    // the few resolvers rather than the whole catalog: this runs on every
+    // event, and the catalog can hold thousands of services.
+    let (Some(res), Some(reg)) = (&state.resolvers, &state.registration) else {
         return BTreeSet::new();
     };
-    wanted(state, settings)
-        .into_keys()
-        .filter(|k| res.contains_key(&k.name) || k.datacenter.is_some())
-        .collect()
+    let mut out: BTreeSet<ServiceKey> = reg
+        .upstreams
+        .iter()
+        .filter(|u| res.contains_key(&u.name) || u.datacenter.is_some())
+        .map(|u| ServiceKey {
+            name: u.name.clone(),
+            datacenter: u.datacenter.clone(),
+        })
+        .collect();
+    if transparent(state, settings) == Some(true) {
+        if let Some(catalog) = &state.catalog {
+            for name in res.keys() {
+                if name != CONSUL_SERVICE
+                    && *name != reg.destination_service
+                    && catalog.contains(name)
+                {
+                    out.insert(ServiceKey::local(name));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The registration's mesh gateway mode for upstream `key`: the explicit

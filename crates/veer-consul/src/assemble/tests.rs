@@ -898,6 +898,13 @@ fn transparent_upstreams_follow_their_chain_too() {
     // Consul's default chain without any read.
     s.resolvers = Some([("api".to_string(), 3), ("nope".to_string(), 4)].into());
     assert_eq!(chain_keys(&s, &set), [ServiceKey::local("api")].into());
+    // chain_keys is computed from the resolvers, not the catalog; it is
+    // exactly the wanted upstreams with a resolver or a datacenter.
+    let by_wanted: BTreeSet<ServiceKey> = wanted(&s, &set)
+        .into_keys()
+        .filter(|k| s.resolvers.as_ref().unwrap().contains_key(&k.name) || k.datacenter.is_some())
+        .collect();
+    assert_eq!(chain_keys(&s, &set), by_wanted);
     let before = assemble(&s, &set);
     assert!(before.is_err(), "waits for the api chain");
     // api (reached by its virtual IP) redirected to dc2.
