@@ -1090,20 +1090,6 @@ fn wan_addr(node: &RawNode, svc: &RawHealthService) -> Option<SocketAddr> {
     (svc.port != 0).then(|| SocketAddr::new(ip, svc.port))
 }
 
-/// Parses `/v1/config/service-resolver` (all entries): the names of the
-/// services that have a resolver, each with its `ModifyIndex`.
-pub fn parse_resolvers(body: &[u8]) -> Result<BTreeMap<String, u64>, Error> {
-    #[derive(Deserialize)]
-    struct Raw {
-        #[serde(rename = "Name")]
-        name: String,
-        #[serde(rename = "ModifyIndex", default)]
-        modify_index: u64,
-    }
-    let raw: Vec<Raw> = json("/v1/config/service-resolver", body)?;
-    Ok(raw.into_iter().map(|r| (r.name, r.modify_index)).collect())
-}
-
 /// Parses `/v1/health/connect/:service` (without `?passing`: health is
 /// computed here so that an upstream whose instances are all failing stays
 /// known, with no endpoints).

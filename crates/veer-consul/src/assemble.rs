@@ -101,8 +101,9 @@ pub struct State {
     pub mesh: Option<Mesh>,
     /// `service-resolver`, `service-router` and `service-splitter` entries.
     pub chain_entries: Entries,
-    /// `/v1/config/service-resolver`: services with a resolver entry
-    /// (name → `ModifyIndex`). Only their chains are read: a service
+    /// Services with a resolver entry (name → `ModifyIndex`), derived from
+    /// the resolver list of `chain_entries` ([`crate::entries::resolver_index`]).
+    /// Only their chains are read: a service
     /// without one has Consul's default chain, which is what veer does
     /// without a chain.
     pub resolvers: Option<BTreeMap<String, u64>>,
@@ -308,7 +309,6 @@ pub fn missing(state: &State, settings: &Settings) -> Vec<String> {
     for k in state.chain_entries.missing() {
         need(false, &format!("the {k} entries"));
     }
-    need(state.resolvers.is_some(), "the service-resolver entries");
     if transparent(state, settings) == Some(true) {
         need(state.catalog.is_some(), "the catalog services");
     }

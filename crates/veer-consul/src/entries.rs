@@ -215,6 +215,23 @@ impl Entries {
     }
 }
 
+/// The services with a `service-resolver` entry, each with the entry's
+/// `ModifyIndex`: which chains veer reads ([`crate::assemble::chain_keys`]).
+pub fn resolver_index(resolvers: &[Entry]) -> BTreeMap<String, u64> {
+    resolvers
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                e.raw
+                    .get("ModifyIndex")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 /// Names every entry that concerns an upstream in `upstreams` (by service
 /// name; several upstream entries of one service are named once), sorted
 /// by service, then kind: `service-resolver web: ConnectTimeout=1s,

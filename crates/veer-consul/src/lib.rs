@@ -52,10 +52,10 @@
 //! | every check (transparent mode) | `/v1/health/state/any` | index |
 //! | explicit upstreams (not transparent; or in another datacenter) | `/v1/health/connect/:svc` (`?dc=`), `/v1/catalog/service/:svc` | index |
 //! | each candidate upstream (transparent mode), after it changed | `/v1/catalog/service/:svc`, then `/v1/health/connect/:svc` | no: read once, at most `--consul-max-reads` at a time |
-//! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh`, `/v1/config/service-resolver` | index |
+//! | config entries | `/v1/config/service-defaults`, `/v1/config/proxy-defaults`, `/v1/config/mesh/mesh` | index |
 //! | discovery chains of the upstreams with a resolver, after any config-entry change | `/v1/discovery-chain/:svc` (`?compile-dc=`) | no: read one after the other on one connection |
 //! | each target of those chains | `/v1/health/connect/:svc?dc=&filter=` | index |
-//! | router and splitter entries ([`entries`]; resolvers too, read a second time for now) | `/v1/config/service-router`, `/v1/config/service-splitter`, `/v1/config/service-resolver` | index |
+//! | discovery-chain entries ([`entries`]: resolvers decide which chains are read; routers and splitters are named) | `/v1/config/service-resolver`, `/v1/config/service-router`, `/v1/config/service-splitter` | index |
 //!
 //! Blocking queries use `wait=5m`; the index is reset to 0 when it goes
 //! backwards and raised to 1 when it is 0; errors reset the cursor and are

@@ -42,7 +42,6 @@ pub fn desired_watches(state: &State, settings: &Settings) -> BTreeSet<WatchKey>
         WatchKey::ServiceDefaults,
         WatchKey::ProxyDefaults,
         WatchKey::Mesh,
-        WatchKey::Resolvers,
     ]
     .into();
     w.extend(crate::entries::Kind::ALL.map(WatchKey::ChainEntries));
@@ -583,10 +582,6 @@ impl ConsulSource {
                 self.chains_dirty = true;
                 s.proxy_defaults = Some(d)
             }
-            (WatchKey::Resolvers, Payload::Resolvers(r)) => {
-                self.chains_dirty = true;
-                s.resolvers = Some(r);
-            }
             (WatchKey::Target(k), Payload::Connect(c)) => {
                 s.targets.insert(k, c);
             }
@@ -611,7 +606,15 @@ impl ConsulSource {
                 s.chains_read = Some(keys);
             }
             (WatchKey::Mesh, Payload::Mesh(m)) => s.mesh = Some(m),
-            (WatchKey::ChainEntries(k), Payload::ChainEntries(e)) => s.chain_entries.set(k, e),
+            (WatchKey::ChainEntries(k), Payload::ChainEntries(e)) => {
+                // Any resolver, router or splitter change may change a
+                // chain: read the chains again.
+                self.chains_dirty = true;
+                if k == crate::entries::Kind::Resolver {
+                    s.resolvers = Some(crate::entries::resolver_index(&e));
+                }
+                s.chain_entries.set(k, e);
+            }
             (WatchKey::DefaultProbe, Payload::Default(o)) => {
                 self.probe = None;
                 match o {

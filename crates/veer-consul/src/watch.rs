@@ -50,8 +50,6 @@ pub enum WatchKey {
     /// `/v1/config/service-resolver` (`-router`, `-splitter`): every entry
     /// of the kind ([`crate::entries`]).
     ChainEntries(Kind),
-    /// `/v1/config/service-resolver` (which services have a resolver).
-    Resolvers,
     /// One round of non-blocking reads of `/v1/discovery-chain/:service`
     /// for the upstreams with a resolver (not a watch).
     Chains,
@@ -80,7 +78,6 @@ impl std::fmt::Display for WatchKey {
             WatchKey::ProxyDefaults => f.write_str("proxy-defaults"),
             WatchKey::Mesh => f.write_str("mesh"),
             WatchKey::ChainEntries(k) => f.write_str(k.as_str()),
-            WatchKey::Resolvers => f.write_str("service-resolvers"),
             WatchKey::Chains => f.write_str("discovery-chains"),
             WatchKey::Target(k) => write!(f, "target:{k}"),
             WatchKey::Gateways(dc) => write!(f, "gateways:{dc}"),
@@ -116,7 +113,6 @@ pub enum Payload {
     ProxyDefaults(ProxyDefaults),
     Mesh(Mesh),
     ChainEntries(Vec<Entry>),
-    Resolvers(BTreeMap<String, u64>),
     /// The chains read (round number) for these keys: compiled, or why not.
     Chains(
         u64,
@@ -154,7 +150,6 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
         WatchKey::ProxyDefaults => "/v1/config/proxy-defaults".into(),
         WatchKey::Mesh => "/v1/config/mesh/mesh".into(),
         WatchKey::ChainEntries(k) => k.path(),
-        WatchKey::Resolvers => "/v1/config/service-resolver".into(),
         WatchKey::Chains => "/v1/discovery-chain".into(),
         WatchKey::Target(k) => {
             let mut p = format!(
@@ -238,7 +233,6 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             let (c, w) = api::parse_health_connect(crate::assemble::MESH_GATEWAY_SERVICE, b)?;
             (Payload::Connect(c), w)
         }
-        WatchKey::Resolvers => (Payload::Resolvers(api::parse_resolvers(b)?), Vec::new()),
         WatchKey::Instances(k) => (
             Payload::Instances(api::parse_catalog_service(&k.name, b)?),
             Vec::new(),

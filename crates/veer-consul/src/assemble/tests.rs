@@ -142,7 +142,7 @@ fn sa(s: &str) -> SocketAddr {
 fn nothing_arrived_is_incomplete() {
     let s = State::default();
     let m = missing(&s, &Settings::default());
-    assert_eq!(m.len(), 12, "{m:?}");
+    assert_eq!(m.len(), 11, "{m:?}");
     let e = assemble(&s, &Settings::default()).unwrap_err();
     assert_eq!(e.classify(), "incomplete");
     assert!(e.to_string().contains("the proxy registration"), "{e}");
@@ -324,12 +324,11 @@ fn desired_watch_set() {
         WatchKey::ChainEntries(crate::entries::Kind::Resolver),
         WatchKey::ChainEntries(crate::entries::Kind::Router),
         WatchKey::ChainEntries(crate::entries::Kind::Splitter),
-        WatchKey::Resolvers,
         remote.clone(),
     ] {
         assert!(w.contains(&k), "{k}");
     }
-    assert_eq!(w.len(), 14, "{w:?}");
+    assert_eq!(w.len(), 13, "{w:?}");
     // Not transparent: a blocking watch per explicit upstream, no lists.
     let opaque = Settings {
         transparent: false,
@@ -340,7 +339,7 @@ fn desired_watch_set() {
     assert!(w.contains(&remote));
     assert!(!w.contains(&WatchKey::Catalog) && !w.contains(&WatchKey::Checks));
     let w0 = crate::desired_watches(&State::default(), &Settings::default());
-    assert_eq!(w0.len(), 10, "before the registration: the fixed set only");
+    assert_eq!(w0.len(), 9, "before the registration: the fixed set only");
 }
 
 #[test]

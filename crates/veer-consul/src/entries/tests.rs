@@ -196,3 +196,18 @@ fn entries_follow_each_list_and_say_what_is_missing() {
     e.clear();
     assert!(!e.complete());
 }
+
+#[test]
+fn resolver_index_names_services_with_their_modify_index() {
+    let e = parse(
+        Kind::Resolver,
+        br#"[{"Kind":"service-resolver","Name":"api","ModifyIndex":17},
+             {"Kind":"service-resolver","Name":"db"}]"#,
+    )
+    .unwrap();
+    let idx = resolver_index(&e);
+    assert_eq!(
+        idx.into_iter().collect::<Vec<_>>(),
+        [("api".to_string(), 17), ("db".to_string(), 0)]
+    );
+}

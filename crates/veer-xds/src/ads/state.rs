@@ -284,12 +284,6 @@ impl<C: Check> AdsState<C> {
                     // held back waiting for it (see `Resources::refused`).
                     if !kind.is_wildcard() && !has(&self.res, kind, &r.name) {
                         self.res.refused.insert((kind, r.name), reason);
-                        undo.push(Undo {
-                            kind,
-                            name: String::new(),
-                            old: None,
-                            old_version: None,
-                        });
                     }
                     errors.push(msg);
                 }
@@ -323,7 +317,7 @@ impl<C: Check> AdsState<C> {
 
         let mut delivered = false;
         let mut waiting_for = Vec::new();
-        if undo.is_empty() {
+        if undo.is_empty() && self.res.refused == refused_before {
             waiting_for = self.check.missing(&self.res);
         } else {
             let refused = match self.check.compile(&self.res) {
@@ -364,14 +358,9 @@ impl<C: Check> AdsState<C> {
 
     /// Removes a resource (if held), recording how to undo it.
     fn take(&mut self, kind: Kind, name: String, undo: &mut Vec<Undo>) {
-        if self.res.refused.remove(&(kind, name.clone())).is_some() {
-            undo.push(Undo {
-                kind,
-                name: String::new(),
-                old: None,
-                old_version: None,
-            });
-        }
+        // (A refusal dropped here is restored with the rest on a revert:
+        // the caller keeps the set it started from.)
+        self.res.refused.remove(&(kind, name.clone()));
         let old = remove(&mut self.res, kind, &name);
         let old_version = self.versions.entry(kind).or_default().remove(&name);
         if old.is_some() || old_version.is_some() {
@@ -386,10 +375,6 @@ impl<C: Check> AdsState<C> {
 
     fn revert(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
-            if u.name.is_empty() {
-                // A change to `refused` only; the caller restores it whole.
-                continue;
-            }
             match u.old {
                 Some(d) => {
                     put(&mut self.res, &u.name, d);
