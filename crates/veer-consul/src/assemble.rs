@@ -727,6 +727,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
         unapplied,
+        inbound_http: None,
     };
     Ok(Assembled { spec, warnings })
 }
@@ -852,6 +853,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         permissive_ports,
         inbound_max_connections,
         unapplied,
+        inbound_http,
     } = a;
     *identity == b.identity
         && *roots == b.roots
@@ -870,6 +872,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         && *permissive_ports == b.permissive_ports
         && *inbound_max_connections == b.inbound_max_connections
         && *unapplied == b.unapplied
+        && *inbound_http == b.inbound_http
 }
 
 /// A one-line summary of what changed between two specs, for logs.

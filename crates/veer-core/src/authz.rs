@@ -184,11 +184,16 @@ impl Principal {
     }
 }
 
-/// One named RBAC policy; its permissions are `any` (L4).
+/// One named RBAC policy: it applies to a peer one of whose principals
+/// matches and (in an HTTP RBAC filter) to a request one of whose
+/// permissions matches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RbacPolicy {
     pub name: String,
     pub principals: Vec<Principal>,
+    /// Empty = `any` (always so in a network filter, where there is no
+    /// request); see [`crate::l7::RbacPermission`].
+    pub permissions: Vec<crate::l7::RbacPermission>,
 }
 
 /// One network RBAC filter: an action and its policies (`rules: {}` is

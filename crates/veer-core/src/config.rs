@@ -951,6 +951,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         permissive_ports: file.inbound.permissive_ports.clone(),
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
     let check = crate::snapshot::Snapshot::build(spec.clone(), 0);

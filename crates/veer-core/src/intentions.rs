@@ -116,6 +116,12 @@ pub struct Intention {
     pub action: Action,
     /// Consul's ID when it came from Consul; for logs.
     pub id: Option<String>,
+    /// L7 permissions (Consul ≥ 1.9 `service-intentions`); when not empty
+    /// they decide per request instead of `action` (first match; none
+    /// matching = the default action). On an L4 listener they cannot be
+    /// checked, so the intention counts as `deny` there, as Consul's own
+    /// xDS does.
+    pub permissions: Vec<crate::l7::Permission>,
 }
 
 impl Intention {
@@ -125,6 +131,7 @@ impl Intention {
             destination,
             action,
             id: None,
+            permissions: Vec::new(),
         }
     }
 

@@ -97,6 +97,9 @@ pub struct UpstreamSpec {
     /// primary has none and given back when it has one again). Empty for
     /// an upstream with one target.
     pub failover: Vec<TargetSpec>,
+    /// L7 routing when `protocol` is http-like; `None` = L4 (an http-like
+    /// upstream without routes is then proxied as TCP, as before L7).
+    pub http: Option<crate::l7::HttpRoutes>,
 }
 
 /// One failover target of an upstream: a (service, subset, namespace,
@@ -152,6 +155,7 @@ impl UpstreamSpec {
             max_connections: None,
             endpoint_weights: Vec::new(),
             failover: Vec::new(),
+            http: None,
         }
     }
 
@@ -276,6 +280,9 @@ pub struct Spec {
     pub inbound_max_connections: Option<u32>,
     /// Settings the source gave that veer does not apply (named, not dropped).
     pub unapplied: Vec<Unapplied>,
+    /// The inbound listener at L7 (the local service is http-like);
+    /// `None` = L4 relay to the local app.
+    pub inbound_http: Option<crate::l7::InboundHttp>,
 }
 
 impl Clone for Spec {
@@ -298,6 +305,7 @@ impl Clone for Spec {
             permissive_ports: self.permissive_ports.clone(),
             inbound_max_connections: self.inbound_max_connections,
             unapplied: self.unapplied.clone(),
+            inbound_http: self.inbound_http.clone(),
         }
     }
 }

@@ -763,6 +763,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             .max_connections
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
         unapplied: Vec::new(),
+        inbound_http: None,
     })
 }
 

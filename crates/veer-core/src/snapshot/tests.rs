@@ -36,6 +36,7 @@ fn spec(ca: &Ca) -> Spec {
         permissive_ports: vec![],
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     }
 }
 
@@ -94,6 +95,7 @@ fn xds_fields_reach_the_snapshot_and_the_dump() {
     s.rbac = Some(vec![RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "consul-intentions-layer4".into(),
             principals: vec![Principal::spiffe_regex(
                 "^spiffe://td.consul/ns/default/dc/[^/]+/svc/web$",
@@ -173,6 +175,7 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
                 s.rbac = Some(vec![RbacRules {
                     action: Action::Deny,
                     policies: vec![RbacPolicy {
+                        permissions: Vec::new(),
                         name: "bad".into(),
                         principals: vec![Principal::spiffe_regex("[")],
                     }],

@@ -147,6 +147,7 @@ fn spec(source: String) -> Spec {
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     }
 }
 

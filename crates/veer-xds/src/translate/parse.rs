@@ -724,6 +724,7 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
             whos.push(who(pr, 0).at(format!("{at}.principals[{i}]"))?);
         }
         policies.push(RbacPolicy {
+            permissions: Vec::new(),
             name: name.clone(),
             principals: whos,
         });

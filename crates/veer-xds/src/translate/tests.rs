@@ -670,6 +670,7 @@ fn allowed(rules: &[RbacRules], svc: &str) -> bool {
 fn rbac_goldens_map_with_envoy_semantics() {
     let re = |svc: &str| format!("^spiffe://{TD}/ns/default/dc/[^/]+/svc/{svc}$");
     let policy = |principals| RbacPolicy {
+        permissions: Vec::new(),
         name: "consul-intentions-layer4".into(),
         principals,
     };

@@ -1,0 +1,1 @@
+//! Inbound HTTP: per-request authorization and forwarding to the local app.

@@ -1,0 +1,1 @@
+//! Outbound HTTP: per-request routing to pooled upstream connections.
