@@ -350,3 +350,51 @@ fn denied_identities_are_refused_both_ways() {
         );
     }
 }
+
+/// The L7 bootstraps (`Bootstrap::protocol`) are ones the real Envoy accepts:
+/// `envoy --mode validate` on both sidecars for every protocol.
+#[test]
+fn envoy_accepts_the_http_bootstraps() {
+    let Some(bin) = veer_testsupport::tool("envoy") else {
+        veer_testsupport::skip(
+            "envoy_accepts_the_http_bootstraps",
+            "no envoy binary; run .ci/install-deps",
+        );
+        return;
+    };
+    let ca = TestCa::new(TRUST_DOMAIN);
+    let files = TempDir::new("veer-envoy-validate-");
+    for protocol in ["tcp", "http", "http2", "grpc"] {
+        let boots = [
+            Bootstrap::sidecar(&ca, "api")
+                .allow("web")
+                .protocol(protocol),
+            Bootstrap::sidecar(&ca, "web").protocol(protocol).upstream(
+                "api",
+                &[API_VIP.parse().unwrap()],
+                &[format!("{SERVER_IP}:20000").parse().unwrap()],
+            ),
+        ];
+        for boot in boots {
+            let json = boot.to_json();
+            assert_eq!(
+                json.contains("http_connection_manager"),
+                protocol != "tcp",
+                "{protocol}: {json}"
+            );
+            let path = files.write(&format!("{}-{protocol}.json", boot.service), &json);
+            let out = std::process::Command::new(&bin)
+                .args(["--mode", "validate", "-c"])
+                .arg(&path)
+                .output()
+                .expect("run envoy");
+            assert!(
+                out.status.success(),
+                "{protocol} {}: {}{}",
+                boot.service,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
