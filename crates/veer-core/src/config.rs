@@ -166,6 +166,12 @@ struct UpstreamSection {
     /// The targets after the primary one, in failover order.
     #[serde(default)]
     failover: Vec<S<FailoverSection>>,
+    /// More destinations for `routes` (an http-like upstream).
+    #[serde(default)]
+    clusters: Vec<S<http::ClusterSection>>,
+    /// HTTP routes, in order (an http-like upstream).
+    #[serde(default)]
+    routes: Vec<S<http::RouteSection>>,
 }
 
 /// `[[upstreams.failover]]`: one failover target. Name, namespace and
@@ -798,6 +804,16 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream reached by virtual IP or local_bind needs endpoints",
             ));
         }
+        spec.http = http::routes(
+            &cx,
+            i,
+            span,
+            &spec,
+            &u.clusters,
+            &u.routes,
+            &trust_domain,
+            &identity.datacenter,
+        )?;
         upstreams.push(spec);
     }
     // An address is either a virtual IP or a dialed-directly instance.
@@ -1010,6 +1026,8 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         listeners,
     })
 }
+
+mod http;
 
 #[cfg(test)]
 mod tests;

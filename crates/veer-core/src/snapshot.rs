@@ -638,6 +638,25 @@ impl Snapshot {
                 .map(|t| ctx.target(&name, t))
                 .collect::<Result<Vec<_>, _>>()?
                 .into_boxed_slice();
+            if let Some(http) = u.http {
+                if u.protocol == Protocol::Tcp {
+                    return Err(SnapshotError::Upstream {
+                        upstream: name,
+                        msg: "HTTP routes on an upstream of protocol tcp (http, http2 or grpc needed)".into(),
+                    });
+                }
+                let table = crate::l7route::HttpTable::compile(http, |t| {
+                    ctx.target(&name, t).map_err(|e| match e {
+                        SnapshotError::Upstream { msg, .. } => msg,
+                        e => e.to_string(),
+                    })
+                })
+                .map_err(|e| SnapshotError::Upstream {
+                    upstream: name.clone(),
+                    msg: e.to_string(),
+                })?;
+                up.http = Some(Arc::new(table));
+            }
             up.protocol = u.protocol;
             up.virtual_ips = u.virtual_ips;
             up.dialed_directly = u.dialed_directly;

@@ -319,3 +319,63 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     assert_eq!(v.primary(), t);
     assert_eq!(v.identity.datacenter, "dc2");
 }
+
+#[test]
+fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
+    use crate::l7::{ClusterSpec, HttpRoutes, PathMatch, RequestMatch, RouteAction, RouteSpec};
+    let ca = Ca::new_root(TD).unwrap();
+    let routes = |re: &str| HttpRoutes {
+        clusters: vec![ClusterSpec {
+            name: "api".into(),
+            targets: vec![TargetSpec {
+                endpoints: vec![sa("10.0.0.2:20000")],
+                ..TargetSpec::new(id("api"))
+            }],
+            protocol: Protocol::Http,
+        }],
+        routes: vec![RouteSpec {
+            name: "by-regex".into(),
+            matches: RequestMatch {
+                path: PathMatch::Regex(re.into()),
+                ..Default::default()
+            },
+            action: RouteAction::to_cluster(0),
+        }],
+    };
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.protocol = Protocol::Http;
+    u.http = Some(routes("/v[0-9]+/.*"));
+    s.upstreams = vec![u];
+    let snap = Snapshot::build(s, 1).unwrap();
+    let t = snap.routes.upstreams()[0].http.as_ref().expect("compiled");
+    assert_eq!(t.clusters[0].target.endpoints.len(), 1);
+    assert!(
+        t.clusters[0].target.tls.is_some(),
+        "cluster targets get TLS"
+    );
+    assert!(t
+        .route(&crate::l7route::PlainRequest::new("GET", "/v1/x"))
+        .is_some());
+
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.protocol = Protocol::Http;
+    u.http = Some(routes("/v[0-9"));
+    s.upstreams = vec![u];
+    let e = Snapshot::build(s, 1).unwrap_err();
+    assert_eq!(e.classify(), "upstream");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("upstream api: route \"by-regex\": path regex"),
+        "{msg}"
+    );
+
+    // Routes on a tcp upstream are a source's mistake: refused.
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.http = Some(routes("/"));
+    s.upstreams = vec![u];
+    let e = Snapshot::build(s, 1).unwrap_err();
+    assert!(e.to_string().contains("protocol tcp"), "{e}");
+}
