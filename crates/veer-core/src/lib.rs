@@ -23,6 +23,7 @@ pub mod config;
 pub mod duration;
 pub mod intentions;
 pub mod l7;
+pub mod l7authz;
 pub mod route;
 pub mod snapshot;
 pub mod spiffe;
