@@ -364,3 +364,54 @@ async fn malformed_requests_never_reach_the_app() {
     assert!(accepted.load(Ordering::SeqCst) <= 1);
     assert!(shared.metrics.get("inbound_http_errors_total", "bad_request") >= 4);
 }
+
+/// Runs curl with web's leaf against the inbound listener; returns
+/// `<status> <http_version> <body>`.
+async fn curl(m: &Material, inbound: SocketAddr, version: &str, method: &str, path: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "5", version, "-X", method])
+        .arg("--cert")
+        .arg(m.dir.join("web.pem"))
+        .arg("--key")
+        .arg(m.dir.join("web-key.pem"))
+        .args(["-w", " %{http_code} %{http_version}"])
+        .arg(format!("https://{inbound}{path}"))
+        .output()
+        .await
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_h1_and_h2_with_toml_permissions() {
+    let m = Material::new();
+    let (app, _) = app(false).await;
+    let extra = r#"
+[[intentions.rules]]
+source = "web"
+[[intentions.rules.permissions]]
+action = "allow"
+path_prefix = "/api/"
+methods = ["GET"]
+"#;
+    let text = m
+        .config(app, extra)
+        .replace("[inbound]\n", "[inbound]\nprotocol = \"http\"\n")
+        .replace("default_action = \"allow\"", "default_action = \"deny\"");
+    let path = m.dir.join("veer.toml");
+    std::fs::write(&path, text).unwrap();
+    let loaded = veer_core::config::load(&path).unwrap();
+    let shared = veer_proxy::state::Shared::new(loaded.spec).unwrap();
+    let l = veer_proxy::accept::Listeners::start(shared.clone()).await.unwrap();
+    for v in ["--http1.1", "--http2"] {
+        let got = curl(&m, l.inbound, v, "GET", "/api/x").await;
+        assert!(got.starts_with("HTTP/1.1 GET /api/x xfcc=- 200"), "{v}: {got}");
+        let want = if v == "--http2" { " 2" } else { " 1.1" };
+        assert!(got.ends_with(want), "{v}: {got}");
+        let got = curl(&m, l.inbound, v, "POST", "/api/x").await;
+        assert!(got.starts_with("RBAC: access denied 403"), "{v}: {got}");
+        let got = curl(&m, l.inbound, v, "GET", "/other").await;
+        assert!(got.starts_with("RBAC: access denied 403"), "{v}: {got}");
+    }
+    assert_eq!(shared.metrics.get("http_denials_total", "denied_no_permission"), 4);
+}
