@@ -218,13 +218,22 @@ pub enum AuthzError {
         #[source]
         source: Box<AuthzError>,
     },
+    /// An L7 permission of this intention cannot be compiled.
+    #[error("intention {intention}: {source}")]
+    Intention {
+        intention: String,
+        #[source]
+        source: Box<AuthzError>,
+    },
 }
 
 impl AuthzError {
     pub fn classify(&self) -> &'static str {
         match self {
             AuthzError::BadRegex { .. } => "bad_regex",
-            AuthzError::Policy { source, .. } => source.classify(),
+            AuthzError::Policy { source, .. } | AuthzError::Intention { source, .. } => {
+                source.classify()
+            }
         }
     }
 }
@@ -363,6 +372,15 @@ impl Rbac {
     /// The plain-data filters it was compiled from.
     pub fn rules(&self) -> &[RbacRules] {
         &self.spec
+    }
+
+    /// Whether one of the principals of policy `policy` of filter `filter`
+    /// matches `peer` (the HTTP RBAC filter checks its permissions besides).
+    pub fn principal_matches(&self, filter: usize, policy: usize, peer: &Peer) -> bool {
+        self.filters[filter].policies[policy]
+            .1
+            .iter()
+            .any(|p| p.matches(peer))
     }
 
     pub fn evaluate(&self, peer: &Peer) -> RbacDecision {

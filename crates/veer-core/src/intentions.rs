@@ -229,25 +229,42 @@ impl Intentions {
         self.default
     }
 
-    /// Decides whether `source` may connect.
+    /// Decides whether `source` may connect (L4). An intention with L7
+    /// permissions cannot be checked on a connection, so it denies, as
+    /// Consul's own xDS does ("in case L7 intentions slip through").
     pub fn evaluate(&self, source: &ServiceId) -> Decision {
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.source.matches(source) {
-                return Decision {
-                    action: rule.action,
+        match self.evaluate_source(source) {
+            Some(i) => {
+                let rule = &self.rules[i];
+                Decision {
+                    action: if rule.permissions.is_empty() {
+                        rule.action
+                    } else {
+                        Action::Deny
+                    },
                     reason: Reason::Matched(i),
-                };
+                }
             }
+            None => Decision {
+                action: self.default,
+                reason: Reason::Default,
+            },
         }
-        Decision {
-            action: self.default,
-            reason: Reason::Default,
-        }
+    }
+
+    /// The index (in [`Intentions::rules`]) of the first intention whose
+    /// source matches `source`, the one that decides.
+    pub fn evaluate_source(&self, source: &ServiceId) -> Option<usize> {
+        self.rules.iter().position(|r| r.source.matches(source))
     }
 
     /// A human-readable reason for logs.
     pub fn explain(&self, d: &Decision) -> String {
         match d.reason {
+            Reason::Matched(i) if !self.rules[i].permissions.is_empty() => format!(
+                "matched intention {}, whose L7 permissions a TCP listener cannot check: denied",
+                self.rules[i]
+            ),
             Reason::Matched(i) => {
                 let r = &self.rules[i];
                 match &r.id {

@@ -25,6 +25,7 @@ pub mod duration;
 pub mod intentions;
 pub mod l7;
 pub mod l7route;
+pub mod l7authz;
 pub mod route;
 pub mod snapshot;
 pub mod spiffe;

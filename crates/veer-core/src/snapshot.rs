@@ -524,6 +524,8 @@ pub struct Snapshot {
     pub inbound_max_connections: usize,
     /// Settings given but not applied ([`Unapplied`]).
     pub unapplied: Vec<Unapplied>,
+    /// The inbound listener at L7, compiled; `None` = L4.
+    pub inbound_http: Option<Arc<crate::l7authz::InboundL7>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -670,6 +672,12 @@ impl Snapshot {
         let routes = RouteTable::new(upstreams, spec.mesh_destinations_only, own);
         let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
         let authz = Authz::new(spec.rbac.as_deref(), &intentions).map_err(SnapshotError::Rbac)?;
+        let inbound_http = spec
+            .inbound_http
+            .map(|h| crate::l7authz::InboundL7::new(h, &authz, &intentions, &server))
+            .transpose()
+            .map_err(SnapshotError::Rbac)?
+            .map(Arc::new);
         let inbound_max_connections = spec
             .inbound_max_connections
             .map_or(spec.timeouts.max_connections, |n| n as usize);
@@ -695,6 +703,7 @@ impl Snapshot {
             permissive_ports: spec.permissive_ports,
             inbound_max_connections,
             unapplied: spec.unapplied,
+            inbound_http,
         })
     }
 

@@ -16,6 +16,7 @@
 
 pub mod accept;
 pub mod inbound;
+pub mod inbound_http;
 pub mod metrics;
 pub mod net;
 pub mod outbound;

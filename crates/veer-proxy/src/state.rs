@@ -41,6 +41,9 @@ pub struct Shared {
     /// Listeners bound ahead of a swap ([`Shared::apply`]) or at start,
     /// waiting for the task that serves them to [take](Shared::take_prebound) them.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// The inbound L7 engine's pooled clients to the local app, made by
+    /// the first L7 connection ([`crate::inbound_http::app_client`]).
+    pub inbound_app: std::sync::OnceLock<Arc<veer_http::inbound::AppClient>>,
 }
 
 /// The listeners that follow the snapshot, with what each is for: explicit
@@ -182,6 +185,7 @@ impl Shared {
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
+            inbound_app: std::sync::OnceLock::new(),
         });
         shared.announce_unapplied(None, &shared.snapshot());
         Ok(shared)

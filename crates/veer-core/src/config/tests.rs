@@ -985,3 +985,141 @@ fn http_route_mistakes_name_key_and_line() {
         );
     }
 }
+
+const L7: &str = r#"
+[service]
+name = "api"
+datacenter = "dc1"
+trust_domain = "11111111-2222-3333-4444-555555555555.consul"
+
+[tls]
+ca_file = "roots.pem"
+cert_file = "leaf.pem"
+key_file = "key.pem"
+
+[inbound]
+bind = "0.0.0.0:20000"
+local_app = "127.0.0.1:8080"
+protocol = "http"
+xfcc = "append_forward"
+request_timeout = "30s"
+
+[outbound]
+bind = "127.0.0.1:15001"
+
+[intentions]
+default_action = "deny"
+[[intentions.rules]]
+source = "web"
+[[intentions.rules.permissions]]
+action = "deny"
+path_prefix = "/admin"
+[[intentions.rules.permissions]]
+action = "allow"
+methods = ["GET", "HEAD"]
+headers = [{ name = "X-Env", exact = "prod" }, { name = "x-debug", present = true, invert = true }]
+[[intentions.rules]]
+source = "db"
+action = "allow"
+"#;
+
+#[test]
+fn inbound_l7_and_permissions() {
+    use crate::l7::{HeaderMatch, HeaderMatchKind, PathMatch, Xfcc};
+    let d = certs("api");
+    let l = parse_in(&d, L7).unwrap();
+    let h = l.spec.inbound_http.clone().unwrap();
+    assert_eq!(h.protocol, Protocol::Http);
+    assert_eq!(h.xfcc, Xfcc::AppendForward);
+    assert_eq!(h.request_timeout, Some(std::time::Duration::from_secs(30)));
+    let web = &l.spec.intentions[0];
+    assert_eq!(web.permissions.len(), 2);
+    assert_eq!(web.permissions[0].action, Action::Deny);
+    assert_eq!(web.permissions[0].http.path, PathMatch::Prefix("/admin".into()));
+    assert_eq!(web.permissions[1].http.methods, ["GET", "HEAD"]);
+    assert_eq!(
+        web.permissions[1].http.headers,
+        [
+            HeaderMatch {
+                name: "x-env".into(),
+                kind: HeaderMatchKind::Exact("prod".into()),
+                invert: false
+            },
+            HeaderMatch {
+                name: "x-debug".into(),
+                kind: HeaderMatchKind::Present,
+                invert: true
+            }
+        ]
+    );
+    assert!(l.spec.intentions[1].permissions.is_empty());
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert!(snap.inbound_http.is_some());
+    // tcp (the default): no L7.
+    let l = parse_in(&d, GOOD).unwrap();
+    assert!(l.spec.inbound_http.is_none());
+}
+
+#[test]
+fn inbound_l7_mistakes_name_key_and_line() {
+    let d = certs("api");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (L7.replace("protocol = \"http\"", "protocol = \"h3\""), "inbound.protocol", "h3"),
+        (L7.replace("\"append_forward\"", "\"forward\""), "inbound.xfcc", "forward"),
+        (
+            L7.replace("protocol = \"http\"\n", ""),
+            "inbound.xfcc",
+            "xfcc =",
+        ),
+        (
+            L7.replace("protocol = \"http\"\nxfcc = \"append_forward\"\nrequest_timeout = \"30s\"\n", ""),
+            "intentions.rules[0].permissions",
+            "source = \"web\"",
+        ),
+        (
+            L7.replace("path_prefix = \"/admin\"", "path_prefix = \"/admin\"\npath_exact = \"/x\""),
+            "intentions.rules[0].permissions[0].path_prefix",
+            "path_prefix",
+        ),
+        (
+            L7.replace("path_prefix = \"/admin\"", "path_regex = \"(\""),
+            "intentions.rules[0].permissions[0].path_regex",
+            "path_regex",
+        ),
+        (
+            L7.replace("path_prefix = \"/admin\"", "path_prefix = \"admin\""),
+            "intentions.rules[0].permissions[0].path_prefix",
+            "path_prefix",
+        ),
+        (
+            L7.replace("[\"GET\", \"HEAD\"]", "[\"get\"]"),
+            "intentions.rules[0].permissions[1].methods",
+            "methods",
+        ),
+        (
+            L7.replace("exact = \"prod\"", "exact = \"prod\", regex = \"p.*\""),
+            "intentions.rules[0].permissions[1].headers[0].name",
+            "headers",
+        ),
+        (
+            L7.replace("action = \"deny\"\npath_prefix", "action = \"block\"\npath_prefix"),
+            "intentions.rules[0].permissions[0].action",
+            "block",
+        ),
+        (
+            L7.replace("source = \"web\"", "source = \"web\"\naction = \"allow\""),
+            "intentions.rules[0].action",
+            "action = \"allow\"\n[[intentions.rules.permissions]]",
+        ),
+    ];
+    for (text, key, needle) in cases {
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{key} should fail"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        let want = line_of(&text, needle.split('\n').next().unwrap());
+        assert_eq!(e.line, Some(want), "{key}: {e}");
+    }
+}
