@@ -138,7 +138,7 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
     chain_keys(state, settings)
         .iter()
         .filter_map(|k| Some((state.chains.get(k)?, gateway_override(state, k))))
-        .flat_map(|(c, o)| c.targets.iter().map(move |t| (t, o)))
+        .flat_map(|(c, o)| c.all_targets().map(move |t| (t, o)))
         .filter(|(t, _)| t.datacenter != local)
         .filter_map(|(t, o)| match o.unwrap_or(t.mesh_gateway) {
             chain::GatewayMode::Local => Some(local.clone()),
@@ -148,10 +148,23 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether service `name` has a `service-resolver`, `service-router` or
+/// `service-splitter` entry (its discovery chain is more than Consul's
+/// default).
+pub fn has_chain_entries(state: &State, name: &str) -> bool {
+    use crate::entries::Kind;
+    state
+        .resolvers
+        .as_ref()
+        .is_some_and(|r| r.contains_key(name))
+        || state.chain_entries.get(Kind::Router, name).is_some()
+        || state.chain_entries.get(Kind::Splitter, name).is_some()
+}
+
 /// The upstreams whose discovery chain is read: those with a
-/// `service-resolver` entry, and explicit upstreams in another datacenter
-/// (their chain carries the mesh gateway mode of the config entries);
-/// empty until the resolver list is in.
+/// `service-resolver`, `service-router` or `service-splitter` entry, and
+/// explicit upstreams in another datacenter (their chain carries the mesh
+/// gateway mode of the config entries); empty until the resolver list is in.
 pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
     // The keys of `wanted` with a resolver or a datacenter, computed from
     // the few resolvers rather than the whole catalog: this runs on every
@@ -162,7 +175,9 @@ pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
     let mut out: BTreeSet<ServiceKey> = reg
         .upstreams
         .iter()
-        .filter(|u| res.contains_key(&u.name) || u.datacenter.is_some())
+        .filter(|u| {
+            res.contains_key(&u.name) || u.datacenter.is_some() || has_chain_entries(state, &u.name)
+        })
         .map(|u| ServiceKey {
             name: u.name.clone(),
             datacenter: u.datacenter.clone(),
@@ -170,7 +185,8 @@ pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
         .collect();
     if transparent(state, settings) == Some(true) {
         if let Some(catalog) = &state.catalog {
-            for name in res.keys() {
+            let routed = state.chain_entries.services();
+            for name in res.keys().map(String::as_str).chain(routed) {
                 if name != CONSUL_SERVICE
                     && *name != reg.destination_service
                     && catalog.contains(name)
@@ -203,7 +219,7 @@ pub fn target_keys(state: &State, settings: &Settings) -> BTreeSet<TargetKey> {
     chain_keys(state, settings)
         .iter()
         .filter_map(|k| state.chains.get(k))
-        .flat_map(|c| c.targets.iter().map(TargetKey::of))
+        .flat_map(|c| c.all_targets().map(TargetKey::of))
         .collect()
 }
 
@@ -389,9 +405,6 @@ fn protocol_of(
     }
 }
 
-/// What veer does with an HTTP-family protocol until L7 lands.
-const L4_ONLY: &str = "relayed at L4 as tcp: no HTTP routing, retries, timeouts or L7 intentions";
-
 /// Builds the complete spec, or says what is missing
 /// ([`Error::Incomplete`]) or unusable ([`Error::Decode`]).
 ///
@@ -457,22 +470,17 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             )
         })
         .collect();
-    // The local service's own protocol (inbound).
-    let (own, from) = protocol_of(
+    // The local service's own protocol (inbound): the registration's, as
+    // Consul's xDS does (l7::inbound).
+    let mut central_warnings = Vec::new();
+    let (central, from) = protocol_of(
         &reg.destination_service,
-        reg.protocol
-            .as_deref()
-            .map(|p| (p, "Proxy.Config.protocol".to_string())),
+        None,
         sd,
         pd,
-        &mut warnings,
+        &mut central_warnings,
     );
-    if own != Protocol::Tcp {
-        unapplied.push(Unapplied::unsupported(
-            format!("{from} = {:?}", own.as_str()),
-            format!("inbound to {}: {L4_ONLY}", reg.destination_service),
-        ));
-    }
+    let inbound_http = l7::inbound(reg, (central, &from), &mut warnings, &mut unapplied);
 
     let leaf_der = leaf
         .chain
@@ -537,7 +545,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         };
         let id = ServiceId::new(&roots.trust_domain, part, ns, &dc, &key.name);
         let mut u = UpstreamSpec::new(id);
-        let (protocol, from) = protocol_of(
+        let (protocol, _) = protocol_of(
             &key.name,
             explicit.and_then(|e| {
                 let p = e.protocol.as_deref()?;
@@ -547,12 +555,6 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             pd,
             &mut warnings,
         );
-        if protocol != Protocol::Tcp {
-            unapplied.push(Unapplied::unsupported(
-                format!("{from} = {:?}", protocol.as_str()),
-                format!("upstream {}: {L4_ONLY}", key.name),
-            ));
-        }
         u.protocol = protocol;
         let passing: Vec<&ConnectInstance> = sidecars.iter().filter(|i| i.passing).collect();
         let mut eps: Vec<SocketAddr> = passing.iter().filter_map(|i| i.endpoint()).collect();
@@ -612,6 +614,16 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
                 &mut unapplied,
             );
         }
+        u.http = l7::upstream_routes(
+            &u,
+            chain,
+            state,
+            (&roots.trust_domain, part, &identity.datacenter),
+            (
+                explicit.and_then(|e| e.connect_timeout),
+                gateway_override(state, key),
+            ),
+        );
         by_key.insert(key.clone(), u);
     }
     // Explicit upstream listeners: the first of a service goes on its entry,
@@ -652,12 +664,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
     unapplied.extend(crate::entries::unapplied(
         &state.chain_entries,
         &upstreams,
-        |svc| {
-            state
-                .resolvers
-                .as_ref()
-                .is_some_and(|r| r.contains_key(svc))
-        },
+        |svc| has_chain_entries(state, svc),
     ));
     // One VIP, one service: Snapshot::build refuses duplicates, and one bad
     // registration must not stop every update.
@@ -727,7 +734,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
         unapplied,
-        inbound_http: None,
+        inbound_http,
     };
     Ok(Assembled { spec, warnings })
 }
@@ -759,8 +766,6 @@ pub fn apply_chain(
     overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
     unapplied: &mut Vec<Unapplied>,
 ) {
-    let (td, part, local_dc) = local;
-    let (timeout, gw_override) = overrides;
     for line in &c.unapplied {
         let (node, detail) = line.split_once(": ").unwrap_or((line.as_str(), ""));
         unapplied.push(Unapplied::unsupported(
@@ -768,49 +773,66 @@ pub fn apply_chain(
             detail.to_string(),
         ));
     }
-    let none = Vec::new();
-    let mut targets: Vec<TargetSpec> = Vec::with_capacity(c.targets.len());
-    for t in &c.targets {
-        let remote = t.datacenter != local_dc;
-        let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
-        let mut ts = TargetSpec::new(id);
-        ts.sni = Some(t.sni.clone());
-        let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
-        let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
-        let mode = gw_override.unwrap_or(t.mesh_gateway);
-        let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
-            // Through a gateway (which routes on the SNI at L4, TLS end to
-            // end): its endpoints, while the target has a healthy instance
-            // (Consul gives them the health of the backends).
-            let (dc, wan) = match mode {
-                chain::GatewayMode::Local => (local_dc, false),
-                _ => (t.datacenter.as_str(), true),
-            };
-            let gws = state.gateways.get(dc).unwrap_or(&none);
-            if healthy_inst.next().is_some() {
-                gws.iter()
-                    .filter(|g| g.passing)
-                    .filter_map(|g| if wan { g.wan } else { g.endpoint() })
-                    .collect()
-            } else {
-                Vec::new()
-            }
-        } else {
-            healthy_inst
-                .filter_map(|i| if remote { i.wan } else { i.endpoint() })
-                .collect()
-        };
-        eps.sort();
-        eps.dedup();
-        ts.endpoints = eps;
-        ts.connect_timeout = Some(timeout.unwrap_or(c.connect_timeout));
-        targets.push(ts);
-    }
+    let targets: Vec<TargetSpec> = c
+        .targets
+        .iter()
+        .map(|t| target_spec(t, c.connect_timeout, state, local, overrides))
+        .collect();
     let mut it = targets.into_iter();
     if let Some(primary) = it.next() {
         u.set_primary(primary);
     }
     u.failover = it.collect();
+}
+
+/// One chain target as the data path dials it: its identity, SNI, healthy
+/// endpoints (directly, at the WAN address in another datacenter, or
+/// through mesh gateways) and connect timeout (the explicit upstream's
+/// over `resolver_timeout`). See [`apply_chain`] for `local`/`overrides`.
+pub fn target_spec(
+    t: &chain::Target,
+    resolver_timeout: std::time::Duration,
+    state: &State,
+    local: (&str, &str, &str),
+    overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
+) -> TargetSpec {
+    let (td, part, local_dc) = local;
+    let (timeout, gw_override) = overrides;
+    let none = Vec::new();
+    let remote = t.datacenter != local_dc;
+    let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
+    let mut ts = TargetSpec::new(id);
+    ts.sni = Some(t.sni.clone());
+    let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
+    let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
+    let mode = gw_override.unwrap_or(t.mesh_gateway);
+    let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
+        // Through a gateway (which routes on the SNI at L4, TLS end to
+        // end): its endpoints, while the target has a healthy instance
+        // (Consul gives them the health of the backends).
+        let (dc, wan) = match mode {
+            chain::GatewayMode::Local => (local_dc, false),
+            _ => (t.datacenter.as_str(), true),
+        };
+        let gws = state.gateways.get(dc).unwrap_or(&none);
+        if healthy_inst.next().is_some() {
+            gws.iter()
+                .filter(|g| g.passing)
+                .filter_map(|g| if wan { g.wan } else { g.endpoint() })
+                .collect()
+        } else {
+            Vec::new()
+        }
+    } else {
+        healthy_inst
+            .filter_map(|i| if remote { i.wan } else { i.endpoint() })
+            .collect()
+    };
+    eps.sort();
+    eps.dedup();
+    ts.endpoints = eps;
+    ts.connect_timeout = Some(timeout.unwrap_or(resolver_timeout));
+    ts
 }
 
 /// Checks that the leaf chains to one of the roots (as `Snapshot::build` will).
@@ -941,6 +963,8 @@ pub fn describe_change(old: Option<&Spec>, new: &Spec) -> String {
     }
     parts.join(", ")
 }
+
+pub mod l7;
 
 #[cfg(test)]
 mod tests;
