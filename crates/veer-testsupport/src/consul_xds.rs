@@ -28,6 +28,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, rbac, Permission, Policy, Principal, Rbac,
 };
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
@@ -45,6 +46,8 @@ use envoy_types::util::pack_any;
 use prost::Name;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+pub mod l7;
 
 /// The TLS material of the sidecar (service `web`): its leaf chain and key,
 /// and the CA roots, PEM.
@@ -189,11 +192,13 @@ pub struct ConsulXds {
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
+    /// RDS route configurations (see [`l7`]).
+    pub routes: Vec<RouteConfiguration>,
 }
 
 impl ConsulXds {
     /// Every resource as `(type URL, name, Any)`, in Consul's send order
-    /// (SDS, CDS, EDS, LDS), for an ADS server to serve.
+    /// (SDS, CDS, EDS, LDS, RDS), for an ADS server to serve.
     pub fn resources(&self) -> Vec<(String, String, Any)> {
         let mut out = Vec::new();
         for s in &self.secrets {
@@ -211,6 +216,13 @@ impl ConsulXds {
         }
         for l in &self.listeners {
             out.push((Listener::type_url(), l.name.clone(), pack_any(l.clone())));
+        }
+        for r in &self.routes {
+            out.push((
+                RouteConfiguration::type_url(),
+                r.name.clone(),
+                pack_any(r.clone()),
+            ));
         }
         out
     }
@@ -814,6 +826,7 @@ pub fn transparent_proxy(p: &Params) -> ConsulXds {
             load_assignment(&p.sni("no-endpoints"), &eps(p, "no-endpoints")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -892,6 +905,7 @@ pub fn transparent_proxy_dial_instances_directly(p: &Params) -> ConsulXds {
             load_assignment(&p.sni("mongo"), &eps(p, "mongo")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -933,6 +947,7 @@ pub fn connect_proxy_with_tproxy_and_permissive_mtls(p: &Params) -> ConsulXds {
             load_assignment(&p.query_cluster(), &eps(p, "geo-cache")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -1125,6 +1140,7 @@ pub fn sidecar(p: &Params, shape: &SidecarShape) -> ConsulXds {
             clusters,
             endpoints,
             secrets: vec![],
+            routes: vec![],
         },
     )
 }

@@ -60,8 +60,10 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
+use http::{Hcm, RouteSource, RoutesModel};
 use parse::{
-    ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel,
+    ChainTarget, ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource,
+    SecretModel,
 };
 use prost::Message;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -69,10 +71,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use veer_core::authz::MatchPattern;
 use veer_core::intentions::Action;
+use veer_core::l7::{
+    ClusterSpec, HttpRoutes, InboundHttp, RouteAction, RouteSpec, WeightedCluster,
+};
 use veer_core::route::Protocol;
-use veer_core::snapshot::{ExposePath, ListenSpec, Spec, Timeouts, UpstreamSpec};
+use veer_core::snapshot::{
+    ExposePath, ListenSpec, Spec, TargetSpec, Timeouts, Unapplied, UpstreamSpec,
+};
 use veer_core::spiffe::ServiceId;
 
+mod http;
 mod parse;
 
 /// [`Spec::source`] of every spec built here.
@@ -234,9 +242,9 @@ pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateErr
             Decoded::Endpoints(e)
         }
         Kind::Route => {
-            // Stored only: no accepted listener refers to RDS at L4.
             let r: RouteConfiguration = unpack(kind, name, any)?;
             same_name(kind, name, &r.name)?;
+            http::route_config(&r).map_err(fault)?;
             Decoded::Route(r)
         }
         Kind::Secret => {
@@ -289,8 +297,57 @@ pub fn wanted(res: &Resources) -> Wanted {
     w
 }
 
+/// The routes of an HCM: inline, or the accepted RDS resource; a
+/// refused RDS resource counts as no routes (see `Resources::refused`);
+/// `Ok(None)` = not received yet.
+fn routes_of(hcm: &Hcm, res: &Resources) -> Result<Option<RoutesModel>, TranslateError> {
+    match &hcm.routes {
+        RouteSource::Inline(rm) => Ok(Some(rm.clone())),
+        RouteSource::Rds(n) => match res.routes.get(n) {
+            Some(rc) => http::route_config(rc)
+                .map(Some)
+                .map_err(|f| TranslateError::from_fault(Kind::Route, n, f)),
+            None if res.refused.contains_key(&(Kind::Route, n.clone())) => Ok(Some(RoutesModel {
+                name: n.clone(),
+                routes: Vec::new(),
+                notes: Vec::new(),
+            })),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The clusters a chain target sends traffic to; a route configuration
+/// not received yet goes to `waiting`.
+fn target_clusters(
+    t: &ChainTarget,
+    res: &Resources,
+    who: &str,
+    waiting: &mut BTreeSet<String>,
+) -> Vec<String> {
+    match t {
+        ChainTarget::Tcp(c) => vec![c.clone()],
+        ChainTarget::Http { hcm, .. } => match routes_of(hcm, res) {
+            Ok(Some(rm)) => rm.clusters(),
+            Ok(None) => {
+                if let RouteSource::Rds(n) = &hcm.routes {
+                    waiting.insert(format!("route {n} (RDS), named by {who}"));
+                }
+                Vec::new()
+            }
+            // Refused when translating.
+            Err(_) => Vec::new(),
+        },
+    }
+}
+
 /// The clusters a listener model sends traffic to.
-fn referenced(m: &ListenerModel) -> Vec<String> {
+fn referenced(
+    m: &ListenerModel,
+    res: &Resources,
+    who: &str,
+    waiting: &mut BTreeSet<String>,
+) -> Vec<String> {
     match m {
         ListenerModel::Public(p) => {
             let mut v = vec![p.cluster.clone()];
@@ -298,11 +355,15 @@ fn referenced(m: &ListenerModel) -> Vec<String> {
             v
         }
         ListenerModel::Outbound(o) => {
-            let mut v: Vec<String> = o.chains.iter().map(|c| c.cluster.clone()).collect();
+            let mut v: Vec<String> = o
+                .chains
+                .iter()
+                .flat_map(|c| target_clusters(&c.target, res, who, waiting))
+                .collect();
             v.extend(o.default_cluster.clone());
             v
         }
-        ListenerModel::Upstream { cluster, .. } => vec![cluster.clone()],
+        ListenerModel::Upstream { target, .. } => target_clusters(target, res, who, waiting),
         ListenerModel::Expose(e) => vec![e.cluster.clone()],
     }
 }
@@ -327,7 +388,7 @@ pub fn missing(res: &Resources) -> Vec<String> {
         if let ListenerModel::Public(p) = l {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut secrets);
         }
-        for c in referenced(l) {
+        for c in referenced(l, res, &format!("listener {name}"), &mut m) {
             match res.clusters.get(&c).map(parse::cluster) {
                 None => {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
@@ -463,9 +524,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 public = Some((name.clone(), p));
             }
             ListenerModel::Outbound(o) => outbound.push((name.clone(), o)),
-            ListenerModel::Upstream { addr, cluster } => {
-                explicit.push((name.clone(), addr, cluster))
-            }
+            ListenerModel::Upstream { addr, target } => explicit.push((name.clone(), addr, target)),
             ListenerModel::Expose(e) => exposes.push((name.clone(), e)),
         }
     }
@@ -519,16 +578,34 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         permissive_ports.push(*port);
     }
 
+    // The inbound listener at L7: requests are authorized by the HTTP RBAC
+    // filters (none = all allowed, as in Envoy) after the network ones.
+    let inbound_http = public.http.as_ref().map(|h| InboundHttp {
+        protocol: h.protocol,
+        rbac: Some(h.rbac.clone()),
+        xfcc: h.xfcc,
+        request_timeout: h.request_timeout,
+    });
+
     // Upstreams.
     let no_endpoints = ClusterLoadAssignment::default();
+    let mut unapplied: Vec<Unapplied> = Vec::new();
+    if let Some(h) = &public.http {
+        for (f, d) in &h.notes {
+            unapplied.push(Unapplied::unsupported(
+                format!("listener {pname}: {f}"),
+                d.clone(),
+            ));
+        }
+    }
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
-    let new_upstream = |ups: &mut Vec<Building>,
-                        cname: &str,
-                        tls: &parse::UpstreamTls,
-                        model: &ClusterModel,
-                        eds: Option<&str>|
-     -> Result<usize, TranslateError> {
+    // One target (service instance set) of a cluster: identity, TLS, endpoints.
+    let make_target = |cname: &str,
+                       tls: &parse::UpstreamTls,
+                       model: &ClusterModel,
+                       eds: Option<&str>|
+     -> Result<TargetSpec, TranslateError> {
         let who = format!("cluster {cname}");
         let identity = tls
             .sans
@@ -551,13 +628,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             )]));
         }
         let uroots = secrets.roots(&tls.roots, &who)?;
-        let mut spec = UpstreamSpec::new(identity);
-        spec.protocol = Protocol::Tcp;
-        spec.sni = Some(tls.sni.clone());
-        spec.san_matchers = tls.sans.clone();
-        spec.roots = (uroots != roots).then_some(uroots);
-        spec.connect_timeout = model.connect_timeout;
-        spec.max_connections = model.max_connections;
+        let mut t = TargetSpec::new(identity);
+        t.sni = Some(tls.sni.clone());
+        t.san_matchers = tls.sans.clone();
+        t.roots = (uroots != roots).then_some(uroots);
+        t.connect_timeout = model.connect_timeout;
         if let Some(eds) = eds {
             let la = match res.endpoints.get(eds) {
                 Some(la) => la,
@@ -576,16 +651,142 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             };
             let eps = parse::endpoints_of(la)
                 .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
-            spec.endpoints = eps.iter().map(|e| e.addr).collect();
+            t.endpoints = eps.iter().map(|e| e.addr).collect();
             if eps.iter().any(|e| e.weight != 1) {
-                spec.endpoint_weights = eps.iter().map(|e| e.weight).collect();
+                t.endpoint_weights = eps.iter().map(|e| e.weight).collect();
             }
         }
+        Ok(t)
+    };
+    let upstream_of = |t: TargetSpec, model: &ClusterModel| -> UpstreamSpec {
+        let mut spec = UpstreamSpec::new(t.identity);
+        spec.protocol = Protocol::Tcp;
+        spec.sni = t.sni;
+        spec.san_matchers = t.san_matchers;
+        spec.roots = t.roots;
+        spec.connect_timeout = t.connect_timeout;
+        spec.max_connections = model.max_connections;
+        spec.endpoints = t.endpoints;
+        spec.endpoint_weights = t.endpoint_weights;
+        spec
+    };
+    let new_upstream = |ups: &mut Vec<Building>,
+                        cname: &str,
+                        tls: &parse::UpstreamTls,
+                        model: &ClusterModel,
+                        eds: Option<&str>|
+     -> Result<usize, TranslateError> {
+        let spec = upstream_of(make_target(cname, tls, model, eds)?, model);
         ups.push(Building {
             spec,
             cluster: cname.to_string(),
         });
         Ok(ups.len() - 1)
+    };
+    // An HTTP upstream: its routes' clusters become `HttpRoutes`; the
+    // upstream's own (primary) target is the catch-all route's heaviest
+    // cluster. Keyed `route:<name>` so that a VIP chain and an explicit
+    // listener with the same routes share one upstream.
+    let new_http_upstream = |ups: &mut Vec<Building>,
+                             unapplied: &mut Vec<Unapplied>,
+                             hcm: &Hcm,
+                             who: &str|
+     -> Result<usize, TranslateError> {
+        let rm = routes_of(hcm, res)?.ok_or_else(|| {
+            TranslateError::Incomplete(vec![format!("the routes named by {who} (RDS)")])
+        })?;
+        let rwho = match &hcm.routes {
+            RouteSource::Rds(n) => format!("route {n}"),
+            RouteSource::Inline(_) => format!("{who} route_config"),
+        };
+        for (f, d) in &rm.notes {
+            unapplied.push(Unapplied::unsupported(format!("{rwho}: {f}"), d.clone()));
+        }
+        let names = rm.clusters();
+        let mut clusters = Vec::new();
+        for n in &names {
+            let cm = cluster(n);
+            let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
+                return Err(inconsistent(format!(
+                    "{rwho}: routes to cluster {n}, which is not an EDS upstream cluster"
+                )));
+            };
+            let t = make_target(n, tls, cm, Some(eds_name))?;
+            let protocol = match (cm.http2, hcm.protocol) {
+                (true, Protocol::Grpc) => Protocol::Grpc,
+                (true, _) => Protocol::Http2,
+                (false, _) => Protocol::Http,
+            };
+            clusters.push((
+                ClusterSpec {
+                    name: n.clone(),
+                    targets: vec![t],
+                    protocol,
+                },
+                cm,
+            ));
+        }
+        let index = |n: &str| names.iter().position(|x| x == n).expect("listed");
+        let routes: Vec<RouteSpec> = rm
+            .routes
+            .iter()
+            .map(|r| RouteSpec {
+                name: r.name.clone(),
+                matches: r.matches.clone(),
+                action: RouteAction {
+                    clusters: r
+                        .clusters
+                        .iter()
+                        .map(|(c, w)| WeightedCluster {
+                            cluster: index(c),
+                            weight: *w,
+                        })
+                        .collect(),
+                    prefix_rewrite: r.prefix_rewrite.clone(),
+                    timeout: r.timeout,
+                    retry: r.retry.clone(),
+                },
+            })
+            .collect();
+        let catch_all = routes
+            .iter()
+            .rev()
+            .find(|r| r.matches == Default::default())
+            .or(routes.last());
+        let primary = catch_all
+            .and_then(|r| r.action.clusters.iter().max_by_key(|w| w.weight))
+            .map_or(0, |w| w.cluster);
+        if clusters.is_empty() {
+            return Err(inconsistent(format!(
+                "{rwho} (for {who}): no route sends requests anywhere, so veer cannot tell which service the upstream is"
+            )));
+        }
+        let ptarget = clusters[primary].0.targets[0].clone();
+        let mut spec = upstream_of(ptarget, clusters[primary].1);
+        spec.protocol = hcm.protocol;
+        spec.http = Some(HttpRoutes {
+            clusters: clusters.into_iter().map(|(c, _)| c).collect(),
+            routes,
+        });
+        ups.push(Building {
+            spec,
+            cluster: format!("route:{}", rm.name),
+        });
+        Ok(ups.len() - 1)
+    };
+    let hcm_notes = |unapplied: &mut Vec<Unapplied>, who: &str, field: &str, hcm: &Hcm| {
+        for (f, d) in &hcm.notes {
+            unapplied.push(Unapplied::unsupported(
+                format!("{who}: {field}.{f}"),
+                d.clone(),
+            ));
+        }
+    };
+    let route_key = |hcm: &Hcm| -> String {
+        match &hcm.routes {
+            RouteSource::Rds(n) => format!("route:{n}"),
+            RouteSource::Inline(rm) => format!("route:{}", rm.name),
+        }
     };
 
     let mut outbound_addrs = Vec::new();
@@ -613,14 +814,38 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         }
         mesh_only = Some(only);
         for ch in &o.chains {
-            let cm = cluster(&ch.cluster);
-            match &cm.kind {
-                ClusterKind::Eds { eds_name, tls } => {
-                    let key = (ch.cluster.clone(), ch.port);
+            let chname = match &ch.target {
+                ChainTarget::Tcp(c) => c,
+                ChainTarget::Http { hcm, field } => {
+                    let who = format!("listener {lname}");
+                    hcm_notes(
+                        &mut unapplied,
+                        &who,
+                        &format!("filter_chains[{}].{field}", ch.index),
+                        hcm,
+                    );
+                    let key = (route_key(hcm), ch.port);
                     let i = match by_key.get(&key) {
                         Some(i) => *i,
                         None => {
-                            let i = new_upstream(&mut ups, &ch.cluster, tls, cm, Some(eds_name))?;
+                            let i = new_http_upstream(&mut ups, &mut unapplied, hcm, &who)?;
+                            ups[i].spec.destination_port = ch.port;
+                            by_key.insert(key, i);
+                            i
+                        }
+                    };
+                    ups[i].spec.virtual_ips.extend(ch.ips.iter().copied());
+                    continue;
+                }
+            };
+            let cm = cluster(chname);
+            match &cm.kind {
+                ClusterKind::Eds { eds_name, tls } => {
+                    let key = (chname.clone(), ch.port);
+                    let i = match by_key.get(&key) {
+                        Some(i) => *i,
+                        None => {
+                            let i = new_upstream(&mut ups, chname, tls, cm, Some(eds_name))?;
                             ups[i].spec.destination_port = ch.port;
                             by_key.insert(key, i);
                             i
@@ -635,12 +860,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                             ch.index
                         )));
                     }
-                    passthrough.push((
-                        ch.cluster.clone(),
-                        ch.index,
-                        ch.ips.clone(),
-                        tls.sni.clone(),
-                    ));
+                    passthrough.push((chname.clone(), ch.index, ch.ips.clone(), tls.sni.clone()));
                 }
                 ClusterKind::OriginalDst(None) => {
                     if only {
@@ -654,7 +874,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 ClusterKind::Static(_) => {
                     return Err(inconsistent(format!(
                         "listener {lname}: filter_chains[{}] goes to STATIC cluster {}; outbound chains go to upstreams",
-                        ch.index, ch.cluster
+                        ch.index, chname
                     )))
                 }
             }
@@ -662,7 +882,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
     for (cname, _index, ips, sni) in passthrough {
         let existing = ups.iter().position(|b| {
-            b.spec.sni.as_deref() == Some(sni.as_str()) && b.spec.local_bind.is_none()
+            b.spec.sni.as_deref() == Some(sni.as_str())
+                && b.spec.local_bind.is_none()
+                && b.spec.http.is_none()
         });
         let i = match existing {
             Some(i) => i,
@@ -682,19 +904,40 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         ups[i].spec.dialed_directly = true;
         ups[i].spec.instances.extend(ips);
     }
-    for (lname, addr, cname) in &explicit {
-        let cm = cluster(cname);
-        let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
-            return Err(inconsistent(format!(
-                "listener {lname}: tcp_proxy cluster {cname} is not an EDS upstream cluster"
-            )));
-        };
-        let existing = ups
-            .iter()
-            .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
-        let i = match existing {
-            Some(i) => i,
-            None => new_upstream(&mut ups, cname, tls, cm, Some(eds_name))?,
+    for (lname, addr, target) in &explicit {
+        let who = format!("listener {lname}");
+        let i = match target {
+            ChainTarget::Tcp(cname) => {
+                let cm = cluster(cname);
+                let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
+                    return Err(inconsistent(format!(
+                        "listener {lname}: tcp_proxy cluster {cname} is not an EDS upstream cluster"
+                    )));
+                };
+                let existing = ups
+                    .iter()
+                    .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
+                match existing {
+                    Some(i) => i,
+                    None => new_upstream(&mut ups, cname, tls, cm, Some(eds_name))?,
+                }
+            }
+            ChainTarget::Http { hcm, field } => {
+                hcm_notes(
+                    &mut unapplied,
+                    &who,
+                    &format!("filter_chains[0].{field}"),
+                    hcm,
+                );
+                let key = route_key(hcm);
+                let existing = ups
+                    .iter()
+                    .position(|b| b.cluster == key && b.spec.local_bind.is_none());
+                match existing {
+                    Some(i) => i,
+                    None => new_http_upstream(&mut ups, &mut unapplied, hcm, &who)?,
+                }
+            }
         };
         ups[i].spec.local_bind = Some(*addr);
     }
@@ -762,8 +1005,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         inbound_max_connections: public
             .max_connections
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
-        unapplied: Vec::new(),
-        inbound_http: None,
+        unapplied,
+        inbound_http,
     })
 }
 

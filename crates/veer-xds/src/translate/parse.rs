@@ -4,6 +4,7 @@
 //! Everything veer cannot enforce is refused here, so that the ADS client
 //! NACKs it before it can reach a snapshot. The models are what
 //! [`super::translate`] joins into a `Spec`.
+use super::http::{Hcm, Note, RouteSource, Side};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, Address, DataSource, TransportSocket,
@@ -36,6 +37,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use veer_core::authz::{MatchPattern, Principal, RbacPolicy, RbacRules, StringMatch};
 use veer_core::intentions::Action;
+use veer_core::l7::Xfcc;
+use veer_core::route::Protocol;
 
 /// Why one field of one resource is refused; the resource is named by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,21 +135,45 @@ pub(crate) struct PublicListener {
     pub tls: DownstreamTls,
     pub rbac: Vec<RbacRules>,
     pub max_connections: Option<u64>,
-    /// The cluster `tcp_proxy` forwards to (Consul: `local_app`).
+    /// The cluster `tcp_proxy` (or the HCM's one route) forwards to
+    /// (Consul: `local_app`).
     pub cluster: String,
     /// Permissive mTLS: (destination port, cluster) of plain chains.
     pub permissive: Vec<(u16, String)>,
+    /// An HTTP connection manager instead of `tcp_proxy`.
+    pub http: Option<InboundHcm>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The public listener's HTTP connection manager.
+#[derive(Debug)]
+pub(crate) struct InboundHcm {
+    pub protocol: Protocol,
+    pub rbac: Vec<RbacRules>,
+    pub xfcc: Xfcc,
+    /// The one route's timeout (Consul `local_request_timeout_ms`).
+    pub request_timeout: Option<Duration>,
+    /// (field path from the listener, detail).
+    pub notes: Vec<Note>,
+}
+
+/// What an outbound chain runs.
+#[derive(Debug)]
+pub(crate) enum ChainTarget {
+    /// `tcp_proxy` to this cluster.
+    Tcp(String),
+    /// An HTTP connection manager; `field` is its path in the listener.
+    Http { hcm: Box<Hcm>, field: String },
+}
+
+#[derive(Debug)]
 pub(crate) struct OutboundChain {
     pub index: usize,
     pub ips: Vec<IpAddr>,
     pub port: Option<u16>,
-    pub cluster: String,
+    pub target: ChainTarget,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct OutboundListener {
     pub addr: SocketAddr,
     pub chains: Vec<OutboundChain>,
@@ -166,10 +193,11 @@ pub(crate) struct ExposeListener {
 pub(crate) enum ListenerModel {
     Public(PublicListener),
     Outbound(OutboundListener),
-    /// An explicit upstream's listener: everything to one cluster.
+    /// An explicit upstream's listener: everything to one cluster, or
+    /// HTTP routes.
     Upstream {
         addr: SocketAddr,
-        cluster: String,
+        target: ChainTarget,
     },
     Expose(ExposeListener),
 }
@@ -188,6 +216,9 @@ pub(crate) enum ClusterKind {
 #[derive(Debug)]
 pub(crate) struct ClusterModel {
     pub kind: ClusterKind,
+    /// HTTP/2 to its endpoints when routes send requests to it
+    /// (`HttpProtocolOptions.explicit_http_config.http2_protocol_options`).
+    pub http2: bool,
     pub connect_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
 }
@@ -209,7 +240,7 @@ pub(crate) enum SecretModel {
 
 // ---------------------------------------------------------------- helpers
 
-fn unpack<T: Message + Name + Default>(any: &Any, field: &str) -> R<T> {
+pub(crate) fn unpack<T: Message + Name + Default>(any: &Any, field: &str) -> R<T> {
     if any.type_url != T::type_url() {
         return Err(Fault::invalid(
             field,
@@ -346,7 +377,7 @@ fn refused_filter_reason(name: &str, url: &str) -> String {
     let t = url.rsplit('/').next().unwrap_or(url);
     let what = if name.is_empty() { t } else { name };
     if t.contains("http_connection_manager") {
-        format!("{what} (HTTP, L7) is not supported by veer yet; only L4 tcp_proxy chains are")
+        format!("{what} (HTTP, L7) is not supported here; only as the last filter of a chain")
     } else if t.contains("ext_authz")
         || t.contains("jwt_authn")
         || t.contains(".lua.")
@@ -623,7 +654,7 @@ pub(crate) fn upstream_tls(ts: &TransportSocket) -> R<UpstreamTls> {
 // ---------------------------------------------------------------- RBAC
 
 #[allow(deprecated)] // `source_ip` is named to refuse it.
-fn who(p: &PbPrincipal, depth: usize) -> R<Principal> {
+pub(crate) fn who(p: &PbPrincipal, depth: usize) -> R<Principal> {
     use principal::Identifier as I;
     if depth > 32 {
         return Err(Fault::invalid("", "principals nested too deeply"));
@@ -810,6 +841,21 @@ fn single_tcp_proxy(c: &FilterChain) -> R<String> {
     }
 }
 
+/// A chain's only filter: a `tcp_proxy` or an HTTP connection manager.
+fn chain_target(c: &FilterChain) -> R<ChainTarget> {
+    if let [f] = c.filters.as_slice() {
+        let any = filter_any(f, "filters[0]")?;
+        if any.type_url == HttpConnectionManager::type_url() {
+            let hcm = super::http::hcm(any, Side::Outbound).at("filters[0]")?;
+            return Ok(ChainTarget::Http {
+                hcm: Box::new(hcm),
+                field: "filters[0].typed_config".into(),
+            });
+        }
+    }
+    single_tcp_proxy(c).map(ChainTarget::Tcp)
+}
+
 fn no_match_beyond(m: &FilterChainMatch, allow_prefix: bool, allow_port: bool) -> R<()> {
     let bad = |f: &str, why: &str| Err(Fault::refused(&format!("filter_chain_match.{f}"), why));
     if !allow_prefix && !m.prefix_ranges.is_empty() {
@@ -849,7 +895,14 @@ fn no_match_beyond(m: &FilterChainMatch, allow_prefix: bool, allow_port: bool) -
 fn public_listener(l: &Listener) -> R<PublicListener> {
     let addr = socket_addr(l.address.as_ref()).at("address")?;
     let original_dst = check_listener_filters(l, false)?;
-    let mut mtls: Option<(DownstreamTls, Vec<RbacRules>, Option<u64>, String)> = None;
+    type Mtls = (
+        DownstreamTls,
+        Vec<RbacRules>,
+        Option<u64>,
+        String,
+        Option<InboundHcm>,
+    );
+    let mut mtls: Option<Mtls> = None;
     let mut permissive = Vec::new();
     if let Some(_d) = &l.default_filter_chain {
         return Err(Fault::refused(
@@ -906,14 +959,24 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
         let mut rbacs = Vec::new();
         let mut limit = None;
         let mut cluster = None;
+        let mut http = None;
         for (fi, f) in c.filters.iter().enumerate() {
             let fat = format!("{cat}.filters[{fi}]");
             let any = filter_any(f, &fat)?;
             if cluster.is_some() {
                 return Err(Fault::refused(
                     &fat,
-                    "a filter after tcp_proxy is not supported",
+                    "a filter after tcp_proxy or the HTTP connection manager is not supported",
                 ));
+            }
+            if any.type_url == HttpConnectionManager::type_url() {
+                let (c, mut h) = inbound_hcm(any).at(&fat)?;
+                for (f, _) in &mut h.notes {
+                    *f = format!("{fat}.{f}");
+                }
+                cluster = Some(c);
+                http = Some(h);
+                continue;
             }
             if any.type_url == NetworkRbac::type_url() {
                 rbacs.extend(network_rbac(any).at(&fat)?);
@@ -942,11 +1005,14 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
             }
         }
         let Some(cluster) = cluster else {
-            return Err(Fault::invalid(&format!("{cat}.filters"), "no tcp_proxy"));
+            return Err(Fault::invalid(
+                &format!("{cat}.filters"),
+                "no tcp_proxy or HTTP connection manager",
+            ));
         };
-        mtls = Some((tls, rbacs, limit, cluster));
+        mtls = Some((tls, rbacs, limit, cluster, http));
     }
-    let Some((tls, rbac, max_connections, cluster)) = mtls else {
+    let Some((tls, rbac, max_connections, cluster, http)) = mtls else {
         return Err(Fault::invalid("filter_chains", "no mTLS chain"));
     };
     Ok(PublicListener {
@@ -956,7 +1022,52 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
         max_connections,
         cluster,
         permissive,
+        http,
     })
+}
+
+/// The public listener's HCM: Consul's shape, one inline route for every
+/// request to the local app's cluster. Returns that cluster.
+fn inbound_hcm(any: &Any) -> R<(String, InboundHcm)> {
+    let hcm = super::http::hcm(any, Side::Inbound)?;
+    let shape = |why: &str| {
+        Fault::refused(
+            "typed_config.route_config",
+            format!("the public listener's routes must be one catch-all route to the local app, as Consul sends them: {why}"),
+        )
+    };
+    let rm = match hcm.routes {
+        RouteSource::Inline(rm) => rm,
+        RouteSource::Rds(_) => return Err(shape("RDS is not supported here")),
+    };
+    let [r] = rm.routes.as_slice() else {
+        return Err(shape(&format!("{} routes", rm.routes.len())));
+    };
+    if r.matches != veer_core::l7::RequestMatch::default() {
+        return Err(shape("the route has a match condition"));
+    }
+    let [(cluster, _)] = r.clusters.as_slice() else {
+        return Err(shape("the route splits between clusters"));
+    };
+    if r.prefix_rewrite.is_some() || r.retry.is_some() {
+        return Err(shape("the route rewrites or retries"));
+    }
+    let mut notes = hcm.notes;
+    notes.extend(
+        rm.notes
+            .into_iter()
+            .map(|(f, d)| (format!("typed_config.route_config.{f}"), d)),
+    );
+    Ok((
+        cluster.clone(),
+        InboundHcm {
+            protocol: hcm.protocol,
+            rbac: hcm.rbac,
+            xfcc: hcm.xfcc,
+            request_timeout: r.timeout,
+            notes,
+        },
+    ))
 }
 
 fn outbound_listener(l: &Listener) -> R<OutboundListener> {
@@ -1011,12 +1122,12 @@ fn outbound_listener(l: &Listener) -> R<OutboundListener> {
             })?),
             None => None,
         };
-        let cluster = single_tcp_proxy(c).at(&cat)?;
+        let target = chain_target(c).at(&cat)?;
         chains.push(OutboundChain {
             index: ci,
             ips,
             port,
-            cluster,
+            target,
         });
     }
     let default_cluster = match &l.default_filter_chain {
@@ -1068,8 +1179,8 @@ fn upstream_listener(l: &Listener) -> R<ListenerModel> {
             "TLS termination on an upstream listener is not supported",
         ));
     }
-    let cluster = single_tcp_proxy(c).at("filter_chains[0]")?;
-    Ok(ListenerModel::Upstream { addr, cluster })
+    let target = chain_target(c).at("filter_chains[0]")?;
+    Ok(ListenerModel::Upstream { addr, target })
 }
 
 /// `exposed_path_*`: the one HCM shape veer serves (plain HTTP, one exact
@@ -1312,8 +1423,10 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             "CLUSTER_PROVIDED is for ORIGINAL_DST clusters",
         ));
     }
+    let http2 = super::http::cluster_http2(&c.typed_extension_protocol_options)?;
     Ok(ClusterModel {
         kind,
+        http2,
         connect_timeout,
         max_connections,
     })

@@ -823,12 +823,7 @@ fn error_names_resource_and_field_path() {
 #[test]
 fn refused_filters_on_the_public_listener() {
     // (filter name, type URL, reason fragment)
-    let rows: [(&str, String, &str); 7] = [
-        (
-            "envoy.filters.network.http_connection_manager",
-            HttpConnectionManager::type_url(),
-            "HTTP",
-        ),
+    let rows: [(&str, String, &str); 6] = [
         (
             "envoy.filters.network.ext_authz",
             "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz".into(),
@@ -872,16 +867,17 @@ fn refused_filters_on_the_public_listener() {
 }
 
 #[test]
-fn refused_http_connection_manager_on_outbound_chain() {
+fn http_connection_manager_without_router_is_invalid_on_outbound_chain() {
+    // The L7 shapes are tested in `translate/http/tests.rs`.
     let mut x = cx::transparent_proxy(&params());
     let l = x.listener_mut("outbound_listener:127.0.0.1:15001");
     l.filter_chains[0].filters[0] = typed(
         "envoy.filters.network.http_connection_manager",
         &HttpConnectionManager::type_url(),
     );
-    let e = refused(decode_listener(l));
+    let e = invalid(decode_listener(l));
     assert!(
-        e.contains("filter_chains[0].filters[0]") && e.contains("L7"),
+        e.contains("filter_chains[0].filters[0].typed_config.http_filters") && e.contains("router"),
         "{e}"
     );
 }
