@@ -37,7 +37,9 @@ impl Env for ProxyEnv {
         let shared = self.shared.clone();
         Box::pin(async move {
             let envoy = shared.upgrade();
-            let cluster = envoy.as_ref().map(|s| s.metrics.envoy.inbound().cluster.clone());
+            let cluster = envoy
+                .as_ref()
+                .map(|s| s.metrics.envoy.inbound().cluster.clone());
             if let Some(c) = &cluster {
                 c.attempt();
             }
