@@ -496,6 +496,31 @@ methods = ["GET"]
             .get("http_denials_total", "denied_no_permission"),
         4
     );
+    // Envoy's names for the public listener's HTTP requests (besides
+    // Consul's stats tags on every series).
+    let text = shared.metrics.render(&[]);
+    let pl = "envoy_http_conn_manager_prefix=\"public_listener\"";
+    for (name, labels, value) in [
+        ("envoy_http_downstream_rq_total", vec![pl], "6"),
+        (
+            "envoy_http_downstream_rq_xx",
+            vec![pl, "envoy_response_code_class=\"2\""],
+            "2",
+        ),
+        (
+            "envoy_http_downstream_rq_xx",
+            vec![pl, "envoy_response_code_class=\"4\""],
+            "4",
+        ),
+        ("envoy_http_downstream_rq_time_count", vec![pl], "6"),
+    ] {
+        let found = text.lines().any(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && labels.iter().all(|w| l.contains(w))
+                && l.ends_with(&format!(" {value}"))
+        });
+        assert!(found, "{name} {labels:?} {value} in\n{text}");
+    }
 }
 
 /// One HTTP/2 frame.
