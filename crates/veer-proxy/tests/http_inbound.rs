@@ -36,6 +36,9 @@ async fn app(h2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
             n.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
                     let xfcc = req
                         .headers()
                         .get("x-forwarded-client-cert")
@@ -576,4 +579,61 @@ async fn h2_rapid_reset_is_cut_off_and_others_are_served() {
     // Another client is served meanwhile.
     let mut c = h1(&m, l.inbound).await;
     assert_eq!(get(&mut c, "GET", "/ok", None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_and_local_app_down() {
+    let m = Material::new();
+    let (app, _) = app(false).await;
+    let (shared, l) = m.start(app, "").await;
+    let mut s = spec(&m);
+    let mut h = l7(Protocol::Http, Xfcc::Sanitize);
+    h.request_timeout = Some(Duration::from_millis(200));
+    s.inbound_http = Some(h);
+    shared.apply(s.clone()).unwrap();
+    let mut c = h1(&m, l.inbound).await;
+    let t0 = std::time::Instant::now();
+    let (st, body) = get(&mut c, "GET", "/slow", None).await;
+    assert_eq!(
+        (st, body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(get(&mut c, "GET", "/fast", None).await.0, 200);
+    assert_eq!(
+        shared
+            .metrics
+            .get("inbound_http_requests_total", "local_app_timeout"),
+        1
+    );
+    // The local app is gone: 503 with a reason, the connection stays.
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    s.local_app = gone.local_addr().unwrap();
+    drop(gone);
+    shared.apply(s).unwrap();
+    let mut c = h1(&m, l.inbound).await;
+    send_check_503(&mut c).await;
+    send_check_503(&mut c).await;
+    assert_eq!(
+        shared
+            .metrics
+            .get("inbound_http_requests_total", "local_app_connect"),
+        2
+    );
+}
+
+async fn send_check_503(c: &mut Sender) {
+    c.ready().await.unwrap();
+    let r = c
+        .send_request(
+            Request::builder()
+                .uri("/x")
+                .header("host", "api")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-veer-reason"], "local_app_connect");
 }
