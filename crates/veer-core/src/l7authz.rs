@@ -62,7 +62,11 @@ struct CHeader {
 }
 
 impl CHeader {
-    fn compile(name: &str, value: Option<&StringMatch>, invert: bool) -> Result<CHeader, AuthzError> {
+    fn compile(
+        name: &str,
+        value: Option<&StringMatch>,
+        invert: bool,
+    ) -> Result<CHeader, AuthzError> {
         Ok(CHeader {
             name: name.to_ascii_lowercase(),
             value: value.map(|m| m.compile()).transpose()?,
@@ -113,14 +117,21 @@ impl CPermission {
     fn compile(p: &Permission) -> Result<CPermission, AuthzError> {
         Ok(CPermission {
             action: p.action,
-            path: path_matcher(&p.http.path).map(|m| m.compile()).transpose()?,
+            path: path_matcher(&p.http.path)
+                .map(|m| m.compile())
+                .transpose()?,
             headers: p
                 .http
                 .headers
                 .iter()
                 .map(CHeader::from_match)
                 .collect::<Result<_, _>>()?,
-            methods: p.http.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            methods: p
+                .http
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
         })
     }
 
@@ -144,13 +155,19 @@ enum CRbacPerm {
 
 impl CRbacPerm {
     fn compile(p: &RbacPermission) -> Result<CRbacPerm, AuthzError> {
-        let all = |v: &[RbacPermission]| v.iter().map(CRbacPerm::compile).collect::<Result<Vec<_>, _>>();
+        let all = |v: &[RbacPermission]| {
+            v.iter()
+                .map(CRbacPerm::compile)
+                .collect::<Result<Vec<_>, _>>()
+        };
         Ok(match p {
             RbacPermission::Any => CRbacPerm::Any,
             RbacPermission::UrlPath(m) => CRbacPerm::Path(m.compile()?),
-            RbacPermission::Header { name, value, invert } => {
-                CRbacPerm::Header(CHeader::compile(name, value.as_ref(), *invert)?)
-            }
+            RbacPermission::Header {
+                name,
+                value,
+                invert,
+            } => CRbacPerm::Header(CHeader::compile(name, value.as_ref(), *invert)?),
             RbacPermission::And(v) => CRbacPerm::And(all(v)?),
             RbacPermission::Or(v) => CRbacPerm::Or(all(v)?),
             RbacPermission::Not(p) => CRbacPerm::Not(Box::new(CRbacPerm::compile(p)?)),
@@ -322,7 +339,9 @@ impl HttpAuthz {
     ) -> Result<HttpAuthz, AuthzError> {
         match http_rbac {
             Some(r) => Ok(HttpAuthz::Rbac(HttpRbac::compile(r)?)),
-            None if uses_intentions => Ok(HttpAuthz::Intentions(HttpIntentions::compile(intentions)?)),
+            None if uses_intentions => {
+                Ok(HttpAuthz::Intentions(HttpIntentions::compile(intentions)?))
+            }
             None => Ok(HttpAuthz::ConnectionOnly),
         }
     }
@@ -368,11 +387,17 @@ impl HttpAuthz {
                 action.as_str()
             ),
             HttpDecision::RbacAllowed { filter, policy } => {
-                format!("HTTP RBAC filter #{filter} (ALLOW) policy {} matched", pol(filter, policy))
+                format!(
+                    "HTTP RBAC filter #{filter} (ALLOW) policy {} matched",
+                    pol(filter, policy)
+                )
             }
             HttpDecision::RbacNothingDenied => "no HTTP RBAC policy denied".into(),
             HttpDecision::RbacDenied { filter, policy } => {
-                format!("HTTP RBAC filter #{filter} (DENY) policy {} matched", pol(filter, policy))
+                format!(
+                    "HTTP RBAC filter #{filter} (DENY) policy {} matched",
+                    pol(filter, policy)
+                )
             }
             HttpDecision::RbacNoPolicy { filter } => {
                 format!("HTTP RBAC filter #{filter} (ALLOW) has no policy that matches")
@@ -389,7 +414,10 @@ pub enum HttpDecision {
     /// No intention's source matched the peer.
     Default(Action),
     /// An intention without permissions matched.
-    Intention { index: usize, action: Action },
+    Intention {
+        index: usize,
+        action: Action,
+    },
     /// Permission `permission` of intention `intention` matched first.
     Permission {
         intention: usize,
@@ -398,11 +426,22 @@ pub enum HttpDecision {
     },
     /// The intention matched the peer, none of its permissions the request:
     /// the default action.
-    NoPermission { intention: usize, action: Action },
-    RbacAllowed { filter: usize, policy: usize },
+    NoPermission {
+        intention: usize,
+        action: Action,
+    },
+    RbacAllowed {
+        filter: usize,
+        policy: usize,
+    },
     RbacNothingDenied,
-    RbacDenied { filter: usize, policy: usize },
-    RbacNoPolicy { filter: usize },
+    RbacDenied {
+        filter: usize,
+        policy: usize,
+    },
+    RbacNoPolicy {
+        filter: usize,
+    },
 }
 
 impl HttpDecision {

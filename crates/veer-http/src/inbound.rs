@@ -14,10 +14,12 @@
 //! Hostile HTTP is bounded by hyper's limits ([`Limits`]): header read
 //! timeout (slow headers), header count and size, HTTP/2 concurrent
 //! streams, pending-accept and locally-errored reset streams (rapid reset).
-//! hyper answers malformed requests (conflicting `Content-Length` /
-//! `Transfer-Encoding`, invalid method or target) with 400 and closes the
-//! connection; the app never sees them because every forwarded body is
-//! framed anew.
+//! hyper answers malformed requests (differing `Content-Length`s, an
+//! invalid method or target) with 400 and oversized headers with 431, and
+//! closes the connection. A request with both `Content-Length` and
+//! `Transfer-Encoding` is read as chunked and the connection closed after
+//! it (RFC 9112 §6.3), so nothing smuggled behind it is read; every body
+//! forwarded to the app is framed anew.
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -266,17 +268,27 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(req, &down, &app).await) }
     });
     if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
-        let detail = e.to_string();
-        // A peer that closes mid-request is not hostile; everything else
-        // hyper ends a connection for is a protocol error it answered.
-        let kind = match e.downcast_ref::<hyper::Error>() {
-            Some(h) if h.is_incomplete_message() || h.is_canceled() => "closed_mid_request",
-            Some(h) if h.is_timeout() => "header_timeout",
-            Some(h) if h.is_parse() || h.is_parse_too_large() => "bad_request",
-            _ if detail.contains("GOAWAY") || detail.contains("reset") => "h2_protocol",
-            _ => "protocol_error",
-        };
-        env.connection_event(kind, &detail);
+        let mut detail = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            src = s.source();
+        }
+        env.connection_event(classify_conn_error(&*e, &detail), &detail);
+    }
+}
+
+/// A bounded label for why hyper ended a connection.
+fn classify_conn_error(e: &(dyn std::error::Error + 'static), detail: &str) -> &'static str {
+    match e.downcast_ref::<hyper::Error>() {
+        // A peer that closes mid-request is not hostile.
+        Some(h) if h.is_incomplete_message() || h.is_canceled() => "closed_mid_request",
+        Some(h) if h.is_timeout() => "header_timeout",
+        Some(h) if h.is_parse_too_large() => "headers_too_large",
+        Some(h) if h.is_parse() => "bad_request",
+        _ if detail.contains("http2") || detail.contains("GOAWAY") => "h2_protocol",
+        _ => "protocol_error",
     }
 }
 

@@ -4,7 +4,9 @@
 //! snapshot. This module is the glue: the engine's [`Env`] (snapshot,
 //! local-app dials, metrics, access log) on [`Shared`].
 //!
-//! Metrics: `veer_inbound_http_requests_total{code_class, outcome}`
+//! Metrics: Envoy's `envoy_http_downstream_rq_xx` / `_rq_total` /
+//! `_rq_time` for `public_listener`, and
+//! `veer_inbound_http_requests_total{code_class, outcome}`
 //! (outcome `allowed`, a denial reason, or a local-app failure),
 //! `veer_http_denials_total{reason}` for 403s, and
 //! `veer_inbound_http_errors_total{kind}` for connections hyper ended
@@ -37,7 +39,9 @@ impl Env for ProxyEnv {
         let shared = self.shared.clone();
         Box::pin(async move {
             let envoy = shared.upgrade();
-            let cluster = envoy.as_ref().map(|s| s.metrics.envoy.inbound().cluster.clone());
+            let cluster = envoy
+                .as_ref()
+                .map(|s| s.metrics.envoy.inbound().cluster.clone());
             if let Some(c) = &cluster {
                 c.attempt();
             }
@@ -79,6 +83,10 @@ impl Env for ProxyEnv {
             _ => "5xx",
         };
         if let Some(s) = self.shared.upgrade() {
+            s.metrics
+                .envoy
+                .inbound_http()
+                .request(r.status, r.duration.as_secs_f64() * 1e3);
             s.metrics.count_labels(
                 "inbound_http_requests_total",
                 &[("code_class", class), ("outcome", r.outcome)],

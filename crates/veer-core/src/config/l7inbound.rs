@@ -23,7 +23,9 @@ use super::{Ctx, S};
 use crate::authz::StringMatch;
 use crate::config::ConfigError;
 use crate::intentions::Action;
-use crate::l7::{HeaderMatch, HeaderMatchKind, InboundHttp, PathMatch, Permission, PermissionMatch, Xfcc};
+use crate::l7::{
+    HeaderMatch, HeaderMatchKind, InboundHttp, PathMatch, Permission, PermissionMatch, Xfcc,
+};
 use crate::route::Protocol;
 use serde::Deserialize;
 
@@ -78,7 +80,10 @@ pub(super) fn inbound(
         })?,
     };
     if p == Protocol::Tcp {
-        for (v, k) in [(xfcc, "inbound.xfcc"), (request_timeout, "inbound.request_timeout")] {
+        for (v, k) in [
+            (xfcc, "inbound.xfcc"),
+            (request_timeout, "inbound.request_timeout"),
+        ] {
             if let Some(v) = v {
                 return Err(cx.err(v.span(), k, "applies only to protocol http, http2 or grpc"));
             }
@@ -102,7 +107,11 @@ pub(super) fn inbound(
     };
     let request_timeout = match request_timeout {
         None => None,
-        Some(_) => Some(cx.duration(request_timeout, "inbound.request_timeout", Default::default())?),
+        Some(_) => Some(cx.duration(
+            request_timeout,
+            "inbound.request_timeout",
+            Default::default(),
+        )?),
     };
     Ok(Some(InboundHttp {
         protocol: p,
@@ -178,7 +187,11 @@ pub(super) fn permissions(
             let hs = hs.get_ref();
             let name = hs.name.get_ref();
             if name.is_empty() || http_token(name).is_none() {
-                return Err(cx.err(hs.name.span(), kh("name"), format!("{name:?} is not a header name")));
+                return Err(cx.err(
+                    hs.name.span(),
+                    kh("name"),
+                    format!("{name:?} is not a header name"),
+                ));
             }
             let mut kinds = Vec::new();
             if let Some(v) = &hs.exact {
@@ -191,16 +204,26 @@ pub(super) fn permissions(
                 kinds.push((v.span(), HeaderMatchKind::Suffix(v.get_ref().clone())));
             }
             if let Some(v) = &hs.regex {
-                kinds.push((v.span(), HeaderMatchKind::Regex(regex(cx, v, &kh("regex"))?)));
+                kinds.push((
+                    v.span(),
+                    HeaderMatchKind::Regex(regex(cx, v, &kh("regex"))?),
+                ));
             }
             if let Some(v) = &hs.present {
                 if !*v.get_ref() {
-                    return Err(cx.err(v.span(), kh("present"), "only `present = true` (use `invert` for absent)"));
+                    return Err(cx.err(
+                        v.span(),
+                        kh("present"),
+                        "only `present = true` (use `invert` for absent)",
+                    ));
                 }
                 kinds.push((v.span(), HeaderMatchKind::Present));
             }
             let kind = match kinds.len() {
-                1 => kinds.pop().map(|(_, k)| k).unwrap_or(HeaderMatchKind::Present),
+                1 => kinds
+                    .pop()
+                    .map(|(_, k)| k)
+                    .unwrap_or(HeaderMatchKind::Present),
                 0 => {
                     return Err(cx.err(
                         hs.name.span(),

@@ -1035,7 +1035,10 @@ fn inbound_l7_and_permissions() {
     let web = &l.spec.intentions[0];
     assert_eq!(web.permissions.len(), 2);
     assert_eq!(web.permissions[0].action, Action::Deny);
-    assert_eq!(web.permissions[0].http.path, PathMatch::Prefix("/admin".into()));
+    assert_eq!(
+        web.permissions[0].http.path,
+        PathMatch::Prefix("/admin".into())
+    );
     assert_eq!(web.permissions[1].http.methods, ["GET", "HEAD"]);
     assert_eq!(
         web.permissions[1].http.headers,
@@ -1066,20 +1069,34 @@ fn inbound_l7_mistakes_name_key_and_line() {
     let line_of =
         |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
     let cases: Vec<(String, &str, &str)> = vec![
-        (L7.replace("protocol = \"http\"", "protocol = \"h3\""), "inbound.protocol", "h3"),
-        (L7.replace("\"append_forward\"", "\"forward\""), "inbound.xfcc", "forward"),
+        (
+            L7.replace("protocol = \"http\"", "protocol = \"h3\""),
+            "inbound.protocol",
+            "h3",
+        ),
+        (
+            L7.replace("\"append_forward\"", "\"forward\""),
+            "inbound.xfcc",
+            "forward",
+        ),
         (
             L7.replace("protocol = \"http\"\n", ""),
             "inbound.xfcc",
             "xfcc =",
         ),
         (
-            L7.replace("protocol = \"http\"\nxfcc = \"append_forward\"\nrequest_timeout = \"30s\"\n", ""),
+            L7.replace(
+                "protocol = \"http\"\nxfcc = \"append_forward\"\nrequest_timeout = \"30s\"\n",
+                "",
+            ),
             "intentions.rules[0].permissions",
             "source = \"web\"",
         ),
         (
-            L7.replace("path_prefix = \"/admin\"", "path_prefix = \"/admin\"\npath_exact = \"/x\""),
+            L7.replace(
+                "path_prefix = \"/admin\"",
+                "path_prefix = \"/admin\"\npath_exact = \"/x\"",
+            ),
             "intentions.rules[0].permissions[0].path_prefix",
             "path_prefix",
         ),
@@ -1104,7 +1121,10 @@ fn inbound_l7_mistakes_name_key_and_line() {
             "headers",
         ),
         (
-            L7.replace("action = \"deny\"\npath_prefix", "action = \"block\"\npath_prefix"),
+            L7.replace(
+                "action = \"deny\"\npath_prefix",
+                "action = \"block\"\npath_prefix",
+            ),
             "intentions.rules[0].permissions[0].action",
             "block",
         ),

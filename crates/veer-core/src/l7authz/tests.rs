@@ -217,7 +217,10 @@ fn precedence_picks_the_intention_before_permissions() {
         subject: "CN=x".into(),
         id: None,
     };
-    assert_eq!(h.evaluate(&anon, &req("GET", "/")), HttpDecision::NoIdentity);
+    assert_eq!(
+        h.evaluate(&anon, &req("GET", "/")),
+        HttpDecision::NoIdentity
+    );
 }
 
 #[test]
@@ -233,7 +236,11 @@ fn l4_listener_denies_intentions_with_permissions() {
     );
     let d = all.evaluate(&id("web"));
     assert!(!d.allowed());
-    assert!(all.explain(&d).contains("L7 permissions"), "{}", all.explain(&d));
+    assert!(
+        all.explain(&d).contains("L7 permissions"),
+        "{}",
+        all.explain(&d)
+    );
     assert!(all.evaluate(&id("db")).allowed());
 }
 
@@ -327,12 +334,26 @@ fn http_rbac_deny_filter_and_combinators() {
     let r = HttpRbac::compile(&rules).unwrap();
     let hz = HttpAuthz::Rbac(r);
     let d = hz.evaluate(&peer("web"), &req("DELETE", "/public/a"));
-    assert_eq!(d, HttpDecision::RbacDenied { filter: 0, policy: 0 });
+    assert_eq!(
+        d,
+        HttpDecision::RbacDenied {
+            filter: 0,
+            policy: 0
+        }
+    );
     assert!(hz.explain(&d).contains("no-delete"));
     let d = hz.evaluate(&peer("web"), &req("GET", "/private"));
-    assert_eq!(d, HttpDecision::RbacDenied { filter: 0, policy: 1 });
+    assert_eq!(
+        d,
+        HttpDecision::RbacDenied {
+            filter: 0,
+            policy: 1
+        }
+    );
     assert!(hz.evaluate(&peer("web"), &req("GET", "/")).allowed());
-    assert!(hz.evaluate(&peer("web"), &req("GET", "/public/x")).allowed());
+    assert!(hz
+        .evaluate(&peer("web"), &req("GET", "/public/x"))
+        .allowed());
     // Other sources are not named by the policies.
     assert_eq!(
         hz.evaluate(&peer("db"), &req("DELETE", "/private")),

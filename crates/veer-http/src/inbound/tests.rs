@@ -31,7 +31,10 @@ fn hop_by_hop_headers_are_removed() {
 #[test]
 fn xfcc_modes() {
     let el = "By=spiffe://td/ns/default/dc/dc1/svc/api;Hash=ab;Subject=\"\";URI=spiffe://td/ns/default/dc/dc1/svc/web";
-    let forged = [("x-forwarded-client-cert", "URI=spiffe://td/ns/default/dc/dc1/svc/admin")];
+    let forged = [(
+        "x-forwarded-client-cert",
+        "URI=spiffe://td/ns/default/dc/dc1/svc/admin",
+    )];
     let table = [
         (Xfcc::Sanitize, &forged[..], None),
         (Xfcc::Sanitize, &[][..], None),
@@ -64,8 +67,14 @@ fn xfcc_element_names_both_sides() {
     // sha256("der")
     let hash = ring::digest::digest(&ring::digest::SHA256, b"der");
     assert_eq!(hash.as_ref().len(), 32);
-    assert!(e.starts_with("By=spiffe://td/ns/default/dc/dc1/svc/api;Hash="), "{e}");
-    assert!(e.contains(";Subject=\"CN=we\\\"b\";URI=spiffe://td/ns/default/dc/dc1/svc/web"), "{e}");
+    assert!(
+        e.starts_with("By=spiffe://td/ns/default/dc/dc1/svc/api;Hash="),
+        "{e}"
+    );
+    assert!(
+        e.contains(";Subject=\"CN=we\\\"b\";URI=spiffe://td/ns/default/dc/dc1/svc/web"),
+        "{e}"
+    );
     let hex = &e["By=spiffe://td/ns/default/dc/dc1/svc/api;Hash=".len()..][..64];
     assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{hex}");
     assert_ne!(hex, "0".repeat(64));
