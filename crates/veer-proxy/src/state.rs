@@ -41,6 +41,8 @@ pub struct Shared {
     /// Listeners bound ahead of a swap ([`Shared::apply`]) or at start,
     /// waiting for the task that serves them to [take](Shared::take_prebound) them.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// Keep-alive connections of outbound HTTP upstreams (L7).
+    pub http_pool: Arc<veer_http::outbound::Pool>,
 }
 
 /// The listeners that follow the snapshot, with what each is for: explicit
@@ -182,6 +184,7 @@ impl Shared {
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
+            http_pool: Default::default(),
         });
         shared.announce_unapplied(None, &shared.snapshot());
         Ok(shared)
