@@ -73,7 +73,7 @@ fn api_v2_config(ca: &TestCa) -> String {
     mesh::api_config(ca, "deny", &mesh::allow("web"))
         .replace("0.0.0.0:20000", "0.0.0.0:20001")
         .replace("127.0.0.1:8080", "127.0.0.1:8081")
-        + "\n[admin]\nbind = \"127.0.0.1:19001\"\n"
+        + "\n[outbound]\nbind = \"127.0.0.1:15002\"\nbind_ipv6 = \"\"\n\n[admin]\nbind = \"127.0.0.1:19001\"\n"
 }
 
 struct L7Mesh {
@@ -85,6 +85,7 @@ struct L7Mesh {
     client: Netns,
     _server: Netns,
     _files: TempDir,
+    _ca: TestCa,
 }
 
 fn setup() -> L7Mesh {
@@ -95,12 +96,20 @@ fn setup() -> L7Mesh {
     mesh::redirect(
         &bin(),
         &server,
-        &["-exclude-inbound-port", "20001", "-exclude-inbound-port", "20009"],
+        &[
+            "-exclude-inbound-port",
+            "20001",
+            "-exclude-inbound-port",
+            "20009",
+        ],
     );
     let v1 = spawn_http_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "v1");
     let v2 = spawn_http_app(Some(&server), "127.0.0.1:8081".parse().unwrap(), "v2");
     let web_cfg = files.write("web.toml", &mesh::web_config_with(&ca, &api_keys(), ""));
-    let api_cfg = files.write("api.toml", &mesh::api_config(&ca, "deny", &mesh::allow("web")));
+    let api_cfg = files.write(
+        "api.toml",
+        &mesh::api_config(&ca, "deny", &mesh::allow("web")),
+    );
     let api2_cfg = files.write("api2.toml", &api_v2_config(&ca));
     let web = Sidecar::start(&bin(), &client, web_cfg, files.join("web.log"), &[]);
     let api = Sidecar::start(&bin(), &server, api_cfg, files.join("api.log"), &[]);
@@ -114,6 +123,7 @@ fn setup() -> L7Mesh {
         client,
         _server: server,
         _files: files,
+        _ca: ca,
     }
 }
 
@@ -127,12 +137,19 @@ fn curl(ns: &Netns, args: &str) -> (u16, Option<String>, String) {
         .expect("curl");
     // body \n code \n headers
     let (body_code, head) = out.split_once("\nHTTP/").unwrap_or((&out, ""));
-    let (body, code) = body_code.trim_end().rsplit_once('\n').unwrap_or(("", body_code.trim()));
+    let (body, code) = body_code
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", body_code.trim()));
     let reason = head
         .lines()
         .find_map(|l| l.strip_prefix("x-veer-reason: "))
         .map(|r| r.trim().to_string());
-    (code.trim().parse().unwrap_or(0), reason, body.to_string())
+    (
+        code.trim().parse().unwrap_or(0),
+        reason,
+        body.trim_end().to_string(),
+    )
 }
 
 #[test]
@@ -164,12 +181,21 @@ fn outbound_http_routes_through_the_mesh() {
     );
     assert_eq!(s, 200, "{body}");
     assert_eq!(body, format!("v2 HTTP/2.0 GET /c host={vip}"));
-    let (s, _, body) = curl(&m.client, &format!("--http2-prior-knowledge http://{vip}/d"));
-    assert_eq!((s, body.as_str()), (200, format!("v1 HTTP/1.1 GET /d host={vip}").as_str()));
+    let (s, _, body) = curl(
+        &m.client,
+        &format!("--http2-prior-knowledge http://{vip}/d"),
+    );
+    assert_eq!(
+        (s, body.as_str()),
+        (200, format!("v1 HTTP/1.1 GET /d host={vip}").as_str())
+    );
 
     // The explicit upstream listener serves the same routes.
     let (s, _, body) = curl(&m.client, "http://127.0.0.1:9191/v2/x");
-    assert_eq!((s, body.as_str()), (200, "v2 HTTP/2.0 GET /x host=127.0.0.1:9191"));
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "v2 HTTP/2.0 GET /x host=127.0.0.1:9191")
+    );
 
     // A cluster whose only endpoint refuses: 503 with the reason.
     let (s, r, _) = curl(&m.client, &format!("http://{vip}/down"));
@@ -187,14 +213,21 @@ fn outbound_http_routes_through_the_mesh() {
     assert_eq!((s, r.as_deref()), (504, Some("timeout")));
 
     // gRPC's shape: trailers reach the app over HTTP/2.
-    let out = m
-        .client
-        .sh_ok(&format!(
-            "curl -sS --max-time 10 -i --http2-prior-knowledge -H 'x-canary: 1' http://{vip}/trailers"
-        ))
-        .unwrap();
-    assert!(out.contains("grpc-status: 0"), "{out}");
-    assert!(out.contains("x-app: v2"), "{out}");
+    let (s, body, trailers) = veer_testsupport::http::h2_request(
+        Some(&m.client),
+        format!("{vip}:80").parse().unwrap(),
+        "POST",
+        "/trailers",
+        &[("x-canary", "1"), ("content-type", "application/grpc")],
+    )
+    .unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert!(body.starts_with("v2 HTTP/2.0 POST /trailers"), "{body}");
+    assert!(
+        trailers.contains(&"grpc-status: 0".to_string()),
+        "{trailers:?}"
+    );
+    assert!(trailers.contains(&"x-app: v2".to_string()), "{trailers:?}");
 
     // Upstream connections are kept alive and reused: every request to v1
     // above (separate curls, separate app connections) shared one mTLS
@@ -209,18 +242,24 @@ fn outbound_http_routes_through_the_mesh() {
         .client
         .sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
         .unwrap();
-    let v2_sni = format!("v2.api.default.dc1.internal.{TRUST_DOMAIN}");
-    assert!(
-        stats.lines().any(|l| l.starts_with("envoy_cluster_upstream_rq_xx{")
+    // The v2 cluster (its SNI's labels, as Consul's stats tags extract them).
+    let v2 = "consul_destination_target=\"v2.api.default.dc1\"";
+    let class2 = |l: &&str| {
+        l.starts_with("envoy_cluster_upstream_rq_xx{")
             && l.contains("envoy_response_code_class=\"2\"")
-            && l.contains(&format!("consul_destination_target=\"{}\"", "v2.api.default.dc1"))
-            || (l.starts_with("envoy_cluster_upstream_rq_xx{")
-                && l.contains(&v2_sni)
-                && l.contains("envoy_response_code_class=\"2\""))),
+    };
+    assert!(
+        stats
+            .lines()
+            .filter(class2)
+            .any(|l| l.contains(v2) && l.ends_with("} 4")),
         "{stats}"
     );
     assert!(stats.contains("envoy_cluster_upstream_rq_total"), "{stats}");
-    assert!(stats.contains("envoy_cluster_upstream_rq_time_bucket"), "{stats}");
+    assert!(
+        stats.contains("envoy_cluster_upstream_rq_time_bucket"),
+        "{stats}"
+    );
     assert!(
         stats.contains("veer_outbound_http_local_replies_total{reason=\"connect_failure\"} 1"),
         "{stats}"

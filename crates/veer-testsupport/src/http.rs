@@ -46,7 +46,9 @@ pub fn spawn_http_app(
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(addr).await.expect("http app bind");
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .expect("http app bind");
             let app = HttpApp {
                 addr: l.local_addr().unwrap(),
                 connections: Arc::new(AtomicUsize::new(0)),
@@ -55,7 +57,9 @@ pub fn spawn_http_app(
             };
             tx.send(app.clone()).unwrap();
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
                 app.connections.fetch_add(1, Ordering::SeqCst);
                 let app = app.clone();
                 tokio::spawn(async move {
@@ -131,4 +135,75 @@ async fn answer(
     let mut r = Response::new(body);
     *r.status_mut() = status;
     r
+}
+
+/// One HTTP/2 (prior knowledge) request from inside `ns` (or here) with
+/// hyper: (status, body, trailers as `name: value` lines). For what curl
+/// does not show, such as gRPC's trailers.
+pub fn h2_request(
+    ns: Option<&crate::netns::Netns>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, Vec<String>), String> {
+    let path_ns = ns.map(|n| n.path());
+    let method = method.to_string();
+    let path = path.to_string();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::thread::spawn(move || {
+        if let Some(p) = path_ns {
+            crate::netns::enter(&p).map_err(|e| e.to_string())?;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let s = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut b = Request::builder()
+                .method(method.as_str())
+                .uri(format!("http://{addr}{path}"));
+            for (k, v) in &headers {
+                b = b.header(k, v);
+            }
+            let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+                .await
+                .map_err(|_| "no response in 10 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let c = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let trailers = c
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = String::from_utf8_lossy(&c.to_bytes()).into_owned();
+            Ok((status, body, trailers))
+        })
+    })
+    .join()
+    .map_err(|_| "client thread panicked".to_string())?
 }

@@ -105,10 +105,7 @@ impl ClusterStats {
         self.http.get_or_init(|| {
             let class_labels = std::array::from_fn(|i| {
                 let mut l = self.tags.labels.to_vec();
-                l.push((
-                    "envoy_response_code_class".to_string(),
-                    (i + 1).to_string(),
-                ));
+                l.push(("envoy_response_code_class".to_string(), (i + 1).to_string()));
                 Labels::from(l)
             });
             Box::new(HttpClusterStats {

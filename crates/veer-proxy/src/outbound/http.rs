@@ -104,9 +104,7 @@ impl Connector for MeshConnector {
                 }),
                 Err(e) => {
                     let label = e.classify();
-                    self.shared
-                        .metrics
-                        .endpoint_failure(target.name(), label);
+                    self.shared.metrics.endpoint_failure(target.name(), label);
                     if let Some(n) = self.shared.may_warn() {
                         tracing::warn!(upstream = %target.name(), endpoint = %ep, reason = %label, suppressed = n, "HTTP upstream endpoint failed, trying the next: {e}");
                     }
