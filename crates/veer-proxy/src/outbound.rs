@@ -8,7 +8,10 @@
 //! repeated after the handshake (resumed sessions skip the first), before
 //! any byte of the app is sent. An upstream with `max_connections` open
 //! refuses more (`reason=overflow`).
-//! Passthrough routes dial plain TCP and relay with splice.
+//! Passthrough routes dial plain TCP and relay with splice. An upstream
+//! with HTTP routes is served at L7 instead ([`http`]).
+mod http;
+
 use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::net::{self, DialError, Dialed};
@@ -188,6 +191,10 @@ async fn forward(
                 );
                 return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
             };
+            if upstream.http.is_some() {
+                drop(snap);
+                return http::serve(shared, tcp, peer, orig, upstream.clone()).await;
+            }
             let stats = shared.metrics.envoy.upstream(&upstream);
             if let Some(s) = stats {
                 s.tcp.cx_total.fetch_add(1, Relaxed);
@@ -219,7 +226,7 @@ async fn forward(
                 s.tcp.cx_total.fetch_add(1, Relaxed);
             }
             let cluster = stats.map(|s| &*s.cluster);
-            let tls = match connect_tls(&shared, &snap, &upstream, addr, cluster).await {
+            let tls = match connect_tls(&shared, &snap, &upstream, addr, cluster, None).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
@@ -266,7 +273,7 @@ async fn connect_mesh(
     };
     let now = shared.now_ms();
     for ep in target.pick_order(now) {
-        match connect_tls(shared, snap, target, ep.addr, cluster).await {
+        match connect_tls(shared, snap, target, ep.addr, cluster, None).await {
             Ok(s) => {
                 target.mark_ok(ep);
                 return Ok(s);
@@ -290,18 +297,19 @@ async fn connect_mesh(
 /// mTLS to one address, counted as one connection attempt of the
 /// upstream's cluster (Envoy's `upstream_cx_total`, `_connect_fail`,
 /// `_connect_timeout`, `_connect_ms`; `_active` until the caller reports
-/// the close).
+/// the close). `alpn`: the one protocol to offer (L7), none at L4.
 async fn connect_tls(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
+    alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     if let Some(c) = cluster {
         c.attempt();
     }
-    let r = try_tls(shared, snap, upstream, addr, cluster).await;
+    let r = try_tls(shared, snap, upstream, addr, cluster, alpn).await;
     if let (Err(e), Some(c)) = (&r, cluster) {
         c.failed(matches!(e, OutboundError::Dial(d) if d.classify() == "timeout"));
     }
@@ -316,8 +324,9 @@ async fn try_tls(
     upstream: &Upstream,
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
+    alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
-    let Some(config) = upstream.tls.as_ref().map(|t| t.get()) else {
+    let Some(mut config) = upstream.tls.as_ref().map(|t| t.get()) else {
         return Err(OutboundError::Handshake(
             addr,
             "tls_setup",
@@ -338,6 +347,13 @@ async fn try_tls(
     let t1 = Instant::now();
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
+    if let Some(p) = alpn {
+        // A copy per new L7 connection (they are pooled); resumption state
+        // is shared through the copied Arc.
+        let mut c = (*config).clone();
+        c.alpn_protocols = vec![p.to_vec()];
+        config = Arc::new(c);
+    }
     let conn = UnbufferedClientConnection::new(config, name)
         .map_err(|e| OutboundError::Handshake(addr, "tls_setup", e.to_string()))?;
     // Boxed: the connection's future then holds a pointer, not the TLS

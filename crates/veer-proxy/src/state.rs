@@ -44,6 +44,8 @@ pub struct Shared {
     /// The inbound L7 engine's pooled clients to the local app, made by
     /// the first L7 connection ([`crate::inbound_http::app_client`]).
     pub inbound_app: std::sync::OnceLock<Arc<veer_http::inbound::AppClient>>,
+    /// Keep-alive connections of outbound HTTP upstreams (L7).
+    pub http_pool: Arc<veer_http::outbound::Pool>,
 }
 
 /// The listeners that follow the snapshot, with what each is for: explicit
@@ -186,6 +188,7 @@ impl Shared {
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
             inbound_app: std::sync::OnceLock::new(),
+            http_pool: Default::default(),
         });
         shared.announce_unapplied(None, &shared.snapshot());
         Ok(shared)

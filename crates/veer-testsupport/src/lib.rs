@@ -14,6 +14,7 @@ pub mod consul_xds;
 pub mod echo;
 pub mod envoy;
 pub mod http_app;
+pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod xds;

@@ -70,9 +70,53 @@ pub struct ClusterStats {
     pub length_ms: Hist,
     pub membership_total: AtomicU64,
     pub membership_healthy: AtomicU64,
+    /// Its request stats, made on its first HTTP request (L4 clusters
+    /// never have them).
+    http: std::sync::OnceLock<Box<HttpClusterStats>>,
+}
+
+/// Envoy's per-cluster request stats (`upstream_rq_total`,
+/// `upstream_rq_<class>xx`, `upstream_rq_time`).
+#[derive(Debug)]
+pub struct HttpClusterStats {
+    pub rq_total: AtomicU64,
+    /// By response class 1xx..5xx.
+    pub rq_xx: [AtomicU64; 5],
+    /// Milliseconds until the response head.
+    pub rq_time: Hist,
+    /// The cluster's labels with `envoy_response_code_class` = 1..5.
+    class_labels: [Labels; 5],
+}
+
+impl HttpClusterStats {
+    /// One answered request (`status` as sent to the app) after `ms`.
+    pub fn answered(&self, status: u16, ms: f64) {
+        self.rq_total.fetch_add(1, Relaxed);
+        if let Some(c) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
+            self.rq_xx[c as usize].fetch_add(1, Relaxed);
+        }
+        self.rq_time.observe(ms);
+    }
 }
 
 impl ClusterStats {
+    /// Its request stats, made on first use.
+    pub fn http(&self) -> &HttpClusterStats {
+        self.http.get_or_init(|| {
+            let class_labels = std::array::from_fn(|i| {
+                let mut l = self.tags.labels.to_vec();
+                l.push(("envoy_response_code_class".to_string(), (i + 1).to_string()));
+                Labels::from(l)
+            });
+            Box::new(HttpClusterStats {
+                rq_total: AtomicU64::new(0),
+                rq_xx: Default::default(),
+                rq_time: Hist::new(ENVOY_BUCKETS),
+                class_labels,
+            })
+        })
+    }
+
     fn new(rules: &TagRules, name: &str) -> ClusterStats {
         ClusterStats {
             tags: Tags::new(
@@ -91,6 +135,7 @@ impl ClusterStats {
             length_ms: Hist::new(ENVOY_BUCKETS),
             membership_total: AtomicU64::new(0),
             membership_healthy: AtomicU64::new(0),
+            http: std::sync::OnceLock::new(),
         }
     }
 
@@ -463,6 +508,26 @@ impl Collector for EnvoyStats {
                 l,
                 Value::Gauge(c.membership_healthy.load(Relaxed)),
             );
+            if let Some(h) = c.http.get() {
+                push(
+                    &mut fams,
+                    t.name("upstream_rq_total"),
+                    l,
+                    Value::Counter(h.rq_total.load(Relaxed)),
+                );
+                for (n, cl) in h.rq_xx.iter().zip(&h.class_labels) {
+                    let n = n.load(Relaxed);
+                    if n > 0 {
+                        push(&mut fams, t.name("upstream_rq_xx"), cl, Value::Counter(n));
+                    }
+                }
+                push(
+                    &mut fams,
+                    t.name("upstream_rq_time"),
+                    l,
+                    Value::Hist(&h.rq_time),
+                );
+            }
         }
         for p in &tcps {
             let (t, l) = (&p.tags, &p.tags.labels);
