@@ -1,5 +1,5 @@
 //! The translation of Consul's xDS resources into veer's one plain-data
-//! [`Spec`] (L4, transparent proxy), sans IO.
+//! [`Spec`] (transparent proxy, L4 and L7), sans IO.
 //!
 //! - [`decode`] takes one resource as the ADS client receives it, checks it
 //!   on its own and returns it decoded, or the reason to NACK it (the
@@ -45,11 +45,30 @@
 //! - Endpoints: of the lowest priority that has any usable, those HEALTHY or
 //!   of UNKNOWN health (Consul sets `healthy_panic_threshold` 0), with their
 //!   weights; `endpoints: [{}]` is an upstream with no hosts.
-//! - Routes are stored but unused: every HCM but the exposed-path shape is
-//!   refused until L7 lands.
+//! - L7 (`http` module): an HTTP connection manager as the last filter of
+//!   the public listener's mTLS chain makes [`Spec::inbound_http`]: the
+//!   protocol (`grpc_stats`/`grpc_http1_bridge` = gRPC, HTTP/2 codec =
+//!   http2, else http), HTTP `rbac` filters (ALLOW/DENY; permissions `any`,
+//!   `url_path`, `header`, `and_rules`, `or_rules`, `not_rule`; no filter =
+//!   every request allowed), XFCC (`SANITIZE`, `APPEND_FORWARD`,
+//!   `SANITIZE_SET`), and the one inline catch-all route to `local_app`,
+//!   whose timeout is the request timeout. On an outbound chain or an
+//!   explicit upstream listener it makes an upstream with
+//!   [`UpstreamSpec::http`]: the route configuration (inline or RDS over
+//!   ADS) compiles route by route (prefix/path/safe_regex, headers, query
+//!   parameters, cluster or weighted_clusters, prefix_rewrite, timeout,
+//!   retry_policy) and every cluster it names becomes a `ClusterSpec`
+//!   (one target from CDS/EDS; HTTP/2 when its `HttpProtocolOptions` say
+//!   so); the upstream's own target is the catch-all route's heaviest
+//!   cluster. `header_to_metadata`, `grpc_stats` and `grpc_http1_bridge`
+//!   are accepted and listed in `Spec::unapplied`, as are idle timeouts,
+//!   header additions, hash policies and gRPC retry conditions.
 //!
-//! What veer cannot enforce is refused, never skipped: HTTP connection
-//! managers on the public and outbound listeners, `ext_authz`, `jwt_authn`,
+//! What veer cannot enforce is refused, never skipped: HTTP filters other
+//! than rbac/header_to_metadata/grpc_stats/grpc_http1_bridge/router, HTTP
+//! RBAC on outbound, `FORWARD_ONLY` XFCC, redirects, direct responses,
+//! regex or host rewrites, per-route filter configuration, more than one
+//! virtual host or domains other than `*`, `ext_authz`, `jwt_authn`,
 //! `lua`, `wasm`, unknown filters and listener filters, transport sockets
 //! other than TLS, `tls_inspector`/`sni_cluster` chains, a TLS 1.3 minimum
 //! or cipher-suite lists, file data sources.

@@ -882,7 +882,7 @@ pub(crate) fn http_rbac(any: &Any) -> R<Option<RbacRules>> {
             perms.push(rbac_permission(perm, 0).at(format!("{at}.permissions[{i}]"))?);
         }
         // `[Any]` is the network filter's "no condition": store it as empty.
-        if perms.iter().any(|p| *p == RbacPermission::Any) {
+        if perms.contains(&RbacPermission::Any) {
             perms.clear();
         }
         if p.principals.is_empty() {

@@ -1521,8 +1521,7 @@ pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
     }
 }
 
-/// HCM RDS route names a listener refers to (none at L4; kept so that
-/// `wanted` stays right when the L7 shape is allowed).
+/// HCM RDS route names a listener refers to (subscribed by name).
 pub(crate) fn rds_names(l: &Listener) -> Vec<String> {
     let mut out = Vec::new();
     for c in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {

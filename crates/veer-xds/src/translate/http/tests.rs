@@ -898,3 +898,47 @@ fn hcm_filter_without_config_is_refused_with_its_name() {
     assert_eq!(c, "refused");
     let _ = HttpConnectionManager::type_url();
 }
+
+#[test]
+fn vip_chain_and_explicit_listener_with_the_same_rds_share_one_upstream() {
+    // Consul sends an HCM with RDS on the outbound chain of an upstream
+    // whose discovery chain is not the default one
+    // (agent/xds/testdata/listeners/transparent-proxy*.golden, v1.16.0);
+    // here `db` is reachable both on a virtual IP and on its explicit
+    // listener, by the same route configuration.
+    let p = params();
+    let mut x = l7::chain_and_router(&p);
+    let vip: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let db_hcm = x.listeners[0].filter_chains[0].filters[0].clone();
+    let mut ob = cx::transparent_proxy(&p)
+        .listeners
+        .into_iter()
+        .find(|l| l.name.starts_with("outbound_listener:"))
+        .unwrap();
+    ob.filter_chains[0]
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .prefix_ranges[0]
+        .address_prefix = vip.to_string();
+    ob.filter_chains[0]
+        .filter_chain_match
+        .as_mut()
+        .unwrap()
+        .prefix_ranges
+        .truncate(1);
+    ob.filter_chains[0].filters = vec![db_hcm];
+    x.listeners.push(ob);
+    x.clusters.push(cx::original_destination_cluster());
+    let spec = spec_of(&x);
+    let dbs: Vec<&UpstreamSpec> = spec
+        .upstreams
+        .iter()
+        .filter(|u| u.identity.service == "db")
+        .collect();
+    assert_eq!(dbs.len(), 1, "{:?}", spec.upstreams);
+    assert_eq!(dbs[0].virtual_ips, vec![vip]);
+    assert_eq!(dbs[0].local_bind, Some(p.db_bind));
+    assert_eq!(http(dbs[0]).routes.len(), 23);
+    assert_eq!(wanted(&load(&x)).routes.len(), 1);
+}
