@@ -505,6 +505,24 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
     let intentions = Intentions::new(&identity, all_ixns.clone(), default)
         .rules()
         .to_vec();
+    if inbound_http.is_none() {
+        // Consul's xDS does the same: an L7 intention on an L4 listener.
+        for i in intentions.iter().filter(|i| !i.permissions.is_empty()) {
+            unapplied.push(Unapplied::unsupported(
+                format!(
+                    "intention {} ({} => {}): Permissions",
+                    i.id.as_deref().unwrap_or("-"),
+                    i.source,
+                    i.destination
+                ),
+                format!(
+                    "the inbound listener of {} is L4 (its protocol is not http-like), so this \
+                     L7 intention is enforced as deny",
+                    reg.destination_service
+                ),
+            ));
+        }
+    }
 
     // Upstreams.
     let wanted = wanted(state, settings);
