@@ -1273,10 +1273,45 @@ async fn routers_and_splitters_become_http_routes() {
     })
     .await;
     assert_eq!(routes(&spec).unwrap()[0].matches.methods, ["GET"]);
+    // A regex Consul 1.8.7 stores unchecked: refused by name, the last
+    // good routes stay.
+    a.call(
+        "PUT",
+        "/v1/config",
+        json!({"Kind": "service-router", "Name": "api", "Routes": [
+            {"Match": {"HTTP": {"PathRegex": "(("}}, "Destination": {"ServiceSubset": "v2"}}
+        ]}),
+    )
+    .await;
+    let (_, spec) = wait_for(&mut rx, Duration::from_secs(15), "refused router", |s| {
+        s.unapplied
+            .iter()
+            .any(|u| u.setting == "discovery chain api" && u.detail.contains("does not compile"))
+    })
+    .await;
+    let u = spec
+        .unapplied
+        .iter()
+        .find(|u| u.setting == "discovery chain api")
+        .unwrap();
+    assert!(u.detail.contains("Match.HTTP.PathRegex"), "{}", u.detail);
+    assert!(
+        u.detail.contains("the last good chain stays"),
+        "{}",
+        u.detail
+    );
+    assert_eq!(
+        routes(&spec).unwrap()[0].matches.path,
+        PathMatch::Exact("/health".into())
+    );
     a.call("DELETE", "/v1/config/service-router/api", Value::Null)
         .await;
     wait_for(&mut rx, Duration::from_secs(15), "router deleted", |s| {
         routes(s).is_some_and(|r| r.len() == 1)
+            && !s
+                .unapplied
+                .iter()
+                .any(|u| u.setting == "discovery chain api")
     })
     .await;
     task.abort();

@@ -1060,3 +1060,52 @@ fn inbound_l7_follows_the_registration_and_carries_permissions() {
     assert_eq!(rule.action, Action::Deny);
     veer_core::snapshot::Snapshot::build(spec, 1).expect("builds");
 }
+
+/// A chain the last read refused is named in the spec, with what stays
+/// in force; an error for a chain no longer read is not.
+#[test]
+fn refused_chains_are_named_with_what_stays() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    for (svc, dc, f) in [
+        ("legacy", "dc2", None),
+        ("api", "dc1", Some("v1")),
+        ("api", "dc2", Some("v1")),
+        ("api", "dc1", Some("v2")),
+    ] {
+        s.targets.insert(
+            TargetKey {
+                service: svc.into(),
+                datacenter: dc.into(),
+                filter: f.map(|v| format!("Service.Meta.version == {v}")),
+            },
+            Vec::new(),
+        );
+    }
+    s.chain_errors.insert(
+        ServiceKey::local("api"),
+        "regex \"((\" does not compile".into(),
+    );
+    s.chain_errors
+        .insert(ServiceKey::local("gone"), "whatever".into());
+    let spec = assemble(&s, &set).unwrap().spec;
+    let named: Vec<(&str, &str)> = spec
+        .unapplied
+        .iter()
+        .filter(|u| u.setting.starts_with("discovery chain"))
+        .map(|u| (u.setting.as_str(), u.detail.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [(
+            "discovery chain api",
+            "refused: regex \"((\" does not compile; the last good chain stays in force"
+        )]
+    );
+    s.chains.remove(&ServiceKey::local("api"));
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec
+        .unapplied
+        .iter()
+        .any(|u| u.detail.ends_with("Consul's default chain stays in force")));
+}
