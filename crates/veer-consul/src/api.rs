@@ -722,8 +722,11 @@ struct RawIntention {
 /// Parses an intention list (`/v1/connect/intentions`, or one service's
 /// list from `/v1/connect/intentions/match`) into veer-core intentions.
 ///
-/// An L7 intention (with `Permissions`) counts as **deny** at L4, as
-/// Consul's `/agent/connect/authorize` does; intentions whose source is a
+/// An L7 intention (with `Permissions`, Consul ≥ 1.9) keeps them in
+/// [`Intention::permissions`] ([`permissions::parse`]) and has action
+/// **deny**, which is what counts at L4, as in Consul's
+/// `/agent/connect/authorize`; a permission veer cannot enforce makes the
+/// intention a plain deny, with a warning. Intentions whose source is a
 /// cluster peer or a sameness group are skipped (veer does not peer, and
 /// their sources never match a local identity). Missing namespaces are
 /// `default`; a missing source partition is the destination's.
@@ -744,11 +747,17 @@ pub fn parse_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Er
             &or_default(&r.destination_ns),
             r.destination_name.trim(),
         );
+        let mut perms = Vec::new();
         let action = if !r.permissions.is_empty() {
-            warnings.push(format!(
-                "intention {} ({source} => {destination}) has L7 permissions; veer enforces it as deny at L4",
-                r.id
-            ));
+            // Decided per request on an L7 inbound listener; `Deny` is what
+            // counts at L4 (and what an unenforceable permission becomes).
+            match permissions::parse(&r.permissions) {
+                Ok(p) => perms = p,
+                Err(e) => warnings.push(format!(
+                    "intention {} ({source} => {destination}): {e}; the intention is enforced as deny",
+                    r.id
+                )),
+            }
             Action::Deny
         } else {
             match Action::parse(r.action.trim()) {
@@ -771,9 +780,54 @@ pub fn parse_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Er
         }
         let mut i = Intention::new(source, destination, action);
         i.id = non_empty(&r.id).map(str::to_string);
+        i.permissions = perms;
         out.push(i);
     }
     Ok((out, warnings))
+}
+
+/// Parses `service-intentions` config entries (Consul ≥ 1.9;
+/// `GET /v1/config/service-intentions` lists them, one entry or a list is
+/// accepted): each `Sources[]` item is one intention to the entry's
+/// `Name`, read as [`parse_intentions`] reads the intention list
+/// (`LegacyID` as its ID). Consul 1.8.7 refuses this kind.
+pub fn parse_service_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Error> {
+    const WHAT: &str = "/v1/config/service-intentions";
+    let v: Value = json(WHAT, body)?;
+    let entries = match v {
+        Value::Array(a) => a,
+        o @ Value::Object(_) => vec![o],
+        _ => return Err(Error::decode(WHAT, "not an entry or a list of entries")),
+    };
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut list = Vec::new();
+    for e in &entries {
+        if !matches!(text(e, "Kind").as_str(), "" | "service-intentions") {
+            continue;
+        }
+        for src in e
+            .get("Sources")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            list.push(serde_json::json!({
+                "ID": text(src, "LegacyID"),
+                "SourceName": text(src, "Name"),
+                "SourceNS": text(src, "Namespace"),
+                "SourcePartition": text(src, "Partition"),
+                "SourcePeer": text(src, "Peer"),
+                "SourceSamenessGroup": text(src, "SamenessGroup"),
+                "DestinationName": text(e, "Name"),
+                "DestinationNS": text(e, "Namespace"),
+                "DestinationPartition": text(e, "Partition"),
+                "Action": text(src, "Action"),
+                "Permissions": src.get("Permissions").cloned().unwrap_or(Value::Null),
+            }));
+        }
+    }
+    let bytes = serde_json::to_vec(&list).map_err(|e| Error::decode(WHAT, e))?;
+    parse_intentions(&bytes)
 }
 
 /// Parses `/v1/connect/intentions/match?by=destination&name=<service>`
@@ -1324,6 +1378,8 @@ pub fn parse_mesh(status: u16, body: &[u8]) -> Result<Mesh, Error> {
         }),
     }
 }
+
+pub mod permissions;
 
 #[cfg(test)]
 mod tests;

@@ -112,6 +112,10 @@ pub struct State {
     pub chains: BTreeMap<ServiceKey, Compiled>,
     /// The chain keys the last completed chain read was for.
     pub chains_read: Option<BTreeSet<ServiceKey>>,
+    /// Chains the last read refused (e.g. a router regex that does not
+    /// compile), with the reason; the last good one (or Consul's default
+    /// chain) stays in force and the spec names the refusal.
+    pub chain_errors: BTreeMap<ServiceKey, String>,
     /// The instances of each target of those chains.
     pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
     /// The mesh gateways of a datacenter (the `mesh-gateway` service),
@@ -505,6 +509,24 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
     let intentions = Intentions::new(&identity, all_ixns.clone(), default)
         .rules()
         .to_vec();
+    if inbound_http.is_none() {
+        // Consul's xDS does the same: an L7 intention on an L4 listener.
+        for i in intentions.iter().filter(|i| !i.permissions.is_empty()) {
+            unapplied.push(Unapplied::unsupported(
+                format!(
+                    "intention {} ({} => {}): Permissions",
+                    i.id.as_deref().unwrap_or("-"),
+                    i.source,
+                    i.destination
+                ),
+                format!(
+                    "the inbound listener of {} is L4 (its protocol is not http-like), so this \
+                     L7 intention is enforced as deny",
+                    reg.destination_service
+                ),
+            ));
+        }
+    }
 
     // Upstreams.
     let wanted = wanted(state, settings);
@@ -660,6 +682,21 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         }
     }
     let mut upstreams: Vec<UpstreamSpec> = by_key.into_values().chain(extra).collect();
+    for (k, e) in &state.chain_errors {
+        if chains.contains(k) {
+            unapplied.push(Unapplied::unsupported(
+                format!("discovery chain {k}"),
+                format!(
+                    "refused: {e}; {} stays in force",
+                    if state.chains.contains_key(k) {
+                        "the last good chain"
+                    } else {
+                        "Consul's default chain"
+                    }
+                ),
+            ));
+        }
+    }
     // Routers and splitters of upstreams whose chain is not read: named.
     unapplied.extend(crate::entries::unapplied(
         &state.chain_entries,

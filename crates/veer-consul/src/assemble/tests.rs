@@ -1021,3 +1021,91 @@ fn the_registrations_gateway_mode_overrides_the_entries() {
         "then the proxy's"
     );
 }
+
+/// Inbound L7: the registration's protocol switches the public listener
+/// to HTTP; L7 intentions to this service then carry their permissions
+/// into the spec; on an L4 listener they are named (enforced as deny).
+#[test]
+fn inbound_l7_follows_the_registration_and_carries_permissions() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let body = serde_json::json!([{
+        "ID": "l7-1", "SourceName": "api", "DestinationName": "web",
+        "Permissions": [
+            {"Action": "allow", "HTTP": {"PathPrefix": "/public/", "Methods": ["GET"]}}
+        ]
+    }]);
+    let (mut ixns, w) = api::parse_intentions(&serde_json::to_vec(&body).unwrap()).unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    s.intentions.as_mut().unwrap().append(&mut ixns);
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec.inbound_http.is_none());
+    let l7 = spec
+        .unapplied
+        .iter()
+        .find(|u| u.setting == "intention l7-1 (default/api => default/web): Permissions")
+        .unwrap_or_else(|| panic!("{:#?}", spec.unapplied));
+    assert!(l7.detail.contains("enforced as deny"));
+    s.registration.as_mut().unwrap().protocol = Some("http".into());
+    let spec = assemble(&s, &set).unwrap().spec;
+    let inbound = spec.inbound_http.as_ref().expect("inbound L7");
+    assert_eq!(inbound.protocol, veer_core::route::Protocol::Http);
+    assert!(!spec.unapplied.iter().any(|u| u.setting.contains("l7-1")));
+    let rule = spec
+        .intentions
+        .iter()
+        .find(|i| i.id.as_deref() == Some("l7-1"))
+        .unwrap();
+    assert_eq!(rule.permissions.len(), 1);
+    assert_eq!(rule.action, Action::Deny);
+    veer_core::snapshot::Snapshot::build(spec, 1).expect("builds");
+}
+
+/// A chain the last read refused is named in the spec, with what stays
+/// in force; an error for a chain no longer read is not.
+#[test]
+fn refused_chains_are_named_with_what_stays() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    for (svc, dc, f) in [
+        ("legacy", "dc2", None),
+        ("api", "dc1", Some("v1")),
+        ("api", "dc2", Some("v1")),
+        ("api", "dc1", Some("v2")),
+    ] {
+        s.targets.insert(
+            TargetKey {
+                service: svc.into(),
+                datacenter: dc.into(),
+                filter: f.map(|v| format!("Service.Meta.version == {v}")),
+            },
+            Vec::new(),
+        );
+    }
+    s.chain_errors.insert(
+        ServiceKey::local("api"),
+        "regex \"((\" does not compile".into(),
+    );
+    s.chain_errors
+        .insert(ServiceKey::local("gone"), "whatever".into());
+    let spec = assemble(&s, &set).unwrap().spec;
+    let named: Vec<(&str, &str)> = spec
+        .unapplied
+        .iter()
+        .filter(|u| u.setting.starts_with("discovery chain"))
+        .map(|u| (u.setting.as_str(), u.detail.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [(
+            "discovery chain api",
+            "refused: regex \"((\" does not compile; the last good chain stays in force"
+        )]
+    );
+    s.chains.remove(&ServiceKey::local("api"));
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec
+        .unapplied
+        .iter()
+        .any(|u| u.detail.ends_with("Consul's default chain stays in force")));
+}

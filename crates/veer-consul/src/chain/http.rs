@@ -92,8 +92,10 @@ struct RawHttpMatch {
     methods: Option<Vec<String>>,
 }
 
+/// A header condition (a router's `Match.HTTP.Header[]`, an intention
+/// permission's `HTTP.Header[]`: the same fields).
 #[derive(Deserialize, Default)]
-struct RawHeader {
+pub(crate) struct RawHeader {
     #[serde(rename = "Name", default)]
     name: String,
     #[serde(rename = "Present", default)]
@@ -157,56 +159,88 @@ fn regex(re: &str, field: &str) -> Result<String, String> {
         .map_err(|e| format!("{field}: regex {re:?} does not compile: {e}"))
 }
 
-fn request_match(m: Option<&RawMatch>) -> Result<RequestMatch, String> {
-    let mut out = RequestMatch::default();
-    let Some(h) = m.and_then(|m| m.http.as_ref()) else {
-        return Ok(out);
-    };
-    out.path = if let Some(p) = set(&h.path_exact) {
+/// One path condition from Consul's three fields (the first set wins,
+/// Consul's order; `PathPrefix "/"` is any path). `field` = the prefix of
+/// the field names in errors (`Match.HTTP.`).
+pub(crate) fn path_match(
+    exact: &Option<String>,
+    prefix: &Option<String>,
+    regex_: &Option<String>,
+    field: &str,
+) -> Result<PathMatch, String> {
+    Ok(if let Some(p) = set(exact) {
         if !p.starts_with('/') {
-            return Err(format!("Match.HTTP.PathExact {p:?} does not start with /"));
+            return Err(format!("{field}PathExact {p:?} does not start with /"));
         }
         PathMatch::Exact(p.to_string())
-    } else if let Some(p) = set(&h.path_prefix) {
+    } else if let Some(p) = set(prefix) {
         if !p.starts_with('/') {
-            return Err(format!("Match.HTTP.PathPrefix {p:?} does not start with /"));
+            return Err(format!("{field}PathPrefix {p:?} does not start with /"));
         }
         if p == "/" {
             PathMatch::Any
         } else {
             PathMatch::Prefix(p.to_string())
         }
-    } else if let Some(p) = set(&h.path_regex) {
-        PathMatch::Regex(regex(p, "Match.HTTP.PathRegex")?)
+    } else if let Some(p) = set(regex_) {
+        PathMatch::Regex(regex(p, &format!("{field}PathRegex"))?)
     } else {
         PathMatch::Any
+    })
+}
+
+/// One header condition; `None` when it sets no kind (Consul's routes
+/// skip it). `field` names it in errors (`Match.HTTP.Header[0]`).
+pub(crate) fn header_match(hd: &RawHeader, field: &str) -> Result<Option<HeaderMatch>, String> {
+    let name = hd.name.trim();
+    let bare = name.strip_prefix(':').unwrap_or(name);
+    if !token(bare) {
+        return Err(format!("{field}.Name {:?} is not a header name", hd.name));
+    }
+    // Consul's precedence (routes.go, rbac.go): exact, regex, prefix,
+    // suffix, present.
+    let kind = if let Some(v) = set(&hd.exact) {
+        HeaderMatchKind::Exact(v.to_string())
+    } else if let Some(v) = set(&hd.regex) {
+        HeaderMatchKind::Regex(regex(v, &format!("{field}.Regex"))?)
+    } else if let Some(v) = set(&hd.prefix) {
+        HeaderMatchKind::Prefix(v.to_string())
+    } else if let Some(v) = set(&hd.suffix) {
+        HeaderMatchKind::Suffix(v.to_string())
+    } else if hd.present {
+        HeaderMatchKind::Present
+    } else {
+        return Ok(None);
     };
-    for (i, hd) in h.header.iter().flatten().enumerate() {
-        let field = format!("Match.HTTP.Header[{i}]");
-        let name = hd.name.trim();
-        let bare = name.strip_prefix(':').unwrap_or(name);
-        if !token(bare) {
-            return Err(format!("{field}.Name {:?} is not a header name", hd.name));
+    Ok(Some(HeaderMatch {
+        name: name.to_ascii_lowercase(),
+        kind,
+        invert: hd.invert,
+    }))
+}
+
+/// HTTP methods, verbatim: they are case-sensitive and Consul's Envoy
+/// matches them so (`:method` regex `GET|HEAD`). `field` = `…Methods`.
+pub(crate) fn methods(ms: &[String], field: &str) -> Result<Vec<String>, String> {
+    for (i, m) in ms.iter().enumerate() {
+        if !token(m) {
+            return Err(format!("{field}[{i}] {m:?} is not an HTTP method"));
         }
-        // Consul's precedence (routes.go): exact, regex, prefix, suffix, present.
-        let kind = if let Some(v) = set(&hd.exact) {
-            HeaderMatchKind::Exact(v.to_string())
-        } else if let Some(v) = set(&hd.regex) {
-            HeaderMatchKind::Regex(regex(v, &format!("{field}.Regex"))?)
-        } else if let Some(v) = set(&hd.prefix) {
-            HeaderMatchKind::Prefix(v.to_string())
-        } else if let Some(v) = set(&hd.suffix) {
-            HeaderMatchKind::Suffix(v.to_string())
-        } else if hd.present {
-            HeaderMatchKind::Present
-        } else {
-            continue; // Consul skips a condition with no kind.
-        };
-        out.headers.push(HeaderMatch {
-            name: name.to_ascii_lowercase(),
-            kind,
-            invert: hd.invert,
-        });
+    }
+    Ok(ms.to_vec())
+}
+
+fn request_match(m: Option<&RawMatch>) -> Result<RequestMatch, String> {
+    let mut out = RequestMatch::default();
+    let Some(h) = m.and_then(|m| m.http.as_ref()) else {
+        return Ok(out);
+    };
+    out.path = path_match(&h.path_exact, &h.path_prefix, &h.path_regex, "Match.HTTP.")?;
+    for (i, hd) in h.header.iter().flatten().enumerate() {
+        // A condition with no kind is skipped, as Consul does.
+        if let Some(m) = header_match(hd, &format!("Match.HTTP.Header[{i}]"))? {
+            out.headers.push(m);
+        }
     }
     for (i, q) in h.query.iter().flatten().enumerate() {
         let field = format!("Match.HTTP.QueryParam[{i}]");
@@ -227,16 +261,10 @@ fn request_match(m: Option<&RawMatch>) -> Result<RequestMatch, String> {
             kind,
         });
     }
-    for (i, m) in h.methods.iter().flatten().enumerate() {
-        if !token(m) {
-            return Err(format!(
-                "Match.HTTP.Methods[{i}] {m:?} is not an HTTP method"
-            ));
-        }
-        // Verbatim: HTTP methods are case-sensitive and Consul's Envoy
-        // matches them so (`:method` regex `GET|HEAD`).
-        out.methods.push(m.clone());
-    }
+    out.methods = methods(
+        h.methods.as_deref().unwrap_or_default(),
+        "Match.HTTP.Methods",
+    )?;
     Ok(out)
 }
 
