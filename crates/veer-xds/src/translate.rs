@@ -40,8 +40,19 @@
 //!   `max_connections`. Outlier detection is accepted: veer's own endpoint
 //!   failure marking does that job. RING_HASH, MAGLEV, LEAST_REQUEST and
 //!   RANDOM are accepted and approximated by (weighted) round robin, without
-//!   session affinity. Aggregate and DNS clusters are refused (they belong to
-//!   the discovery-chain work).
+//!   session affinity.
+//! - Aggregate clusters (`envoy.clusters.aggregate`, Consul's failover):
+//!   one upstream whose targets are its member clusters in order (nested
+//!   aggregates flattened), each an EDS or DNS cluster with its own SNI,
+//!   SANs, roots and connect timeout; a failover target without an
+//!   assignment has no endpoints (Consul sends none for a target it knows
+//!   no gateway for). A member that does not exist, a loop, or a member
+//!   that is not an upstream cluster is refused, naming the aggregate and
+//!   `cluster_type.typed_config.clusters[i]`.
+//! - DNS clusters (`STRICT_DNS`, `LOGICAL_DNS`; mTLS only): their hosts'
+//!   addresses come from `Resources::dns`, which the ADS client fills
+//!   ([`wanted`] names them with their refresh interval); the lookup
+//!   family picks among them, `LOGICAL_DNS` takes the first.
 //! - Endpoints: of the lowest priority that has any usable, those HEALTHY or
 //!   of UNKNOWN health (Consul sets `healthy_panic_threshold` 0), with their
 //!   weights; `endpoints: [{}]` is an upstream with no hosts.

@@ -1707,3 +1707,119 @@ fn dns_clusters_veer_cannot_serve_are_refused() {
     c.load_assignment = None;
     assert!(invalid(decode_cluster(&c)).contains("load_assignment"));
 }
+
+/// Responses as Consul sends them, one per kind, to an ADS state with the
+/// real translation; then DNS answers as the client's resolver feeds them.
+#[test]
+fn ads_state_resolves_dns_names_and_applies_their_answers() {
+    use crate::ads::{AdsState, Reply};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    let p = params();
+    let host = "123.us-east-1.elb.notaws.com";
+    let x = cx::connect_proxy_with_peered_upstreams(&p, &peer_roots());
+    let mut state = AdsState::new(Translator, Node::default());
+    state.start();
+    let mut applied: Vec<Spec> = Vec::new();
+    let mut apply = |s: Spec| {
+        applied.push(s);
+        Ok(())
+    };
+    for (i, kind) in [Kind::Cluster, Kind::Endpoints, Kind::Listener]
+        .into_iter()
+        .enumerate()
+    {
+        let resources = x
+            .resources()
+            .into_iter()
+            .filter(|(url, _, _)| url == kind.type_url())
+            .map(|(_, name, any)| Resource {
+                version: "1".into(),
+                name,
+                resource: Some(any),
+                ..Default::default()
+            })
+            .collect();
+        let out = state.on_response(
+            DeltaDiscoveryResponse {
+                type_url: kind.type_url().into(),
+                nonce: format!("{i}"),
+                resources,
+                ..Default::default()
+            },
+            &mut apply,
+        );
+        assert_eq!(out.reply, Reply::Ack, "{kind:?}");
+        assert!(!out.delivered, "waits for the name");
+    }
+    assert_eq!(
+        state.dns_wanted().iter().collect::<Vec<_>>(),
+        vec![(&host.to_string(), &Duration::from_secs(10))]
+    );
+    let answer = |ips: Option<Vec<IpAddr>>| {
+        let mut a = std::collections::BTreeMap::new();
+        a.insert(host.to_string(), ips);
+        a.insert(
+            "not.wanted.example".to_string(),
+            Some(vec![ip("192.0.2.99")]),
+        );
+        a
+    };
+    let payments = |s: &Spec| up(s, "payments").endpoints.clone();
+    // First answer: the configuration is complete and applied.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.7")])), &mut apply);
+    assert!(out.changed && out.delivered, "{out:?}");
+    assert!(!state.resources().dns.contains_key("not.wanted.example"));
+    // A failed refresh keeps the addresses held: nothing changes.
+    let out = state.on_dns(answer(None), &mut apply);
+    assert!(!out.changed && !out.delivered, "{out:?}");
+    // The same answer again: nothing to apply.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.7")])), &mut apply);
+    assert!(!out.changed, "{out:?}");
+    // The gateway moved: applied.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.8")])), &mut apply);
+    assert!(out.delivered, "{out:?}");
+    assert_eq!(
+        applied.iter().map(payments).collect::<Vec<_>>(),
+        vec![vec![sa("192.0.2.7:8443")], vec![sa("192.0.2.8:8443")]]
+    );
+}
+
+/// The client's resolver with the system's: `localhost` resolves, an
+/// invalid name fails (`None`), and a new set of names is resolved at once.
+#[test]
+fn resolver_loop_answers_the_wanted_names() {
+    use std::collections::BTreeMap;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (names_tx, names_rx) = tokio::sync::watch::channel(BTreeMap::new());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let task = tokio::spawn(crate::ads::dns::resolve_loop(names_rx, tx));
+        let mut want = BTreeMap::new();
+        want.insert("localhost".to_string(), Duration::from_secs(60));
+        want.insert("no-such-host.invalid".to_string(), Duration::from_secs(60));
+        names_tx.send(want.clone()).unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("answers in time")
+            .expect("answers");
+        let local = a["localhost"].clone().expect("localhost resolves");
+        assert!(
+            local.iter().all(|i| i.is_loopback()) && !local.is_empty(),
+            "{local:?}"
+        );
+        assert_eq!(a["no-such-host.invalid"], None);
+        // A new set is resolved without waiting for the 60 s interval.
+        want.remove("no-such-host.invalid");
+        names_tx.send(want).unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("answers in time")
+            .expect("answers");
+        assert_eq!(a.keys().collect::<Vec<_>>(), vec!["localhost"]);
+        task.abort();
+    });
+}
