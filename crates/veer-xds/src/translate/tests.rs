@@ -1552,7 +1552,7 @@ fn bad_aggregates_are_refused_naming_resource_and_field() {
     );
     let e = invalid(decode_cluster(&cx::aggregate_cluster(&db, &[], 33)));
     assert!(e.contains("cluster_type.typed_config.clusters: "), "{e}");
-    let mut c = cx::aggregate_cluster(&db, &[t0.clone()], 33);
+    let mut c = cx::aggregate_cluster(&db, std::slice::from_ref(&t0), 33);
     if let Some(cluster::ClusterDiscoveryType::ClusterType(ct)) = &mut c.cluster_discovery_type {
         ct.name = "envoy.clusters.redis".into();
     }
@@ -1561,7 +1561,7 @@ fn bad_aggregates_are_refused_naming_resource_and_field() {
         e.contains("cluster_type.name") && e.contains("envoy.clusters.redis"),
         "{e}"
     );
-    let mut c = cx::aggregate_cluster(&db, &[t0.clone()], 33);
+    let mut c = cx::aggregate_cluster(&db, std::slice::from_ref(&t0), 33);
     c.lb_policy = cluster::LbPolicy::RoundRobin as i32;
     assert!(invalid(decode_cluster(&c)).contains("lb_policy"));
 
