@@ -118,14 +118,11 @@ pub struct State {
     pub chain_errors: BTreeMap<ServiceKey, String>,
     /// The instances of each target of those chains.
     pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
-    /// The mesh gateways of a datacenter (the `mesh-gateway` service),
-    /// for targets reached through one.
+    /// The mesh gateways of a datacenter (its instances of kind
+    /// `mesh-gateway`, whatever their name), for targets reached through
+    /// one.
     pub gateways: BTreeMap<String, Vec<ConnectInstance>>,
 }
-
-/// The name `consul connect envoy -gateway=mesh -register` gives mesh
-/// gateways; veer finds a datacenter's gateways under it.
-pub const MESH_GATEWAY_SERVICE: &str = "mesh-gateway";
 
 /// This proxy's datacenter (its leaf's), once known.
 pub fn local_dc(state: &State) -> Option<String> {
@@ -578,11 +575,16 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             &mut warnings,
         );
         u.protocol = protocol;
-        let passing: Vec<&ConnectInstance> = sidecars.iter().filter(|i| i.passing).collect();
-        let mut eps: Vec<SocketAddr> = passing.iter().filter_map(|i| i.endpoint()).collect();
-        eps.sort();
-        eps.dedup();
-        u.endpoints = eps;
+        let passing: Vec<&ConnectInstance> = sidecars
+            .iter()
+            .filter(|i| i.passing && i.weight > 0)
+            .collect();
+        (u.endpoints, u.endpoint_weights) = weighted(
+            passing
+                .iter()
+                .filter_map(|i| Some((i.endpoint()?, i.weight)))
+                .collect(),
+        );
         if transparent && key.datacenter.is_none() {
             let own_part = reg.partition.as_str();
             let mut vips: Vec<IpAddr> = Vec::new();
@@ -780,11 +782,27 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
 /// critical check, and with `OnlyPassing` no warning either (Consul's
 /// rules for the endpoints it gives Envoy).
 fn healthy(i: &ConnectInstance, only_passing: bool) -> bool {
-    if only_passing {
+    if i.weight == 0 {
+        false
+    } else if only_passing {
         i.passing
     } else {
         !i.critical
     }
+}
+
+/// Endpoints with their weights, sorted, each address once (its first
+/// weight), as an upstream's or target's `endpoints` and
+/// `endpoint_weights` (empty when every weight is 1).
+fn weighted(mut eps: Vec<(SocketAddr, u32)>) -> (Vec<SocketAddr>, Vec<u32>) {
+    eps.sort_by_key(|e| e.0);
+    eps.dedup_by_key(|e| e.0);
+    let weights = if eps.iter().all(|e| e.1 == 1) {
+        Vec::new()
+    } else {
+        eps.iter().map(|e| e.1.max(1)).collect()
+    };
+    (eps.into_iter().map(|e| e.0).collect(), weights)
 }
 
 /// Makes `u` follow its compiled discovery chain: the primary target's
@@ -843,7 +861,7 @@ pub fn target_spec(
     let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
     let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
     let mode = gw_override.unwrap_or(t.mesh_gateway);
-    let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
+    let eps: Vec<(SocketAddr, u32)> = if remote && mode.via_gateway() {
         // Through a gateway (which routes on the SNI at L4, TLS end to
         // end): its endpoints, while the target has a healthy instance
         // (Consul gives them the health of the backends).
@@ -854,20 +872,18 @@ pub fn target_spec(
         let gws = state.gateways.get(dc).unwrap_or(&none);
         if healthy_inst.next().is_some() {
             gws.iter()
-                .filter(|g| g.passing)
-                .filter_map(|g| if wan { g.wan } else { g.endpoint() })
+                .filter(|g| g.passing && g.weight > 0)
+                .filter_map(|g| Some((if wan { g.wan } else { g.endpoint() }?, g.weight)))
                 .collect()
         } else {
             Vec::new()
         }
     } else {
         healthy_inst
-            .filter_map(|i| if remote { i.wan } else { i.endpoint() })
+            .filter_map(|i| Some((if remote { i.wan } else { i.endpoint() }?, i.weight)))
             .collect()
     };
-    eps.sort();
-    eps.dedup();
-    ts.endpoints = eps;
+    (ts.endpoints, ts.endpoint_weights) = weighted(eps);
     ts.connect_timeout = Some(timeout.unwrap_or(resolver_timeout));
     ts
 }

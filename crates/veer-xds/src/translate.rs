@@ -40,8 +40,19 @@
 //!   `max_connections`. Outlier detection is accepted: veer's own endpoint
 //!   failure marking does that job. RING_HASH, MAGLEV, LEAST_REQUEST and
 //!   RANDOM are accepted and approximated by (weighted) round robin, without
-//!   session affinity. Aggregate and DNS clusters are refused (they belong to
-//!   the discovery-chain work).
+//!   session affinity.
+//! - Aggregate clusters (`envoy.clusters.aggregate`, Consul's failover):
+//!   one upstream whose targets are its member clusters in order (nested
+//!   aggregates flattened), each an EDS or DNS cluster with its own SNI,
+//!   SANs, roots and connect timeout; a failover target without an
+//!   assignment has no endpoints (Consul sends none for a target it knows
+//!   no gateway for). A member that does not exist, a loop, or a member
+//!   that is not an upstream cluster is refused, naming the aggregate and
+//!   `cluster_type.typed_config.clusters[i]`.
+//! - DNS clusters (`STRICT_DNS`, `LOGICAL_DNS`; mTLS only): their hosts'
+//!   addresses come from `Resources::dns`, which the ADS client fills
+//!   ([`wanted`] names them with their refresh interval); the lookup
+//!   family picks among them, `LOGICAL_DNS` takes the first.
 //! - Endpoints: of the lowest priority that has any usable, those HEALTHY or
 //!   of UNKNOWN health (Consul sets `healthy_panic_threshold` 0), with their
 //!   weights; `endpoints: [{}]` is an upstream with no hosts.
@@ -87,7 +98,7 @@ use parse::{
 use prost::Message;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use veer_core::authz::MatchPattern;
 use veer_core::intentions::Action;
 use veer_core::l7::{
@@ -288,8 +299,87 @@ fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
     match &m.kind {
         ClusterKind::Eds { tls, .. } => Some(tls),
         ClusterKind::OriginalDst(tls) => tls.as_ref(),
-        ClusterKind::Static(_) => None,
+        ClusterKind::Dns { tls, .. } => Some(tls),
+        ClusterKind::Static(_) | ClusterKind::Aggregate(_) => None,
     }
+}
+
+/// The hostnames of a DNS cluster that need resolving (not IP literals).
+fn dns_names(dns: &parse::DnsModel) -> impl Iterator<Item = &str> {
+    dns.hosts
+        .iter()
+        .map(|h| h.host.as_str())
+        .filter(|h| h.parse::<IpAddr>().is_err())
+}
+
+/// The clusters traffic for `name` may end at: `name` itself, or for an
+/// aggregate its members in failover order (nested aggregates flattened).
+/// Unknown members and loops are skipped here (the translation refuses
+/// them, see [`flatten`]).
+fn leaf_clusters(res: &Resources, name: &str) -> Vec<(String, ClusterModel)> {
+    fn walk(
+        res: &Resources,
+        name: &str,
+        seen: &mut BTreeSet<String>,
+        out: &mut Vec<(String, ClusterModel)>,
+    ) {
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        let Some(Ok(m)) = res.clusters.get(name).map(parse::cluster) else {
+            return;
+        };
+        match &m.kind {
+            ClusterKind::Aggregate(members) => {
+                for c in members {
+                    walk(res, c, seen, out);
+                }
+            }
+            _ => out.push((name.to_string(), m)),
+        }
+    }
+    let mut out = Vec::new();
+    walk(res, name, &mut BTreeSet::new(), &mut out);
+    out
+}
+
+/// The member clusters of aggregate `name`, in failover order (nested
+/// aggregates flattened, a cluster named twice kept at its first place);
+/// a member that does not exist or leads back to an aggregate on the way
+/// is invalid, named by the aggregate and the field.
+fn flatten<'a>(
+    clusters: &HashMap<&'a str, ClusterModel>,
+    name: &'a str,
+    path: &mut Vec<&'a str>,
+    out: &mut Vec<&'a str>,
+) -> Result<(), TranslateError> {
+    let Some(ClusterKind::Aggregate(members)) = clusters.get(name).map(|m| &m.kind) else {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+        return Ok(());
+    };
+    path.push(name);
+    for (i, m) in members.iter().enumerate() {
+        let err = |reason: String| TranslateError::Invalid {
+            kind: "cluster",
+            name: name.to_string(),
+            field: format!("cluster_type.typed_config.clusters[{i}]"),
+            reason,
+        };
+        let Some((&member, _)) = clusters.get_key_value(m.as_str()) else {
+            return Err(err(format!("names cluster {m:?}, which does not exist")));
+        };
+        if path.contains(&member) {
+            return Err(err(format!(
+                "names cluster {m:?}, which leads back to it (a loop: {} -> {m})",
+                path.join(" -> ")
+            )));
+        }
+        flatten(clusters, member, path, out)?;
+    }
+    path.pop();
+    Ok(())
 }
 
 /// The names to subscribe to by name: the EDS name of every accepted EDS
@@ -307,6 +397,12 @@ pub fn wanted(res: &Resources) -> Wanted {
         if let Ok(m) = parse::cluster(c) {
             if let ClusterKind::Eds { eds_name, .. } = &m.kind {
                 w.endpoints.insert(eds_name.clone());
+            }
+            if let ClusterKind::Dns { dns, .. } = &m.kind {
+                for h in dns_names(dns) {
+                    let every = w.dns.entry(h.to_string()).or_insert(dns.refresh);
+                    *every = (*every).min(dns.refresh);
+                }
             }
             if let Some(tls) = cluster_tls(&m) {
                 sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
@@ -413,6 +509,36 @@ pub fn missing(res: &Resources) -> Vec<String> {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
                 }
                 Some(Ok(cm)) => {
+                    for (li, (lname, lm)) in leaf_clusters(res, &c).into_iter().enumerate() {
+                        if let ClusterKind::Dns { dns, .. } = &lm.kind {
+                            for h in dns_names(dns) {
+                                if !res.dns.contains_key(h) {
+                                    m.insert(format!("DNS name {h} (cluster {lname})"));
+                                }
+                            }
+                        }
+                        if !matches!(cm.kind, ClusterKind::Aggregate(_)) {
+                            continue;
+                        }
+                        // An aggregate's members: their secrets, and the
+                        // primary's endpoints. A failover target's are not
+                        // waited for: Consul sends none for a target it
+                        // knows no gateway for (endpoints golden
+                        // `connect-proxy-with-tcp-chain-double-failover-through-remote-gateway`).
+                        if let ClusterKind::Eds { eds_name, .. } = &lm.kind {
+                            if li == 0
+                                && !res.endpoints.contains_key(eds_name)
+                                && !res
+                                    .refused
+                                    .contains_key(&(Kind::Endpoints, eds_name.clone()))
+                            {
+                                m.insert(format!("endpoints {eds_name} (EDS)"));
+                            }
+                        }
+                        if let Some(tls) = cluster_tls(&lm) {
+                            sds_names(&tls.leaf, &tls.roots, &mut secrets);
+                        }
+                    }
                     // A passthrough cluster takes endpoints from the EDS
                     // cluster of the same SNI, when there is one.
                     let eds = match &cm.kind {
@@ -507,6 +633,54 @@ impl Secrets<'_> {
             },
         }
     }
+}
+
+/// Where a target's endpoints come from.
+#[derive(Clone, Copy)]
+enum Hosts<'a> {
+    /// The assignment of this EDS name.
+    Eds(&'a str),
+    /// A DNS cluster's hosts, with the addresses the source resolved.
+    Dns(&'a parse::DnsModel),
+    /// None (a passthrough cluster without an EDS sibling).
+    None,
+}
+
+/// A DNS cluster's endpoints: each host's resolved addresses of its
+/// lookup family (`LOGICAL_DNS`: the first one only) on the host's port,
+/// with its weight. An IP literal is its own address.
+fn dns_endpoints(
+    res: &Resources,
+    cname: &str,
+    dns: &parse::DnsModel,
+) -> Result<Vec<(SocketAddr, u32)>, TranslateError> {
+    let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    for h in &dns.hosts {
+        let ips = match h.host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match res.dns.get(&h.host) {
+                Some(ips) => dns.family.pick(ips),
+                None => {
+                    return Err(TranslateError::Incomplete(vec![format!(
+                        "DNS name {} (cluster {cname})",
+                        h.host
+                    )]))
+                }
+            },
+        };
+        let ips = if dns.logical {
+            ips.into_iter().take(1).collect()
+        } else {
+            ips
+        };
+        for ip in ips {
+            let a = SocketAddr::new(ip, h.port);
+            if !out.iter().any(|(o, _)| *o == a) {
+                out.push((a, h.weight));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The upstream being built for one EDS (or passthrough-only) cluster.
@@ -606,6 +780,16 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         request_timeout: h.request_timeout,
     });
 
+    // Every aggregate names existing clusters without a loop (checked for
+    // all, so that a bad one is refused when it comes, not when a listener
+    // first names it).
+    for name in res.clusters.keys() {
+        let name = name.as_str();
+        if matches!(cluster(name).kind, ClusterKind::Aggregate(_)) {
+            flatten(&clusters, name, &mut Vec::new(), &mut Vec::new())?;
+        }
+    }
+
     // Upstreams.
     let no_endpoints = ClusterLoadAssignment::default();
     let mut unapplied: Vec<Unapplied> = Vec::new();
@@ -619,11 +803,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
-    // One target (service instance set) of a cluster: identity, TLS, endpoints.
-    let make_target = |cname: &str,
-                       tls: &parse::UpstreamTls,
-                       model: &ClusterModel,
-                       eds: Option<&str>|
+    // One target: an EDS, DNS or passthrough cluster.
+    let target = |cname: &str,
+                  tls: &parse::UpstreamTls,
+                  model: &ClusterModel,
+                  hosts: Hosts|
      -> Result<TargetSpec, TranslateError> {
         let who = format!("cluster {cname}");
         let identity = tls
@@ -652,50 +836,98 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         t.san_matchers = tls.sans.clone();
         t.roots = (uroots != roots).then_some(uroots);
         t.connect_timeout = model.connect_timeout;
-        if let Some(eds) = eds {
-            let la = match res.endpoints.get(eds) {
-                Some(la) => la,
-                // Refused: no endpoints until a good version arrives.
-                None if res
-                    .refused
-                    .contains_key(&(Kind::Endpoints, eds.to_string())) =>
-                {
-                    &no_endpoints
-                }
-                None => {
-                    return Err(TranslateError::Incomplete(vec![format!(
-                        "endpoints {eds} (EDS)"
-                    )]))
-                }
-            };
-            let eps = parse::endpoints_of(la)
-                .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
-            t.endpoints = eps.iter().map(|e| e.addr).collect();
-            if eps.iter().any(|e| e.weight != 1) {
-                t.endpoint_weights = eps.iter().map(|e| e.weight).collect();
+        let eps: Vec<(SocketAddr, u32)> = match hosts {
+            Hosts::None => Vec::new(),
+            Hosts::Eds(eds) => {
+                let la = match res.endpoints.get(eds) {
+                    Some(la) => la,
+                    // Refused: no endpoints until a good version arrives.
+                    None if res
+                        .refused
+                        .contains_key(&(Kind::Endpoints, eds.to_string())) =>
+                    {
+                        &no_endpoints
+                    }
+                    None => {
+                        return Err(TranslateError::Incomplete(vec![format!(
+                            "endpoints {eds} (EDS)"
+                        )]))
+                    }
+                };
+                parse::endpoints_of(la)
+                    .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?
+                    .into_iter()
+                    .map(|e| (e.addr, e.weight))
+                    .collect()
             }
+            Hosts::Dns(dns) => dns_endpoints(res, cname, dns)?,
+        };
+        t.endpoints = eps.iter().map(|e| e.0).collect();
+        if eps.iter().any(|e| e.1 != 1) {
+            t.endpoint_weights = eps.iter().map(|e| e.1).collect();
         }
         Ok(t)
     };
-    let upstream_of = |t: TargetSpec, model: &ClusterModel| -> UpstreamSpec {
-        let mut spec = UpstreamSpec::new(t.identity);
+    // The targets of an EDS, DNS or aggregate cluster in failover order
+    // (an aggregate's members, the first one primary), and the first
+    // member's model (its circuit breaker and protocol options).
+    let targets_of = |cname: &str| -> Result<(Vec<TargetSpec>, &ClusterModel), TranslateError> {
+        let leaves = match &cluster(cname).kind {
+            ClusterKind::Aggregate(_) => {
+                let mut out = Vec::new();
+                flatten(&clusters, cname, &mut Vec::new(), &mut out)?;
+                out
+            }
+            _ => vec![cname],
+        };
+        let mut targets = Vec::new();
+        for (i, leaf) in leaves.iter().enumerate() {
+            let m = cluster(leaf);
+            let t = match &m.kind {
+                // A failover target without an assignment has no
+                // endpoints (see `missing`).
+                ClusterKind::Eds { eds_name, tls }
+                    if i > 0
+                        && !res.endpoints.contains_key(eds_name.as_str())
+                        && !res
+                            .refused
+                            .contains_key(&(Kind::Endpoints, eds_name.clone())) =>
+                {
+                    target(leaf, tls, m, Hosts::None)?
+                }
+                ClusterKind::Eds { eds_name, tls } => target(leaf, tls, m, Hosts::Eds(eds_name))?,
+                ClusterKind::Dns { tls, dns } => target(leaf, tls, m, Hosts::Dns(dns))?,
+                _ => {
+                    return Err(TranslateError::Refused {
+                        kind: "cluster",
+                        name: cname.to_string(),
+                        field: format!("cluster_type.typed_config.clusters[{i}]"),
+                        reason: format!(
+                            "cluster {leaf} is not an EDS or DNS upstream cluster; an aggregate's members must be"
+                        ),
+                    })
+                }
+            };
+            targets.push(t);
+        }
+        Ok((targets, cluster(leaves[0])))
+    };
+    let upstream_of = |targets: Vec<TargetSpec>, model: &ClusterModel| -> UpstreamSpec {
+        let mut targets = targets.into_iter();
+        let primary = targets
+            .next()
+            .expect("an aggregate names at least one cluster");
+        let mut spec = UpstreamSpec::new(primary.identity.clone());
+        spec.set_primary(primary);
+        spec.failover = targets.collect();
         spec.protocol = Protocol::Tcp;
-        spec.sni = t.sni;
-        spec.san_matchers = t.san_matchers;
-        spec.roots = t.roots;
-        spec.connect_timeout = t.connect_timeout;
         spec.max_connections = model.max_connections;
-        spec.endpoints = t.endpoints;
-        spec.endpoint_weights = t.endpoint_weights;
         spec
     };
-    let new_upstream = |ups: &mut Vec<Building>,
-                        cname: &str,
-                        tls: &parse::UpstreamTls,
-                        model: &ClusterModel,
-                        eds: Option<&str>|
-     -> Result<usize, TranslateError> {
-        let spec = upstream_of(make_target(cname, tls, model, eds)?, model);
+    // The upstream of an EDS, DNS or aggregate cluster.
+    let new_upstream = |ups: &mut Vec<Building>, cname: &str| -> Result<usize, TranslateError> {
+        let (targets, model) = targets_of(cname)?;
+        let spec = upstream_of(targets, model);
         ups.push(Building {
             spec,
             cluster: cname.to_string(),
@@ -725,12 +957,15 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         let mut clusters = Vec::new();
         for n in &names {
             let cm = cluster(n);
-            let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
+            if !matches!(
+                cm.kind,
+                ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_)
+            ) {
                 return Err(inconsistent(format!(
-                    "{rwho}: routes to cluster {n}, which is not an EDS upstream cluster"
+                    "{rwho}: routes to cluster {n}, which is not an EDS, DNS or aggregate upstream cluster"
                 )));
-            };
-            let t = make_target(n, tls, cm, Some(eds_name))?;
+            }
+            let (targets, cm) = targets_of(n)?;
             let protocol = match (cm.http2, hcm.protocol) {
                 (true, Protocol::Grpc) => Protocol::Grpc,
                 (true, _) => Protocol::Http2,
@@ -739,7 +974,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             clusters.push((
                 ClusterSpec {
                     name: n.clone(),
-                    targets: vec![t],
+                    targets,
                     protocol,
                 },
                 cm,
@@ -780,8 +1015,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 "{rwho} (for {who}): no route sends requests anywhere, so veer cannot tell which service the upstream is"
             )));
         }
-        let ptarget = clusters[primary].0.targets[0].clone();
-        let mut spec = upstream_of(ptarget, clusters[primary].1);
+        let mut spec = upstream_of(clusters[primary].0.targets.clone(), clusters[primary].1);
         spec.protocol = hcm.protocol;
         spec.http = Some(HttpRoutes {
             clusters: clusters.into_iter().map(|(c, _)| c).collect(),
@@ -859,12 +1093,12 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             };
             let cm = cluster(chname);
             match &cm.kind {
-                ClusterKind::Eds { eds_name, tls } => {
+                ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_) => {
                     let key = (chname.clone(), ch.port);
                     let i = match by_key.get(&key) {
                         Some(i) => *i,
                         None => {
-                            let i = new_upstream(&mut ups, chname, tls, cm, Some(eds_name))?;
+                            let i = new_upstream(&mut ups, chname)?;
                             ups[i].spec.destination_port = ch.port;
                             by_key.insert(key, i);
                             i
@@ -917,7 +1151,17 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     ClusterKind::Eds { eds_name, .. } => Some(eds_name.as_str()),
                     _ => None,
                 });
-                new_upstream(&mut ups, &cname, tls, cm, eds)?
+                let hosts = eds.map_or(Hosts::None, Hosts::Eds);
+                let t = target(&cname, tls, cm, hosts)?;
+                let mut spec = UpstreamSpec::new(t.identity.clone());
+                spec.set_primary(t);
+                spec.protocol = Protocol::Tcp;
+                spec.max_connections = cm.max_connections;
+                ups.push(Building {
+                    spec,
+                    cluster: cname.clone(),
+                });
+                ups.len() - 1
             }
         };
         ups[i].spec.dialed_directly = true;
@@ -927,18 +1171,20 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         let who = format!("listener {lname}");
         let i = match target {
             ChainTarget::Tcp(cname) => {
-                let cm = cluster(cname);
-                let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
+                if !matches!(
+                    cluster(cname).kind,
+                    ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_)
+                ) {
                     return Err(inconsistent(format!(
-                        "listener {lname}: tcp_proxy cluster {cname} is not an EDS upstream cluster"
+                        "listener {lname}: tcp_proxy cluster {cname} is not an EDS, DNS or aggregate upstream cluster"
                     )));
-                };
+                }
                 let existing = ups
                     .iter()
                     .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
                 match existing {
                     Some(i) => i,
-                    None => new_upstream(&mut ups, cname, tls, cm, Some(eds_name))?,
+                    None => new_upstream(&mut ups, cname)?,
                 }
             }
             ChainTarget::Http { hcm, field } => {

@@ -42,6 +42,7 @@ fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
         port,
         passing,
         critical: !passing,
+        weight: 1,
         wan: None,
         vips: api::Vips::default(),
         dialed_directly: false,
@@ -1108,4 +1109,57 @@ fn refused_chains_are_named_with_what_stays() {
         .unapplied
         .iter()
         .any(|u| u.detail.ends_with("Consul's default chain stays in force")));
+}
+
+/// Instance weights reach the upstream (and a chain's targets) as
+/// `endpoint_weights`; a weight of 0 takes the instance out; all 1 = none.
+#[test]
+fn instance_weights_become_endpoint_weights() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let k = ServiceKey::local;
+    let w = |id: &str, ip: &str, weight: u32| {
+        let mut i = inst(id, ip, 21000, true);
+        i.weight = weight;
+        i
+    };
+    s.connect.insert(
+        k("db"),
+        vec![
+            w("db-1", "10.0.0.5", 3),
+            w("db-2", "10.0.0.4", 1),
+            w("db-3", "10.0.0.6", 0),
+        ],
+    );
+    let a = assemble(&s, &set).unwrap();
+    let db = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "db")
+        .unwrap();
+    assert_eq!(
+        db.endpoints,
+        vec![sa("10.0.0.4:21000"), sa("10.0.0.5:21000")]
+    );
+    assert_eq!(db.endpoint_weights, vec![1, 3]);
+    let api = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert!(api.endpoint_weights.is_empty(), "all 1");
+    // The data path uses them: 3 of every 4 new connections start at db-1.
+    let snap = veer_core::snapshot::Snapshot::build(a.spec.clone(), 1).unwrap();
+    let up = snap
+        .routes
+        .upstreams()
+        .iter()
+        .find(|u| u.name() == "db")
+        .unwrap()
+        .clone();
+    let first: Vec<SocketAddr> = (0..400).map(|_| up.pick_order(0)[0].addr.0).collect();
+    let heavy = first.iter().filter(|a| **a == sa("10.0.0.5:21000")).count();
+    assert_eq!(heavy, 300, "weighted 3:1");
 }

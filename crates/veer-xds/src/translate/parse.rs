@@ -211,7 +211,76 @@ pub(crate) enum ClusterKind {
     /// `ORIGINAL_DST`: plain (`original-destination`) or with the
     /// upstream's mTLS context (`passthrough~<sni>`).
     OriginalDst(Option<UpstreamTls>),
+    /// `envoy.clusters.aggregate`: the clusters it names, in failover
+    /// order (Consul's `failover-target~<i>~<name>` clusters).
+    Aggregate(Vec<String>),
+    /// `STRICT_DNS`/`LOGICAL_DNS` over mTLS (Consul: a mesh gateway or a
+    /// peer's gateway known by hostname): its hosts are resolved by the
+    /// source and fed in (`Resources::dns`).
+    Dns { tls: UpstreamTls, dns: DnsModel },
 }
+
+/// The hosts of a DNS cluster and how their addresses are used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DnsModel {
+    pub hosts: Vec<DnsHost>,
+    /// `LOGICAL_DNS`: one host, its first address only; `STRICT_DNS`: every
+    /// address of every host.
+    pub logical: bool,
+    pub family: DnsFamily,
+    /// `dns_refresh_rate` (Envoy's default 5 s when unset).
+    pub refresh: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DnsHost {
+    /// A hostname (or an IP literal, which needs no resolution).
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// `dns_lookup_family`: which resolved addresses are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DnsFamily {
+    /// IPv6 when the name has any, else IPv4 (Envoy's `AUTO`).
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 when the name has any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsFamily {
+    /// The addresses of `ips` this family uses, in order.
+    pub fn pick(self, ips: &[IpAddr]) -> Vec<IpAddr> {
+        let v4 = || {
+            ips.iter()
+                .copied()
+                .filter(IpAddr::is_ipv4)
+                .collect::<Vec<_>>()
+        };
+        let v6 = || {
+            ips.iter()
+                .copied()
+                .filter(IpAddr::is_ipv6)
+                .collect::<Vec<_>>()
+        };
+        match self {
+            DnsFamily::All => ips.to_vec(),
+            DnsFamily::V4Only => v4(),
+            DnsFamily::V6Only => v6(),
+            DnsFamily::Auto => Some(v6()).filter(|v| !v.is_empty()).unwrap_or_else(v4),
+            DnsFamily::V4Preferred => Some(v4()).filter(|v| !v.is_empty()).unwrap_or_else(v6),
+        }
+    }
+}
+
+/// Envoy's `dns_refresh_rate` default.
+pub(crate) const DNS_REFRESH_DEFAULT: Duration = Duration::from_secs(5);
+/// veer resolves no more often than this, whatever a cluster asks.
+pub(crate) const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(crate) struct ClusterModel {
@@ -1322,13 +1391,7 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             .map_err(|_| Fault::invalid("type", format!("unknown discovery type {t}")))?,
         None => DiscoveryType::Static,
         Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
-            return Err(Fault::refused(
-                "cluster_type",
-                format!(
-                    "custom cluster type {:?} (aggregate failover) is not supported yet: it belongs to the discovery-chain work",
-                    ct.name
-                ),
-            ))
+            return aggregate(c, ct);
         }
     };
     if !c.transport_socket_matches.is_empty() || c.transport_socket_matcher.is_some() {
@@ -1411,10 +1474,15 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             ClusterKind::OriginalDst(tls)
         }
         DiscoveryType::LogicalDns | DiscoveryType::StrictDns => {
-            return Err(Fault::refused(
-                "type",
-                "DNS clusters are not supported yet: they belong to the discovery-chain work",
-            ))
+            let Some(ts) = &c.transport_socket else {
+                return Err(Fault::refused(
+                    "transport_socket",
+                    "a DNS cluster without mTLS is not supported: veer reaches mesh upstreams (and gateways) over mTLS only",
+                ));
+            };
+            let tls = upstream_tls(ts)?;
+            let dns = dns_model(c, ty == DiscoveryType::LogicalDns)?;
+            ClusterKind::Dns { tls, dns }
         }
     };
     if lb == LbPolicy::ClusterProvided && !matches!(kind, ClusterKind::OriginalDst(_)) {
@@ -1430,6 +1498,193 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
         connect_timeout,
         max_connections,
     })
+}
+
+/// `envoy.clusters.aggregate` (the only custom cluster type veer knows):
+/// the member names, checked on their own (not empty, no duplicate, not
+/// itself); whether they exist and do not loop is checked with the other
+/// clusters (`translate`).
+fn aggregate(c: &Cluster, ct: &cluster::CustomClusterType) -> R<ClusterModel> {
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    if ct.name != "envoy.clusters.aggregate" {
+        return Err(Fault::refused(
+            "cluster_type.name",
+            format!(
+                "custom cluster type {:?} is not supported; only envoy.clusters.aggregate",
+                ct.name
+            ),
+        ));
+    }
+    let Some(any) = &ct.typed_config else {
+        return Err(Fault::invalid("cluster_type.typed_config", "missing"));
+    };
+    let cfg: ClusterConfig = unpack(any, "cluster_type.typed_config")?;
+    if cfg.clusters.is_empty() {
+        return Err(Fault::invalid(
+            "cluster_type.typed_config.clusters",
+            "an aggregate cluster names at least one cluster",
+        ));
+    }
+    for (i, m) in cfg.clusters.iter().enumerate() {
+        let at = format!("cluster_type.typed_config.clusters[{i}]");
+        if m.is_empty() {
+            return Err(Fault::invalid(&at, "empty cluster name"));
+        }
+        if *m == c.name {
+            return Err(Fault::invalid(&at, "the aggregate names itself (a loop)"));
+        }
+        if cfg.clusters[..i].contains(m) {
+            return Err(Fault::invalid(&at, format!("{m:?} is named twice")));
+        }
+    }
+    if c.lb_policy != cluster::LbPolicy::ClusterProvided as i32 {
+        return Err(Fault::invalid(
+            "lb_policy",
+            "an aggregate cluster needs lb_policy CLUSTER_PROVIDED",
+        ));
+    }
+    if c.transport_socket.is_some() {
+        return Err(Fault::refused(
+            "transport_socket",
+            "an aggregate cluster's transport socket is never used (its members' are); refusing it rather than ignoring it",
+        ));
+    }
+    if c.load_assignment.is_some() || c.eds_cluster_config.is_some() {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "an aggregate cluster has no endpoints of its own",
+        ));
+    }
+    let connect_timeout = match &c.connect_timeout {
+        Some(d) => Some(duration(d, "connect_timeout")?),
+        None => None,
+    };
+    Ok(ClusterModel {
+        kind: ClusterKind::Aggregate(cfg.clusters),
+        connect_timeout,
+        max_connections: None,
+        // An aggregate's members carry their own protocol options.
+        http2: false,
+    })
+}
+
+/// The hosts of a `STRICT_DNS`/`LOGICAL_DNS` cluster (its
+/// `load_assignment`, lowest priority with a usable host) and its lookup
+/// settings. Custom resolvers are refused: veer uses the system's.
+// `dns_refresh_rate` and `dns_lookup_family` are what Consul (v1.16) sends;
+// newer Envoys also take them inside a DNS cluster extension.
+#[allow(deprecated)]
+fn dns_model(c: &Cluster, logical: bool) -> R<DnsModel> {
+    use cluster::DnsLookupFamily as F;
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    if !c.dns_resolvers.is_empty()
+        || c.use_tcp_for_dns_lookups
+        || c.dns_resolution_config.is_some()
+        || c.typed_dns_resolver_config.is_some()
+    {
+        return Err(Fault::refused(
+            "typed_dns_resolver_config",
+            "custom DNS resolvers are not supported; veer resolves with the system's resolver",
+        ));
+    }
+    let family = match F::try_from(c.dns_lookup_family) {
+        Ok(F::Auto) => DnsFamily::Auto,
+        Ok(F::V4Only) => DnsFamily::V4Only,
+        Ok(F::V6Only) => DnsFamily::V6Only,
+        Ok(F::V4Preferred) => DnsFamily::V4Preferred,
+        Ok(F::All) => DnsFamily::All,
+        Err(_) => {
+            return Err(Fault::invalid(
+                "dns_lookup_family",
+                format!("unknown {}", c.dns_lookup_family),
+            ))
+        }
+    };
+    let refresh = match &c.dns_refresh_rate {
+        Some(d) => duration(d, "dns_refresh_rate")?.max(DNS_REFRESH_MIN),
+        None => DNS_REFRESH_DEFAULT,
+    };
+    let Some(la) = &c.load_assignment else {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "a DNS cluster needs its hosts in load_assignment",
+        ));
+    };
+    let mut by_prio: std::collections::BTreeMap<u32, Vec<DnsHost>> = Default::default();
+    for (li, loc) in la.endpoints.iter().enumerate() {
+        let lat = format!("load_assignment.endpoints[{li}]");
+        for (ei, lbe) in loc.lb_endpoints.iter().enumerate() {
+            let eat = format!("{lat}.lb_endpoints[{ei}]");
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lbe.host_identifier else {
+                return Err(Fault::invalid(&format!("{eat}.endpoint"), "missing"));
+            };
+            let (host, port) =
+                host_port(ep.address.as_ref()).at(format!("{eat}.endpoint.address"))?;
+            let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            if weight == 0 {
+                return Err(Fault::invalid(
+                    &format!("{eat}.load_balancing_weight"),
+                    "must be at least 1",
+                ));
+            }
+            let list = by_prio.entry(loc.priority).or_default();
+            if matches!(
+                HealthStatus::try_from(lbe.health_status),
+                Ok(HealthStatus::Unknown) | Ok(HealthStatus::Healthy)
+            ) {
+                list.push(DnsHost { host, port, weight });
+            }
+        }
+    }
+    let hosts = by_prio
+        .into_values()
+        .find(|v| !v.is_empty())
+        .unwrap_or_default();
+    if logical && hosts.len() > 1 {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "a LOGICAL_DNS cluster has exactly one host",
+        ));
+    }
+    Ok(DnsModel {
+        hosts,
+        logical,
+        family,
+        refresh,
+    })
+}
+
+/// A socket address whose address may be a hostname (DNS clusters).
+fn host_port(a: Option<&Address>) -> R<(String, u16)> {
+    let Some(Address {
+        address: Some(address::Address::SocketAddress(sa)),
+    }) = a
+    else {
+        return Err(Fault::invalid(
+            "socket_address",
+            "a DNS host needs a socket address",
+        ));
+    };
+    if sa.protocol != 0 || !sa.resolver_name.is_empty() {
+        return Err(Fault::refused(
+            "socket_address",
+            "only TCP addresses resolved by the system's resolver are supported",
+        ));
+    }
+    let host = sa.address.trim();
+    if host.is_empty() || host.len() > 253 || host.contains(char::is_whitespace) {
+        return Err(Fault::invalid(
+            "socket_address.address",
+            format!("{:?} is not a hostname", sa.address),
+        ));
+    }
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p).map_err(|_| {
+            Fault::invalid("socket_address.port_value", format!("{p} is not a port"))
+        })?,
+        _ => return Err(Fault::invalid("socket_address.port_value", "no port")),
+    };
+    Ok((host.to_string(), port))
 }
 
 // ---------------------------------------------------------------- endpoints
