@@ -234,7 +234,10 @@ struct Sent {
 
 /// Runs a handshake in memory to its end, tickets included; returns the
 /// two connections and the bytes each side sent.
-fn handshake(c: &Arc<ClientConfig>, s: &Arc<ServerConfig>) -> (ClientConnection, ServerConnection, Sent) {
+fn handshake(
+    c: &Arc<ClientConfig>,
+    s: &Arc<ServerConfig>,
+) -> (ClientConnection, ServerConnection, Sent) {
     let name = ServerName::try_from("api.default.dc1.internal.consul").unwrap();
     let mut cl = ClientConnection::new(c.clone(), name).unwrap();
     let mut sv = ServerConnection::new(s.clone()).unwrap();
@@ -326,7 +329,11 @@ fn op(w: Which, name: &str, m: &Material) -> Option<Op> {
             };
             let (seq, tx) = cl.dangerous_extract_secrets().unwrap().tx;
             let (_, rx) = sv.dangerous_extract_secrets().unwrap().rx;
-            let (ConnectionTrafficSecrets::Aes128Gcm { key: tk, iv: ti }, ConnectionTrafficSecrets::Aes128Gcm { key: rk, iv: ri }) = (tx, rx) else {
+            let (
+                ConnectionTrafficSecrets::Aes128Gcm { key: tk, iv: ti },
+                ConnectionTrafficSecrets::Aes128Gcm { key: rk, iv: ri },
+            ) = (tx, rx)
+            else {
                 unreachable!()
             };
             let mut enc = suite.aead_alg.encrypter(tk, ti);
@@ -353,7 +360,10 @@ fn op(w: Which, name: &str, m: &Material) -> Option<Op> {
             })
         }
         "ecdsa-p256-sign" | "ecdsa-p256-verify" => {
-            let key = p.key_provider.load_private_key(Material::key(&m.web.1)).unwrap();
+            let key = p
+                .key_provider
+                .load_private_key(Material::key(&m.web.1))
+                .unwrap();
             let spki = key.public_key().unwrap().to_vec();
             // The uncompressed point ends a P-256 SubjectPublicKeyInfo.
             let point = spki[spki.len() - 65..].to_vec();
@@ -426,7 +436,10 @@ fn op(w: Which, name: &str, m: &Material) -> Option<Op> {
                 }
             })
         }
-        other => panic!("unknown op {other:?}; ops: {:?}", OPS.iter().map(|o| o.0).collect::<Vec<_>>()),
+        other => panic!(
+            "unknown op {other:?}; ops: {:?}",
+            OPS.iter().map(|o| o.0).collect::<Vec<_>>()
+        ),
     })
 }
 
@@ -447,7 +460,12 @@ fn main() {
                 }
             }
             "--iters" => iters = Some(args.next().and_then(|v| v.parse().ok()).expect("--iters N")),
-            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).expect("--rounds R"),
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--rounds R")
+            }
             op => ops.push(op.to_string()),
         }
     }
