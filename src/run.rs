@@ -326,6 +326,9 @@ pub fn run(opts: RunOpts) -> ExitCode {
 /// The data plane's multi-threaded runtime (`--concurrency` workers), or
 /// `None` after saying why it cannot start.
 pub(crate) fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+    // No heap trim (madvise, then a page fault) after every keep-alive
+    // request's buffers are freed.
+    veer_proxy::sys::keep_free_heap_top();
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("veer-worker")

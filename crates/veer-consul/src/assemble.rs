@@ -895,7 +895,7 @@ fn chains_to_roots(
 ) -> Result<(), String> {
     let store = veer_core::tls::root_store(roots).map_err(|e| e.to_string())?;
     let leaf = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|e| e.to_string())?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = veer_core::tls::crypto_provider();
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &leaf,
         &store,

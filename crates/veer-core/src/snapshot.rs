@@ -877,7 +877,7 @@ fn verify_leaf(
     roots: &[CertificateDer<'static>],
 ) -> Result<(), SnapshotError> {
     let store = tls::root_store(roots)?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = tls::crypto_provider();
     let cert = rustls::server::ParsedCertificate::try_from(&chain[0])
         .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
