@@ -15,11 +15,8 @@
 //! it arrived with; `/slow` answers after 3 s and a path with `flaky` in it
 //! fails every other request (the first, the third, …) with a 503.
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use veer_testsupport::ca::TempDir;
 use veer_testsupport::consul::Agent;
