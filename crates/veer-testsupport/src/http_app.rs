@@ -96,7 +96,7 @@ fn serve(c: TcpStream, name: &str, app: &HttpApp) {
             std::thread::sleep(Duration::from_secs(3));
         }
         let mut status = "200 OK";
-        if path.contains("flaky") && app.flaky.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if path.contains("flaky") && app.flaky.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             status = "503 Service Unavailable";
         }
         let text = format!("{name} {method} {path}");
