@@ -186,7 +186,15 @@ fn api_toml(ca: &TestCa, protocol: &str) -> String {
         )
         .replace(
             "local_app = \"127.0.0.1:8080\"\n",
-            &format!("local_app = \"127.0.0.1:8080\"\nprotocol = \"{protocol}\"\n"),
+            &if protocol == "tcp" {
+                "local_app = \"127.0.0.1:8080\"\n".to_string()
+            } else {
+                // XFCC as Consul ≥ 1.12 asks Envoy for (APPEND_FORWARD), so
+                // both add the client's details to every request.
+                format!(
+                    "local_app = \"127.0.0.1:8080\"\nprotocol = \"{protocol}\"\nxfcc = \"append_forward\"\n"
+                )
+            },
         )
 }
 
