@@ -1426,3 +1426,132 @@ fn xds_aggregate_failover_and_back() {
     drop(api2);
     drop(api);
 }
+
+/// L7 in xDS mode, end to end: the web sidecar's `api` chain is Consul's
+/// HTTP connection manager with a route configuration over RDS (a prefix
+/// route with a rewrite before the catch-all), api's public listener is
+/// Consul's HTTP public listener (`http-public-listener` golden: HTTP RBAC
+/// allowing web, APPEND_FORWARD XFCC). curl's requests are routed and
+/// rewritten, the app sees web's identity in XFCC, a route update over RDS
+/// applies, and an HTTP RBAC change to deny web answers 403 per request.
+#[test]
+fn xds_http_routes_rds_and_http_rbac() {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac;
+    use envoy_types::pb::envoy::config::route::v3::{
+        route, route_action, route_match, Route, RouteAction, RouteMatch,
+    };
+    use veer_testsupport::consul_xds::l7;
+    if !veer_testsupport::require_root("xds_http_routes_rds_and_http_rbac") {
+        return;
+    }
+    let t = Topo::new();
+    // The HTTP app on 8081 (the echo app holds 8080).
+    let app = veer_testsupport::http_app::spawn(
+        Some(&t.server),
+        "127.0.0.1:8081".parse().unwrap(),
+        "api",
+    );
+    let mut ap = t.params("api");
+    ap.local_app = "127.0.0.1:8081".parse().unwrap();
+    let api_x = |allowed: &[&str]| {
+        let mut x = cx::sidecar(
+            &ap,
+            &SidecarShape {
+                passthrough: true,
+                ..Default::default()
+            },
+        );
+        let mut l = l7::http_public_listener(&ap);
+        let principals = allowed
+            .iter()
+            .map(|s| cx::spiffe_principal(TRUST_DOMAIN, s))
+            .collect();
+        l7::set_public_http_rbac(
+            &mut l,
+            Some(cx::layer4_rules(rbac::Action::Allow, principals)),
+        );
+        *x.public_listener_mut() = l;
+        x
+    };
+    t.serve(&t.api_ads, &api_x(&["web"]));
+    let wp = t.params("web");
+    let web_x = |rewrite_prefix: &str| {
+        let mut x = cx::sidecar(&wp, &web_shape());
+        let l = x.listener_mut(&format!("outbound_listener:{}", wp.outbound));
+        l.filter_chains[0].filters = vec![l7::hcm(
+            "upstream.api.default.default.dc1",
+            l7::rds("api"),
+            vec![l7::router()],
+            false,
+        )];
+        let rewrite = Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix(rewrite_prefix.into())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(wp.sni("api"))),
+                prefix_rewrite: "/".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        x.routes = vec![l7::route_config(
+            "api",
+            "api.default.default.dc1",
+            vec![rewrite, l7::catch_all(wp.sni("api"))],
+        )];
+        x
+    };
+    t.serve(&t.web_ads, &web_x("/old/"));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.server, &api);
+    wait_ready(&t.client, &web);
+
+    let curl = |path: &str| -> (u16, String) {
+        let out = t
+            .client
+            .sh(&format!(
+                "curl -sS --max-time 10 -o - -w '\\n%{{http_code}}' 'http://{API_VIP}{path}'"
+            ))
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    assert_eq!(
+        curl("/plain"),
+        (200, "api GET /plain".into()),
+        "{}",
+        web.log_text()
+    );
+    assert_eq!(curl("/old/x?y=1"), (200, "api GET /x?y=1".into()));
+    let xfcc = app.last_xfcc().unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!(
+            "URI=spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/web"
+        )),
+        "XFCC: {xfcc:?}"
+    );
+    // A route update over RDS: the rewrite moves to /new/.
+    t.serve(&t.web_ads, &web_x("/new/"));
+    assert!(
+        wait_until(Duration::from_secs(10), || curl("/new/z")
+            == (200, "api GET /z".into())),
+        "{}",
+        web.log_text()
+    );
+    assert_eq!(curl("/old/x"), (200, "api GET /old/x".into()));
+    // HTTP RBAC now allows only `admin`: 403 per request, the app sees none.
+    let seen = app.requests();
+    t.serve(&t.api_ads, &api_x(&["admin"]));
+    assert!(
+        wait_until(Duration::from_secs(10), || curl("/plain").0 == 403),
+        "{}",
+        api.log_text()
+    );
+    assert_eq!(app.requests(), seen, "denied requests never reach the app");
+    drop(web);
+    drop(api);
+}
