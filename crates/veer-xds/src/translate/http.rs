@@ -7,9 +7,9 @@
 //! cannot do is refused; what only changes a detail veer does not
 //! implement (idle timeouts, header additions, gRPC retry conditions,
 //! hash policies) is accepted and named as unapplied in the spec.
-use super::parse::{matcher, unpack, who, At, Fault};
+use super::parse::{matcher, unpack, At, Fault};
 use envoy_types::pb::envoy::config::core::v3::config_source;
-use envoy_types::pb::envoy::config::rbac::v3::{permission, rbac, Permission as PbPermission};
+use envoy_types::pb::envoy::config::rbac::v3::{permission, Permission as PbPermission};
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, query_parameter_matcher, route, route_action, route_match, HeaderMatcher,
     QueryParameterMatcher, Route, RouteAction as PbRouteAction, RouteConfiguration,
@@ -30,8 +30,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Name;
 use std::collections::HashMap;
 use std::time::Duration;
-use veer_core::authz::{MatchPattern, RbacPolicy, RbacRules, StringMatch};
-use veer_core::intentions::Action;
+use veer_core::authz::{MatchPattern, RbacRules, StringMatch};
 use veer_core::l7::{
     HeaderMatch, HeaderMatchKind, PathMatch, QueryMatch, QueryMatchKind, RbacPermission,
     RequestMatch, RetryPolicy, Xfcc,
@@ -848,57 +847,7 @@ pub(crate) fn http_rbac(any: &Any) -> R<Option<RbacRules>> {
     let Some(rules) = r.rules else {
         return Ok(None);
     };
-    let action = match rbac::Action::try_from(rules.action) {
-        Ok(rbac::Action::Allow) => Action::Allow,
-        Ok(rbac::Action::Deny) => Action::Deny,
-        _ => {
-            return Err(Fault::refused(
-                "typed_config.rules.action",
-                "only ALLOW and DENY RBAC actions are supported",
-            ))
-        }
-    };
-    let pols: HashMap<_, _> = rules.policies.iter().collect();
-    let mut names: Vec<&String> = pols.keys().copied().collect();
-    names.sort();
-    let mut policies = Vec::new();
-    for name in names {
-        let p = pols[name];
-        let at = format!("typed_config.rules.policies[{name:?}]");
-        if p.condition.is_some() || p.checked_condition.is_some() {
-            return Err(Fault::refused(
-                &format!("{at}.condition"),
-                "CEL conditions are not enforced by veer",
-            ));
-        }
-        if p.permissions.is_empty() {
-            return Err(Fault::invalid(
-                &format!("{at}.permissions"),
-                "no permissions",
-            ));
-        }
-        let mut perms = Vec::new();
-        for (i, perm) in p.permissions.iter().enumerate() {
-            perms.push(rbac_permission(perm, 0).at(format!("{at}.permissions[{i}]"))?);
-        }
-        // `[Any]` is the network filter's "no condition": store it as empty.
-        if perms.contains(&RbacPermission::Any) {
-            perms.clear();
-        }
-        if p.principals.is_empty() {
-            return Err(Fault::invalid(&format!("{at}.principals"), "no principals"));
-        }
-        let mut whos = Vec::new();
-        for (i, pr) in p.principals.iter().enumerate() {
-            whos.push(who(pr, 0).at(format!("{at}.principals[{i}]"))?);
-        }
-        policies.push(RbacPolicy {
-            name: name.clone(),
-            principals: whos,
-            permissions: perms,
-        });
-    }
-    Ok(Some(RbacRules { action, policies }))
+    super::parse::rbac_rules(&rules, |perm| rbac_permission(perm, 0)).map(Some)
 }
 
 fn rbac_permission(p: &PbPermission, depth: usize) -> R<RbacPermission> {

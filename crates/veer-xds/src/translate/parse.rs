@@ -37,6 +37,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use veer_core::authz::{MatchPattern, Principal, RbacPolicy, RbacRules, StringMatch};
 use veer_core::intentions::Action;
+use veer_core::l7::RbacPermission;
 use veer_core::l7::Xfcc;
 use veer_core::route::Protocol;
 
@@ -780,6 +781,26 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
     let Some(rules) = r.rules else {
         return Ok(None);
     };
+    rbac_rules(&rules, |perm| {
+        if matches!(perm.rule, Some(permission::Rule::Any(true))) {
+            Ok(RbacPermission::Any)
+        } else {
+            Err(Fault::refused(
+                "",
+                "only the permission `any: true` is enforced at L4 (L7 permissions need the HTTP path)",
+            ))
+        }
+    })
+    .map(Some)
+}
+
+/// The `rules` of a network or HTTP `rbac` filter; `permission` reads one
+/// permission (the network filter takes `any` only). A policy whose
+/// permissions include `any` is stored with none (= any).
+pub(crate) fn rbac_rules(
+    rules: &envoy_types::pb::envoy::config::rbac::v3::Rbac,
+    permission: impl Fn(&envoy_types::pb::envoy::config::rbac::v3::Permission) -> R<RbacPermission>,
+) -> R<RbacRules> {
     let action = match rbac::Action::try_from(rules.action) {
         Ok(rbac::Action::Allow) => Action::Allow,
         Ok(rbac::Action::Deny) => Action::Deny,
@@ -808,13 +829,12 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
                 "no permissions",
             ));
         }
+        let mut perms = Vec::new();
         for (i, perm) in p.permissions.iter().enumerate() {
-            if !matches!(perm.rule, Some(permission::Rule::Any(true))) {
-                return Err(Fault::refused(
-                    &format!("{at}.permissions[{i}]"),
-                    "only the permission `any: true` is enforced at L4 (L7 permissions need the HTTP path)",
-                ));
-            }
+            perms.push(permission(perm).at(format!("{at}.permissions[{i}]"))?);
+        }
+        if perms.contains(&RbacPermission::Any) {
+            perms.clear();
         }
         if p.principals.is_empty() {
             return Err(Fault::invalid(&format!("{at}.principals"), "no principals"));
@@ -824,12 +844,12 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
             whos.push(who(pr, 0).at(format!("{at}.principals[{i}]"))?);
         }
         policies.push(RbacPolicy {
-            permissions: Vec::new(),
             name: name.clone(),
             principals: whos,
+            permissions: perms,
         });
     }
-    Ok(Some(RbacRules { action, policies }))
+    Ok(RbacRules { action, policies })
 }
 
 // ---------------------------------------------------------------- listeners
