@@ -50,7 +50,7 @@ impl Settings {
         };
         let quick = args.iter().any(|a| a == "--quick");
         let only = val("--only").map_or_else(
-            || vec![Kind::Direct, Kind::Veer, Kind::Envoy],
+            || vec![Kind::Direct, Kind::Veer, Kind::VeerNomux, Kind::Envoy],
             |s| {
                 s.split(',')
                     .map(|k| {

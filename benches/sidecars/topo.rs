@@ -35,6 +35,9 @@ pub const PLAIN_PORT: u16 = 5202;
 pub enum Kind {
     Direct,
     Veer,
+    /// veer with veer <-> veer multiplexing off (`VEER_MUX=0`): one mTLS
+    /// connection per app connection, as with an Envoy peer.
+    VeerNomux,
     Envoy,
     /// veer in Envoy's place, configured over Delta xDS.
     VeerXds,
@@ -53,6 +56,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Veer => "veer",
+            Kind::VeerNomux => "veer-nomux",
             Kind::Envoy => "envoy",
             Kind::VeerXds => "veer-xds",
             Kind::EnvoyXds => "envoy-xds",
@@ -65,6 +69,7 @@ impl Kind {
         [
             Kind::Direct,
             Kind::Veer,
+            Kind::VeerNomux,
             Kind::Envoy,
             Kind::VeerXds,
             Kind::EnvoyXds,
@@ -77,7 +82,10 @@ impl Kind {
 
     /// veer's metrics (its own names) are there to read.
     pub fn is_veer(self) -> bool {
-        matches!(self, Kind::Veer | Kind::VeerXds | Kind::VeerHttp)
+        matches!(
+            self,
+            Kind::Veer | Kind::VeerNomux | Kind::VeerXds | Kind::VeerHttp
+        )
     }
 
     /// Needs the Envoy binary.
@@ -94,7 +102,7 @@ impl Kind {
     /// The system this one is compared with in the report's ratios.
     pub fn envoy_peer(self) -> Option<Kind> {
         match self {
-            Kind::Veer => Some(Kind::Envoy),
+            Kind::Veer | Kind::VeerNomux => Some(Kind::Envoy),
             Kind::VeerXds => Some(Kind::EnvoyXds),
             Kind::VeerHttp => Some(Kind::EnvoyHttp),
             _ => None,
@@ -281,24 +289,30 @@ impl System {
         ];
         match kind {
             Kind::Direct => {}
-            Kind::Veer | Kind::VeerHttp => {
+            Kind::Veer | Kind::VeerNomux | Kind::VeerHttp => {
                 let protocol = if kind.is_http() { "http" } else { "tcp" };
-                let api = sys.files.write("api.toml", &api_toml(&sys._ca, protocol));
-                let web = sys.files.write("web.toml", &web_toml(&sys._ca, protocol));
-                sys.veer.push(Sidecar::start(
-                    &tools.veer,
-                    &sys.server,
-                    api,
-                    sys.files.join("api.log"),
-                    &extra,
-                ));
-                sys.veer.push(Sidecar::start(
-                    &tools.veer,
-                    &sys.client,
-                    web,
-                    sys.files.join("web.log"),
-                    &extra,
-                ));
+                let env: &[(&str, &str)] = if kind == Kind::VeerNomux {
+                    &[("VEER_MUX", "0")]
+                } else {
+                    &[]
+                };
+                for (ns, name, toml) in [
+                    (&sys.server, "api", api_toml(&sys._ca, protocol)),
+                    (&sys.client, "web", web_toml(&sys._ca, protocol)),
+                ] {
+                    let config = sys.files.write(&format!("{name}.toml"), &toml);
+                    let mut args: Vec<std::ffi::OsString> =
+                        vec!["--config".into(), config.clone().into()];
+                    args.extend(extra.iter().map(Into::into));
+                    sys.veer.push(Sidecar::start_with(
+                        &tools.veer,
+                        ns,
+                        &args,
+                        env,
+                        config,
+                        sys.files.join(&format!("{name}.log")),
+                    ));
+                }
             }
             Kind::Envoy | Kind::EnvoyHttp => {
                 let bin = tools.envoy.as_deref().expect("envoy binary");
