@@ -352,6 +352,78 @@ pub fn fixed_rate(
     }
 }
 
+/// One keep-alive connection, one request in flight (closed loop, like
+/// `wrk -t1 -c1`): each request is sent as soon as the previous answer is
+/// complete, and its round trip is a sample.
+pub fn one_conn(
+    ns: &Netns,
+    dst: SocketAddr,
+    warmup: Duration,
+    dur: Duration,
+    mark: &mut dyn FnMut(bool),
+) -> Latency {
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let errors = Arc::new(AtomicU64::new(0));
+    let errs = errors.clone();
+    let t = ns.spawn(move || {
+        let connect = || {
+            let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok::<_, io::Error>(s)
+        };
+        let mut s = connect().ok();
+        let mut buf = Vec::with_capacity(4096);
+        let mut lat = Vec::with_capacity(1 << 16);
+        let t0 = Instant::now();
+        let (measure_from, end) = (t0 + warmup, t0 + warmup + dur);
+        let mut marked = false;
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if !marked && now >= measure_from {
+                marked = true;
+                let _ = tx.send(true);
+            }
+            let ok = match s.as_mut() {
+                Some(st) => st
+                    .write_all(REQ)
+                    .and_then(|_| read_response_blocking(st, &mut buf))
+                    .is_ok(),
+                None => false,
+            };
+            if !ok {
+                errs.fetch_add(1, Relaxed);
+                buf.clear();
+                s = connect().ok();
+                continue;
+            }
+            if marked {
+                lat.push(now.elapsed().as_nanos() as u64);
+            }
+        }
+        let _ = tx.send(false);
+        lat
+    });
+    for start in rx.iter().take(2) {
+        mark(start);
+    }
+    let mut all = t.join().expect("load thread");
+    all.sort_unstable();
+    Latency {
+        offered: f64::NAN,
+        achieved: all.len() as f64 / dur.as_secs_f64(),
+        samples: all.len(),
+        errors: errors.load(Relaxed),
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+        p999_ms: percentile(&all, 0.999),
+        max_ms: all.last().map_or(f64::NAN, |v| *v as f64 / 1e6),
+    }
+}
+
 /// Opens `n` connections (`par` at a time), one request on each, and
 /// returns them open. Gives up after `limit`.
 pub fn hold_idle(

@@ -140,6 +140,8 @@ pub struct Results {
     pub ka_cpu: f64,
     pub lat: load::Latency,
     pub lat_cpu: f64,
+    /// One connection, one request in flight.
+    pub one: load::Latency,
     pub nc: load::Rate,
     pub nc_cpu: f64,
     pub bulk1: Bulk,
@@ -399,6 +401,15 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
         "  fixed {:.0} req/s: p50 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} ms ({} samples, {} errors)",
         lat.offered, lat.p50_ms, lat.p99_ms, lat.p999_ms, lat.max_ms, lat.samples, lat.errors
     );
+    // 2b. One connection, one request in flight.
+    let mut probe = Probe::new(set, kind, &pids, out, "oneconn");
+    let one = load::one_conn(&sys.client, dst, set.warmup, set.phase, &mut |s| {
+        probe.mark(s)
+    });
+    eprintln!(
+        "  one connection: {:.0} req/s, p50 {:.3} p99 {:.3} p99.9 {:.3} ms ({} errors)",
+        one.achieved, one.p50_ms, one.p99_ms, one.p999_ms, one.errors
+    );
     // 3. New connections.
     let hs0 = outbound_handshakes(&sys, kind);
     let mut probe = Probe::new(set, kind, &pids, out, "newconn");
@@ -455,6 +466,7 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
             ka_cpu,
             lat,
             lat_cpu,
+            one,
             nc,
             nc_cpu,
             bulk1: Bulk::default(),
@@ -500,6 +512,7 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
         ka_cpu,
         lat,
         lat_cpu,
+        one,
         nc,
         nc_cpu,
         bulk1: b1,

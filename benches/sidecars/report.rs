@@ -77,6 +77,16 @@ fn cols() -> Vec<Col> {
             digits: 3,
         },
         Col {
+            title: "1 conn p50 ms",
+            get: |r, _| Some(r.one.p50_ms),
+            digits: 3,
+        },
+        Col {
+            title: "1 conn p99 ms",
+            get: |r, _| Some(r.one.p99_ms),
+            digits: 3,
+        },
+        Col {
             title: "added p99 ms",
             get: |r, d| sidecar(r, r.lat.p99_ms - d?.lat.p99_ms),
             digits: 3,
@@ -280,6 +290,84 @@ fn goals(v: &Results, e: Option<&Results>, d: Option<&Results>) -> Vec<Goal> {
     out
 }
 
+/// Issue 14's goals (new connections and bytes at a fraction of Envoy's
+/// CPU), for the byte-stream systems.
+fn goals14(v: &Results, e: &Results) -> Vec<Goal> {
+    let us_req = |r: &Results| r.ka_cpu / r.ka.done as f64 * 1e6;
+    let us_nc = |r: &Results| r.nc_cpu / r.nc.done as f64 * 1e6;
+    let mut out = vec![
+        Goal {
+            what: "new connections per second",
+            target: "≥ 2× Envoy",
+            veer: f(v.nc.per_sec, 0),
+            envoy: f(e.nc.per_sec, 0),
+            ratio: v.nc.per_sec / e.nc.per_sec,
+            met: v.nc.per_sec >= 2.0 * e.nc.per_sec,
+        },
+        Goal {
+            what: "sidecar CPU per new connection (µs, both)",
+            target: "≤ 0.4× Envoy",
+            veer: f(us_nc(v), 0),
+            envoy: f(us_nc(e), 0),
+            ratio: us_nc(v) / us_nc(e),
+            met: us_nc(v) <= 0.4 * us_nc(e),
+        },
+        Goal {
+            what: "sidecar CPU per keep-alive request (µs, both)",
+            target: "≤ 0.5× Envoy",
+            veer: f(us_req(v), 1),
+            envoy: f(us_req(e), 1),
+            ratio: us_req(v) / us_req(e),
+            met: us_req(v) <= 0.5 * us_req(e),
+        },
+        Goal {
+            what: "one connection, one request in flight: p99 (ms)",
+            target: "≤ 1× Envoy",
+            veer: f(v.one.p99_ms, 3),
+            envoy: f(e.one.p99_ms, 3),
+            ratio: v.one.p99_ms / e.one.p99_ms,
+            met: v.one.p99_ms <= e.one.p99_ms,
+        },
+    ];
+    if !v.kind.is_http() {
+        let (bv, be) = (v.bulk1.s_per_gb(), e.bulk1.s_per_gb());
+        out.push(Goal {
+            what: "sidecar CPU per GB, bulk 1 stream (s)",
+            target: "≤ 0.6× Envoy",
+            veer: f(bv, 2),
+            envoy: f(be, 2),
+            ratio: bv / be,
+            met: bv <= 0.6 * be,
+        });
+        out.push(Goal {
+            what: "one-stream bulk (Gbit/s)",
+            target: "≥ 1.3× Envoy",
+            veer: f(v.bulk1.gbps, 2),
+            envoy: f(e.bulk1.gbps, 2),
+            ratio: v.bulk1.gbps / e.bulk1.gbps,
+            met: v.bulk1.gbps >= 1.3 * e.bulk1.gbps,
+        });
+    }
+    out
+}
+
+fn goal_table(md: &mut String, title: String, goals: Vec<Goal>) {
+    let _ = writeln!(md, "\n### {title}\n");
+    md.push_str("| goal | target | veer | Envoy | ratio | met |\n|---|---|---:|---:|---:|---|\n");
+    for g in goals {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2} | {} |",
+            g.what,
+            g.target,
+            g.veer,
+            g.envoy,
+            g.ratio,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+}
+
 pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
     let find = |k: Kind| results.iter().find(|r| r.kind == k);
     let (d, e, v) = (find(Kind::Direct), find(Kind::Envoy), find(Kind::Veer));
@@ -375,27 +463,21 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
     );
     if let Some(v) = gv {
         let e = ge;
-        let _ = writeln!(
-            md,
-            "\n### Goals (issue 6; {} vs {})\n",
+        let title = format!(
+            "Goals (issue 6; {} vs {})",
             v.kind.name(),
             e.map_or("-", |e| e.kind.name())
         );
-        md.push_str(
-            "| goal | target | veer | Envoy | ratio | met |\n|---|---|---:|---:|---:|---|\n",
-        );
-        for g in goals(v, e, d) {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {:.2} | {} |",
-                g.what,
-                g.target,
-                g.veer,
-                g.envoy,
-                g.ratio,
-                if g.met { "yes" } else { "**no**" }
-            );
+        goal_table(&mut md, title, goals(v, e, d));
+        if let Some(e) = e.filter(|_| !v.kind.is_http()) {
+            let title = format!("Goals (issue 14; {} vs {})", v.kind.name(), e.kind.name());
+            goal_table(&mut md, title, goals14(v, e));
         }
+    }
+    // Multiplexing off, against the same Envoy.
+    if let (Some(n), Some(e)) = (find(Kind::VeerNomux), e) {
+        let title = format!("Goals (issue 14; {} vs {})", n.kind.name(), e.kind.name());
+        goal_table(&mut md, title, goals14(n, e));
     }
     let _ = writeln!(md, "\n### Details\n");
     for r in results {
@@ -403,7 +485,7 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
             md,
             "- **{}**: up in {:.0} ms; load average {} → {}; outside CPU {:.1} s in {:.0} s; keep-alive {} req/s ({} errors); \
              fixed rate achieved {:.0}/s, max {:.3} ms, {} samples, {} errors, sidecar CPU {:.1} µs/req; \
-             new conn {} errors; idle conns {} open, {} errors; RSS idle {:?} KiB; RSS before/with idle conns {:?} KiB; \
+             one connection {:.0} req/s, p99.9 {:.3} ms, {} errors; new conn {} errors; idle conns {} open, {} errors; RSS idle {:?} KiB; RSS before/with idle conns {:?} KiB; \
              CPU s/GB: bulk 8 streams {:.2}, passthrough 1/8 streams {:.2}/{:.2}",
             r.kind.name(),
             r.ready_ms,
@@ -418,6 +500,9 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
             r.lat.samples,
             r.lat.errors,
             r.lat_cpu / r.lat.samples.max(1) as f64 * 1e6,
+            r.one.achieved,
+            r.one.p999_ms,
+            r.one.errors,
             r.nc.errors,
             r.idle_open,
             r.idle_errors,
