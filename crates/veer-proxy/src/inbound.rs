@@ -121,6 +121,14 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         }
     };
     let source = Arc::new(source);
+    if tls.conn().alpn_protocol() == Some(crate::mux::ALPN) {
+        // A multiplexed connection: each of its streams is one app
+        // connection, counted, authorized and relayed on its own.
+        shared.metrics.closed(Direction::Inbound);
+        envoy.tcp.cx_total.fetch_sub(1, Relaxed);
+        drop(snap);
+        return Box::pin(crate::mux::serve(shared, tls, peer, source)).await;
+    }
     // Register first, then decide on the current snapshot: a swap that
     // races with this check either sees the registration or is seen here.
     let reg = shared.register(source.clone());
@@ -219,7 +227,7 @@ async fn plain(
 
 /// Dials the local app, timed; a connection of Envoy's `local_app`
 /// cluster when `cluster` is given (the caller reports its close).
-async fn dial_app(
+pub(crate) async fn dial_app(
     shared: &Shared,
     snap: &Snapshot,
     cluster: Option<&ClusterStats>,
@@ -267,7 +275,12 @@ async fn handshake(
     peer: ClientAddr,
 ) -> Option<Box<ServerTls<TcpStream>>> {
     let deadline = tokio::time::Instant::now() + snap.timeouts.handshake;
-    let conn = match UnbufferedServerConnection::new(snap.tls.server.clone()) {
+    let config = if crate::mux::enabled(snap) {
+        shared.mux.server_config(&snap.tls.server)
+    } else {
+        snap.tls.server.clone()
+    };
+    let conn = match UnbufferedServerConnection::new(config) {
         Ok(c) => c,
         Err(e) => {
             refuse(
@@ -343,7 +356,7 @@ fn probe(
     None
 }
 
-fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {
+pub(crate) fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {
     let label = e.classify();
     let metric = match &e {
         InboundError::HandshakeTimeout | InboundError::Handshake(..) => {

@@ -41,6 +41,9 @@ pub struct Shared {
     /// Listeners bound ahead of a swap ([`Shared::apply`]) or at start,
     /// waiting for the task that serves them to [take](Shared::take_prebound) them.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// veer <-> veer multiplexing: the outbound pool and the ALPN variants
+    /// of the TLS configurations.
+    pub mux: crate::mux::Mux,
 }
 
 /// The listeners that follow the snapshot, with what each is for: explicit
@@ -182,6 +185,7 @@ impl Shared {
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
+            mux: Default::default(),
         });
         shared.announce_unapplied(None, &shared.snapshot());
         Ok(shared)

@@ -1,0 +1,473 @@
+//! In process, on loopback: veer <-> veer multiplexing between a `web`
+//! sidecar (outbound, explicit upstream listener) and an `api` sidecar
+//! (inbound): many app connections share one mTLS connection, intentions
+//! decide and revoke each stream, a peer without multiplexing gets one TLS
+//! connection per app connection, a dead connection is replaced by a new
+//! dial, an idle one expires, new TLS material drains the old connection,
+//! and a bulk stream does not starve a small one.
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use veer_proxy::accept::Listeners;
+use veer_proxy::metrics::Direction;
+use veer_proxy::state::Shared;
+
+/// A local app that echoes each connection until EOF and counts them.
+async fn counting_echo_app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, n)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// web's configuration: an explicit upstream `api` on `bind` whose
+/// endpoint is `endpoint`, `extra` appended.
+fn web_config(endpoint: SocketAddr, bind: u16, extra: &str) -> String {
+    format!(
+        r#"[service]
+name = "web"
+datacenter = "dc1"
+trust_domain = "{TD}"
+
+[tls]
+ca_file = "roots.pem"
+cert_file = "web.pem"
+key_file = "web-key.pem"
+
+[inbound]
+bind = "127.0.0.1:0"
+local_app = "127.0.0.1:9"
+
+[outbound]
+bind = "127.0.0.1:0"
+bind_ipv6 = ""
+
+[admin]
+bind = ""
+
+[intentions]
+default_action = "allow"
+
+[[upstreams]]
+name = "api"
+local_bind = "127.0.0.1:{bind}"
+endpoints = ["{endpoint}"]
+{extra}
+"#
+    )
+}
+
+struct Pair {
+    m: Material,
+    api: Arc<Shared>,
+    _api_l: Listeners,
+    web: Arc<Shared>,
+    _web_l: Listeners,
+    /// web's explicit listener for api.
+    front: SocketAddr,
+    app_conns: Arc<AtomicUsize>,
+}
+
+/// api (inbound, `api_extra` in its TOML) and web (outbound to api's
+/// inbound listener, or to `via` when given: a stand-in between them).
+async fn pair_with(api_extra: &str, web_extra: &str, via: Option<SocketAddr>) -> Pair {
+    let m = Material::new();
+    let (app, app_conns) = counting_echo_app().await;
+    let (api, api_l) = m.start(app, api_extra).await;
+    let port = free_port();
+    let path = m.dir.join("web.toml");
+    let endpoint = via.unwrap_or(api_l.inbound);
+    std::fs::write(&path, web_config(endpoint, port, web_extra)).unwrap();
+    let loaded = veer_core::config::load(&path).unwrap();
+    let web = Shared::new(loaded.spec).unwrap();
+    let web_l = Listeners::start(web.clone()).await.unwrap();
+    Pair {
+        m,
+        api,
+        _api_l: api_l,
+        web,
+        _web_l: web_l,
+        front: format!("127.0.0.1:{port}").parse().unwrap(),
+        app_conns,
+    }
+}
+
+async fn pair() -> Pair {
+    pair_with("", "", None).await
+}
+
+/// Sends `msg` and reads it back; `None` when the connection ends first.
+async fn echo(s: &mut TcpStream, msg: &[u8]) -> Option<Vec<u8>> {
+    s.write_all(msg).await.ok()?;
+    let mut got = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => Some(got),
+        _ => None,
+    }
+}
+
+/// One app connection through web: `msg` echoed, then closed.
+async fn call(front: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(front).await.ok()?;
+    echo(&mut s, msg).await
+}
+
+/// TLS handshakes api's inbound listener completed.
+fn api_handshakes(api: &Shared) -> u64 {
+    let d = api.metrics.d(Direction::Inbound);
+    d.tls_full.load(Relaxed) + d.tls_resumed.load(Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_app_connections_ride_one_tls_connection() {
+    let p = pair().await;
+    let mut calls = Vec::new();
+    for i in 0..60u32 {
+        let front = p.front;
+        calls.push(tokio::spawn(async move {
+            let msg = format!("call {i} {}", "x".repeat(i as usize * 100));
+            call(front, msg.as_bytes()).await == Some(msg.into_bytes())
+        }));
+    }
+    for c in calls {
+        assert!(c.await.unwrap(), "every call echoed byte-identical");
+    }
+    assert_eq!(
+        api_handshakes(&p.api),
+        1,
+        "one TLS connection for 60 app connections"
+    );
+    let (api_mux, web_mux) = (
+        p.api.metrics.mux(Direction::Inbound),
+        p.web.metrics.mux(Direction::Outbound),
+    );
+    assert_eq!(api_mux.conns_opened.load(Relaxed), 1);
+    assert_eq!(web_mux.conns_opened.load(Relaxed), 1);
+    assert_eq!(web_mux.streams_opened.load(Relaxed), 60);
+    assert_eq!(p.app_conns.load(Relaxed), 60);
+    assert!(
+        eventually(5, || api_mux.streams_closed.load(Relaxed) == 60).await,
+        "api closed every stream"
+    );
+    assert_eq!(api_mux.streams_opened.load(Relaxed), 60);
+    let text = p.api.metrics.render(&[]);
+    assert!(
+        text.contains("veer_mux_streams_opened_total{direction=\"inbound\"} 60"),
+        "{text}"
+    );
+    assert!(
+        text.contains("veer_mux_connections_active{direction=\"inbound\"} 1"),
+        "{text}"
+    );
+    // The connection stays pooled for the next app connection.
+    assert_eq!(p.web.mux.pooled(), 1);
+    assert_eq!(
+        call(p.front, b"again").await.as_deref(),
+        Some(&b"again"[..])
+    );
+    assert_eq!(api_handshakes(&p.api), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mux_off_in_the_config_means_one_tls_connection_per_app_connection() {
+    let p = pair_with("", "[mux]\nenabled = false\n", None).await;
+    for i in 0..5 {
+        let msg = format!("plain {i}");
+        assert_eq!(call(p.front, msg.as_bytes()).await, Some(msg.into_bytes()));
+    }
+    assert_eq!(api_handshakes(&p.api), 5);
+    assert_eq!(
+        p.api
+            .metrics
+            .mux(Direction::Inbound)
+            .conns_opened
+            .load(Relaxed),
+        0
+    );
+    assert_eq!(
+        p.web
+            .metrics
+            .mux(Direction::Outbound)
+            .fallbacks
+            .load(Relaxed),
+        0
+    );
+}
+
+/// A peer that does not select the ALPN protocol (as Envoy does not):
+/// each app connection gets its own TLS connection, and concurrent ones
+/// are not serialized behind a dial lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_mux_gets_one_tls_connection_per_app_connection() {
+    let p = pair_with("[mux]\nenabled = false\n", "", None).await;
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let front = p.front;
+        calls.push(tokio::spawn(async move {
+            let msg = format!("fallback {i}");
+            call(front, msg.as_bytes()).await == Some(msg.into_bytes())
+        }));
+    }
+    for c in calls {
+        assert!(c.await.unwrap());
+    }
+    assert_eq!(api_handshakes(&p.api), 8);
+    let web_mux = p.web.metrics.mux(Direction::Outbound);
+    assert_eq!(web_mux.fallbacks.load(Relaxed), 8);
+    assert_eq!(web_mux.conns_opened.load(Relaxed), 0);
+    assert_eq!(p.web.mux.pooled(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intentions_decide_each_stream_and_revocation_resets_open_ones() {
+    let p = pair().await;
+    let mut open = TcpStream::connect(p.front).await.unwrap();
+    assert_eq!(echo(&mut open, b"1").await.as_deref(), Some(&b"1"[..]));
+    // Deny web: the open stream is reset, the connection stays.
+    let mut spec = veer_core::config::load(&p.m.dir.join("veer.toml"))
+        .unwrap()
+        .spec;
+    spec.default_action = veer_core::intentions::Action::Deny;
+    p.api.apply(spec.clone()).unwrap();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), open.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the open stream was closed");
+    assert_eq!(p.api.metrics.revoked.load(Relaxed), 1);
+    // A new app connection is refused per stream: the local app never sees it.
+    assert_eq!(call(p.front, b"2").await, None);
+    assert_eq!(p.app_conns.load(Relaxed), 1);
+    assert_eq!(
+        p.api
+            .metrics
+            .get("intention_denials_total", "denied_by_default"),
+        1
+    );
+    assert!(
+        eventually(3, || p
+            .web
+            .metrics
+            .get("outbound_failures_total", "peer_denied")
+            == 1)
+        .await,
+        "web counts the refusal"
+    );
+    assert_eq!(api_handshakes(&p.api), 1, "denied on the same connection");
+    // Allowed again: the same connection carries it.
+    spec.default_action = veer_core::intentions::Action::Allow;
+    p.api.apply(spec).unwrap();
+    assert_eq!(call(p.front, b"3").await.as_deref(), Some(&b"3"[..]));
+    assert_eq!(api_handshakes(&p.api), 1);
+    assert_eq!(p.app_conns.load(Relaxed), 2);
+}
+
+/// A TCP stand-in between web and api whose connections can all be cut
+/// at once (the endpoint "dies"); counts the connections it accepted.
+async fn cuttable_proxy(
+    to: SocketAddr,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::watch::Sender<u32>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            count.fetch_add(1, Relaxed);
+            let mut cut = cut_rx.clone();
+            cut.mark_unchanged();
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(to).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = cut.changed() => {
+                        let _ = socket2::SockRef::from(&a).set_linger(Some(Duration::ZERO));
+                    }
+                }
+            });
+        }
+    });
+    (addr, n, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_connection_is_replaced_by_a_new_dial() {
+    let m = Material::new();
+    let (app, _) = counting_echo_app().await;
+    let (api, api_l) = m.start(app, "").await;
+    let (via, dials, cut) = cuttable_proxy(api_l.inbound).await;
+    let port = free_port();
+    let path = m.dir.join("web.toml");
+    std::fs::write(&path, web_config(via, port, "")).unwrap();
+    let web = Shared::new(veer_core::config::load(&path).unwrap().spec).unwrap();
+    let _web_l = Listeners::start(web.clone()).await.unwrap();
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(
+        call(front, b"before").await.as_deref(),
+        Some(&b"before"[..])
+    );
+    assert_eq!(dials.load(Relaxed), 1);
+    // The endpoint's connection dies (reset).
+    cut.send_replace(1);
+    let web_mux = web.metrics.mux(Direction::Outbound);
+    assert!(
+        eventually(3, || web_mux.conns_closed.load(Relaxed) == 1).await,
+        "the dead connection left the pool"
+    );
+    assert_eq!(web.mux.pooled(), 0);
+    assert_eq!(call(front, b"after").await.as_deref(), Some(&b"after"[..]));
+    assert_eq!(dials.load(Relaxed), 2, "a new dial");
+    assert_eq!(web_mux.conns_opened.load(Relaxed), 2);
+    drop(api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_expires_and_the_next_app_connection_dials_again() {
+    let p = pair().await;
+    p.web.mux.set_idle_expiry(Duration::from_millis(200));
+    assert_eq!(call(p.front, b"a").await.as_deref(), Some(&b"a"[..]));
+    let web_mux = p.web.metrics.mux(Direction::Outbound);
+    assert!(
+        eventually(3, || web_mux.conns_closed.load(Relaxed) == 1).await,
+        "idle connection closed"
+    );
+    let api_mux = p.api.metrics.mux(Direction::Inbound);
+    assert!(
+        eventually(3, || api_mux.conns_closed.load(Relaxed) == 1).await,
+        "api saw it close"
+    );
+    assert_eq!(p.web.mux.pooled(), 0);
+    assert_eq!(call(p.front, b"b").await.as_deref(), Some(&b"b"[..]));
+    assert_eq!(web_mux.conns_opened.load(Relaxed), 2);
+}
+
+/// api's leaf is replaced: an open stream goes on, a new app connection is
+/// refused on the old connection and retried on a new one (a new
+/// handshake under the new leaf).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_tls_material_drains_the_old_connection() {
+    let p = pair().await;
+    let mut open = TcpStream::connect(p.front).await.unwrap();
+    assert_eq!(echo(&mut open, b"old").await.as_deref(), Some(&b"old"[..]));
+    let leaf = p.m.ca.service_leaf("dc1", "api").unwrap();
+    let mut spec = veer_core::config::load(&p.m.dir.join("veer.toml"))
+        .unwrap()
+        .spec;
+    spec.chain = veer_core::tls::parse_certs(leaf.chain_pem.as_bytes(), "leaf").unwrap();
+    spec.key = veer_core::tls::parse_key(leaf.key_pem.as_bytes(), "key").unwrap();
+    p.api.apply(spec).unwrap();
+    assert_eq!(call(p.front, b"new").await.as_deref(), Some(&b"new"[..]));
+    assert_eq!(api_handshakes(&p.api), 2);
+    assert_eq!(
+        p.api
+            .metrics
+            .mux(Direction::Inbound)
+            .streams_refused
+            .load(Relaxed),
+        1
+    );
+    assert_eq!(
+        p.web
+            .metrics
+            .mux(Direction::Outbound)
+            .streams_refused
+            .load(Relaxed),
+        1
+    );
+    // The stream opened before the change goes on.
+    assert_eq!(
+        echo(&mut open, b"still").await.as_deref(),
+        Some(&b"still"[..])
+    );
+}
+
+/// While one stream moves bulk data both ways, a small request on another
+/// stream of the same connection is answered promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_does_not_starve_a_small_one() {
+    let p = pair().await;
+    // Warm the pool so both share one connection.
+    assert_eq!(call(p.front, b"w").await.as_deref(), Some(&b"w"[..]));
+    let mut bulk = TcpStream::connect(p.front).await.unwrap();
+    let total = 256usize << 20;
+    let (mut r, mut w) = bulk.split();
+    let started = Instant::now();
+    let mut small = TcpStream::connect(p.front).await.unwrap();
+    let mut worst = Duration::ZERO;
+    let mut pings = 0;
+    let send = async {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    };
+    let probe = async {
+        // Pings while the bulk transfer is under way.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..20u8 {
+            let t = Instant::now();
+            assert_eq!(echo(&mut small, &[i]).await, Some(vec![i]));
+            worst = worst.max(t.elapsed());
+            pings += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let ((), got, ()) = tokio::join!(send, recv, probe);
+    assert_eq!(got, total);
+    let took = started.elapsed();
+    assert_eq!(pings, 20);
+    assert_eq!(api_handshakes(&p.api), 1, "all on one connection");
+    assert!(
+        worst < Duration::from_millis(250),
+        "worst ping {worst:?} during a bulk transfer of {} MiB in {took:?}",
+        total >> 20
+    );
+    eprintln!(
+        "bulk {} MiB both ways in {took:?}; worst ping {worst:?}",
+        total >> 20
+    );
+}
