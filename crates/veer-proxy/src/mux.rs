@@ -67,6 +67,9 @@ use veer_core::snapshot::Snapshot;
 
 /// The ALPN protocol both ends of a multiplexed connection agree on.
 pub const ALPN: &[u8] = b"veer-mux/1";
+/// What the inbound listener selects from, in its order of preference
+/// (see [`Mux::server_config`]).
+pub const SERVER_ALPN: [&[u8]; 3] = [ALPN, b"h2", b"http/1.1"];
 /// Streams one connection carries at once (the server's
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`; the pool dials another past it).
 pub const MAX_STREAMS: u32 = 100;
@@ -116,6 +119,9 @@ pub struct Mux {
     clients: Mutex<Vec<(Arc<ClientConfig>, Arc<ClientConfig>)>>,
     pool: Mutex<HashMap<Key, Slot>>,
     next_id: AtomicU64,
+    /// Set when the inbound listener stops (drain): inbound multiplexed
+    /// connections send GOAWAY, so clients open new streams elsewhere.
+    drain: tokio::sync::watch::Sender<bool>,
     /// [`IDLE_EXPIRY`] in milliseconds ([`Mux::set_idle_expiry`]).
     idle_expiry_ms: AtomicU64,
 }
@@ -127,6 +133,7 @@ impl Default for Mux {
             clients: Mutex::new(Vec::new()),
             pool: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            drain: tokio::sync::watch::Sender::new(false),
             idle_expiry_ms: AtomicU64::new(IDLE_EXPIRY.as_millis() as u64),
         }
     }
@@ -184,6 +191,12 @@ impl Drop for StreamGuard {
 }
 
 impl Mux {
+    /// The inbound listener stopped accepting (drain): every inbound
+    /// multiplexed connection refuses new streams (GOAWAY); open ones go on.
+    pub fn drain_inbound(&self) {
+        self.drain.send_replace(true);
+    }
+
     /// How long a pooled connection without streams stays open (default
     /// [`IDLE_EXPIRY`]); applies to connections dialed afterwards.
     pub fn set_idle_expiry(&self, d: Duration) {
@@ -195,6 +208,14 @@ impl Mux {
     }
 
     /// The inbound TLS configuration: `base` with [`ALPN`] selectable.
+    ///
+    /// rustls refuses a client whose ALPN list shares nothing with a
+    /// non-empty server list, so the list also has what a mesh client may
+    /// offer today: Envoy offers `h2` to HTTP/2 upstreams, and Consul's own
+    /// public listener selects `h2` or `http/1.1` the same way. (A client
+    /// offering only other protocols is refused while mux is on; with
+    /// `VEER_MUX=0` or `[mux] enabled = false` the server offers no ALPN, as
+    /// before.)
     pub fn server_config(&self, base: &Arc<ServerConfig>) -> Arc<ServerConfig> {
         let mut cur = self.server.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((b, v)) = &*cur {
@@ -203,7 +224,7 @@ impl Mux {
             }
         }
         let mut cfg = (**base).clone();
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
         let v = Arc::new(cfg);
         *cur = Some((base.clone(), v.clone()));
         v
@@ -779,10 +800,22 @@ pub async fn serve(
     let stats = shared.metrics.mux(Direction::Inbound);
     stats.conns_opened.fetch_add(1, Relaxed);
     let mut draining = false;
-    while let Some(next) = conn.accept().await {
+    let mut drain = shared.mux.drain.subscribe();
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => Some(next),
+            _ = drain.wait_for(|d| *d), if !draining => None,
+        };
         let (req, mut respond) = match next {
-            Ok(x) => x,
-            Err(e) => {
+            None => {
+                draining = true;
+                tracing::debug!(peer = %peer, source = %source, "draining: the multiplexed connection takes no new streams");
+                conn.graceful_shutdown();
+                continue;
+            }
+            Some(None) => break,
+            Some(Some(Ok(x))) => x,
+            Some(Some(Err(e))) => {
                 tracing::debug!(peer = %peer, source = %source, "multiplexed connection failed: {e}");
                 break;
             }
@@ -794,7 +827,7 @@ pub async fn serve(
             respond.send_reset(Reason::REFUSED_STREAM);
             if !draining {
                 draining = true;
-                tracing::info!(peer = %peer, source = %source, "TLS material changed: draining the multiplexed connection (its open streams go on)");
+                tracing::debug!(peer = %peer, "TLS material changed: draining the multiplexed connection (its open streams go on)");
                 conn.graceful_shutdown();
             }
             continue;

@@ -471,3 +471,59 @@ async fn a_bulk_stream_does_not_starve_a_small_one() {
         total >> 20
     );
 }
+
+/// A client that offers other ALPN protocols (Envoy offers `h2` to HTTP/2
+/// upstreams) is served as a plain connection by the mux-enabled inbound
+/// listener, with the protocol it asked for selected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_offering_h2_or_http1_are_served_as_plain_connections() {
+    let p = pair().await;
+    let inbound = p._api_l.inbound;
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let roots = veer_core::tls::load_certs(&p.m.dir.join("roots.pem")).unwrap();
+        let chain = veer_core::tls::load_certs(&p.m.dir.join("web.pem")).unwrap();
+        let key = veer_core::tls::load_key(&p.m.dir.join("web-key.pem")).unwrap();
+        let base = veer_core::tls::client_config(chain, key, &roots).unwrap();
+        let mut cfg = (*base).clone();
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(inbound).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(server_name(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        tls.write_all(b"plain").await.unwrap();
+        let mut got = [0u8; 5];
+        tls.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"plain");
+    }
+    assert_eq!(
+        p.api
+            .metrics
+            .mux(Direction::Inbound)
+            .conns_opened
+            .load(Relaxed),
+        0
+    );
+    assert_eq!(p.app_conns.load(Relaxed), 2);
+}
+
+/// Draining api (its inbound listener stopped): the open stream goes on,
+/// the pooled connection takes no new stream (GOAWAY), so a new app
+/// connection dials again (and, the listener being closed, fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_stops_new_streams_on_pooled_connections() {
+    let p = pair().await;
+    let mut open = TcpStream::connect(p.front).await.unwrap();
+    assert_eq!(echo(&mut open, b"a").await.as_deref(), Some(&b"a"[..]));
+    p._api_l.stop_inbound();
+    // Let the GOAWAY arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        call(p.front, b"b").await,
+        None,
+        "no new stream on a draining api"
+    );
+    assert_eq!(p.app_conns.load(Relaxed), 1);
+    assert_eq!(echo(&mut open, b"c").await.as_deref(), Some(&b"c"[..]));
+}
