@@ -123,8 +123,13 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     let source = Arc::new(source);
     if tls.conn().alpn_protocol() == Some(crate::mux::ALPN) {
         // A multiplexed connection: each of its streams is one app
-        // connection, counted, authorized and relayed on its own.
-        shared.metrics.closed(Direction::Inbound);
+        // connection, counted, authorized and relayed on its own; the
+        // connection itself is counted in `veer_mux_*` only.
+        shared
+            .metrics
+            .d(Direction::Inbound)
+            .opened
+            .fetch_sub(1, Relaxed);
         envoy.tcp.cx_total.fetch_sub(1, Relaxed);
         drop(snap);
         return Box::pin(crate::mux::serve(shared, tls, peer, source)).await;
