@@ -320,7 +320,8 @@ impl Core {
             .sum()
     }
 
-    fn active_of(&self, d: Direction) -> u64 {
+    /// Connections of direction `d` open now.
+    pub fn active_of(&self, d: Direction) -> u64 {
         let p = self.d(d);
         p.opened
             .load(Relaxed)

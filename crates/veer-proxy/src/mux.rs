@@ -856,10 +856,6 @@ async fn serve_stream(
 ) {
     let started = Instant::now();
     let stats = shared.metrics.mux(Direction::Inbound);
-    stats.streams_opened.fetch_add(1, Relaxed);
-    shared.metrics.opened(Direction::Inbound);
-    let envoy = shared.metrics.envoy.inbound();
-    envoy.tcp.cx_total.fetch_add(1, Relaxed);
     let answer = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder()
             .status(status)
@@ -867,6 +863,24 @@ async fn serve_stream(
             .unwrap_or_default();
         let _ = respond.send_response(resp, true);
     };
+    // The inbound listener's connection limit holds for app connections,
+    // streams or not.
+    let max = shared.max_connections_of("inbound");
+    if shared.metrics.active_of(Direction::Inbound) >= max as u64 {
+        answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
+        stats.streams_refused.fetch_add(1, Relaxed);
+        shared
+            .metrics
+            .count("connections_overflow_total", "listener", "inbound");
+        if let Some(quiet) = shared.may_warn() {
+            tracing::warn!(listener = "inbound", max_connections = max, also_refused = quiet, peer = %peer, "stream refused: the listener has max_connections open");
+        }
+        return;
+    }
+    stats.streams_opened.fetch_add(1, Relaxed);
+    shared.metrics.opened(Direction::Inbound);
+    let envoy = shared.metrics.envoy.inbound();
+    envoy.tcp.cx_total.fetch_add(1, Relaxed);
     if req.method() != Method::CONNECT {
         answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         stats.streams_closed.fetch_add(1, Relaxed);

@@ -60,7 +60,8 @@ pub enum OutboundError {
     #[error("upstream {0} has {1} connections open, its max_connections")]
     Overflow(String, u32),
     /// The multiplexing peer answered the stream's CONNECT with `status`
-    /// (403: its intentions deny us; 503: its local app is down).
+    /// (403: its intentions deny us; 503: its local app is down; 429: its
+    /// inbound listener has `max_connections` open).
     #[error("{addr} refused the stream: HTTP status {status}")]
     Stream { addr: EndpointAddr, status: u16 },
     /// A multiplexed connection could not carry the stream.
@@ -86,6 +87,7 @@ impl OutboundError {
             OutboundError::OwnTraffic(_) => "loop",
             OutboundError::Stream { status: 403, .. } => "peer_denied",
             OutboundError::Stream { status: 503, .. } => "peer_app_unreachable",
+            OutboundError::Stream { status: 429, .. } => "peer_overflow",
             OutboundError::Stream { .. } => "peer_refused",
             OutboundError::Mux(..) => "mux",
         }
