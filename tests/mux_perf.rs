@@ -186,7 +186,7 @@ fn restart(m: &mut Mesh, env: &[(&str, &str)], tag: &str) {
         sc.wait_exit(Duration::from_secs(5));
         let cfg = sc.config.clone();
         let args: Vec<std::ffi::OsString> = vec!["--config".into(), cfg.clone().into()];
-        let log = m.files.join(format!("{name}-{tag}.log"));
+        let log = m.files.join(&format!("{name}-{tag}.log"));
         *sc = Sidecar::start_with(&bin(), ns, &args, env, cfg, log);
     }
 }
