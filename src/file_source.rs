@@ -10,12 +10,13 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use veer_proxy::state::Shared;
 
-type Stamp = Vec<Option<(std::time::SystemTime, u64, u64, (i64, i64))>>;
+pub type Stamp = Vec<Option<(std::time::SystemTime, u64, u64, (i64, i64))>>;
 
 /// How soon a configuration that could not be loaded is tried again.
 const RETRY: Duration = Duration::from_secs(10);
 
-fn stamp(files: &[PathBuf]) -> Stamp {
+/// The files' modification times, sizes, inodes and change times.
+pub fn stamp(files: &[PathBuf]) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     files
         .iter()
@@ -32,9 +33,11 @@ fn stamp(files: &[PathBuf]) -> Stamp {
         .collect()
 }
 
-pub async fn watch(config: PathBuf, mut files: Vec<PathBuf>, shared: Arc<Shared>) {
+/// Follows the files; `last` is their stamp taken right after the load
+/// the running snapshot came from (not when this task first runs: a write
+/// in between would otherwise never be seen).
+pub async fn watch(config: PathBuf, mut files: Vec<PathBuf>, mut last: Stamp, shared: Arc<Shared>) {
     let mut hup = signal(SignalKind::hangup()).ok();
-    let mut last = stamp(&files);
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         let forced = tokio::select! {

@@ -130,7 +130,11 @@ impl veer_admin::ControlPlaneStatus for ConsulStatus {
 
 /// The first snapshot's spec and what keeps following the source.
 enum Follow {
-    File { path: PathBuf, files: Vec<PathBuf> },
+    File {
+        path: PathBuf,
+        files: Vec<PathBuf>,
+        stamp: file_source::Stamp,
+    },
     Consul(Box<veer_consul::ConsulSource>),
 }
 
@@ -179,6 +183,7 @@ pub fn run(opts: RunOpts) -> ExitCode {
                     l.admin,
                     Follow::File {
                         path: path.clone(),
+                        stamp: file_source::stamp(&l.files),
                         files: l.files,
                     },
                     path.display().to_string(),
@@ -281,8 +286,8 @@ pub fn run(opts: RunOpts) -> ExitCode {
         lifecycle.set_listeners_bound();
         announce_ready(&shared, &lifecycle, &admin);
         match follow {
-            Follow::File { path, files } => {
-                tokio::spawn(file_source::watch(path, files, shared.clone()));
+            Follow::File { path, files, stamp } => {
+                tokio::spawn(file_source::watch(path, files, stamp, shared.clone()));
             }
             Follow::Consul(source) => {
                 let sh = shared.clone();
@@ -326,6 +331,9 @@ pub fn run(opts: RunOpts) -> ExitCode {
 /// The data plane's multi-threaded runtime (`--concurrency` workers), or
 /// `None` after saying why it cannot start.
 pub(crate) fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+    // No heap trim (madvise, then a page fault) after every keep-alive
+    // request's buffers are freed.
+    veer_proxy::sys::keep_free_heap_top();
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("veer-worker")

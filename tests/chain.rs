@@ -316,13 +316,14 @@ fn discovery_chain_across_two_datacenters() {
     );
 
     // Through dc2's mesh gateway (mode remote): the gateway sees the
-    // target's SNI and passes the TLS through to dc2's sidecar.
+    // target's SNI and passes the TLS through to dc2's sidecar. It is
+    // found by its kind: its name is not `mesh-gateway`.
     let seen = gateway(&gw, format!("{API2_IP}:20000").parse().unwrap());
     dc2.call(
         "PUT",
         "/v1/agent/service/register",
         Some(&format!(
-            r#"{{"Kind":"mesh-gateway","Name":"mesh-gateway","ID":"mgw","Address":"{GW_IP}","Port":8443,
+            r#"{{"Kind":"mesh-gateway","Name":"dc2-gateway","ID":"mgw","Address":"{GW_IP}","Port":8443,
             "TaggedAddresses":{{"wan":{{"Address":"{GW_IP}","Port":8443}}}},
             "Check":{{"TTL":"24h","Status":"passing"}}}}"#
         )),

@@ -370,3 +370,238 @@ fn denied_identities_are_refused_both_ways() {
         );
     }
 }
+
+/// The L7 bootstraps (`Bootstrap::protocol`) are ones the real Envoy accepts:
+/// `envoy --mode validate` on both sidecars for every protocol.
+#[test]
+fn envoy_accepts_the_http_bootstraps() {
+    let Some(bin) = veer_testsupport::tool("envoy") else {
+        veer_testsupport::skip(
+            "envoy_accepts_the_http_bootstraps",
+            "no envoy binary; run .ci/install-deps",
+        );
+        return;
+    };
+    let ca = TestCa::new(TRUST_DOMAIN);
+    let files = TempDir::new("veer-envoy-validate-");
+    for protocol in ["tcp", "http", "http2", "grpc"] {
+        let boots = [
+            Bootstrap::sidecar(&ca, "api")
+                .allow("web")
+                .protocol(protocol),
+            Bootstrap::sidecar(&ca, "web").protocol(protocol).upstream(
+                "api",
+                &[API_VIP.parse().unwrap()],
+                &[format!("{SERVER_IP}:20000").parse().unwrap()],
+            ),
+        ];
+        for boot in boots {
+            let json = boot.to_json();
+            assert_eq!(
+                json.contains("http_connection_manager"),
+                protocol != "tcp",
+                "{protocol}: {json}"
+            );
+            let path = files.write(&format!("{}-{protocol}.json", boot.service), &json);
+            let out = std::process::Command::new(&bin)
+                .args(["--mode", "validate", "-c"])
+                .arg(&path)
+                .output()
+                .expect("run envoy");
+            assert!(
+                out.status.success(),
+                "{protocol} {}: {}{}",
+                boot.service,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Both namespaces with Consul's redirect rules and the server's HTTP app
+/// (`http_app`, answering `api <method> <path>`) on 127.0.0.1:8080.
+struct HttpTopo {
+    ca: TestCa,
+    files: TempDir,
+    client: Netns,
+    server: Netns,
+    app: veer_testsupport::http_app::HttpApp,
+}
+
+impl HttpTopo {
+    fn new() -> HttpTopo {
+        let ca = TestCa::new(TRUST_DOMAIN);
+        let files = TempDir::new("veer-envoy-http-");
+        let (client, server) = veer_testsupport::mesh::namespaces();
+        mesh::redirect(&veer(), &client, &[]);
+        mesh::redirect(&veer(), &server, &[]);
+        let app = veer_testsupport::http_app::spawn(
+            Some(&server),
+            "127.0.0.1:8080".parse().unwrap(),
+            "api",
+        );
+        HttpTopo {
+            ca,
+            files,
+            client,
+            server,
+            app,
+        }
+    }
+
+    fn veer(&self, ns: &Netns, name: &str, config: &str) -> Sidecar {
+        let cfg = self.files.write(&format!("{name}.toml"), config);
+        Sidecar::start(
+            &veer(),
+            ns,
+            cfg,
+            self.files.join(&format!("{name}.log")),
+            &[],
+        )
+    }
+
+    /// veer as api with `[inbound] protocol = "http"`, allowing `allowed`.
+    fn veer_api(&self, allowed: &str) -> Sidecar {
+        let cfg = mesh::api_config(&self.ca, "deny", &mesh::allow(allowed)).replace(
+            "local_app = \"127.0.0.1:8080\"\n",
+            "local_app = \"127.0.0.1:8080\"\nprotocol = \"http\"\n",
+        );
+        self.veer(&self.server, "api", &cfg)
+    }
+
+    /// veer as web with its `api` upstream `protocol = "http"`.
+    fn veer_web(&self) -> Sidecar {
+        let keys = format!("protocol = \"http\"\n{}", mesh::api_endpoints());
+        self.veer(
+            &self.client,
+            "web",
+            &mesh::web_config_with(&self.ca, &keys, ""),
+        )
+    }
+
+    fn envoy(&self, bin: &Path, ns: &Netns, boot: &Bootstrap) -> Envoy {
+        Envoy::start(bin, ns, boot, self.files.path(), 1)
+    }
+}
+
+/// One curl request from `ns` (redirected): (status, body).
+fn curl(ns: &Netns, args: &str, url: &str) -> (u16, String) {
+    let out = ns
+        .sh(&format!(
+            "curl -sS --max-time 10 -o - -w '\\n%{{http_code}}' {args} '{url}'"
+        ))
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// veer's L7 outbound (HTTP/1.1 and h2c from the app) to Envoy's HTTP
+/// public listener as Consul configures an `http` service: Envoy's HTTP
+/// RBAC allows web by veer's certificate, and its `APPEND_FORWARD` XFCC
+/// names web's SPIFFE ID to the app; a source Envoy does not allow gets
+/// Envoy's 403, passed through.
+#[test]
+fn http_veer_outbound_to_envoy_inbound() {
+    let Some(bin) = envoy_bin("http_veer_outbound_to_envoy_inbound") else {
+        return;
+    };
+    let t = HttpTopo::new();
+    let api = t.envoy(
+        &bin,
+        &t.server,
+        &Bootstrap::sidecar(&t.ca, "api")
+            .allow("web")
+            .protocol("http"),
+    );
+    let _web = t.veer_web();
+    let url = format!("http://{API_VIP}/hello?x=1");
+    assert_eq!(
+        curl(&t.client, "", &url),
+        (200, "api GET /hello?x=1".into())
+    );
+    let xfcc = t.app.last_xfcc().unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!(
+            "URI=spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/web"
+        )),
+        "XFCC from Envoy: {xfcc:?}"
+    );
+    assert_eq!(
+        curl(&t.client, "--http2-prior-knowledge", &url),
+        (200, "api GET /hello?x=1".into())
+    );
+    assert_eq!(
+        curl(
+            &t.client,
+            "-X POST --data-binary 0123456789",
+            &format!("http://{API_VIP}/post")
+        ),
+        (200, "api POST /post".into())
+    );
+    assert_eq!(api.stat("http.public_listener.rbac.allowed"), Some(3));
+
+    // Envoy allowing only `admin`: its 403 reaches the client.
+    let t = HttpTopo::new();
+    let _api = t.envoy(
+        &bin,
+        &t.server,
+        &Bootstrap::sidecar(&t.ca, "api")
+            .allow("admin")
+            .protocol("http"),
+    );
+    let _web = t.veer_web();
+    let (code, _) = curl(&t.client, "", &format!("http://{API_VIP}/secret"));
+    assert_eq!(code, 403);
+    assert_eq!(t.app.requests(), 0);
+}
+
+/// Envoy's HTTP outbound (as Consul configures an `http` upstream) to
+/// veer's L7 inbound: requests are served after mTLS and authorized one by
+/// one; Envoy presenting an identity veer does not allow gets a 403 per
+/// request and the app sees nothing.
+#[test]
+fn http_envoy_outbound_to_veer_inbound() {
+    let Some(bin) = envoy_bin("http_envoy_outbound_to_veer_inbound") else {
+        return;
+    };
+    let web_boot = |t: &HttpTopo, service: &str| {
+        Bootstrap::sidecar(&t.ca, service)
+            .protocol("http")
+            .upstream(
+                "api",
+                &[API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()],
+                &[format!("{SERVER_IP}:20000").parse().unwrap()],
+            )
+    };
+    let t = HttpTopo::new();
+    let api = t.veer_api("web");
+    let web = t.envoy(&bin, &t.client, &web_boot(&t, "web"));
+    for i in 0..3 {
+        assert_eq!(
+            curl(&t.client, "", &format!("http://{API_VIP}/r{i}")),
+            (200, format!("api GET /r{i}"))
+        );
+    }
+    assert!(
+        api.wait_log("svc/web", Duration::from_secs(3)),
+        "{}",
+        api.log_text()
+    );
+    let cluster = format!("api.default.dc1.internal.{TRUST_DOMAIN}");
+    assert_eq!(
+        web.stat(&format!("cluster.{cluster}.upstream_rq_200")),
+        Some(3)
+    );
+
+    // Another valid identity (evil): 403 per request, the app sees none.
+    let t = HttpTopo::new();
+    let _api = t.veer_api("web");
+    let _evil = t.envoy(&bin, &t.client, &web_boot(&t, "evil"));
+    for _ in 0..2 {
+        let (code, _) = curl(&t.client, "", &format!("http://{API_VIP}/secret"));
+        assert_eq!(code, 403);
+    }
+    assert_eq!(t.app.requests(), 0);
+}

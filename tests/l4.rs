@@ -932,6 +932,199 @@ fn new_connections_resume_tls_sessions() {
     assert_eq!(sample(&web, "outbound", "resumed"), resumed + 10, "{web}");
 }
 
+/// Voluntary and involuntary context switches of every thread of `pid`.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Syscalls counted by `perf stat` (tracepoints) for one process, by
+/// name; `None` when perf cannot count them here.
+struct SyscallCount(Option<std::process::Child>, PathBuf);
+
+const COUNTED: &[&str] = &[
+    "read",
+    "recvfrom",
+    "write",
+    "writev",
+    "sendto",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_ctl",
+    "futex",
+    "sched_yield",
+    "madvise",
+    "mprotect",
+    "brk",
+    "mmap",
+    "munmap",
+];
+
+impl SyscallCount {
+    fn start(pid: u32, out: PathBuf) -> SyscallCount {
+        let mut events = vec!["raw_syscalls:sys_enter".to_string()];
+        events.extend(COUNTED.iter().map(|s| format!("syscalls:sys_enter_{s}")));
+        events.push("page-faults".into());
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok();
+        SyscallCount(child, out)
+    }
+
+    /// Stops perf; `(name, count)` with the total first.
+    fn stop(mut self) -> Option<Vec<(String, u64)>> {
+        let mut child = self.0.take()?;
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        child.wait().ok()?;
+        let text = std::fs::read_to_string(&self.1).ok()?;
+        let counts: Vec<(String, u64)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let v = f.first()?.parse::<u64>().ok()?;
+                let name = f.get(2)?.trim_start_matches("syscalls:sys_enter_");
+                Some((name.trim_start_matches("raw_syscalls:").to_string(), v))
+            })
+            .collect();
+        (!counts.is_empty()).then_some(counts)
+    }
+}
+
+/// Syscalls and wake-ups per keep-alive request (issue 14), through both
+/// sidecars (default `--concurrency 2`): 16 keep-alive connections making
+/// 625 request/answer round trips each (10,000 requests), then one
+/// connection with one request in flight (2,000). Context switches come
+/// from /proc always; syscalls by name from `perf stat` where perf can
+/// count tracepoints (else a note). Per sidecar and request the relay
+/// makes one `recvfrom` and one `sendto` per direction (a whole TLS write
+/// goes out in one `sendto`, however many records it takes), plus the
+/// event loop's `epoll_wait` (fewer than one per request when events come
+/// together) and the workers' wake-ups (`futex`, eventfd `write`). The
+/// bounds leave headroom over that, so that a change that adds a syscall
+/// to every request fails.
+#[test]
+fn keepalive_syscalls_per_request() {
+    need_root!("keepalive_syscalls_per_request");
+    const MSG: usize = 100;
+    let m = Mesh::new(&bin());
+    let vip = format!("{API_VIP}:80");
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = connect(&m.client, &vip).unwrap();
+                s.set_nodelay(true).unwrap();
+                s.write_all(b"E").unwrap();
+                s
+            })
+            .collect()
+    };
+    let round_trips = |conns: &mut [TcpStream], n: usize| {
+        std::thread::scope(|sc| {
+            for s in conns.iter_mut() {
+                sc.spawn(move || {
+                    let req = [b'k'; MSG];
+                    let mut answer = [0u8; MSG];
+                    for _ in 0..n {
+                        s.write_all(&req).unwrap();
+                        s.read_exact(&mut answer).unwrap();
+                        assert_eq!(answer, req);
+                    }
+                });
+            }
+        });
+    };
+    let pids = [support::pid(&m.web), support::pid(&m.api)];
+    let mut perf_missing = false;
+    // (connections, round trips each, bounds on syscalls and on context
+    // switches per request). With one request in flight each direction
+    // wakes a sidecar, and the two workers hand work to each other.
+    let phases = [(16, 625, 6.0, 2.5), (1, 2000, 8.0, 5.0)];
+    for (phase, (n, rounds, bound, cs_bound)) in phases.into_iter().enumerate() {
+        let mut conns = open(n);
+        round_trips(&mut conns, 50);
+        let counts: Vec<SyscallCount> = pids
+            .iter()
+            .zip(["web", "api"])
+            .map(|(p, name)| {
+                SyscallCount::start(*p, m.files.join(&format!("syscalls-{name}-{phase}.csv")))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let cs0: Vec<u64> = pids.iter().map(|p| context_switches(*p)).collect();
+        round_trips(&mut conns, rounds);
+        let cs1: Vec<u64> = pids.iter().map(|p| context_switches(*p)).collect();
+        let requests = (n * rounds) as f64;
+        for (i, (name, c)) in ["web", "api"].into_iter().zip(counts).enumerate() {
+            let cs = (cs1[i] - cs0[i]) as f64 / requests;
+            let counted = c.stop();
+            let what = format!("{name}, {n} connection(s)");
+            eprintln!("{what}: {cs:.2} context switches per request");
+            assert!(
+                cs < cs_bound,
+                "{what}: {cs:.2} context switches per request"
+            );
+            match counted {
+                None => perf_missing = true,
+                Some(counts) => {
+                    let per = |v: u64| v as f64 / requests;
+                    let each: Vec<String> = counts[1..]
+                        .iter()
+                        .filter(|(_, v)| per(*v) >= 0.01)
+                        .map(|(n, v)| format!("{n} {:.2}", per(*v)))
+                        .collect();
+                    let total = per(counts[0].1);
+                    eprintln!(
+                        "{what}: {total:.2} syscalls per request ({})",
+                        each.join(", ")
+                    );
+                    assert!(total < bound, "{what}: {total:.2} syscalls per request");
+                    // Freeing a quiet connection's buffers does not trim
+                    // the heap (sys::keep_free_heap_top).
+                    let trims = counts
+                        .iter()
+                        .find(|(n, _)| n == "madvise")
+                        .map_or(0, |c| c.1);
+                    assert!(
+                        per(trims) < 0.05,
+                        "{what}: {:.2} madvise per request",
+                        per(trims)
+                    );
+                }
+            }
+        }
+    }
+    if perf_missing {
+        eprintln!("keepalive_syscalls_per_request: perf cannot count syscalls here; context switches only");
+    }
+}
+
 /// `VEER_DISABLE_SPLICE` sends passthrough through the userspace copy relay
 /// (the fallback for kernels that refuse splice), bytes intact; and
 /// `--log-format json` writes one JSON object per line, the access log

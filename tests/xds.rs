@@ -1304,3 +1304,288 @@ fn xds_consul_connect_envoy_command_line_over_tcp_with_token() {
     drop(web);
     drop(api);
 }
+
+/// The web sidecar's resources with `api` behind an aggregate cluster, as
+/// Consul writes a chain with failover (clusters golden
+/// `connect-proxy-with-tcp-chain-failover-through-remote-gateway`, v1.16.0):
+/// `failover-target~0~` is api in dc1 (SERVER_IP:20000, instances
+/// `primary` health), `failover-target~1~` api in dc2 (SERVER_IP:21001).
+fn web_failover(
+    p: &Params,
+    primary: envoy_types::pb::envoy::config::core::v3::HealthStatus,
+) -> cx::ConsulXds {
+    let mut x = cx::sidecar(p, &web_shape());
+    let name = p.sni("api");
+    let sni = |dc: &str| format!("api.default.{dc}.internal.{TRUST_DOMAIN}");
+    let t0 = cx::failover_target_cluster(p, 0, &name, &sni("dc1"), p.spiffe("dc1", "api"), 5);
+    let t1 = cx::failover_target_cluster(p, 1, &name, &sni("dc2"), p.spiffe("dc2", "api"), 5);
+    x.clusters.retain(|c| c.name != name);
+    x.clusters.push(cx::aggregate_cluster(
+        &name,
+        &[t0.name.clone(), t1.name.clone()],
+        5,
+    ));
+    x.endpoints.retain(|e| e.cluster_name != name);
+    x.endpoints.push(cx::load_assignment_with(
+        &t0.name,
+        &[format!("{SERVER_IP}:20000").parse().unwrap()],
+        primary,
+    ));
+    x.endpoints.push(cx::load_assignment(
+        &t1.name,
+        &[format!("{SERVER_IP}:21001").parse().unwrap()],
+    ));
+    x.clusters.push(t0);
+    x.clusters.push(t1);
+    x
+}
+
+/// Failover in xDS mode: `api` is an aggregate cluster over api in dc1 and
+/// api in dc2 (a second sidecar with its own app, identity dc2/api). While
+/// dc1's instance is healthy new connections go there; when Consul marks it
+/// UNHEALTHY they go to dc2 and an open connection to dc1 stays open; when
+/// it is healthy again they come back. A bad aggregate (naming a cluster
+/// that does not exist) is NACKed with the resource and field, and the old
+/// configuration keeps serving.
+#[test]
+fn xds_aggregate_failover_and_back() {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    if !veer_testsupport::require_root("xds_aggregate_failover_and_back") {
+        return;
+    }
+    let t = Topo::new();
+    t.serve(&t.api_ads, &t.api_resources(&["web"]));
+    // api in dc2: its own sidecar (SERVER_IP:21001, not redirected) and app.
+    let dc2_app = spawn_app(
+        Some(&t.server),
+        "127.0.0.1:8081".parse().unwrap(),
+        "api-dc2",
+    );
+    let dc2_sock = t.files.join("dc2-xds.sock");
+    let dc2_ads = t.rt.block_on(XdsServer::unix(dc2_sock.clone())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dc2_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut p = t.params("api");
+    p.certs = Certs::issue(&t.ca.ca, "dc2", "api");
+    p.datacenter = "dc2".into();
+    p.public = format!("{SERVER_IP}:21001").parse().unwrap();
+    p.local_app = "127.0.0.1:8081".parse().unwrap();
+    p.outbound = "127.0.0.1:15002".parse().unwrap();
+    let mut dc2 = cx::sidecar(&p, &SidecarShape::default());
+    dc2.set_public_rbac(cx::rbac_allow(TRUST_DOMAIN, &["web"]));
+    t.serve(&dc2_ads, &dc2);
+
+    // One leaf for every version of web's resources.
+    let wp = t.params("web");
+    t.serve(&t.web_ads, &web_failover(&wp, HealthStatus::Healthy));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    let api2 = Dp::start_on(
+        Proxy::Veer,
+        &t.server,
+        &t.files,
+        "api-dc2",
+        &dc2_sock,
+        19001,
+    );
+    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.server, &api);
+    wait_ready(&t.server, &api2);
+    wait_ready(&t.client, &web);
+
+    let ok = || echo(&t.client, &vip(80), "f").is_ok_and(|s| s == "f");
+    let (a0, b0) = (t.app.accepted(), dc2_app.accepted());
+    for _ in 0..3 {
+        assert!(ok(), "{}", web.log_text());
+    }
+    assert_eq!(t.app.accepted() - a0, 3, "the primary target (dc1) serves");
+    assert_eq!(dc2_app.accepted(), b0);
+    let mut held = Held::open(&t.client, &vip(80));
+    assert!(held.alive());
+
+    // dc1's instance turns critical: new connections fail over to dc2.
+    let started = Instant::now();
+    t.serve(&t.web_ads, &web_failover(&wp, HealthStatus::Unhealthy));
+    assert!(
+        wait_until(Duration::from_secs(10), || ok() && dc2_app.accepted() > b0),
+        "no failover to dc2:\n{}",
+        web.log_text()
+    );
+    let failover = started.elapsed();
+    let a1 = t.app.accepted();
+    for _ in 0..3 {
+        assert!(ok());
+    }
+    assert_eq!(t.app.accepted(), a1, "dc1 gets no new connection");
+    assert!(held.alive(), "the open connection to dc1 is kept");
+
+    // A bad aggregate is NACKed; the failover configuration keeps serving.
+    let mut bad = web_failover(&wp, HealthStatus::Unhealthy);
+    let name = wp.sni("api");
+    let members = vec![format!("failover-target~0~{name}"), "nope".to_string()];
+    *bad.cluster_mut(&name) = cx::aggregate_cluster(&name, &members, 5);
+    t.serve(&t.web_ads, &bad);
+    let want = format!(
+        "cluster {name}: cluster_type.typed_config.clusters[1]: names cluster \"nope\", which does not exist"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || nacks(&t.web_ads)
+            .iter()
+            .any(|n| n.contains(&want))),
+        "NACKs: {:?}",
+        nacks(&t.web_ads)
+    );
+    let b1 = dc2_app.accepted();
+    assert!(ok());
+    assert_eq!(dc2_app.accepted(), b1 + 1, "still failed over");
+
+    // dc1 healthy again: new connections come back.
+    let started = Instant::now();
+    t.serve(&t.web_ads, &web_failover(&wp, HealthStatus::Healthy));
+    let a2 = t.app.accepted();
+    assert!(
+        wait_until(Duration::from_secs(10), || ok()
+            && t.app.accepted() > a2 + 1),
+        "not back to dc1:\n{}",
+        web.log_text()
+    );
+    let back = started.elapsed();
+    let b2 = dc2_app.accepted();
+    for _ in 0..3 {
+        assert!(ok());
+    }
+    assert_eq!(dc2_app.accepted(), b2, "dc2 gets no new connection");
+    assert!(held.alive());
+    eprintln!("xds failover: to dc2 in {failover:?}, back to dc1 in {back:?}");
+    drop(web);
+    drop(api2);
+    drop(api);
+}
+
+/// L7 in xDS mode, end to end: the web sidecar's `api` chain is Consul's
+/// HTTP connection manager with a route configuration over RDS (a prefix
+/// route with a rewrite before the catch-all), api's public listener is
+/// Consul's HTTP public listener (`http-public-listener` golden: HTTP RBAC
+/// allowing web, APPEND_FORWARD XFCC). curl's requests are routed and
+/// rewritten, the app sees web's identity in XFCC, a route update over RDS
+/// applies, and an HTTP RBAC change to deny web answers 403 per request.
+#[test]
+fn xds_http_routes_rds_and_http_rbac() {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac;
+    use envoy_types::pb::envoy::config::route::v3::{
+        route, route_action, route_match, Route, RouteAction, RouteMatch,
+    };
+    use veer_testsupport::consul_xds::l7;
+    if !veer_testsupport::require_root("xds_http_routes_rds_and_http_rbac") {
+        return;
+    }
+    let t = Topo::new();
+    // The HTTP app on 8081 (the echo app holds 8080).
+    let app = veer_testsupport::http_app::spawn(
+        Some(&t.server),
+        "127.0.0.1:8081".parse().unwrap(),
+        "api",
+    );
+    let mut ap = t.params("api");
+    ap.local_app = "127.0.0.1:8081".parse().unwrap();
+    let api_x = |allowed: &[&str]| {
+        let mut x = cx::sidecar(
+            &ap,
+            &SidecarShape {
+                passthrough: true,
+                ..Default::default()
+            },
+        );
+        let mut l = l7::http_public_listener(&ap);
+        let principals = allowed
+            .iter()
+            .map(|s| cx::spiffe_principal(TRUST_DOMAIN, s))
+            .collect();
+        l7::set_public_http_rbac(
+            &mut l,
+            Some(cx::layer4_rules(rbac::Action::Allow, principals)),
+        );
+        *x.public_listener_mut() = l;
+        x
+    };
+    t.serve(&t.api_ads, &api_x(&["web"]));
+    let wp = t.params("web");
+    let web_x = |rewrite_prefix: &str| {
+        let mut x = cx::sidecar(&wp, &web_shape());
+        let l = x.listener_mut(&format!("outbound_listener:{}", wp.outbound));
+        l.filter_chains[0].filters = vec![l7::hcm(
+            "upstream.api.default.default.dc1",
+            l7::rds("api"),
+            vec![l7::router()],
+            false,
+        )];
+        let rewrite = Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix(rewrite_prefix.into())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(wp.sni("api"))),
+                prefix_rewrite: "/".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        x.routes = vec![l7::route_config(
+            "api",
+            "api.default.default.dc1",
+            vec![rewrite, l7::catch_all(wp.sni("api"))],
+        )];
+        x
+    };
+    t.serve(&t.web_ads, &web_x("/old/"));
+    let api = Dp::start(Proxy::Veer, &t.server, &t.files, "api", &t.api_sock);
+    let web = Dp::start(Proxy::Veer, &t.client, &t.files, "web", &t.web_sock);
+    wait_ready(&t.server, &api);
+    wait_ready(&t.client, &web);
+
+    let curl = |path: &str| -> (u16, String) {
+        let out = t
+            .client
+            .sh(&format!(
+                "curl -sS --max-time 10 -o - -w '\\n%{{http_code}}' 'http://{API_VIP}{path}'"
+            ))
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    assert_eq!(
+        curl("/plain"),
+        (200, "api GET /plain".into()),
+        "{}",
+        web.log_text()
+    );
+    assert_eq!(curl("/old/x?y=1"), (200, "api GET /x?y=1".into()));
+    let xfcc = app.last_xfcc().unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!(
+            "URI=spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/web"
+        )),
+        "XFCC: {xfcc:?}"
+    );
+    // A route update over RDS: the rewrite moves to /new/.
+    t.serve(&t.web_ads, &web_x("/new/"));
+    assert!(
+        wait_until(Duration::from_secs(10), || curl("/new/z")
+            == (200, "api GET /z".into())),
+        "{}",
+        web.log_text()
+    );
+    assert_eq!(curl("/old/x"), (200, "api GET /old/x".into()));
+    // HTTP RBAC now allows only `admin`: 403 per request, the app sees none.
+    let seen = app.requests();
+    t.serve(&t.api_ads, &api_x(&["admin"]));
+    assert!(
+        wait_until(Duration::from_secs(10), || curl("/plain").0 == 403),
+        "{}",
+        api.log_text()
+    );
+    assert_eq!(app.requests(), seen, "denied requests never reach the app");
+    drop(web);
+    drop(api);
+}

@@ -446,7 +446,34 @@ fn measure(kind: Kind, tools: &Tools, set: &Settings, out: &std::path::Path) -> 
         drop(held);
         std::thread::sleep(Duration::from_secs(2));
     }
-    // 5. Bulk: mesh, then passthrough.
+    // 5. Bulk: mesh, then passthrough (byte streams: not on the HTTP path).
+    if kind.is_http() {
+        let cpu_total = cpu(&pids);
+        return Results {
+            kind,
+            ka,
+            ka_cpu,
+            lat,
+            lat_cpu,
+            nc,
+            nc_cpu,
+            bulk1: Bulk::default(),
+            bulk8: Bulk::default(),
+            pass1: Bulk::default(),
+            pass8: Bulk::default(),
+            rss_idle,
+            rss_conns,
+            idle_open,
+            idle_errors,
+            cpu_total,
+            ready_ms,
+            load_before,
+            load_after: loadavg(),
+            outside_cpu: 0.0,
+            wall: 0.0,
+            syscalls,
+        };
+    }
     sys.swap_app_for_iperf(tools);
     let mut probe = Probe::new(set, kind, &pids, out, "bulk");
     let b1 = bulk(&sys, tools, &mut probe, dst, set.bulk_secs, 1);

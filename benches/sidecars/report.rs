@@ -37,6 +37,11 @@ fn sidecar<T>(r: &Results, v: T) -> Option<T> {
     (r.kind != Kind::Direct).then_some(v)
 }
 
+/// A byte-stream (iperf3) figure: none on the HTTP path.
+fn stream<T>(r: &Results, v: T) -> Option<T> {
+    (!r.kind.is_http()).then_some(v)
+}
+
 fn per_conn_kib(r: &Results) -> Option<f64> {
     if r.rss_conns.is_empty() || r.idle_open == 0 {
         return None;
@@ -83,22 +88,22 @@ fn cols() -> Vec<Col> {
         },
         Col {
             title: "bulk 1 stream Gbit/s",
-            get: |r, _| Some(r.bulk1.gbps),
+            get: |r, _| stream(r, r.bulk1.gbps),
             digits: 2,
         },
         Col {
             title: "bulk 8 streams Gbit/s",
-            get: |r, _| Some(r.bulk8.gbps),
+            get: |r, _| stream(r, r.bulk8.gbps),
             digits: 2,
         },
         Col {
             title: "passthrough 1 stream Gbit/s",
-            get: |r, _| Some(r.pass1.gbps),
+            get: |r, _| stream(r, r.pass1.gbps),
             digits: 2,
         },
         Col {
             title: "passthrough 8 streams Gbit/s",
-            get: |r, _| Some(r.pass8.gbps),
+            get: |r, _| stream(r, r.pass8.gbps),
             digits: 2,
         },
         Col {
@@ -133,7 +138,7 @@ fn cols() -> Vec<Col> {
         },
         Col {
             title: "CPU s/GB (1 stream)",
-            get: |r, _| sidecar(r, r.bulk1.s_per_gb()),
+            get: |r, _| stream(r, r.bulk1.s_per_gb()).and_then(|v| sidecar(r, v)),
             digits: 2,
         },
     ]
@@ -169,6 +174,16 @@ fn goals(v: &Results, e: Option<&Results>, d: Option<&Results>) -> Vec<Goal> {
             ratio: rv / re,
             met: rv / re >= 1.5,
         });
+        if v.kind.is_http() {
+            out.push(Goal {
+                what: "sidecar CPU per request on the HTTP path (keep-alive)",
+                target: "≤ 0.6× Envoy",
+                veer: f(us_req(v), 1),
+                envoy: f(us_req(e), 1),
+                ratio: us_req(v) / us_req(e),
+                met: us_req(v) / us_req(e) <= 0.6,
+            });
+        }
         for (what, bv, be) in [
             (
                 "bulk GB per sidecar CPU second, 1 stream",
@@ -180,7 +195,10 @@ fn goals(v: &Results, e: Option<&Results>, d: Option<&Results>) -> Vec<Goal> {
                 v.bulk8.s_per_gb(),
                 e.bulk8.s_per_gb(),
             ),
-        ] {
+        ]
+        .into_iter()
+        .filter(|_| !v.kind.is_http())
+        {
             out.push(Goal {
                 what,
                 target: "≥ 1.5× Envoy",
@@ -269,7 +287,10 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
     // systems ran, veer over xDS vs Envoy over xDS.
     let (gv, ge) = match v {
         Some(v) => (Some(v), e),
-        None => (find(Kind::VeerXds), find(Kind::EnvoyXds).or(e)),
+        None => match find(Kind::VeerXds) {
+            Some(x) => (Some(x), find(Kind::EnvoyXds).or(e)),
+            None => (find(Kind::VeerHttp), find(Kind::EnvoyHttp)),
+        },
     };
     let mut md = String::new();
     let _ = writeln!(
@@ -316,9 +337,10 @@ pub fn markdown(results: &[Results], set: &Settings, took: Duration) -> String {
             };
             let mut cell = f(val, c.digits);
             let mut ratios = Vec::new();
-            // veer over xDS is compared with Envoy over xDS when both ran.
-            let e = match r.kind {
-                Kind::VeerXds => find(Kind::EnvoyXds).or(e),
+            // veer over xDS is compared with Envoy over xDS, veer's HTTP
+            // path with Envoy's, when both ran.
+            let e = match r.kind.envoy_peer() {
+                Some(k) if k != Kind::Envoy => find(k).or(e),
                 _ => e,
             };
             if let Some(e) = e.filter(|_| !r.kind.is_envoy()) {

@@ -40,6 +40,12 @@ pub enum Kind {
     VeerXds,
     /// Envoy configured over Delta xDS, as consul-dataplane runs it.
     EnvoyXds,
+    /// veer with both services `protocol = "http"`: requests go through
+    /// the L7 path (routing, pooled upstream connections) on both sidecars.
+    VeerHttp,
+    /// Envoy configured as Consul configures an `http` service (HTTP
+    /// connection manager on both listeners).
+    EnvoyHttp,
 }
 
 impl Kind {
@@ -50,6 +56,8 @@ impl Kind {
             Kind::Envoy => "envoy",
             Kind::VeerXds => "veer-xds",
             Kind::EnvoyXds => "envoy-xds",
+            Kind::VeerHttp => "veer-http",
+            Kind::EnvoyHttp => "envoy-http",
         }
     }
 
@@ -60,6 +68,8 @@ impl Kind {
             Kind::Envoy,
             Kind::VeerXds,
             Kind::EnvoyXds,
+            Kind::VeerHttp,
+            Kind::EnvoyHttp,
         ]
         .into_iter()
         .find(|k| k.name() == s)
@@ -67,12 +77,28 @@ impl Kind {
 
     /// veer's metrics (its own names) are there to read.
     pub fn is_veer(self) -> bool {
-        matches!(self, Kind::Veer | Kind::VeerXds)
+        matches!(self, Kind::Veer | Kind::VeerXds | Kind::VeerHttp)
     }
 
     /// Needs the Envoy binary.
     pub fn is_envoy(self) -> bool {
-        matches!(self, Kind::Envoy | Kind::EnvoyXds)
+        matches!(self, Kind::Envoy | Kind::EnvoyXds | Kind::EnvoyHttp)
+    }
+
+    /// Both sidecars on their HTTP path: the app's requests are parsed and
+    /// routed, so the byte-stream phases (iperf3) do not apply.
+    pub fn is_http(self) -> bool {
+        matches!(self, Kind::VeerHttp | Kind::EnvoyHttp)
+    }
+
+    /// The system this one is compared with in the report's ratios.
+    pub fn envoy_peer(self) -> Option<Kind> {
+        match self {
+            Kind::Veer => Some(Kind::Envoy),
+            Kind::VeerXds => Some(Kind::EnvoyXds),
+            Kind::VeerHttp => Some(Kind::EnvoyHttp),
+            _ => None,
+        }
     }
 }
 
@@ -116,7 +142,7 @@ pub struct System {
     _ca: TestCa,
 }
 
-fn web_toml(ca: &TestCa) -> String {
+fn web_toml(ca: &TestCa, protocol: &str) -> String {
     let (cert, key) = ca.service("web");
     format!(
         r#"[service]
@@ -141,6 +167,7 @@ default_action = "deny"
 
 [[upstreams]]
 name = "api"
+protocol = "{protocol}"
 virtual_ips = ["{API_VIP}", "{API_VIP6}"]
 endpoints = ["{SERVER_IP}:20000"]
 "#,
@@ -150,12 +177,25 @@ endpoints = ["{SERVER_IP}:20000"]
     )
 }
 
-fn api_toml(ca: &TestCa) -> String {
+fn api_toml(ca: &TestCa, protocol: &str) -> String {
     // mesh::api_config plus the outbound listener every sidecar has.
-    mesh::api_config(ca, "deny", &mesh::allow("web")).replace(
-        "\n[intentions]",
-        "\n[outbound]\nbind = \"127.0.0.1:15001\"\n\n[intentions]",
-    )
+    mesh::api_config(ca, "deny", &mesh::allow("web"))
+        .replace(
+            "\n[intentions]",
+            "\n[outbound]\nbind = \"127.0.0.1:15001\"\n\n[intentions]",
+        )
+        .replace(
+            "local_app = \"127.0.0.1:8080\"\n",
+            &if protocol == "tcp" {
+                "local_app = \"127.0.0.1:8080\"\n".to_string()
+            } else {
+                // XFCC as Consul ≥ 1.12 asks Envoy for (APPEND_FORWARD), so
+                // both add the client's details to every request.
+                format!(
+                    "local_app = \"127.0.0.1:8080\"\nprotocol = \"{protocol}\"\nxfcc = \"append_forward\"\n"
+                )
+            },
+        )
 }
 
 /// Starts `program args` in `ns`, reads its first stdout line (or waits for
@@ -241,9 +281,10 @@ impl System {
         ];
         match kind {
             Kind::Direct => {}
-            Kind::Veer => {
-                let api = sys.files.write("api.toml", &api_toml(&sys._ca));
-                let web = sys.files.write("web.toml", &web_toml(&sys._ca));
+            Kind::Veer | Kind::VeerHttp => {
+                let protocol = if kind.is_http() { "http" } else { "tcp" };
+                let api = sys.files.write("api.toml", &api_toml(&sys._ca, protocol));
+                let web = sys.files.write("web.toml", &web_toml(&sys._ca, protocol));
                 sys.veer.push(Sidecar::start(
                     &tools.veer,
                     &sys.server,
@@ -259,17 +300,22 @@ impl System {
                     &extra,
                 ));
             }
-            Kind::Envoy => {
+            Kind::Envoy | Kind::EnvoyHttp => {
                 let bin = tools.envoy.as_deref().expect("envoy binary");
+                let protocol = if kind.is_http() { "http" } else { "tcp" };
                 // Circuit breakers raised so 10k connections fit (Envoy's
                 // default is 1024 per cluster, as Consul leaves it).
-                let mut api = Bootstrap::sidecar(&sys._ca, "api").allow("web");
+                let mut api = Bootstrap::sidecar(&sys._ca, "api")
+                    .allow("web")
+                    .protocol(protocol);
                 api.max_connections = Some(65_536);
-                let mut web = Bootstrap::sidecar(&sys._ca, "web").upstream(
-                    "api",
-                    &[API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()],
-                    &[format!("{SERVER_IP}:20000").parse().unwrap()],
-                );
+                let mut web = Bootstrap::sidecar(&sys._ca, "web")
+                    .protocol(protocol)
+                    .upstream(
+                        "api",
+                        &[API_VIP.parse().unwrap(), API_VIP6.parse().unwrap()],
+                        &[format!("{SERVER_IP}:20000").parse().unwrap()],
+                    );
                 web.max_connections = Some(65_536);
                 sys.envoy.push(Envoy::start(
                     bin,

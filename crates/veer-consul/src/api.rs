@@ -722,8 +722,11 @@ struct RawIntention {
 /// Parses an intention list (`/v1/connect/intentions`, or one service's
 /// list from `/v1/connect/intentions/match`) into veer-core intentions.
 ///
-/// An L7 intention (with `Permissions`) counts as **deny** at L4, as
-/// Consul's `/agent/connect/authorize` does; intentions whose source is a
+/// An L7 intention (with `Permissions`, Consul ≥ 1.9) keeps them in
+/// [`Intention::permissions`] ([`permissions::parse`]) and has action
+/// **deny**, which is what counts at L4, as in Consul's
+/// `/agent/connect/authorize`; a permission veer cannot enforce makes the
+/// intention a plain deny, with a warning. Intentions whose source is a
 /// cluster peer or a sameness group are skipped (veer does not peer, and
 /// their sources never match a local identity). Missing namespaces are
 /// `default`; a missing source partition is the destination's.
@@ -744,11 +747,17 @@ pub fn parse_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Er
             &or_default(&r.destination_ns),
             r.destination_name.trim(),
         );
+        let mut perms = Vec::new();
         let action = if !r.permissions.is_empty() {
-            warnings.push(format!(
-                "intention {} ({source} => {destination}) has L7 permissions; veer enforces it as deny at L4",
-                r.id
-            ));
+            // Decided per request on an L7 inbound listener; `Deny` is what
+            // counts at L4 (and what an unenforceable permission becomes).
+            match permissions::parse(&r.permissions) {
+                Ok(p) => perms = p,
+                Err(e) => warnings.push(format!(
+                    "intention {} ({source} => {destination}): {e}; the intention is enforced as deny",
+                    r.id
+                )),
+            }
             Action::Deny
         } else {
             match Action::parse(r.action.trim()) {
@@ -771,9 +780,54 @@ pub fn parse_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Er
         }
         let mut i = Intention::new(source, destination, action);
         i.id = non_empty(&r.id).map(str::to_string);
+        i.permissions = perms;
         out.push(i);
     }
     Ok((out, warnings))
+}
+
+/// Parses `service-intentions` config entries (Consul ≥ 1.9;
+/// `GET /v1/config/service-intentions` lists them, one entry or a list is
+/// accepted): each `Sources[]` item is one intention to the entry's
+/// `Name`, read as [`parse_intentions`] reads the intention list
+/// (`LegacyID` as its ID). Consul 1.8.7 refuses this kind.
+pub fn parse_service_intentions(body: &[u8]) -> Result<(Vec<Intention>, Vec<String>), Error> {
+    const WHAT: &str = "/v1/config/service-intentions";
+    let v: Value = json(WHAT, body)?;
+    let entries = match v {
+        Value::Array(a) => a,
+        o @ Value::Object(_) => vec![o],
+        _ => return Err(Error::decode(WHAT, "not an entry or a list of entries")),
+    };
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut list = Vec::new();
+    for e in &entries {
+        if !matches!(text(e, "Kind").as_str(), "" | "service-intentions") {
+            continue;
+        }
+        for src in e
+            .get("Sources")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            list.push(serde_json::json!({
+                "ID": text(src, "LegacyID"),
+                "SourceName": text(src, "Name"),
+                "SourceNS": text(src, "Namespace"),
+                "SourcePartition": text(src, "Partition"),
+                "SourcePeer": text(src, "Peer"),
+                "SourceSamenessGroup": text(src, "SamenessGroup"),
+                "DestinationName": text(e, "Name"),
+                "DestinationNS": text(e, "Namespace"),
+                "DestinationPartition": text(e, "Partition"),
+                "Action": text(src, "Action"),
+                "Permissions": src.get("Permissions").cloned().unwrap_or(Value::Null),
+            }));
+        }
+    }
+    let bytes = serde_json::to_vec(&list).map_err(|e| Error::decode(WHAT, e))?;
+    parse_intentions(&bytes)
 }
 
 /// Parses `/v1/connect/intentions/match?by=destination&name=<service>`
@@ -984,12 +1038,38 @@ struct RawHealthService {
     partition: String,
     #[serde(rename = "Proxy", default)]
     proxy: Option<RawProxy>,
+    #[serde(rename = "Weights", default)]
+    weights: Option<RawWeights>,
 }
 
 #[derive(Deserialize, Default)]
 struct RawCheck {
     #[serde(rename = "Status", default, deserialize_with = "nullable")]
     status: String,
+}
+
+/// `Service.Weights`: the instance's load-balancing weight while its checks
+/// pass, and while one warns.
+#[derive(Deserialize)]
+struct RawWeights {
+    #[serde(rename = "Passing", default)]
+    passing: i64,
+    #[serde(rename = "Warning", default)]
+    warning: i64,
+}
+
+/// Consul's weight of an instance for Envoy: `Weights.Passing` (1 when the
+/// instance has no weights), `Weights.Warning` while a check warns,
+/// clamped to 128; 0 when the weight is below 1 (Consul then marks the
+/// endpoint unhealthy: it gets no traffic).
+fn instance_weight(w: Option<&RawWeights>, warning: bool) -> u32 {
+    let Some(w) = w else { return 1 };
+    let v = if warning { w.warning } else { w.passing };
+    if v < 1 {
+        0
+    } else {
+        v.min(128) as u32
+    }
 }
 
 #[derive(Deserialize)]
@@ -1053,6 +1133,10 @@ pub struct ConnectInstance {
     /// marks such an endpoint unhealthy; a warning is unhealthy only for a
     /// subset with `OnlyPassing`).
     pub critical: bool,
+    /// Its load-balancing weight (`Service.Weights`, see
+    /// [`instance_weight`]): 1..=128, or 0 = not used (a weight below 1,
+    /// which Consul's Envoy marks unhealthy).
+    pub weight: u32,
     /// The address another datacenter dials (Consul's
     /// `BestAddress(wan=true)`): `Service.TaggedAddresses.wan`, else
     /// `Service.Address`, else `Node.TaggedAddresses.wan`, else
@@ -1104,35 +1188,132 @@ pub fn parse_health_connect(
     for e in raw {
         let node = e.node.unwrap_or_default();
         let svc = e.service.unwrap_or_default();
-        let addr = non_empty(&svc.address)
-            .unwrap_or(node.address.as_str())
-            .to_string();
-        let ip = parse_ip(&addr);
-        let wan = wan_addr(&node, &svc);
-        if ip.is_none() {
-            warnings.push(format!(
-                "{what}: instance {} has address {addr:?}, which is not an IP address; not used",
-                svc.id
+        out.push(connect_instance(&what, node, svc, &e.checks, &mut warnings));
+    }
+    out.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+    Ok((out, warnings))
+}
+
+/// One instance from its node, its service and the checks that bear on it
+/// (the node's and its own).
+fn connect_instance(
+    what: &str,
+    node: RawNode,
+    svc: RawHealthService,
+    checks: &[RawCheck],
+    warnings: &mut Vec<String>,
+) -> ConnectInstance {
+    let addr = non_empty(&svc.address)
+        .unwrap_or(node.address.as_str())
+        .to_string();
+    let ip = parse_ip(&addr);
+    let wan = wan_addr(&node, &svc);
+    if ip.is_none() {
+        warnings.push(format!(
+            "{what}: instance {} has address {addr:?}, which is not an IP address; not used",
+            svc.id
+        ));
+    }
+    ConnectInstance {
+        weight: instance_weight(
+            svc.weights.as_ref(),
+            checks.iter().any(|c| c.status == "warning"),
+        ),
+        id: svc.id,
+        service: svc.service,
+        node: node.node,
+        datacenter: node.datacenter,
+        partition: or_default(non_empty(&svc.partition).unwrap_or(&node.partition)),
+        ip,
+        port: svc.port,
+        passing: checks.iter().all(|c| c.status == "passing"),
+        critical: checks.iter().any(|c| c.status == "critical"),
+        wan,
+        vips: vips(&svc.tagged_addresses),
+        dialed_directly: svc
+            .proxy
+            .as_ref()
+            .and_then(|p| p.transparent_proxy.as_ref())
+            .is_some_and(|t| t.dialed_directly),
+    }
+}
+
+/// The filter that makes `/v1/internal/ui/nodes` give the nodes running a
+/// mesh gateway (Consul 1.8.7 has no filter on `/v1/catalog/services`,
+/// and `/v1/health/service/:name` needs the name).
+pub const GATEWAY_NODES_FILTER: &str = "Services.Kind contains \"mesh-gateway\"";
+
+#[derive(Deserialize)]
+struct RawNodeDumpService {
+    #[serde(rename = "Kind", default, deserialize_with = "nullable")]
+    kind: String,
+    #[serde(flatten)]
+    service: RawHealthService,
+}
+
+#[derive(Deserialize)]
+struct RawNodeDumpCheck {
+    #[serde(rename = "ServiceID", default, deserialize_with = "nullable")]
+    service_id: String,
+    #[serde(rename = "Status", default, deserialize_with = "nullable")]
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct RawNodeDump {
+    #[serde(flatten)]
+    node: RawNode,
+    #[serde(rename = "Services", default, deserialize_with = "nullable")]
+    services: Vec<RawNodeDumpService>,
+    #[serde(rename = "Checks", default, deserialize_with = "nullable")]
+    checks: Vec<RawNodeDumpCheck>,
+}
+
+/// Parses `/v1/internal/ui/nodes?dc=<dc>&filter=`[`GATEWAY_NODES_FILTER`]:
+/// the mesh gateways of `dc`, found by their kind whatever their service
+/// name (as Consul finds them), each with the health of its node's checks
+/// and its own.
+pub fn parse_gateway_nodes(
+    dc: &str,
+    body: &[u8],
+) -> Result<(Vec<ConnectInstance>, Vec<String>), Error> {
+    let what = format!("/v1/internal/ui/nodes?dc={dc} (mesh gateways)");
+    let raw: Vec<RawNodeDump> = json(&what, body)?;
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    for n in raw {
+        for s in n.services {
+            if s.kind != "mesh-gateway" {
+                continue;
+            }
+            let checks: Vec<RawCheck> = n
+                .checks
+                .iter()
+                .filter(|c| c.service_id.is_empty() || c.service_id == s.service.id)
+                .map(|c| RawCheck {
+                    status: c.status.clone(),
+                })
+                .collect();
+            let node = RawNode {
+                node: n.node.node.clone(),
+                address: n.node.address.clone(),
+                // The node dump does not say; the watch is for `dc`.
+                datacenter: if n.node.datacenter.is_empty() {
+                    dc.to_string()
+                } else {
+                    n.node.datacenter.clone()
+                },
+                partition: n.node.partition.clone(),
+                tagged_addresses: n.node.tagged_addresses.clone(),
+            };
+            out.push(connect_instance(
+                &what,
+                node,
+                s.service,
+                &checks,
+                &mut warnings,
             ));
         }
-        out.push(ConnectInstance {
-            id: svc.id,
-            service: svc.service,
-            node: node.node,
-            datacenter: node.datacenter,
-            partition: or_default(non_empty(&svc.partition).unwrap_or(&node.partition)),
-            ip,
-            port: svc.port,
-            passing: e.checks.iter().all(|c| c.status == "passing"),
-            critical: e.checks.iter().any(|c| c.status == "critical"),
-            wan,
-            vips: vips(&svc.tagged_addresses),
-            dialed_directly: svc
-                .proxy
-                .as_ref()
-                .and_then(|p| p.transparent_proxy.as_ref())
-                .is_some_and(|t| t.dialed_directly),
-        });
     }
     out.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
     Ok((out, warnings))
@@ -1324,6 +1505,8 @@ pub fn parse_mesh(status: u16, body: &[u8]) -> Result<Mesh, Error> {
         }),
     }
 }
+
+pub mod permissions;
 
 #[cfg(test)]
 mod tests;

@@ -112,16 +112,17 @@ pub struct State {
     pub chains: BTreeMap<ServiceKey, Compiled>,
     /// The chain keys the last completed chain read was for.
     pub chains_read: Option<BTreeSet<ServiceKey>>,
+    /// Chains the last read refused (e.g. a router regex that does not
+    /// compile), with the reason; the last good one (or Consul's default
+    /// chain) stays in force and the spec names the refusal.
+    pub chain_errors: BTreeMap<ServiceKey, String>,
     /// The instances of each target of those chains.
     pub targets: BTreeMap<TargetKey, Vec<ConnectInstance>>,
-    /// The mesh gateways of a datacenter (the `mesh-gateway` service),
-    /// for targets reached through one.
+    /// The mesh gateways of a datacenter (its instances of kind
+    /// `mesh-gateway`, whatever their name), for targets reached through
+    /// one.
     pub gateways: BTreeMap<String, Vec<ConnectInstance>>,
 }
-
-/// The name `consul connect envoy -gateway=mesh -register` gives mesh
-/// gateways; veer finds a datacenter's gateways under it.
-pub const MESH_GATEWAY_SERVICE: &str = "mesh-gateway";
 
 /// This proxy's datacenter (its leaf's), once known.
 pub fn local_dc(state: &State) -> Option<String> {
@@ -138,7 +139,7 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
     chain_keys(state, settings)
         .iter()
         .filter_map(|k| Some((state.chains.get(k)?, gateway_override(state, k))))
-        .flat_map(|(c, o)| c.targets.iter().map(move |t| (t, o)))
+        .flat_map(|(c, o)| c.all_targets().map(move |t| (t, o)))
         .filter(|(t, _)| t.datacenter != local)
         .filter_map(|(t, o)| match o.unwrap_or(t.mesh_gateway) {
             chain::GatewayMode::Local => Some(local.clone()),
@@ -148,10 +149,23 @@ pub fn gateway_keys(state: &State, settings: &Settings) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether service `name` has a `service-resolver`, `service-router` or
+/// `service-splitter` entry (its discovery chain is more than Consul's
+/// default).
+pub fn has_chain_entries(state: &State, name: &str) -> bool {
+    use crate::entries::Kind;
+    state
+        .resolvers
+        .as_ref()
+        .is_some_and(|r| r.contains_key(name))
+        || state.chain_entries.get(Kind::Router, name).is_some()
+        || state.chain_entries.get(Kind::Splitter, name).is_some()
+}
+
 /// The upstreams whose discovery chain is read: those with a
-/// `service-resolver` entry, and explicit upstreams in another datacenter
-/// (their chain carries the mesh gateway mode of the config entries);
-/// empty until the resolver list is in.
+/// `service-resolver`, `service-router` or `service-splitter` entry, and
+/// explicit upstreams in another datacenter (their chain carries the mesh
+/// gateway mode of the config entries); empty until the resolver list is in.
 pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
     // The keys of `wanted` with a resolver or a datacenter, computed from
     // the few resolvers rather than the whole catalog: this runs on every
@@ -162,7 +176,9 @@ pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
     let mut out: BTreeSet<ServiceKey> = reg
         .upstreams
         .iter()
-        .filter(|u| res.contains_key(&u.name) || u.datacenter.is_some())
+        .filter(|u| {
+            res.contains_key(&u.name) || u.datacenter.is_some() || has_chain_entries(state, &u.name)
+        })
         .map(|u| ServiceKey {
             name: u.name.clone(),
             datacenter: u.datacenter.clone(),
@@ -170,7 +186,8 @@ pub fn chain_keys(state: &State, settings: &Settings) -> BTreeSet<ServiceKey> {
         .collect();
     if transparent(state, settings) == Some(true) {
         if let Some(catalog) = &state.catalog {
-            for name in res.keys() {
+            let routed = state.chain_entries.services();
+            for name in res.keys().map(String::as_str).chain(routed) {
                 if name != CONSUL_SERVICE
                     && *name != reg.destination_service
                     && catalog.contains(name)
@@ -203,7 +220,7 @@ pub fn target_keys(state: &State, settings: &Settings) -> BTreeSet<TargetKey> {
     chain_keys(state, settings)
         .iter()
         .filter_map(|k| state.chains.get(k))
-        .flat_map(|c| c.targets.iter().map(TargetKey::of))
+        .flat_map(|c| c.all_targets().map(TargetKey::of))
         .collect()
 }
 
@@ -389,9 +406,6 @@ fn protocol_of(
     }
 }
 
-/// What veer does with an HTTP-family protocol until L7 lands.
-const L4_ONLY: &str = "relayed at L4 as tcp: no HTTP routing, retries, timeouts or L7 intentions";
-
 /// Builds the complete spec, or says what is missing
 /// ([`Error::Incomplete`]) or unusable ([`Error::Decode`]).
 ///
@@ -457,22 +471,17 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             )
         })
         .collect();
-    // The local service's own protocol (inbound).
-    let (own, from) = protocol_of(
+    // The local service's own protocol (inbound): the registration's, as
+    // Consul's xDS does (l7::inbound).
+    let mut central_warnings = Vec::new();
+    let (central, from) = protocol_of(
         &reg.destination_service,
-        reg.protocol
-            .as_deref()
-            .map(|p| (p, "Proxy.Config.protocol".to_string())),
+        None,
         sd,
         pd,
-        &mut warnings,
+        &mut central_warnings,
     );
-    if own != Protocol::Tcp {
-        unapplied.push(Unapplied::unsupported(
-            format!("{from} = {:?}", own.as_str()),
-            format!("inbound to {}: {L4_ONLY}", reg.destination_service),
-        ));
-    }
+    let inbound_http = l7::inbound(reg, (central, &from), &mut warnings, &mut unapplied);
 
     let leaf_der = leaf
         .chain
@@ -497,6 +506,24 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
     let intentions = Intentions::new(&identity, all_ixns.clone(), default)
         .rules()
         .to_vec();
+    if inbound_http.is_none() {
+        // Consul's xDS does the same: an L7 intention on an L4 listener.
+        for i in intentions.iter().filter(|i| !i.permissions.is_empty()) {
+            unapplied.push(Unapplied::unsupported(
+                format!(
+                    "intention {} ({} => {}): Permissions",
+                    i.id.as_deref().unwrap_or("-"),
+                    i.source,
+                    i.destination
+                ),
+                format!(
+                    "the inbound listener of {} is L4 (its protocol is not http-like), so this \
+                     L7 intention is enforced as deny",
+                    reg.destination_service
+                ),
+            ));
+        }
+    }
 
     // Upstreams.
     let wanted = wanted(state, settings);
@@ -537,7 +564,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         };
         let id = ServiceId::new(&roots.trust_domain, part, ns, &dc, &key.name);
         let mut u = UpstreamSpec::new(id);
-        let (protocol, from) = protocol_of(
+        let (protocol, _) = protocol_of(
             &key.name,
             explicit.and_then(|e| {
                 let p = e.protocol.as_deref()?;
@@ -547,18 +574,17 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
             pd,
             &mut warnings,
         );
-        if protocol != Protocol::Tcp {
-            unapplied.push(Unapplied::unsupported(
-                format!("{from} = {:?}", protocol.as_str()),
-                format!("upstream {}: {L4_ONLY}", key.name),
-            ));
-        }
         u.protocol = protocol;
-        let passing: Vec<&ConnectInstance> = sidecars.iter().filter(|i| i.passing).collect();
-        let mut eps: Vec<SocketAddr> = passing.iter().filter_map(|i| i.endpoint()).collect();
-        eps.sort();
-        eps.dedup();
-        u.endpoints = eps;
+        let passing: Vec<&ConnectInstance> = sidecars
+            .iter()
+            .filter(|i| i.passing && i.weight > 0)
+            .collect();
+        (u.endpoints, u.endpoint_weights) = weighted(
+            passing
+                .iter()
+                .filter_map(|i| Some((i.endpoint()?, i.weight)))
+                .collect(),
+        );
         if transparent && key.datacenter.is_none() {
             let own_part = reg.partition.as_str();
             let mut vips: Vec<IpAddr> = Vec::new();
@@ -612,6 +638,16 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
                 &mut unapplied,
             );
         }
+        u.http = l7::upstream_routes(
+            &u,
+            chain,
+            state,
+            (&roots.trust_domain, part, &identity.datacenter),
+            (
+                explicit.and_then(|e| e.connect_timeout),
+                gateway_override(state, key),
+            ),
+        );
         by_key.insert(key.clone(), u);
     }
     // Explicit upstream listeners: the first of a service goes on its entry,
@@ -648,16 +684,26 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         }
     }
     let mut upstreams: Vec<UpstreamSpec> = by_key.into_values().chain(extra).collect();
+    for (k, e) in &state.chain_errors {
+        if chains.contains(k) {
+            unapplied.push(Unapplied::unsupported(
+                format!("discovery chain {k}"),
+                format!(
+                    "refused: {e}; {} stays in force",
+                    if state.chains.contains_key(k) {
+                        "the last good chain"
+                    } else {
+                        "Consul's default chain"
+                    }
+                ),
+            ));
+        }
+    }
     // Routers and splitters of upstreams whose chain is not read: named.
     unapplied.extend(crate::entries::unapplied(
         &state.chain_entries,
         &upstreams,
-        |svc| {
-            state
-                .resolvers
-                .as_ref()
-                .is_some_and(|r| r.contains_key(svc))
-        },
+        |svc| has_chain_entries(state, svc),
     ));
     // One VIP, one service: Snapshot::build refuses duplicates, and one bad
     // registration must not stop every update.
@@ -727,6 +773,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
         unapplied,
+        inbound_http,
     };
     Ok(Assembled { spec, warnings })
 }
@@ -735,11 +782,27 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
 /// critical check, and with `OnlyPassing` no warning either (Consul's
 /// rules for the endpoints it gives Envoy).
 fn healthy(i: &ConnectInstance, only_passing: bool) -> bool {
-    if only_passing {
+    if i.weight == 0 {
+        false
+    } else if only_passing {
         i.passing
     } else {
         !i.critical
     }
+}
+
+/// Endpoints with their weights, sorted, each address once (its first
+/// weight), as an upstream's or target's `endpoints` and
+/// `endpoint_weights` (empty when every weight is 1).
+fn weighted(mut eps: Vec<(SocketAddr, u32)>) -> (Vec<SocketAddr>, Vec<u32>) {
+    eps.sort_by_key(|e| e.0);
+    eps.dedup_by_key(|e| e.0);
+    let weights = if eps.iter().all(|e| e.1 == 1) {
+        Vec::new()
+    } else {
+        eps.iter().map(|e| e.1.max(1)).collect()
+    };
+    (eps.into_iter().map(|e| e.0).collect(), weights)
 }
 
 /// Makes `u` follow its compiled discovery chain: the primary target's
@@ -758,8 +821,6 @@ pub fn apply_chain(
     overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
     unapplied: &mut Vec<Unapplied>,
 ) {
-    let (td, part, local_dc) = local;
-    let (timeout, gw_override) = overrides;
     for line in &c.unapplied {
         let (node, detail) = line.split_once(": ").unwrap_or((line.as_str(), ""));
         unapplied.push(Unapplied::unsupported(
@@ -767,49 +828,64 @@ pub fn apply_chain(
             detail.to_string(),
         ));
     }
-    let none = Vec::new();
-    let mut targets: Vec<TargetSpec> = Vec::with_capacity(c.targets.len());
-    for t in &c.targets {
-        let remote = t.datacenter != local_dc;
-        let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
-        let mut ts = TargetSpec::new(id);
-        ts.sni = Some(t.sni.clone());
-        let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
-        let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
-        let mode = gw_override.unwrap_or(t.mesh_gateway);
-        let mut eps: Vec<SocketAddr> = if remote && mode.via_gateway() {
-            // Through a gateway (which routes on the SNI at L4, TLS end to
-            // end): its endpoints, while the target has a healthy instance
-            // (Consul gives them the health of the backends).
-            let (dc, wan) = match mode {
-                chain::GatewayMode::Local => (local_dc, false),
-                _ => (t.datacenter.as_str(), true),
-            };
-            let gws = state.gateways.get(dc).unwrap_or(&none);
-            if healthy_inst.next().is_some() {
-                gws.iter()
-                    .filter(|g| g.passing)
-                    .filter_map(|g| if wan { g.wan } else { g.endpoint() })
-                    .collect()
-            } else {
-                Vec::new()
-            }
-        } else {
-            healthy_inst
-                .filter_map(|i| if remote { i.wan } else { i.endpoint() })
-                .collect()
-        };
-        eps.sort();
-        eps.dedup();
-        ts.endpoints = eps;
-        ts.connect_timeout = Some(timeout.unwrap_or(c.connect_timeout));
-        targets.push(ts);
-    }
+    let targets: Vec<TargetSpec> = c
+        .targets
+        .iter()
+        .map(|t| target_spec(t, c.connect_timeout, state, local, overrides))
+        .collect();
     let mut it = targets.into_iter();
     if let Some(primary) = it.next() {
         u.set_primary(primary);
     }
     u.failover = it.collect();
+}
+
+/// One chain target as the data path dials it: its identity, SNI, healthy
+/// endpoints (directly, at the WAN address in another datacenter, or
+/// through mesh gateways) and connect timeout (the explicit upstream's
+/// over `resolver_timeout`). See [`apply_chain`] for `local`/`overrides`.
+pub fn target_spec(
+    t: &chain::Target,
+    resolver_timeout: std::time::Duration,
+    state: &State,
+    local: (&str, &str, &str),
+    overrides: (Option<std::time::Duration>, Option<chain::GatewayMode>),
+) -> TargetSpec {
+    let (td, part, local_dc) = local;
+    let (timeout, gw_override) = overrides;
+    let none = Vec::new();
+    let remote = t.datacenter != local_dc;
+    let id = ServiceId::new(td, part, &t.namespace, &t.datacenter, &t.service);
+    let mut ts = TargetSpec::new(id);
+    ts.sni = Some(t.sni.clone());
+    let inst = state.targets.get(&TargetKey::of(t)).unwrap_or(&none);
+    let mut healthy_inst = inst.iter().filter(|i| healthy(i, t.only_passing));
+    let mode = gw_override.unwrap_or(t.mesh_gateway);
+    let eps: Vec<(SocketAddr, u32)> = if remote && mode.via_gateway() {
+        // Through a gateway (which routes on the SNI at L4, TLS end to
+        // end): its endpoints, while the target has a healthy instance
+        // (Consul gives them the health of the backends).
+        let (dc, wan) = match mode {
+            chain::GatewayMode::Local => (local_dc, false),
+            _ => (t.datacenter.as_str(), true),
+        };
+        let gws = state.gateways.get(dc).unwrap_or(&none);
+        if healthy_inst.next().is_some() {
+            gws.iter()
+                .filter(|g| g.passing && g.weight > 0)
+                .filter_map(|g| Some((if wan { g.wan } else { g.endpoint() }?, g.weight)))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    } else {
+        healthy_inst
+            .filter_map(|i| Some((if remote { i.wan } else { i.endpoint() }?, i.weight)))
+            .collect()
+    };
+    (ts.endpoints, ts.endpoint_weights) = weighted(eps);
+    ts.connect_timeout = Some(timeout.unwrap_or(resolver_timeout));
+    ts
 }
 
 /// Checks that the leaf chains to one of the roots (as `Snapshot::build` will).
@@ -819,7 +895,7 @@ fn chains_to_roots(
 ) -> Result<(), String> {
     let store = veer_core::tls::root_store(roots).map_err(|e| e.to_string())?;
     let leaf = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|e| e.to_string())?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = veer_core::tls::crypto_provider();
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &leaf,
         &store,
@@ -852,6 +928,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         permissive_ports,
         inbound_max_connections,
         unapplied,
+        inbound_http,
     } = a;
     *identity == b.identity
         && *roots == b.roots
@@ -870,6 +947,7 @@ pub fn same_spec(a: &Spec, b: &Spec) -> bool {
         && *permissive_ports == b.permissive_ports
         && *inbound_max_connections == b.inbound_max_connections
         && *unapplied == b.unapplied
+        && *inbound_http == b.inbound_http
 }
 
 /// A one-line summary of what changed between two specs, for logs.
@@ -938,6 +1016,8 @@ pub fn describe_change(old: Option<&Spec>, new: &Spec) -> String {
     }
     parts.join(", ")
 }
+
+pub mod l7;
 
 #[cfg(test)]
 mod tests;

@@ -2,11 +2,13 @@
 //! (Consul 1.8.7's shape) → the targets an upstream's connections go to,
 //! in failover order.
 //!
-//! A chain starts at a router, a splitter or a resolver node. Routers and
-//! splitters are L7 (another piece of work): veer names them as unapplied
-//! and follows the router's last route (Consul always appends the
-//! catch-all `/` route to the service) and the splitter's heaviest split
-//! down to one resolver. The resolver gives the primary target (after any
+//! A chain starts at a router, a splitter or a resolver node. For the
+//! L4 path (and the upstream's primary target) veer follows the router's
+//! last route (Consul always appends the catch-all `/` route to the
+//! service) and the splitter's heaviest split down to one resolver. An
+//! http-like chain's routers and splitters are compiled into HTTP routes
+//! and weighted clusters as well ([`http`], [`Compiled::http`]). The
+//! resolver gives the primary target (after any
 //! redirect, with its default subset), its failover targets in order and
 //! the connect timeout. Each target is a (service, subset, namespace,
 //! datacenter) with its own SNI, its subset's health filter and its mesh
@@ -16,9 +18,13 @@
 //! unknown mesh gateway mode, a bad connect timeout or a node that does
 //! not exist is refused here with [`Error::Decode`] naming the field.
 use crate::Error;
+pub use http::{ChainCluster, ChainHttp};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use veer_core::route::Protocol;
+
+pub mod http;
 
 /// How a target in another datacenter is reached (`MeshGateway.Mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,8 +103,23 @@ pub struct Compiled {
     /// No resolver entry: the chain is Consul's default
     /// (`<svc>.default.<dc>`, 5 s).
     pub default: bool,
-    /// Parts of the chain veer does not apply (routers, splitters), one line each.
+    /// Parts of the chain veer does not apply, one line each: routers and
+    /// splitters of a chain whose protocol is not http-like (Consul refuses
+    /// to store them; an `OverrideProtocol` could leave them).
     pub unapplied: Vec<String>,
+    /// The HTTP routing when the chain's protocol is http, http2 or grpc
+    /// ([`http`]); `None` for tcp (and unknown) protocols.
+    pub http: Option<ChainHttp>,
+}
+
+impl Compiled {
+    /// Every target the chain can send to: [`Compiled::targets`] and those
+    /// of every HTTP cluster (with repeats).
+    pub fn all_targets(&self) -> impl Iterator<Item = &Target> {
+        self.targets
+            .iter()
+            .chain(self.http.iter().flat_map(|h| h.targets()))
+    }
 }
 
 #[derive(Deserialize)]
@@ -137,6 +158,8 @@ struct RawNode {
 
 #[derive(Deserialize)]
 struct RawRoute {
+    #[serde(rename = "Definition", default)]
+    definition: Option<http::RawDefinition>,
     #[serde(rename = "NextNode")]
     next: String,
 }
@@ -199,6 +222,9 @@ struct RawTarget {
     subset_def: Option<RawSubset>,
     #[serde(rename = "SNI")]
     sni: String,
+    /// Consul's cluster name (differs from `SNI` with an `ExternalSNI`).
+    #[serde(rename = "Name", default)]
+    name: String,
 }
 
 /// A Go `time.Duration` string as Consul prints it (`5s`, `1m0s`,
@@ -303,10 +329,39 @@ pub fn compile(body: &[u8]) -> Result<Compiled, Error> {
             c.start_node
         )));
     };
-    let connect_timeout = match resolver.connect_timeout.as_str() {
-        "" => Duration::from_secs(5),
-        s => go_duration(s).map_err(|e| bad(format!("{at}: ConnectTimeout: {e}")))?,
+    let connect_timeout = connect_timeout(resolver).map_err(|e| bad(format!("{at}: {e}")))?;
+    let targets = resolver_targets(&c, resolver).map_err(bad)?;
+    let protocol = veer_core::route::Protocol::parse(&c.protocol);
+    let http = match protocol {
+        Some(Protocol::Http | Protocol::Http2 | Protocol::Grpc) => {
+            // Routers and splitters apply: they are not "unapplied".
+            unapplied.clear();
+            Some(http::compile(&c).map_err(bad)?)
+        }
+        _ => None,
     };
+    Ok(Compiled {
+        service: c.service_name,
+        datacenter: c.datacenter,
+        protocol: c.protocol,
+        targets,
+        connect_timeout,
+        default: resolver.default,
+        unapplied,
+        http,
+    })
+}
+
+/// A resolver's `ConnectTimeout` (Consul's default 5 s when empty).
+fn connect_timeout(r: &RawResolver) -> Result<Duration, String> {
+    match r.connect_timeout.as_str() {
+        "" => Ok(Duration::from_secs(5)),
+        s => go_duration(s).map_err(|e| format!("ConnectTimeout: {e}")),
+    }
+}
+
+/// A resolver's target, then its failover targets in order.
+fn resolver_targets(c: &RawChain, resolver: &RawResolver) -> Result<Vec<Target>, String> {
     let ids = std::iter::once(&resolver.target)
         .chain(resolver.failover.iter().flat_map(|f| f.targets.iter()));
     let mut targets = Vec::new();
@@ -314,20 +369,18 @@ pub fn compile(body: &[u8]) -> Result<Compiled, Error> {
         let t = c
             .targets
             .get(id)
-            .ok_or_else(|| bad(format!("target {id:?} is named but not in Targets")))?;
+            .ok_or_else(|| format!("target {id:?} is named but not in Targets"))?;
         let gw = t
             .mesh_gateway
             .as_ref()
             .map(|g| g.mode.as_str())
             .unwrap_or("");
         let mesh_gateway = GatewayMode::parse(gw).ok_or_else(|| {
-            bad(format!(
-                "target {id}: MeshGateway.Mode {gw:?} is not none, local or remote"
-            ))
+            format!("target {id}: MeshGateway.Mode {gw:?} is not none, local or remote")
         })?;
         let sub = t.subset_def.as_ref();
         if t.sni.is_empty() {
-            return Err(bad(format!("target {id}: no SNI")));
+            return Err(format!("target {id}: no SNI"));
         }
         targets.push(Target {
             id: t.id.clone(),
@@ -347,15 +400,7 @@ pub fn compile(body: &[u8]) -> Result<Compiled, Error> {
             mesh_gateway,
         });
     }
-    Ok(Compiled {
-        service: c.service_name,
-        datacenter: c.datacenter,
-        protocol: c.protocol,
-        targets,
-        connect_timeout,
-        default: resolver.default,
-        unapplied,
-    })
+    Ok(targets)
 }
 
 #[cfg(test)]

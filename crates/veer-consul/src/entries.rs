@@ -14,14 +14,16 @@
 //!
 //! # Applying
 //!
-//! veer relays every upstream at L4 to its own instances: it applies no
-//! entry of these kinds yet. [`unapplied`] names each entry that concerns
-//! an upstream in use (the entry's `Name` is the upstream's service) with
-//! the settings it sets (`service-resolver web: ConnectTimeout=1s,
-//! Failover`), for [`veer_core::snapshot::Spec::unapplied`]. They are
-//! routing, not authorization, so they are named, not refused. Entries for
-//! veer's own service are not named: they shape how *callers* reach this
-//! service and are applied by the callers' proxies, not by this one.
+//! Every service with an entry of any of these kinds has its discovery
+//! chain read ([`crate::assemble::chain_keys`]), and the chain applies
+//! them: resolvers as targets and failover, routers and splitters as HTTP
+//! routes ([`crate::chain::http`]). [`unapplied`] names the router and
+//! splitter entries of an upstream whose chain is *not* read (with the
+//! settings they set: `service-router api: Routes`), for
+//! [`veer_core::snapshot::Spec::unapplied`]; they are routing, not
+//! authorization, so they are named, not refused. Entries for veer's own
+//! service are not named: they shape how *callers* reach this service and
+//! are applied by the callers' proxies, not by this one.
 //!
 //! The discovery-chain work can take this module over: [`Entries`] says
 //! which services have entries of any kind ([`Entries::services`]) and

@@ -344,7 +344,7 @@ fn tls_config(opts: &Options) -> Result<rustls::ClientConfig, Error> {
             ));
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = veer_core::tls::crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?

@@ -142,9 +142,12 @@
 //! upstream's targets, each with its SNI, expected identity, connect
 //! timeout and healthy instances (no critical check; with `OnlyPassing`
 //! every check passing; another datacenter's at their WAN address, or
-//! through the mesh gateways of mode `local`/`remote`:
-//! `/v1/health/service/mesh-gateway?dc=`, one watch per datacenter
-//! needed). The number of target watches follows the resolvers'
+//! through the mesh gateways of mode `local`/`remote`: the instances of
+//! kind `mesh-gateway` of `/v1/internal/ui/nodes?dc=` filtered on
+//! `Services.Kind contains "mesh-gateway"`, one watch per datacenter
+//! needed). Instance weights (`Service.Weights`: Passing, Warning while a
+//! check warns, clamped to 128, below 1 = not used) become endpoint
+//! weights. The number of target watches follows the resolvers'
 //! targets, not the mesh. Router and splitter entries of upstreams in use
 //! are named in [`Spec::unapplied`] ([`entries::unapplied`]). `CONSUL_HTTP_AUTH` (basic auth) and
 //! `CONSUL_HTTP_SSL_VERIFY=false` are not supported. The token file is read

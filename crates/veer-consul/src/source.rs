@@ -595,14 +595,17 @@ impl ConsulSource {
                             if s.chains.get(&k) != Some(&c) {
                                 tracing::info!(chain = %k, targets = ?c.targets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), connect_timeout = ?c.connect_timeout, "discovery chain");
                             }
+                            s.chain_errors.remove(&k);
                             s.chains.insert(k, c);
                         }
                         Err(e) => {
+                            s.chain_errors.insert(k.clone(), e.clone());
                             tracing::warn!(chain = %k, error = %e, "cannot use this discovery chain; keeping the last good one (or Consul's default chain)");
                         }
                     }
                 }
                 s.chains.retain(|k, _| keys.contains(k));
+                s.chain_errors.retain(|k, _| keys.contains(k));
                 s.chains_read = Some(keys);
             }
             (WatchKey::Mesh, Payload::Mesh(m)) => s.mesh = Some(m),
@@ -730,6 +733,7 @@ impl ConsulSource {
         if keys.is_empty() {
             self.chains_task = None;
             self.state.chains.clear();
+            self.state.chain_errors.clear();
             self.state.chains_read = Some(keys);
             return;
         }

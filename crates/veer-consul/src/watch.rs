@@ -55,7 +55,8 @@ pub enum WatchKey {
     Chains,
     /// `/v1/health/connect/:service?dc=&filter=`: a chain target's instances.
     Target(TargetKey),
-    /// `/v1/health/service/mesh-gateway?dc=`: a datacenter's mesh gateways.
+    /// `/v1/internal/ui/nodes?dc=&filter=Services.Kind contains "mesh-gateway"`:
+    /// a datacenter's mesh gateways, by kind.
     Gateways(String),
     /// The default-decision probe (not a blocking query).
     DefaultProbe,
@@ -164,10 +165,9 @@ pub fn path_of(key: &WatchKey, proxy_id: &str) -> String {
             p
         }
         WatchKey::Gateways(dc) => format!(
-            "/v1/health/service/{}?dc={}&filter={}",
-            crate::assemble::MESH_GATEWAY_SERVICE,
+            "/v1/internal/ui/nodes?dc={}&filter={}",
             escape(dc),
-            escape("Service.Kind == \"mesh-gateway\"")
+            escape(api::GATEWAY_NODES_FILTER)
         ),
         WatchKey::DefaultProbe => "/v1/agent/connect/authorize".into(),
     }
@@ -229,8 +229,8 @@ pub fn parse(key: &WatchKey, proxy_id: &str, r: Response) -> Parsed {
             let (c, w) = api::parse_health_connect(&k.service, b)?;
             (Payload::Connect(c), w)
         }
-        WatchKey::Gateways(_) => {
-            let (c, w) = api::parse_health_connect(crate::assemble::MESH_GATEWAY_SERVICE, b)?;
+        WatchKey::Gateways(dc) => {
+            let (c, w) = api::parse_gateway_nodes(dc, b)?;
             (Payload::Connect(c), w)
         }
         WatchKey::Instances(k) => (

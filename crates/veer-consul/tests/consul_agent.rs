@@ -1145,3 +1145,174 @@ async fn refused_connections_are_told_apart() {
     assert_eq!(e.classify(), "connect", "{e}");
     assert!(e.is_unreachable() && !e.is_closed());
 }
+
+/// Issue 13 (agent mode, no traffic): with central config on and
+/// `service-defaults` protocol http, the api upstream carries L7 routes
+/// (Consul's default catch-all, then the router's routes once one is
+/// written, changed and deleted) and web's inbound listener is HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_and_splitters_become_http_routes() {
+    use veer_core::l7::PathMatch;
+    logs();
+    let Some(bin) = consul_bin("routers_and_splitters_become_http_routes") else {
+        return;
+    };
+    let a = Agent::start(
+        bin,
+        &["enable_central_service_config = true".to_string()],
+        None,
+        false,
+    )
+    .await;
+    for svc in ["web", "api"] {
+        a.call(
+            "PUT",
+            "/v1/config",
+            json!({"Kind": "service-defaults", "Name": svc, "Protocol": "http"}),
+        )
+        .await;
+    }
+    small_mesh(&a).await;
+    let mut v2 = json!({
+        "Name": "api", "ID": "api-v2", "Port": 8082, "Meta": {"version": "v2"},
+        "Connect": {"SidecarService": {"Port": 21004,
+            "Checks": [{"Name": "ttl", "TTL": "10m", "Status": "passing"}]}}
+    });
+    v2["TaggedAddresses"] = json!({"virtual": {"Address": "10.96.0.20", "Port": 8082}});
+    a.call("PUT", "/v1/agent/service/register", v2).await;
+    let (mut rx, task) = follow(ConsulSource::new(a.options(web_proxy(), None)).unwrap());
+    let routes = |s: &Spec| {
+        upstream(s, "api")
+            .and_then(|u| u.http.as_ref())
+            .map(|h| h.routes.clone())
+    };
+    // Consul's default chain: one catch-all route; web's inbound is L7
+    // (the agent merged service-defaults into the registration).
+    let (_, spec) = wait_for(&mut rx, Duration::from_secs(15), "default route", |s| {
+        routes(s).is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    assert_eq!(
+        spec.inbound_http.as_ref().map(|i| i.protocol),
+        Some(veer_core::route::Protocol::Http),
+        "{:#?}",
+        spec.unapplied
+    );
+    assert!(upstream(&spec, "db").unwrap().http.is_none(), "db is tcp");
+    let t0 = Instant::now();
+    Snapshot::build(spec, 1).expect("the spec builds");
+
+    // A resolver with subsets and a router to v2: the routes follow.
+    a.call(
+        "PUT",
+        "/v1/config",
+        json!({"Kind": "service-resolver", "Name": "api", "DefaultSubset": "v1",
+               "Subsets": {"v1": {"Filter": "Service.Meta.version != v2"},
+                           "v2": {"Filter": "Service.Meta.version == v2"}}}),
+    )
+    .await;
+    a.call(
+        "PUT",
+        "/v1/config",
+        json!({"Kind": "service-router", "Name": "api", "Routes": [
+            {"Match": {"HTTP": {"PathPrefix": "/v2/"}},
+             "Destination": {"ServiceSubset": "v2", "PrefixRewrite": "/", "NumRetries": 2,
+                             "RetryOnStatusCodes": [503], "RequestTimeout": "3s"}}
+        ]}),
+    )
+    .await;
+    let (t, spec) = wait_for(&mut rx, Duration::from_secs(15), "router routes", |s| {
+        routes(s).is_some_and(|r| r.len() == 2)
+    })
+    .await;
+    eprintln!("router applied after {:?}", t - t0);
+    let api = upstream(&spec, "api").unwrap();
+    let h = api.http.as_ref().unwrap();
+    let r = &h.routes[0];
+    assert_eq!(r.matches.path, PathMatch::Prefix("/v2/".into()));
+    assert_eq!(r.action.prefix_rewrite.as_deref(), Some("/"));
+    assert_eq!(r.action.timeout, Some(Duration::from_secs(3)));
+    let retry = r.action.retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.num_retries, retry.on_status_codes.clone()),
+        (2, vec![503])
+    );
+    let v2c = &h.clusters[r.action.clusters[0].cluster];
+    assert!(
+        v2c.name.starts_with("v2.api.default.dc1.internal."),
+        "{}",
+        v2c.name
+    );
+    assert_eq!(v2c.targets[0].endpoints, vec![sa("127.0.0.1:21004")]);
+    let v1c = &h.clusters[h.routes[1].action.clusters[0].cluster];
+    assert!(
+        v1c.name.starts_with("v1.api.default.dc1.internal."),
+        "{}",
+        v1c.name
+    );
+    assert_eq!(v1c.targets[0].endpoints, vec![sa("127.0.0.1:21001")]);
+    assert!(
+        !spec.unapplied.iter().any(|u| u.setting.contains("router")),
+        "{:#?}",
+        spec.unapplied
+    );
+    Snapshot::build(spec, 2).expect("the spec builds");
+
+    // A live change of the router, then its deletion.
+    a.call(
+        "PUT",
+        "/v1/config",
+        json!({"Kind": "service-router", "Name": "api", "Routes": [
+            {"Match": {"HTTP": {"PathExact": "/health", "Methods": ["GET"]}},
+             "Destination": {"ServiceSubset": "v2"}}
+        ]}),
+    )
+    .await;
+    let (_, spec) = wait_for(&mut rx, Duration::from_secs(15), "changed router", |s| {
+        routes(s).is_some_and(|r| r[0].matches.path == PathMatch::Exact("/health".into()))
+    })
+    .await;
+    assert_eq!(routes(&spec).unwrap()[0].matches.methods, ["GET"]);
+    // A regex Consul 1.8.7 stores unchecked: refused by name, the last
+    // good routes stay.
+    a.call(
+        "PUT",
+        "/v1/config",
+        json!({"Kind": "service-router", "Name": "api", "Routes": [
+            {"Match": {"HTTP": {"PathRegex": "(("}}, "Destination": {"ServiceSubset": "v2"}}
+        ]}),
+    )
+    .await;
+    let (_, spec) = wait_for(&mut rx, Duration::from_secs(15), "refused router", |s| {
+        s.unapplied
+            .iter()
+            .any(|u| u.setting == "discovery chain api" && u.detail.contains("does not compile"))
+    })
+    .await;
+    let u = spec
+        .unapplied
+        .iter()
+        .find(|u| u.setting == "discovery chain api")
+        .unwrap();
+    assert!(u.detail.contains("Match.HTTP.PathRegex"), "{}", u.detail);
+    assert!(
+        u.detail.contains("the last good chain stays"),
+        "{}",
+        u.detail
+    );
+    assert_eq!(
+        routes(&spec).unwrap()[0].matches.path,
+        PathMatch::Exact("/health".into())
+    );
+    a.call("DELETE", "/v1/config/service-router/api", Value::Null)
+        .await;
+    wait_for(&mut rx, Duration::from_secs(15), "router deleted", |s| {
+        routes(s).is_some_and(|r| r.len() == 1)
+            && !s
+                .unapplied
+                .iter()
+                .any(|u| u.setting == "discovery chain api")
+    })
+    .await;
+    task.abort();
+}

@@ -184,11 +184,16 @@ impl Principal {
     }
 }
 
-/// One named RBAC policy; its permissions are `any` (L4).
+/// One named RBAC policy: it applies to a peer one of whose principals
+/// matches and (in an HTTP RBAC filter) to a request one of whose
+/// permissions matches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RbacPolicy {
     pub name: String,
     pub principals: Vec<Principal>,
+    /// Empty = `any` (always so in a network filter, where there is no
+    /// request); see [`crate::l7::RbacPermission`].
+    pub permissions: Vec<crate::l7::RbacPermission>,
 }
 
 /// One network RBAC filter: an action and its policies (`rules: {}` is
@@ -213,13 +218,22 @@ pub enum AuthzError {
         #[source]
         source: Box<AuthzError>,
     },
+    /// An L7 permission of this intention cannot be compiled.
+    #[error("intention {intention}: {source}")]
+    Intention {
+        intention: String,
+        #[source]
+        source: Box<AuthzError>,
+    },
 }
 
 impl AuthzError {
     pub fn classify(&self) -> &'static str {
         match self {
             AuthzError::BadRegex { .. } => "bad_regex",
-            AuthzError::Policy { source, .. } => source.classify(),
+            AuthzError::Policy { source, .. } | AuthzError::Intention { source, .. } => {
+                source.classify()
+            }
         }
     }
 }
@@ -358,6 +372,15 @@ impl Rbac {
     /// The plain-data filters it was compiled from.
     pub fn rules(&self) -> &[RbacRules] {
         &self.spec
+    }
+
+    /// Whether one of the principals of policy `policy` of filter `filter`
+    /// matches `peer` (the HTTP RBAC filter checks its permissions besides).
+    pub fn principal_matches(&self, filter: usize, policy: usize, peer: &Peer) -> bool {
+        self.filters[filter].policies[policy]
+            .1
+            .iter()
+            .any(|p| p.matches(peer))
     }
 
     pub fn evaluate(&self, peer: &Peer) -> RbacDecision {

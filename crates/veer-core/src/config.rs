@@ -116,6 +116,10 @@ struct InboundSection {
     /// Original destination ports relayed as plain TCP (permissive mTLS).
     #[serde(default)]
     permissive_ports: Vec<u16>,
+    /// The local service's protocol and its L7 settings ([`l7inbound`]).
+    protocol: Option<S<String>>,
+    xfcc: Option<S<String>>,
+    request_timeout: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -142,7 +146,10 @@ struct RuleSection {
     source: S<String>,
     source_namespace: Option<S<String>>,
     source_partition: Option<S<String>>,
-    action: S<String>,
+    /// Required unless `permissions` decide (then not allowed, as in Consul).
+    action: Option<S<String>>,
+    #[serde(default)]
+    permissions: Vec<S<l7inbound::PermissionSection>>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +175,12 @@ struct UpstreamSection {
     /// The targets after the primary one, in failover order.
     #[serde(default)]
     failover: Vec<S<FailoverSection>>,
+    /// More destinations for `routes` (an http-like upstream).
+    #[serde(default)]
+    clusters: Vec<S<http::ClusterSection>>,
+    /// HTTP routes, in order (an http-like upstream).
+    #[serde(default)]
+    routes: Vec<S<http::RouteSection>>,
 }
 
 /// `[[upstreams.failover]]`: one failover target. Name, namespace and
@@ -581,6 +594,14 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         None => outbound.push(SocketAddr::new("::1".parse().unwrap(), out4.port())),
     }
 
+    // [inbound] protocol and its L7 settings
+    let inbound_http = l7inbound::inbound(
+        &cx,
+        &file.inbound.protocol,
+        &file.inbound.xfcc,
+        &file.inbound.request_timeout,
+    )?;
+
     // [intentions]
     let default_action = match &file.intentions.default_action {
         None => Action::Deny,
@@ -618,13 +639,34 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
             &k("source_partition"),
             &identity.partition,
         )?;
-        let action = Action::parse(r.action.get_ref()).ok_or_else(|| {
-            cx.err(
-                r.action.span(),
-                k("action"),
-                format!("{:?} is not \"allow\" or \"deny\"", r.action.get_ref()),
-            )
-        })?;
+        let permissions = l7inbound::permissions(&cx, i, &r.permissions)?;
+        let action = match (&r.action, permissions.is_empty()) {
+            (Some(a), true) => Action::parse(a.get_ref()).ok_or_else(|| {
+                cx.err(
+                    a.span(),
+                    k("action"),
+                    format!("{:?} is not \"allow\" or \"deny\"", a.get_ref()),
+                )
+            })?,
+            (None, true) => {
+                return Err(cx.err(r.source.span(), k("action"), "missing (allow or deny)"))
+            }
+            (Some(a), false) => {
+                return Err(cx.err(
+                    a.span(),
+                    k("action"),
+                    "not with permissions: they decide (as in Consul)",
+                ))
+            }
+            (None, false) if inbound_http.is_none() => {
+                return Err(cx.err(
+                    r.source.span(),
+                    k("permissions"),
+                    "L7 permissions need [inbound] protocol http, http2 or grpc (Consul refuses them for tcp services)",
+                ))
+            }
+            (None, false) => Action::Deny,
+        };
         let source = Target::new(&src_part, &src_ns, &src_name);
         if let Some(j) = intentions
             .iter()
@@ -638,7 +680,9 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 ),
             ));
         }
-        intentions.push(Intention::new(source, destination.clone(), action));
+        let mut ixn = Intention::new(source, destination.clone(), action);
+        ixn.permissions = permissions;
+        intentions.push(ixn);
     }
 
     // [timeouts]
@@ -809,6 +853,16 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                 "an upstream reached by virtual IP or local_bind needs endpoints",
             ));
         }
+        spec.http = http::routes(
+            &cx,
+            i,
+            span,
+            &spec,
+            &u.clusters,
+            &u.routes,
+            &trust_domain,
+            &identity.datacenter,
+        )?;
         upstreams.push(spec);
     }
     // An address is either a virtual IP or a dialed-directly instance.
@@ -962,6 +1016,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         permissive_ports: file.inbound.permissive_ports.clone(),
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http,
     };
     // Errors that only show once the snapshot is built point at [tls] or [[upstreams]].
     let check = crate::snapshot::Snapshot::build(spec.clone(), 0);
@@ -1020,6 +1075,9 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         listeners,
     })
 }
+
+mod http;
+mod l7inbound;
 
 #[cfg(test)]
 mod tests;

@@ -116,6 +116,12 @@ pub struct Intention {
     pub action: Action,
     /// Consul's ID when it came from Consul; for logs.
     pub id: Option<String>,
+    /// L7 permissions (Consul ≥ 1.9 `service-intentions`); when not empty
+    /// they decide per request instead of `action` (first match; none
+    /// matching = the default action). On an L4 listener they cannot be
+    /// checked, so the intention counts as `deny` there, as Consul's own
+    /// xDS does.
+    pub permissions: Vec<crate::l7::Permission>,
 }
 
 impl Intention {
@@ -125,6 +131,7 @@ impl Intention {
             destination,
             action,
             id: None,
+            permissions: Vec::new(),
         }
     }
 
@@ -222,25 +229,42 @@ impl Intentions {
         self.default
     }
 
-    /// Decides whether `source` may connect.
+    /// Decides whether `source` may connect (L4). An intention with L7
+    /// permissions cannot be checked on a connection, so it denies, as
+    /// Consul's own xDS does ("in case L7 intentions slip through").
     pub fn evaluate(&self, source: &ServiceId) -> Decision {
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.source.matches(source) {
-                return Decision {
-                    action: rule.action,
+        match self.evaluate_source(source) {
+            Some(i) => {
+                let rule = &self.rules[i];
+                Decision {
+                    action: if rule.permissions.is_empty() {
+                        rule.action
+                    } else {
+                        Action::Deny
+                    },
                     reason: Reason::Matched(i),
-                };
+                }
             }
+            None => Decision {
+                action: self.default,
+                reason: Reason::Default,
+            },
         }
-        Decision {
-            action: self.default,
-            reason: Reason::Default,
-        }
+    }
+
+    /// The index (in [`Intentions::rules`]) of the first intention whose
+    /// source matches `source`, the one that decides.
+    pub fn evaluate_source(&self, source: &ServiceId) -> Option<usize> {
+        self.rules.iter().position(|r| r.source.matches(source))
     }
 
     /// A human-readable reason for logs.
     pub fn explain(&self, d: &Decision) -> String {
         match d.reason {
+            Reason::Matched(i) if !self.rules[i].permissions.is_empty() => format!(
+                "matched intention {}, whose L7 permissions a TCP listener cannot check: denied",
+                self.rules[i]
+            ),
             Reason::Matched(i) => {
                 let r = &self.rules[i];
                 match &r.id {

@@ -10,6 +10,8 @@
 //! - [`intentions`]: Consul's L4 intention precedence and evaluation.
 //! - [`authz`]: Envoy network RBAC and the one inbound authorization of a snapshot.
 //! - [`route`]: the outbound routing decision.
+//! - [`l7`]: the HTTP part of a spec (routes, inbound HTTP, permissions).
+//! - [`l7route`]: outbound HTTP routes compiled, and the per-request decision.
 //! - [`tls`]: rustls configurations and peer-identity extraction.
 //! - [`config`]: the TOML file format and its validation.
 //! - [`snapshot`]: the immutable configuration snapshot the listeners read.
@@ -21,6 +23,9 @@ pub mod authz;
 pub mod config;
 pub mod duration;
 pub mod intentions;
+pub mod l7;
+pub mod l7authz;
+pub mod l7route;
 pub mod route;
 pub mod snapshot;
 pub mod spiffe;

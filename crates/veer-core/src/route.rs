@@ -144,6 +144,8 @@ pub struct Upstream {
     /// identity, SNI, endpoints, connect timeout and TLS configuration;
     /// their other fields are unused). Empty for one target.
     pub failover: Box<[Upstream]>,
+    /// Its compiled L7 routes (`UpstreamSpec.http`); `None` = L4.
+    pub http: Option<Arc<crate::l7route::HttpTable>>,
     open: AtomicU32,
     next: AtomicUsize,
 }
@@ -170,6 +172,7 @@ impl Upstream {
             tls: None,
             stats: StatsSlot::default(),
             failover: Box::new([]),
+            http: None,
             open: AtomicU32::new(0),
             next: AtomicUsize::new(0),
         }

@@ -104,6 +104,9 @@ pub struct UpstreamSpec {
     /// primary has none and given back when it has one again). Empty for
     /// an upstream with one target.
     pub failover: Vec<TargetSpec>,
+    /// L7 routing when `protocol` is http-like; `None` = L4 (an http-like
+    /// upstream without routes is then proxied as TCP, as before L7).
+    pub http: Option<crate::l7::HttpRoutes>,
 }
 
 /// One failover target of an upstream: a (service, subset, namespace,
@@ -159,6 +162,7 @@ impl UpstreamSpec {
             max_connections: None,
             endpoint_weights: Vec::new(),
             failover: Vec::new(),
+            http: None,
         }
     }
 
@@ -283,6 +287,9 @@ pub struct Spec {
     pub inbound_max_connections: Option<u32>,
     /// Settings the source gave that veer does not apply (named, not dropped).
     pub unapplied: Vec<Unapplied>,
+    /// The inbound listener at L7 (the local service is http-like);
+    /// `None` = L4 relay to the local app.
+    pub inbound_http: Option<crate::l7::InboundHttp>,
 }
 
 impl Clone for Spec {
@@ -305,6 +312,7 @@ impl Clone for Spec {
             permissive_ports: self.permissive_ports.clone(),
             inbound_max_connections: self.inbound_max_connections,
             unapplied: self.unapplied.clone(),
+            inbound_http: self.inbound_http.clone(),
         }
     }
 }
@@ -523,6 +531,8 @@ pub struct Snapshot {
     pub inbound_max_connections: usize,
     /// Settings given but not applied ([`Unapplied`]).
     pub unapplied: Vec<Unapplied>,
+    /// The inbound listener at L7, compiled; `None` = L4.
+    pub inbound_http: Option<Arc<crate::l7authz::InboundL7>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -637,6 +647,25 @@ impl Snapshot {
                 .map(|t| ctx.target(&name, t))
                 .collect::<Result<Vec<_>, _>>()?
                 .into_boxed_slice();
+            if let Some(http) = u.http {
+                if u.protocol == Protocol::Tcp {
+                    return Err(SnapshotError::Upstream {
+                        upstream: name,
+                        msg: "HTTP routes on an upstream of protocol tcp (http, http2 or grpc needed)".into(),
+                    });
+                }
+                let table = crate::l7route::HttpTable::compile(http, |t| {
+                    ctx.target(&name, t).map_err(|e| match e {
+                        SnapshotError::Upstream { msg, .. } => msg,
+                        e => e.to_string(),
+                    })
+                })
+                .map_err(|e| SnapshotError::Upstream {
+                    upstream: name.clone(),
+                    msg: e.to_string(),
+                })?;
+                up.http = Some(Arc::new(table));
+            }
             up.protocol = u.protocol;
             up.virtual_ips = u.virtual_ips;
             up.dialed_directly = u.dialed_directly;
@@ -650,6 +679,12 @@ impl Snapshot {
         let routes = RouteTable::new(upstreams, spec.mesh_destinations_only, own);
         let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
         let authz = Authz::new(spec.rbac.as_deref(), &intentions).map_err(SnapshotError::Rbac)?;
+        let inbound_http = spec
+            .inbound_http
+            .map(|h| crate::l7authz::InboundL7::new(h, &authz, &intentions, &server))
+            .transpose()
+            .map_err(SnapshotError::Rbac)?
+            .map(Arc::new);
         let inbound_max_connections = spec
             .inbound_max_connections
             .map_or(spec.timeouts.max_connections, |n| n as usize);
@@ -675,6 +710,7 @@ impl Snapshot {
             permissive_ports: spec.permissive_ports,
             inbound_max_connections,
             unapplied: spec.unapplied,
+            inbound_http,
         })
     }
 
@@ -849,7 +885,7 @@ fn verify_leaf(
     roots: &[CertificateDer<'static>],
 ) -> Result<(), SnapshotError> {
     let store = tls::root_store(roots)?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = tls::crypto_provider();
     let cert = rustls::server::ParsedCertificate::try_from(&chain[0])
         .map_err(|e| SnapshotError::LeafUntrusted(e.to_string()))?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(

@@ -144,6 +144,19 @@ impl StatName {
         }
     }
 
+    /// `http.<stat_prefix>.<stat>` (the HTTP connection manager);
+    /// `envoy.http_conn_manager_prefix` is the prefix's first token
+    /// (`public_listener`).
+    pub fn http(prefix: &str, stat: &str) -> StatName {
+        let text = format!("http.{prefix}.{stat}");
+        let (v, cut) = first_token(&text, "http.".len());
+        StatName {
+            text,
+            default: Some(("envoy.http_conn_manager_prefix", v, cut)),
+            resource: Resource::None,
+        }
+    }
+
     /// `server.<stat>`: no default tag.
     pub fn server(stat: &str) -> StatName {
         StatName {

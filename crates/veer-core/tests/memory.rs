@@ -100,6 +100,7 @@ fn spec(pem: &Pem, n: usize) -> Spec {
         permissive_ports: vec![],
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     }
 }
 

@@ -134,6 +134,13 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         drop(snap);
         return Box::pin(crate::mux::serve(shared, tls, peer, source)).await;
     }
+    if snap.inbound_http.is_some() {
+        // L7: each request is authorized (intentions with permissions, HTTP
+        // RBAC) on the then-current snapshot.
+        let xfcc = veer_http::inbound::xfcc_element(&snap.identity.to_string(), leaf, &source);
+        drop(snap);
+        return Box::pin(l7(shared, tls, source, xfcc, peer, started)).await;
+    }
     // Register first, then decide on the current snapshot: a swap that
     // races with this check either sees the registration or is seen here.
     let reg = shared.register(source.clone());
@@ -183,6 +190,71 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         tx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,
         close = %out.reason.as_str(),
+        "connection closed"
+    );
+}
+
+/// An authenticated connection to an http-like local service: network
+/// RBAC (xDS) still decides the connection, and revokes it like an L4 one;
+/// intentions decide per request in the engine (an intention change then
+/// applies to the next request, and no connection needs revoking).
+async fn l7(
+    shared: Arc<Shared>,
+    tls: Box<ServerTls<TcpStream>>,
+    source: Arc<Peer>,
+    xfcc: String,
+    peer: ClientAddr,
+    started: Instant,
+) {
+    let envoy = shared.metrics.envoy.inbound();
+    let mut reg = None;
+    let snap = shared.snapshot();
+    if !snap.authz.uses_intentions() {
+        reg = Some(shared.register(source.clone()));
+        let snap = shared.snapshot();
+        let decision = snap.authz.evaluate(&source);
+        if !decision.allowed() {
+            envoy.rbac.denied.fetch_add(1, Relaxed);
+            let why = snap.authz.explain(&decision);
+            return refuse(
+                &shared,
+                peer,
+                Some(&source.display_name()),
+                InboundError::Denied(decision, why),
+            );
+        }
+        envoy.rbac.allowed.fetch_add(1, Relaxed);
+    }
+    drop(snap);
+    let down = veer_http::inbound::Downstream {
+        source: source.clone(),
+        xfcc,
+    };
+    let serve = crate::inbound_http::serve(&shared, tls, down);
+    let close = match &reg {
+        Some(r) => {
+            tokio::select! {
+                _ = serve => "closed",
+                _ = r.revoke.notified() => "revoked",
+            }
+        }
+        None => {
+            serve.await;
+            "closed"
+        }
+    };
+    drop(reg);
+    shared
+        .metrics
+        .relayed(Direction::Inbound, started.elapsed());
+    tracing::info!(
+        target: "veer::access",
+        direction = "inbound",
+        peer = %peer,
+        source = %source,
+        protocol = "http",
+        duration_ms = started.elapsed().as_millis() as u64,
+        close,
         "connection closed"
     );
 }
@@ -280,10 +352,16 @@ async fn handshake(
     peer: ClientAddr,
 ) -> Option<Box<ServerTls<TcpStream>>> {
     let deadline = tokio::time::Instant::now() + snap.timeouts.handshake;
+    // An L7 listener offers ALPN h2 and http/1.1; with multiplexing on,
+    // veer-mux/1 first.
+    let server = match &snap.inbound_http {
+        Some(l7) => &l7.server,
+        None => &snap.tls.server,
+    };
     let config = if crate::mux::enabled(snap) {
-        shared.mux.server_config(&snap.tls.server)
+        shared.mux.server_config(server)
     } else {
-        snap.tls.server.clone()
+        server.clone()
     };
     let conn = match UnbufferedServerConnection::new(config) {
         Ok(c) => c,

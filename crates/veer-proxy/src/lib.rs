@@ -18,6 +18,7 @@
 
 pub mod accept;
 pub mod inbound;
+pub mod inbound_http;
 pub mod metrics;
 pub mod mux;
 pub mod net;

@@ -507,6 +507,7 @@ pub async fn connect(
         addr,
         cluster.map(|c| &**c),
         Some(config),
+        None,
     )
     .await
     {
@@ -883,6 +884,14 @@ async fn serve_stream(
     envoy.tcp.cx_total.fetch_add(1, Relaxed);
     if req.method() != Method::CONNECT {
         answer(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        stats.streams_closed.fetch_add(1, Relaxed);
+        shared.metrics.closed(Direction::Inbound);
+        return;
+    }
+    if shared.snapshot().inbound_http.is_some() {
+        // Not served at L4: the local service is HTTP, authorized per
+        // request (until streams go through the L7 engine).
+        answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         stats.streams_closed.fetch_add(1, Relaxed);
         shared.metrics.closed(Direction::Inbound);
         return;

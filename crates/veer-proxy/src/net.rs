@@ -166,7 +166,7 @@ impl DialError {
 /// before it calls it a loop (see [`OwnDials`]).
 pub const MAX_TURNS: u8 = 8;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct OwnDials(Arc<Mutex<HashMap<(SocketAddr, SocketAddr), u8>>>);
 
 impl OwnDials {

@@ -8,7 +8,10 @@
 //! repeated after the handshake (resumed sessions skip the first), before
 //! any byte of the app is sent. An upstream with `max_connections` open
 //! refuses more (`reason=overflow`).
-//! Passthrough routes dial plain TCP and relay with splice.
+//! Passthrough routes dial plain TCP and relay with splice. An upstream
+//! with HTTP routes is served at L7 instead ([`http`]).
+mod http;
+
 use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::mux::{self, UpConn};
@@ -203,6 +206,10 @@ async fn forward(
                 );
                 return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp);
             };
+            if upstream.http.is_some() {
+                drop(snap);
+                return http::serve(shared, tcp, peer, orig, upstream.clone()).await;
+            }
             let stats = shared.metrics.envoy.upstream(&upstream);
             if let Some(s) = stats {
                 s.tcp.cx_total.fetch_add(1, Relaxed);
@@ -309,9 +316,17 @@ async fn connect_up(
     if mux::enabled(snap) {
         return mux::connect(shared, snap, upstream, addr, cluster).await;
     }
-    connect_tls(shared, snap, upstream, addr, cluster.map(|c| &**c), None)
-        .await
-        .map(UpConn::Tls)
+    connect_tls(
+        shared,
+        snap,
+        upstream,
+        addr,
+        cluster.map(|c| &**c),
+        None,
+        None,
+    )
+    .await
+    .map(UpConn::Tls)
 }
 
 /// Relays an app connection over what [`connect_up`] gave; a connection
@@ -350,7 +365,8 @@ async fn relay_up(
 /// upstream's cluster (Envoy's `upstream_cx_total`, `_connect_fail`,
 /// `_connect_timeout`, `_connect_ms`; `_active` until the caller reports
 /// the close). `config` replaces the upstream's TLS configuration (its
-/// variant offering multiplexing).
+/// variant offering multiplexing); `alpn`: the one protocol to offer (L7),
+/// none at L4.
 pub(crate) async fn connect_tls(
     shared: &Shared,
     snap: &Snapshot,
@@ -358,11 +374,12 @@ pub(crate) async fn connect_tls(
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
     config: Option<Arc<ClientConfig>>,
+    alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     if let Some(c) = cluster {
         c.attempt();
     }
-    let r = try_tls(shared, snap, upstream, addr, cluster, config).await;
+    let r = try_tls(shared, snap, upstream, addr, cluster, config, alpn).await;
     if let (Err(e), Some(c)) = (&r, cluster) {
         c.failed(matches!(e, OutboundError::Dial(d) if d.classify() == "timeout"));
     }
@@ -378,8 +395,9 @@ async fn try_tls(
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
     config: Option<Arc<ClientConfig>>,
+    alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
-    let Some(config) = config.or_else(|| upstream.tls.as_ref().map(|t| t.get())) else {
+    let Some(mut config) = config.or_else(|| upstream.tls.as_ref().map(|t| t.get())) else {
         return Err(OutboundError::Handshake(
             addr,
             "tls_setup",
@@ -400,6 +418,13 @@ async fn try_tls(
     let t1 = Instant::now();
     let name = ServerName::try_from(upstream.sni.clone())
         .map_err(|e| OutboundError::Handshake(addr, "bad_sni", e.to_string()))?;
+    if let Some(p) = alpn {
+        // A copy per new L7 connection (they are pooled); resumption state
+        // is shared through the copied Arc.
+        let mut c = (*config).clone();
+        c.alpn_protocols = vec![p.to_vec()];
+        config = Arc::new(c);
+    }
     let conn = UnbufferedClientConnection::new(config, name)
         .map_err(|e| OutboundError::Handshake(addr, "tls_setup", e.to_string()))?;
     // Boxed: the connection's future then holds a pointer, not the TLS

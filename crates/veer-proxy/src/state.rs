@@ -44,6 +44,11 @@ pub struct Shared {
     /// veer <-> veer multiplexing: the outbound pool and the ALPN variants
     /// of the TLS configurations.
     pub mux: crate::mux::Mux,
+    /// The inbound L7 engine's pooled clients to the local app, made by
+    /// the first L7 connection ([`crate::inbound_http::app_client`]).
+    pub inbound_app: std::sync::OnceLock<Arc<veer_http::inbound::AppClient>>,
+    /// Keep-alive connections of outbound HTTP upstreams (L7).
+    pub http_pool: Arc<veer_http::outbound::Pool>,
 }
 
 /// The listeners that follow the snapshot, with what each is for: explicit
@@ -186,6 +191,8 @@ impl Shared {
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
             mux: Default::default(),
+            inbound_app: std::sync::OnceLock::new(),
+            http_pool: Default::default(),
         });
         shared.announce_unapplied(None, &shared.snapshot());
         Ok(shared)

@@ -167,5 +167,33 @@ pub fn release_free_heap() -> bool {
     }
 }
 
+/// Free memory glibc keeps at the top of each heap before it gives pages
+/// back to the kernel: [`keep_free_heap_top`].
+pub const HEAP_TOP_KEPT: usize = 512 * 1024;
+
+/// Raises glibc's trim threshold (`M_TRIM_THRESHOLD`, 128 KiB by default)
+/// to [`HEAP_TOP_KEPT`]. The relay and the TLS legs take their 64 KiB
+/// buffers when bytes arrive and free them when the connection goes quiet
+/// (so that idle connections hold none); on a keep-alive connection that
+/// is every request, and freeing a chunk of 64 KiB or more makes glibc try
+/// to trim its heap: with the default threshold, about every other request
+/// ended in an `madvise(MADV_DONTNEED)` of the heap top and a page fault
+/// when the next buffer touched it again (tests/l4.rs,
+/// `keepalive_syscalls_per_request`). Memory freed elsewhere in the heap
+/// is still returned by [`release_free_heap`] after snapshot swaps.
+/// Returns whether glibc took the setting; a no-op (`false`) with other C
+/// libraries.
+pub fn keep_free_heap_top() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and only changes a tunable.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_TOP_KEPT as libc::c_int) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,7 @@ fn rules(action: Action, principals: Vec<Principal>) -> RbacRules {
             vec![]
         } else {
             vec![RbacPolicy {
+                permissions: Vec::new(),
                 name: "consul-intentions-layer4".into(),
                 principals,
             }]

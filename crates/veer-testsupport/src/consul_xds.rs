@@ -28,6 +28,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, rbac, Permission, Policy, Principal, Rbac,
 };
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
@@ -45,6 +46,8 @@ use envoy_types::util::pack_any;
 use prost::Name;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+pub mod l7;
 
 /// The TLS material of the sidecar (service `web`): its leaf chain and key,
 /// and the CA roots, PEM.
@@ -189,11 +192,13 @@ pub struct ConsulXds {
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
+    /// RDS route configurations (see [`l7`]).
+    pub routes: Vec<RouteConfiguration>,
 }
 
 impl ConsulXds {
     /// Every resource as `(type URL, name, Any)`, in Consul's send order
-    /// (SDS, CDS, EDS, LDS), for an ADS server to serve.
+    /// (SDS, CDS, EDS, LDS, RDS), for an ADS server to serve.
     pub fn resources(&self) -> Vec<(String, String, Any)> {
         let mut out = Vec::new();
         for s in &self.secrets {
@@ -211,6 +216,13 @@ impl ConsulXds {
         }
         for l in &self.listeners {
             out.push((Listener::type_url(), l.name.clone(), pack_any(l.clone())));
+        }
+        for r in &self.routes {
+            out.push((
+                RouteConfiguration::type_url(),
+                r.name.clone(),
+                pack_any(r.clone()),
+            ));
         }
         out
     }
@@ -629,6 +641,20 @@ fn eds_cluster(
     alt_stat: bool,
     timeout: i64,
 ) -> Cluster {
+    let sni = name.clone();
+    eds_cluster_sni(p, name, &sni, sans, alt_stat, timeout)
+}
+
+/// An EDS cluster whose SNI differs from its name (failover targets,
+/// peers).
+fn eds_cluster_sni(
+    p: &Params,
+    name: String,
+    sni: &str,
+    sans: Vec<String>,
+    alt_stat: bool,
+    timeout: i64,
+) -> Cluster {
     Cluster {
         alt_stat_name: if alt_stat {
             name.clone()
@@ -649,7 +675,7 @@ fn eds_cluster(
             healthy_panic_threshold: Some(Default::default()),
             ..Default::default()
         }),
-        transport_socket: Some(upstream_tls(p, &name, sans)),
+        transport_socket: Some(upstream_tls(p, sni, sans)),
         name,
         ..Default::default()
     }
@@ -814,6 +840,7 @@ pub fn transparent_proxy(p: &Params) -> ConsulXds {
             load_assignment(&p.sni("no-endpoints"), &eps(p, "no-endpoints")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -892,6 +919,7 @@ pub fn transparent_proxy_dial_instances_directly(p: &Params) -> ConsulXds {
             load_assignment(&p.sni("mongo"), &eps(p, "mongo")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -933,6 +961,7 @@ pub fn connect_proxy_with_tproxy_and_permissive_mtls(p: &Params) -> ConsulXds {
             load_assignment(&p.query_cluster(), &eps(p, "geo-cache")),
         ],
         secrets: vec![],
+        routes: vec![],
     };
     finish(p, x)
 }
@@ -1125,6 +1154,7 @@ pub fn sidecar(p: &Params, shape: &SidecarShape) -> ConsulXds {
             clusters,
             endpoints,
             secrets: vec![],
+            routes: vec![],
         },
     )
 }
@@ -1188,4 +1218,383 @@ pub fn dataplane_bootstrap(service: &str, socket: &std::path::Path, admin_port: 
         ["lbEndpoints"][0]["endpoint"]["address"]["pipe"]["path"];
     *ep = socket.display().to_string().into();
     b.to_string()
+}
+
+// ---------------------------------------------------------------- chains
+
+/// `failover-target~<i>~<of>`: the EDS cluster of target `i` of aggregate
+/// `of`, with the target's own SNI and SAN (clusters goldens
+/// `connect-proxy-with-chain-and-failover*`, Consul v1.16.0).
+pub fn failover_target_cluster(
+    p: &Params,
+    i: usize,
+    of: &str,
+    sni: &str,
+    san: String,
+    timeout: i64,
+) -> Cluster {
+    eds_cluster_sni(
+        p,
+        format!("failover-target~{i}~{of}"),
+        sni,
+        vec![san],
+        true,
+        timeout,
+    )
+}
+
+/// An `envoy.clusters.aggregate` cluster naming `members` in failover
+/// order, as Consul writes it (`altStatName` = its name, CLUSTER_PROVIDED,
+/// the chain's connect timeout).
+pub fn aggregate_cluster(name: &str, members: &[String], timeout: i64) -> Cluster {
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    Cluster {
+        name: name.into(),
+        alt_stat_name: name.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::ClusterType(
+            cluster::CustomClusterType {
+                name: "envoy.clusters.aggregate".into(),
+                typed_config: Some(pack_any(ClusterConfig {
+                    clusters: members.to_vec(),
+                })),
+            },
+        )),
+        connect_timeout: secs(timeout),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    }
+}
+
+/// An assignment whose endpoints all have `health` (the `-triggered`
+/// goldens mark a failed target's instances UNHEALTHY).
+pub fn load_assignment_with(
+    cluster: &str,
+    eps: &[SocketAddr],
+    health: HealthStatus,
+) -> ClusterLoadAssignment {
+    let mut la = load_assignment(cluster, eps);
+    for loc in &mut la.endpoints {
+        for e in &mut loc.lb_endpoints {
+            e.health_status = health as i32;
+        }
+    }
+    la
+}
+
+/// `db` with an aggregate failover cluster over `targets` (datacenter,
+/// service, endpoints), with the explicit `db` listener and `local_app`;
+/// the common shape of the chain-failover goldens below.
+fn db_failover(p: &Params, targets: &[(&str, &str, Vec<SocketAddr>)]) -> ConsulXds {
+    let db = p.sni("db");
+    let mut clusters = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut members = Vec::new();
+    for (i, (dc, svc, eps)) in targets.iter().enumerate() {
+        let sni = format!("{svc}.default.{dc}.internal.{}", p.trust_domain);
+        let c = failover_target_cluster(p, i, &db, &sni, p.spiffe(dc, svc), 33);
+        members.push(c.name.clone());
+        endpoints.push(load_assignment(&c.name, eps));
+        clusters.push(c);
+    }
+    clusters.insert(0, aggregate_cluster(&db, &members, 33));
+    clusters.push(local_app_cluster(p));
+    finish(
+        p,
+        ConsulXds {
+            listeners: vec![db_listener(p), public_listener(p)],
+            clusters,
+            endpoints,
+            routes: vec![],
+            secrets: vec![],
+        },
+    )
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints}/connect-proxy-with-chain-and-failover.latest.golden`
+/// (Consul v1.16.0): `db`'s chain fails over to service `fail` in the same
+/// datacenter: aggregate `db.default.dc1…` over `failover-target~0~` (db,
+/// 10.10.1.1-2:8080) and `failover-target~1~` (fail, 10.20.1.1-2:8080),
+/// 33 s. (The golden's `geo-cache` query cluster is left out: it is
+/// covered by [`transparent_proxy`].)
+pub fn connect_proxy_with_chain_and_failover(p: &Params) -> ConsulXds {
+    db_failover(
+        p,
+        &[
+            (
+                "dc1",
+                "db",
+                vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+            ),
+            (
+                "dc1",
+                "fail",
+                vec![sa("10.20.1.1:8080"), sa("10.20.1.2:8080")],
+            ),
+        ],
+    )
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints}/connect-proxy-with-tcp-chain-failover-through-remote-gateway.latest.golden`
+/// (Consul v1.16.0): `db` fails over to `db` in dc2 through dc2's mesh
+/// gateways (198.18.1.1-2:443) with dc2's SNI and identity.
+pub fn connect_proxy_with_tcp_chain_failover_through_remote_gateway(p: &Params) -> ConsulXds {
+    db_failover(
+        p,
+        &[
+            (
+                "dc1",
+                "db",
+                vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+            ),
+            (
+                "dc2",
+                "db",
+                vec![sa("198.18.1.1:443"), sa("198.18.1.2:443")],
+            ),
+        ],
+    )
+}
+
+/// Mirrors `agent/xds/testdata/endpoints/connect-proxy-with-tcp-chain-failover-through-remote-gateway-triggered.latest.golden`
+/// (Consul v1.16.0): as [`connect_proxy_with_tcp_chain_failover_through_remote_gateway`],
+/// with dc1's instances UNHEALTHY.
+pub fn connect_proxy_with_tcp_chain_failover_through_remote_gateway_triggered(
+    p: &Params,
+) -> ConsulXds {
+    let mut x = connect_proxy_with_tcp_chain_failover_through_remote_gateway(p);
+    let first = x.endpoints[0].cluster_name.clone();
+    x.endpoints[0] = load_assignment_with(
+        &first,
+        &[sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+        HealthStatus::Unhealthy,
+    );
+    x
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints}/connect-proxy-with-tcp-chain-failover-through-local-gateway.latest.golden`
+/// (Consul v1.16.0): `db` fails over to dc2 through the local datacenter's
+/// mesh gateways (10.10.1.1-2:8443) with dc2's SNI and identity.
+pub fn connect_proxy_with_tcp_chain_failover_through_local_gateway(p: &Params) -> ConsulXds {
+    db_failover(
+        p,
+        &[
+            (
+                "dc1",
+                "db",
+                vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+            ),
+            (
+                "dc2",
+                "db",
+                vec![sa("10.10.1.1:8443"), sa("10.10.1.2:8443")],
+            ),
+        ],
+    )
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints}/connect-proxy-with-tcp-chain-double-failover-through-remote-gateway.latest.golden`
+/// (Consul v1.16.0): three targets (dc1, dc2, dc3); that endpoints golden
+/// has no assignment for `failover-target~1~` (dc2): Consul leaves a
+/// target out when it knows no gateway for it.
+pub fn connect_proxy_with_tcp_chain_double_failover_through_remote_gateway(
+    p: &Params,
+) -> ConsulXds {
+    let mut x = db_failover(
+        p,
+        &[
+            (
+                "dc1",
+                "db",
+                vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+            ),
+            ("dc2", "db", vec![]),
+            (
+                "dc3",
+                "db",
+                vec![sa("198.38.1.1:443"), sa("198.38.1.2:443")],
+            ),
+        ],
+    );
+    x.endpoints.remove(1);
+    x
+}
+
+/// The peer's trust domain in the peering goldens.
+pub const PEER_TRUST_DOMAIN: &str = "1c053652-8512-4373-90cf-5a7f6263a994.consul";
+
+/// An EDS or DNS cluster to a peer's service, with the peer's roots
+/// (inline, whatever `p.tls` says: they are not the local CA's).
+fn peer_tls_params(p: &Params, peer_roots_pem: &str) -> Params {
+    let mut pp = p.clone();
+    pp.certs.roots_pem = peer_roots_pem.to_string();
+    pp.tls = TlsDelivery::Inline;
+    pp
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints,listeners}/connect-proxy-with-chain-and-redirect-to-cluster-peer.latest.golden`
+/// (Consul v1.16.0): `db` redirected to peer `cluster-01`: one EDS cluster
+/// `db.default.cluster-01.external.peer1.domain` with the peer's SNI,
+/// SPIFFE ID (its dc2) and roots (`peer_roots_pem`), endpoint
+/// 10.40.1.1:8080.
+pub fn connect_proxy_with_chain_and_redirect_to_cluster_peer(
+    p: &Params,
+    peer_roots_pem: &str,
+) -> ConsulXds {
+    let pp = peer_tls_params(p, peer_roots_pem);
+    let name = "db.default.cluster-01.external.peer1.domain".to_string();
+    let sni = format!("db.default.default.cluster-01.external.{PEER_TRUST_DOMAIN}");
+    let san = format!("spiffe://{PEER_TRUST_DOMAIN}/ns/default/dc/dc2/svc/db");
+    let listener = explicit_listener(
+        format!("db:{}", p.db_bind),
+        p.db_bind,
+        &format!("upstream.db.default.default.{}", p.datacenter),
+        name.clone(),
+    );
+    finish(
+        p,
+        ConsulXds {
+            listeners: vec![listener, public_listener(p)],
+            clusters: vec![
+                eds_cluster_sni(&pp, name.clone(), &sni, vec![san], true, 33),
+                local_app_cluster(p),
+            ],
+            endpoints: vec![load_assignment(&name, &[sa("10.40.1.1:8080")])],
+            routes: vec![],
+            secrets: vec![],
+        },
+    )
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints}/connect-proxy-with-chain-and-failover-to-cluster-peer.latest.golden`
+/// (Consul v1.16.0): `db` (10.10.1.1-2:8080) fails over to `db` of peer
+/// `cluster-01` (10.40.1.1:8080, the peer's SNI, SPIFFE ID and roots).
+pub fn connect_proxy_with_chain_and_failover_to_cluster_peer(
+    p: &Params,
+    peer_roots_pem: &str,
+) -> ConsulXds {
+    let mut x = db_failover(
+        p,
+        &[
+            (
+                "dc1",
+                "db",
+                vec![sa("10.10.1.1:8080"), sa("10.10.1.2:8080")],
+            ),
+            ("dc1", "db", vec![sa("10.40.1.1:8080")]),
+        ],
+    );
+    let pp = peer_tls_params(p, peer_roots_pem);
+    let sni = format!("db.default.default.cluster-01.external.{PEER_TRUST_DOMAIN}");
+    let san = format!("spiffe://{PEER_TRUST_DOMAIN}/ns/default/dc/dc2/svc/db");
+    x.clusters[2] = failover_target_cluster(&pp, 1, &p.sni("db"), &sni, san, 33);
+    x
+}
+
+/// A `LOGICAL_DNS` cluster to a peer's service behind a gateway known by
+/// hostname, as in `clusters/connect-proxy-with-peered-upstreams.latest.golden`
+/// (Consul v1.16.0): one HEALTHY host, `dnsRefreshRate` 10 s, `V4_ONLY`.
+pub fn peer_dns_cluster(
+    p: &Params,
+    peer_roots_pem: &str,
+    svc: &str,
+    host: &str,
+    port: u16,
+) -> Cluster {
+    use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+    let pp = peer_tls_params(p, peer_roots_pem);
+    let name = format!("{svc}.default.cloud.external.{PEER_TRUST_DOMAIN}");
+    let sni = format!("{svc}.default.default.cloud.external.{PEER_TRUST_DOMAIN}");
+    let san = format!("spiffe://{PEER_TRUST_DOMAIN}/ns/default/dc/cloud-dc/svc/{svc}");
+    let mut la = load_assignment(&name, &[]);
+    la.endpoints[0].lb_endpoints = vec![LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: host.into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        health_status: HealthStatus::Healthy as i32,
+        load_balancing_weight: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    }];
+    #[allow(deprecated)] // Consul v1.16 writes these fields.
+    Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::LogicalDns as i32,
+        )),
+        connect_timeout: secs(5),
+        load_assignment: Some(la),
+        circuit_breakers: Some(CircuitBreakers::default()),
+        dns_refresh_rate: secs(10),
+        dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
+        outlier_detection: Some(OutlierDetection::default()),
+        common_lb_config: Some(cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(Default::default()),
+            ..Default::default()
+        }),
+        transport_socket: Some(upstream_tls(&pp, &sni, vec![san])),
+        ..Default::default()
+    }
+}
+
+/// Mirrors `agent/xds/testdata/{clusters,endpoints,listeners}/connect-proxy-with-peered-upstreams.latest.golden`
+/// (Consul v1.16.0): `payments` of peer `cloud` behind a gateway known by
+/// hostname (`LOGICAL_DNS` 123.us-east-1.elb.notaws.com:8443) and `refunds`
+/// (EDS, 106.96.90.233:443), both with the peer's roots. The golden binds
+/// both listeners to 127.0.0.1:9090; here `refunds` is on 127.0.0.1:9091
+/// (one address, one listener).
+pub fn connect_proxy_with_peered_upstreams(p: &Params, peer_roots_pem: &str) -> ConsulXds {
+    let pp = peer_tls_params(p, peer_roots_pem);
+    let payments = peer_dns_cluster(
+        p,
+        peer_roots_pem,
+        "payments",
+        "123.us-east-1.elb.notaws.com",
+        8443,
+    );
+    let refunds = format!("refunds.default.cloud.external.{PEER_TRUST_DOMAIN}");
+    let refunds_sni = format!("refunds.default.default.cloud.external.{PEER_TRUST_DOMAIN}");
+    let refunds_san = format!("spiffe://{PEER_TRUST_DOMAIN}/ns/default/dc/cloud-dc/svc/refunds");
+    let mut refunds_cluster = eds_cluster_sni(
+        &pp,
+        refunds.clone(),
+        &refunds_sni,
+        vec![refunds_san],
+        false,
+        5,
+    );
+    refunds_cluster.common_lb_config = Some(cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(Default::default()),
+        ..Default::default()
+    });
+    let listeners = vec![
+        explicit_listener(
+            "payments?peer=cloud:127.0.0.1:9090".into(),
+            sa("127.0.0.1:9090"),
+            "upstream_peered.payments.default.cloud",
+            payments.name.clone(),
+        ),
+        explicit_listener(
+            "refunds?peer=cloud:127.0.0.1:9091".into(),
+            sa("127.0.0.1:9091"),
+            "upstream_peered.refunds.default.cloud",
+            refunds.clone(),
+        ),
+        public_listener(p),
+    ];
+    finish(
+        p,
+        ConsulXds {
+            listeners,
+            clusters: vec![local_app_cluster(p), payments, refunds_cluster],
+            endpoints: vec![load_assignment(&refunds, &[sa("106.96.90.233:443")])],
+            routes: vec![],
+            secrets: vec![],
+        },
+    )
 }

@@ -169,6 +169,16 @@ pub struct Bootstrap {
     /// upstream and `local_app` clusters, as Consul sets from an upstream's
     /// `Limits`; `None` keeps Envoy's default of 1024.
     pub max_connections: Option<u32>,
+    /// The services' protocol: `tcp` (the default), `http`, `http2` or
+    /// `grpc`. At L7 both listeners run Envoy's HTTP connection manager
+    /// shaped as Consul v1.16.0 emits it (goldens
+    /// `agent/xds/testdata/listeners/http-public-listener`,
+    /// `http2-public-listener` and `transparent-proxy-http-upstream`):
+    /// inbound `public_listener` with the intentions as an HTTP `rbac`
+    /// filter, `APPEND_FORWARD` XFCC, a route to `local_app` and ALPN
+    /// `http/1.1`; outbound one route config per upstream to its cluster;
+    /// `http2`/`grpc` add HTTP/2 options and ALPN `h2,http/1.1`.
+    pub protocol: String,
 }
 
 impl Bootstrap {
@@ -193,6 +203,114 @@ impl Bootstrap {
             upstreams: Vec::new(),
             passthrough: true,
             max_connections: None,
+            protocol: "tcp".into(),
+        }
+    }
+
+    /// Sets the services' protocol (`tcp`, `http`, `http2`, `grpc`).
+    pub fn protocol(mut self, protocol: &str) -> Bootstrap {
+        assert!(
+            matches!(protocol, "tcp" | "http" | "http2" | "grpc"),
+            "protocol {protocol:?}"
+        );
+        self.protocol = protocol.to_string();
+        self
+    }
+
+    fn is_http(&self) -> bool {
+        self.protocol != "tcp"
+    }
+
+    fn is_h2(&self) -> bool {
+        matches!(self.protocol.as_str(), "http2" | "grpc")
+    }
+
+    /// Envoy's HTTP connection manager routing every request to `cluster`,
+    /// with `http_filters` before the router.
+    fn hcm(
+        &self,
+        stat_prefix: &str,
+        route: &str,
+        cluster: &str,
+        mut filters: Vec<J>,
+        inbound: bool,
+    ) -> J {
+        filters.push(o([
+            ("name", s("envoy.filters.http.router")),
+            (
+                "typed_config",
+                typed("envoy.extensions.filters.http.router.v3.Router", vec![]),
+            ),
+        ]));
+        let mut fields = vec![
+            ("stat_prefix", s(stat_prefix)),
+            (
+                "route_config",
+                o([
+                    ("name", s(route)),
+                    (
+                        "virtual_hosts",
+                        J::A(vec![o([
+                            ("name", s(route)),
+                            ("domains", J::A(vec![s("*")])),
+                            (
+                                "routes",
+                                J::A(vec![o([
+                                    ("match", o([("prefix", s("/"))])),
+                                    ("route", o([("cluster", s(cluster))])),
+                                ])]),
+                            ),
+                        ])]),
+                    ),
+                ]),
+            ),
+            ("http_filters", J::A(filters)),
+            ("tracing", o([("random_sampling", o([]))])),
+        ];
+        if self.is_h2() {
+            fields.push(("http2_protocol_options", o([])));
+        }
+        if inbound {
+            fields.push(("forward_client_cert_details", s("APPEND_FORWARD")));
+            fields.push((
+                "set_current_client_cert_details",
+                o([
+                    ("subject", J::B(true)),
+                    ("cert", J::B(true)),
+                    ("chain", J::B(true)),
+                    ("dns", J::B(true)),
+                    ("uri", J::B(true)),
+                ]),
+            ));
+        }
+        o([
+            ("name", s("envoy.filters.network.http_connection_manager")),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    fields,
+                ),
+            ),
+        ])
+    }
+
+    /// HTTP/2 to a cluster's endpoints (Consul: `http2`/`grpc` services).
+    fn h2_cluster_options(&self, fields: &mut Vec<(&'static str, J)>) {
+        if self.is_h2() {
+            fields.push((
+                "typed_extension_protocol_options",
+                o([(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    typed(
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        vec![(
+                            "explicit_http_config",
+                            o([("http2_protocol_options", o([]))]),
+                        )],
+                    ),
+                )]),
+            ));
         }
     }
 
@@ -302,16 +420,48 @@ impl Bootstrap {
                 )]),
             ));
         }
-        let rbac = o([
-            ("name", s("envoy.filters.network.rbac")),
-            (
-                "typed_config",
-                typed(
-                    "envoy.extensions.filters.network.rbac.v3.RBAC",
-                    vec![("stat_prefix", s("connect_authz")), ("rules", J::O(rules))],
+        let filters = if self.is_http() {
+            // Consul ≥ 1.9 puts an http service's intentions in the HTTP
+            // connection manager's `rbac` filter, not the network one.
+            let rbac = o([
+                ("name", s("envoy.filters.http.rbac")),
+                (
+                    "typed_config",
+                    typed(
+                        "envoy.extensions.filters.http.rbac.v3.RBAC",
+                        vec![("rules", J::O(rules))],
+                    ),
                 ),
-            ),
-        ]);
+            ]);
+            vec![self.hcm(
+                "public_listener",
+                "public_listener",
+                "local_app",
+                vec![rbac],
+                true,
+            )]
+        } else {
+            let rbac = o([
+                ("name", s("envoy.filters.network.rbac")),
+                (
+                    "typed_config",
+                    typed(
+                        "envoy.extensions.filters.network.rbac.v3.RBAC",
+                        vec![("stat_prefix", s("connect_authz")), ("rules", J::O(rules))],
+                    ),
+                ),
+            ]);
+            vec![rbac, tcp_proxy("public_listener", "local_app")]
+        };
+        // Consul's `getAlpnProtocols` (agent/xds/listeners.go, v1.16.0).
+        let mut common = self.common_tls(None);
+        if let J::O(f) = &mut common {
+            if self.is_h2() {
+                f.push(("alpn_protocols", J::A(vec![s("h2"), s("http/1.1")])));
+            } else if self.is_http() {
+                f.push(("alpn_protocols", J::A(vec![s("http/1.1")])));
+            }
+        }
         let tls = o([
             ("name", s("tls")),
             (
@@ -319,7 +469,7 @@ impl Bootstrap {
                 typed(
                     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                     vec![
-                        ("common_tls_context", self.common_tls(None)),
+                        ("common_tls_context", common),
                         ("require_client_certificate", J::B(true)),
                     ],
                 ),
@@ -332,10 +482,7 @@ impl Bootstrap {
             (
                 "filter_chains",
                 J::A(vec![o([
-                    (
-                        "filters",
-                        J::A(vec![rbac, tcp_proxy("public_listener", "local_app")]),
-                    ),
+                    ("filters", J::A(filters)),
                     ("transport_socket", tls),
                 ])]),
             ),
@@ -358,15 +505,16 @@ impl Bootstrap {
                         ])
                     })
                     .collect();
+                let stat = format!("upstream.{}.default.default.{}", u.service, self.datacenter);
+                let filter = if self.is_http() {
+                    let route = format!("{}.default.default.{}", u.service, self.datacenter);
+                    self.hcm(&stat, &route, &self.sni(&u.service), vec![], false)
+                } else {
+                    tcp_proxy(&stat, &self.sni(&u.service))
+                };
                 let chain = o([
                     ("filter_chain_match", o([("prefix_ranges", J::A(ranges))])),
-                    (
-                        "filters",
-                        J::A(vec![tcp_proxy(
-                            &format!("upstream.{}.default.default.{}", u.service, self.datacenter),
-                            &self.sni(&u.service),
-                        )]),
-                    ),
+                    ("filters", J::A(vec![filter])),
                 ]);
                 (u.virtual_ips[0].to_string(), chain)
             })
@@ -423,6 +571,7 @@ impl Bootstrap {
                 ),
             ];
             self.circuit_breakers(&mut c);
+            self.h2_cluster_options(&mut c);
             out.push(J::O(c));
         }
         if self.outbound.is_none() {
@@ -457,6 +606,7 @@ impl Bootstrap {
                 ("transport_socket", tls),
             ];
             self.circuit_breakers(&mut c);
+            self.h2_cluster_options(&mut c);
             out.push(J::O(c));
         }
         if self.passthrough {

@@ -13,6 +13,8 @@ pub mod consul;
 pub mod consul_xds;
 pub mod echo;
 pub mod envoy;
+pub mod http;
+pub mod http_app;
 pub mod mesh;
 pub mod netns;
 pub mod xds;

@@ -9,6 +9,8 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
 
 /// The resource kinds Consul serves over Delta ADS (v3 only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,6 +78,12 @@ pub struct Resources {
     /// resource does not hold back every later update. Cleared when a
     /// version is accepted or nothing names it any more.
     pub refused: BTreeMap<(Kind, String), String>,
+    /// The addresses of the hostnames DNS clusters name, as the source
+    /// last resolved them (the translation stays sans IO: the ADS client
+    /// resolves [`Wanted::dns`] and feeds the answers in). Present = the
+    /// name was resolved at least once; empty = it has no address (or its
+    /// first resolution failed: a cluster with no hosts, not a wait).
+    pub dns: BTreeMap<String, Vec<IpAddr>>,
 }
 
 /// One resource, decoded and checked on its own by
@@ -113,6 +121,9 @@ pub struct Wanted {
     pub endpoints: BTreeSet<String>,
     pub routes: BTreeSet<String>,
     pub secrets: BTreeSet<String>,
+    /// Hostnames of DNS clusters to resolve, each with how often (the
+    /// shortest `dns_refresh_rate` of the clusters naming it).
+    pub dns: BTreeMap<String, Duration>,
 }
 
 impl Wanted {

@@ -1,5 +1,5 @@
 //! The translation of Consul's xDS resources into veer's one plain-data
-//! [`Spec`] (L4, transparent proxy), sans IO.
+//! [`Spec`] (transparent proxy, L4 and L7), sans IO.
 //!
 //! - [`decode`] takes one resource as the ADS client receives it, checks it
 //!   on its own and returns it decoded, or the reason to NACK it (the
@@ -40,16 +40,46 @@
 //!   `max_connections`. Outlier detection is accepted: veer's own endpoint
 //!   failure marking does that job. RING_HASH, MAGLEV, LEAST_REQUEST and
 //!   RANDOM are accepted and approximated by (weighted) round robin, without
-//!   session affinity. Aggregate and DNS clusters are refused (they belong to
-//!   the discovery-chain work).
+//!   session affinity.
+//! - Aggregate clusters (`envoy.clusters.aggregate`, Consul's failover):
+//!   one upstream whose targets are its member clusters in order (nested
+//!   aggregates flattened), each an EDS or DNS cluster with its own SNI,
+//!   SANs, roots and connect timeout; a failover target without an
+//!   assignment has no endpoints (Consul sends none for a target it knows
+//!   no gateway for). A member that does not exist, a loop, or a member
+//!   that is not an upstream cluster is refused, naming the aggregate and
+//!   `cluster_type.typed_config.clusters[i]`.
+//! - DNS clusters (`STRICT_DNS`, `LOGICAL_DNS`; mTLS only): their hosts'
+//!   addresses come from `Resources::dns`, which the ADS client fills
+//!   ([`wanted`] names them with their refresh interval); the lookup
+//!   family picks among them, `LOGICAL_DNS` takes the first.
 //! - Endpoints: of the lowest priority that has any usable, those HEALTHY or
 //!   of UNKNOWN health (Consul sets `healthy_panic_threshold` 0), with their
 //!   weights; `endpoints: [{}]` is an upstream with no hosts.
-//! - Routes are stored but unused: every HCM but the exposed-path shape is
-//!   refused until L7 lands.
+//! - L7 (`http` module): an HTTP connection manager as the last filter of
+//!   the public listener's mTLS chain makes [`Spec::inbound_http`]: the
+//!   protocol (`grpc_stats`/`grpc_http1_bridge` = gRPC, HTTP/2 codec =
+//!   http2, else http), HTTP `rbac` filters (ALLOW/DENY; permissions `any`,
+//!   `url_path`, `header`, `and_rules`, `or_rules`, `not_rule`; no filter =
+//!   every request allowed), XFCC (`SANITIZE`, `APPEND_FORWARD`,
+//!   `SANITIZE_SET`), and the one inline catch-all route to `local_app`,
+//!   whose timeout is the request timeout. On an outbound chain or an
+//!   explicit upstream listener it makes an upstream with
+//!   [`UpstreamSpec::http`]: the route configuration (inline or RDS over
+//!   ADS) compiles route by route (prefix/path/safe_regex, headers, query
+//!   parameters, cluster or weighted_clusters, prefix_rewrite, timeout,
+//!   retry_policy) and every cluster it names becomes a `ClusterSpec`
+//!   (one target from CDS/EDS; HTTP/2 when its `HttpProtocolOptions` say
+//!   so); the upstream's own target is the catch-all route's heaviest
+//!   cluster. `header_to_metadata`, `grpc_stats` and `grpc_http1_bridge`
+//!   are accepted and listed in `Spec::unapplied`, as are idle timeouts,
+//!   header additions, hash policies and gRPC retry conditions.
 //!
-//! What veer cannot enforce is refused, never skipped: HTTP connection
-//! managers on the public and outbound listeners, `ext_authz`, `jwt_authn`,
+//! What veer cannot enforce is refused, never skipped: HTTP filters other
+//! than rbac/header_to_metadata/grpc_stats/grpc_http1_bridge/router, HTTP
+//! RBAC on outbound, `FORWARD_ONLY` XFCC, redirects, direct responses,
+//! regex or host rewrites, per-route filter configuration, more than one
+//! virtual host or domains other than `*`, `ext_authz`, `jwt_authn`,
 //! `lua`, `wasm`, unknown filters and listener filters, transport sockets
 //! other than TLS, `tls_inspector`/`sni_cluster` chains, a TLS 1.3 minimum
 //! or cipher-suite lists, file data sources.
@@ -60,19 +90,27 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
+use http::{Hcm, RouteSource, RoutesModel};
 use parse::{
-    ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel,
+    ChainTarget, ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource,
+    SecretModel,
 };
 use prost::Message;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use veer_core::authz::MatchPattern;
 use veer_core::intentions::Action;
+use veer_core::l7::{
+    ClusterSpec, HttpRoutes, InboundHttp, RouteAction, RouteSpec, WeightedCluster,
+};
 use veer_core::route::Protocol;
-use veer_core::snapshot::{ExposePath, ListenSpec, Spec, Timeouts, UpstreamSpec};
+use veer_core::snapshot::{
+    ExposePath, ListenSpec, Spec, TargetSpec, Timeouts, Unapplied, UpstreamSpec,
+};
 use veer_core::spiffe::ServiceId;
 
+mod http;
 mod parse;
 
 /// [`Spec::source`] of every spec built here.
@@ -234,9 +272,9 @@ pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateErr
             Decoded::Endpoints(e)
         }
         Kind::Route => {
-            // Stored only: no accepted listener refers to RDS at L4.
             let r: RouteConfiguration = unpack(kind, name, any)?;
             same_name(kind, name, &r.name)?;
+            http::route_config(&r).map_err(fault)?;
             Decoded::Route(r)
         }
         Kind::Secret => {
@@ -261,8 +299,87 @@ fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
     match &m.kind {
         ClusterKind::Eds { tls, .. } => Some(tls),
         ClusterKind::OriginalDst(tls) => tls.as_ref(),
-        ClusterKind::Static(_) => None,
+        ClusterKind::Dns { tls, .. } => Some(tls),
+        ClusterKind::Static(_) | ClusterKind::Aggregate(_) => None,
     }
+}
+
+/// The hostnames of a DNS cluster that need resolving (not IP literals).
+fn dns_names(dns: &parse::DnsModel) -> impl Iterator<Item = &str> {
+    dns.hosts
+        .iter()
+        .map(|h| h.host.as_str())
+        .filter(|h| h.parse::<IpAddr>().is_err())
+}
+
+/// The clusters traffic for `name` may end at: `name` itself, or for an
+/// aggregate its members in failover order (nested aggregates flattened).
+/// Unknown members and loops are skipped here (the translation refuses
+/// them, see [`flatten`]).
+fn leaf_clusters(res: &Resources, name: &str) -> Vec<(String, ClusterModel)> {
+    fn walk(
+        res: &Resources,
+        name: &str,
+        seen: &mut BTreeSet<String>,
+        out: &mut Vec<(String, ClusterModel)>,
+    ) {
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        let Some(Ok(m)) = res.clusters.get(name).map(parse::cluster) else {
+            return;
+        };
+        match &m.kind {
+            ClusterKind::Aggregate(members) => {
+                for c in members {
+                    walk(res, c, seen, out);
+                }
+            }
+            _ => out.push((name.to_string(), m)),
+        }
+    }
+    let mut out = Vec::new();
+    walk(res, name, &mut BTreeSet::new(), &mut out);
+    out
+}
+
+/// The member clusters of aggregate `name`, in failover order (nested
+/// aggregates flattened, a cluster named twice kept at its first place);
+/// a member that does not exist or leads back to an aggregate on the way
+/// is invalid, named by the aggregate and the field.
+fn flatten<'a>(
+    clusters: &HashMap<&'a str, ClusterModel>,
+    name: &'a str,
+    path: &mut Vec<&'a str>,
+    out: &mut Vec<&'a str>,
+) -> Result<(), TranslateError> {
+    let Some(ClusterKind::Aggregate(members)) = clusters.get(name).map(|m| &m.kind) else {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+        return Ok(());
+    };
+    path.push(name);
+    for (i, m) in members.iter().enumerate() {
+        let err = |reason: String| TranslateError::Invalid {
+            kind: "cluster",
+            name: name.to_string(),
+            field: format!("cluster_type.typed_config.clusters[{i}]"),
+            reason,
+        };
+        let Some((&member, _)) = clusters.get_key_value(m.as_str()) else {
+            return Err(err(format!("names cluster {m:?}, which does not exist")));
+        };
+        if path.contains(&member) {
+            return Err(err(format!(
+                "names cluster {m:?}, which leads back to it (a loop: {} -> {m})",
+                path.join(" -> ")
+            )));
+        }
+        flatten(clusters, member, path, out)?;
+    }
+    path.pop();
+    Ok(())
 }
 
 /// The names to subscribe to by name: the EDS name of every accepted EDS
@@ -281,6 +398,12 @@ pub fn wanted(res: &Resources) -> Wanted {
             if let ClusterKind::Eds { eds_name, .. } = &m.kind {
                 w.endpoints.insert(eds_name.clone());
             }
+            if let ClusterKind::Dns { dns, .. } = &m.kind {
+                for h in dns_names(dns) {
+                    let every = w.dns.entry(h.to_string()).or_insert(dns.refresh);
+                    *every = (*every).min(dns.refresh);
+                }
+            }
             if let Some(tls) = cluster_tls(&m) {
                 sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
             }
@@ -289,8 +412,57 @@ pub fn wanted(res: &Resources) -> Wanted {
     w
 }
 
+/// The routes of an HCM: inline, or the accepted RDS resource; a
+/// refused RDS resource counts as no routes (see `Resources::refused`);
+/// `Ok(None)` = not received yet.
+fn routes_of(hcm: &Hcm, res: &Resources) -> Result<Option<RoutesModel>, TranslateError> {
+    match &hcm.routes {
+        RouteSource::Inline(rm) => Ok(Some(rm.clone())),
+        RouteSource::Rds(n) => match res.routes.get(n) {
+            Some(rc) => http::route_config(rc)
+                .map(Some)
+                .map_err(|f| TranslateError::from_fault(Kind::Route, n, f)),
+            None if res.refused.contains_key(&(Kind::Route, n.clone())) => Ok(Some(RoutesModel {
+                name: n.clone(),
+                routes: Vec::new(),
+                notes: Vec::new(),
+            })),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The clusters a chain target sends traffic to; a route configuration
+/// not received yet goes to `waiting`.
+fn target_clusters(
+    t: &ChainTarget,
+    res: &Resources,
+    who: &str,
+    waiting: &mut BTreeSet<String>,
+) -> Vec<String> {
+    match t {
+        ChainTarget::Tcp(c) => vec![c.clone()],
+        ChainTarget::Http { hcm, .. } => match routes_of(hcm, res) {
+            Ok(Some(rm)) => rm.clusters(),
+            Ok(None) => {
+                if let RouteSource::Rds(n) = &hcm.routes {
+                    waiting.insert(format!("route {n} (RDS), named by {who}"));
+                }
+                Vec::new()
+            }
+            // Refused when translating.
+            Err(_) => Vec::new(),
+        },
+    }
+}
+
 /// The clusters a listener model sends traffic to.
-fn referenced(m: &ListenerModel) -> Vec<String> {
+fn referenced(
+    m: &ListenerModel,
+    res: &Resources,
+    who: &str,
+    waiting: &mut BTreeSet<String>,
+) -> Vec<String> {
     match m {
         ListenerModel::Public(p) => {
             let mut v = vec![p.cluster.clone()];
@@ -298,11 +470,15 @@ fn referenced(m: &ListenerModel) -> Vec<String> {
             v
         }
         ListenerModel::Outbound(o) => {
-            let mut v: Vec<String> = o.chains.iter().map(|c| c.cluster.clone()).collect();
+            let mut v: Vec<String> = o
+                .chains
+                .iter()
+                .flat_map(|c| target_clusters(&c.target, res, who, waiting))
+                .collect();
             v.extend(o.default_cluster.clone());
             v
         }
-        ListenerModel::Upstream { cluster, .. } => vec![cluster.clone()],
+        ListenerModel::Upstream { target, .. } => target_clusters(target, res, who, waiting),
         ListenerModel::Expose(e) => vec![e.cluster.clone()],
     }
 }
@@ -327,12 +503,42 @@ pub fn missing(res: &Resources) -> Vec<String> {
         if let ListenerModel::Public(p) = l {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut secrets);
         }
-        for c in referenced(l) {
+        for c in referenced(l, res, &format!("listener {name}"), &mut m) {
             match res.clusters.get(&c).map(parse::cluster) {
                 None => {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
                 }
                 Some(Ok(cm)) => {
+                    for (li, (lname, lm)) in leaf_clusters(res, &c).into_iter().enumerate() {
+                        if let ClusterKind::Dns { dns, .. } = &lm.kind {
+                            for h in dns_names(dns) {
+                                if !res.dns.contains_key(h) {
+                                    m.insert(format!("DNS name {h} (cluster {lname})"));
+                                }
+                            }
+                        }
+                        if !matches!(cm.kind, ClusterKind::Aggregate(_)) {
+                            continue;
+                        }
+                        // An aggregate's members: their secrets, and the
+                        // primary's endpoints. A failover target's are not
+                        // waited for: Consul sends none for a target it
+                        // knows no gateway for (endpoints golden
+                        // `connect-proxy-with-tcp-chain-double-failover-through-remote-gateway`).
+                        if let ClusterKind::Eds { eds_name, .. } = &lm.kind {
+                            if li == 0
+                                && !res.endpoints.contains_key(eds_name)
+                                && !res
+                                    .refused
+                                    .contains_key(&(Kind::Endpoints, eds_name.clone()))
+                            {
+                                m.insert(format!("endpoints {eds_name} (EDS)"));
+                            }
+                        }
+                        if let Some(tls) = cluster_tls(&lm) {
+                            sds_names(&tls.leaf, &tls.roots, &mut secrets);
+                        }
+                    }
                     // A passthrough cluster takes endpoints from the EDS
                     // cluster of the same SNI, when there is one.
                     let eds = match &cm.kind {
@@ -429,6 +635,54 @@ impl Secrets<'_> {
     }
 }
 
+/// Where a target's endpoints come from.
+#[derive(Clone, Copy)]
+enum Hosts<'a> {
+    /// The assignment of this EDS name.
+    Eds(&'a str),
+    /// A DNS cluster's hosts, with the addresses the source resolved.
+    Dns(&'a parse::DnsModel),
+    /// None (a passthrough cluster without an EDS sibling).
+    None,
+}
+
+/// A DNS cluster's endpoints: each host's resolved addresses of its
+/// lookup family (`LOGICAL_DNS`: the first one only) on the host's port,
+/// with its weight. An IP literal is its own address.
+fn dns_endpoints(
+    res: &Resources,
+    cname: &str,
+    dns: &parse::DnsModel,
+) -> Result<Vec<(SocketAddr, u32)>, TranslateError> {
+    let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    for h in &dns.hosts {
+        let ips = match h.host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match res.dns.get(&h.host) {
+                Some(ips) => dns.family.pick(ips),
+                None => {
+                    return Err(TranslateError::Incomplete(vec![format!(
+                        "DNS name {} (cluster {cname})",
+                        h.host
+                    )]))
+                }
+            },
+        };
+        let ips = if dns.logical {
+            ips.into_iter().take(1).collect()
+        } else {
+            ips
+        };
+        for ip in ips {
+            let a = SocketAddr::new(ip, h.port);
+            if !out.iter().any(|(o, _)| *o == a) {
+                out.push((a, h.weight));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The upstream being built for one EDS (or passthrough-only) cluster.
 struct Building {
     spec: UpstreamSpec,
@@ -463,9 +717,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 public = Some((name.clone(), p));
             }
             ListenerModel::Outbound(o) => outbound.push((name.clone(), o)),
-            ListenerModel::Upstream { addr, cluster } => {
-                explicit.push((name.clone(), addr, cluster))
-            }
+            ListenerModel::Upstream { addr, target } => explicit.push((name.clone(), addr, target)),
             ListenerModel::Expose(e) => exposes.push((name.clone(), e)),
         }
     }
@@ -519,16 +771,44 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         permissive_ports.push(*port);
     }
 
+    // The inbound listener at L7: requests are authorized by the HTTP RBAC
+    // filters (none = all allowed, as in Envoy) after the network ones.
+    let inbound_http = public.http.as_ref().map(|h| InboundHttp {
+        protocol: h.protocol,
+        rbac: Some(h.rbac.clone()),
+        xfcc: h.xfcc,
+        request_timeout: h.request_timeout,
+    });
+
+    // Every aggregate names existing clusters without a loop (checked for
+    // all, so that a bad one is refused when it comes, not when a listener
+    // first names it).
+    for name in res.clusters.keys() {
+        let name = name.as_str();
+        if matches!(cluster(name).kind, ClusterKind::Aggregate(_)) {
+            flatten(&clusters, name, &mut Vec::new(), &mut Vec::new())?;
+        }
+    }
+
     // Upstreams.
     let no_endpoints = ClusterLoadAssignment::default();
+    let mut unapplied: Vec<Unapplied> = Vec::new();
+    if let Some(h) = &public.http {
+        for (f, d) in &h.notes {
+            unapplied.push(Unapplied::unsupported(
+                format!("listener {pname}: {f}"),
+                d.clone(),
+            ));
+        }
+    }
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
-    let new_upstream = |ups: &mut Vec<Building>,
-                        cname: &str,
-                        tls: &parse::UpstreamTls,
-                        model: &ClusterModel,
-                        eds: Option<&str>|
-     -> Result<usize, TranslateError> {
+    // One target: an EDS, DNS or passthrough cluster.
+    let target = |cname: &str,
+                  tls: &parse::UpstreamTls,
+                  model: &ClusterModel,
+                  hosts: Hosts|
+     -> Result<TargetSpec, TranslateError> {
         let who = format!("cluster {cname}");
         let identity = tls
             .sans
@@ -551,41 +831,215 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             )]));
         }
         let uroots = secrets.roots(&tls.roots, &who)?;
-        let mut spec = UpstreamSpec::new(identity);
-        spec.protocol = Protocol::Tcp;
-        spec.sni = Some(tls.sni.clone());
-        spec.san_matchers = tls.sans.clone();
-        spec.roots = (uroots != roots).then_some(uroots);
-        spec.connect_timeout = model.connect_timeout;
-        spec.max_connections = model.max_connections;
-        if let Some(eds) = eds {
-            let la = match res.endpoints.get(eds) {
-                Some(la) => la,
-                // Refused: no endpoints until a good version arrives.
-                None if res
-                    .refused
-                    .contains_key(&(Kind::Endpoints, eds.to_string())) =>
+        let mut t = TargetSpec::new(identity);
+        t.sni = Some(tls.sni.clone());
+        t.san_matchers = tls.sans.clone();
+        t.roots = (uroots != roots).then_some(uroots);
+        t.connect_timeout = model.connect_timeout;
+        let eps: Vec<(SocketAddr, u32)> = match hosts {
+            Hosts::None => Vec::new(),
+            Hosts::Eds(eds) => {
+                let la = match res.endpoints.get(eds) {
+                    Some(la) => la,
+                    // Refused: no endpoints until a good version arrives.
+                    None if res
+                        .refused
+                        .contains_key(&(Kind::Endpoints, eds.to_string())) =>
+                    {
+                        &no_endpoints
+                    }
+                    None => {
+                        return Err(TranslateError::Incomplete(vec![format!(
+                            "endpoints {eds} (EDS)"
+                        )]))
+                    }
+                };
+                parse::endpoints_of(la)
+                    .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?
+                    .into_iter()
+                    .map(|e| (e.addr, e.weight))
+                    .collect()
+            }
+            Hosts::Dns(dns) => dns_endpoints(res, cname, dns)?,
+        };
+        t.endpoints = eps.iter().map(|e| e.0).collect();
+        if eps.iter().any(|e| e.1 != 1) {
+            t.endpoint_weights = eps.iter().map(|e| e.1).collect();
+        }
+        Ok(t)
+    };
+    // The targets of an EDS, DNS or aggregate cluster in failover order
+    // (an aggregate's members, the first one primary), and the first
+    // member's model (its circuit breaker and protocol options).
+    let targets_of = |cname: &str| -> Result<(Vec<TargetSpec>, &ClusterModel), TranslateError> {
+        let leaves = match &cluster(cname).kind {
+            ClusterKind::Aggregate(_) => {
+                let mut out = Vec::new();
+                flatten(&clusters, cname, &mut Vec::new(), &mut out)?;
+                out
+            }
+            _ => vec![cname],
+        };
+        let mut targets = Vec::new();
+        for (i, leaf) in leaves.iter().enumerate() {
+            let m = cluster(leaf);
+            let t = match &m.kind {
+                // A failover target without an assignment has no
+                // endpoints (see `missing`).
+                ClusterKind::Eds { eds_name, tls }
+                    if i > 0
+                        && !res.endpoints.contains_key(eds_name.as_str())
+                        && !res
+                            .refused
+                            .contains_key(&(Kind::Endpoints, eds_name.clone())) =>
                 {
-                    &no_endpoints
+                    target(leaf, tls, m, Hosts::None)?
                 }
-                None => {
-                    return Err(TranslateError::Incomplete(vec![format!(
-                        "endpoints {eds} (EDS)"
-                    )]))
+                ClusterKind::Eds { eds_name, tls } => target(leaf, tls, m, Hosts::Eds(eds_name))?,
+                ClusterKind::Dns { tls, dns } => target(leaf, tls, m, Hosts::Dns(dns))?,
+                _ => {
+                    return Err(TranslateError::Refused {
+                        kind: "cluster",
+                        name: cname.to_string(),
+                        field: format!("cluster_type.typed_config.clusters[{i}]"),
+                        reason: format!(
+                            "cluster {leaf} is not an EDS or DNS upstream cluster; an aggregate's members must be"
+                        ),
+                    })
                 }
             };
-            let eps = parse::endpoints_of(la)
-                .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
-            spec.endpoints = eps.iter().map(|e| e.addr).collect();
-            if eps.iter().any(|e| e.weight != 1) {
-                spec.endpoint_weights = eps.iter().map(|e| e.weight).collect();
-            }
+            targets.push(t);
         }
+        Ok((targets, cluster(leaves[0])))
+    };
+    let upstream_of = |targets: Vec<TargetSpec>, model: &ClusterModel| -> UpstreamSpec {
+        let mut targets = targets.into_iter();
+        let primary = targets
+            .next()
+            .expect("an aggregate names at least one cluster");
+        let mut spec = UpstreamSpec::new(primary.identity.clone());
+        spec.set_primary(primary);
+        spec.failover = targets.collect();
+        spec.protocol = Protocol::Tcp;
+        spec.max_connections = model.max_connections;
+        spec
+    };
+    // The upstream of an EDS, DNS or aggregate cluster.
+    let new_upstream = |ups: &mut Vec<Building>, cname: &str| -> Result<usize, TranslateError> {
+        let (targets, model) = targets_of(cname)?;
+        let spec = upstream_of(targets, model);
         ups.push(Building {
             spec,
             cluster: cname.to_string(),
         });
         Ok(ups.len() - 1)
+    };
+    // An HTTP upstream: its routes' clusters become `HttpRoutes`; the
+    // upstream's own (primary) target is the catch-all route's heaviest
+    // cluster. Keyed `route:<name>` so that a VIP chain and an explicit
+    // listener with the same routes share one upstream.
+    let new_http_upstream = |ups: &mut Vec<Building>,
+                             unapplied: &mut Vec<Unapplied>,
+                             hcm: &Hcm,
+                             who: &str|
+     -> Result<usize, TranslateError> {
+        let rm = routes_of(hcm, res)?.ok_or_else(|| {
+            TranslateError::Incomplete(vec![format!("the routes named by {who} (RDS)")])
+        })?;
+        let rwho = match &hcm.routes {
+            RouteSource::Rds(n) => format!("route {n}"),
+            RouteSource::Inline(_) => format!("{who} route_config"),
+        };
+        for (f, d) in &rm.notes {
+            unapplied.push(Unapplied::unsupported(format!("{rwho}: {f}"), d.clone()));
+        }
+        let names = rm.clusters();
+        let mut clusters = Vec::new();
+        for n in &names {
+            let cm = cluster(n);
+            if !matches!(
+                cm.kind,
+                ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_)
+            ) {
+                return Err(inconsistent(format!(
+                    "{rwho}: routes to cluster {n}, which is not an EDS, DNS or aggregate upstream cluster"
+                )));
+            }
+            let (targets, cm) = targets_of(n)?;
+            let protocol = match (cm.http2, hcm.protocol) {
+                (true, Protocol::Grpc) => Protocol::Grpc,
+                (true, _) => Protocol::Http2,
+                (false, _) => Protocol::Http,
+            };
+            clusters.push((
+                ClusterSpec {
+                    name: n.clone(),
+                    targets,
+                    protocol,
+                },
+                cm,
+            ));
+        }
+        let index = |n: &str| names.iter().position(|x| x == n).expect("listed");
+        let routes: Vec<RouteSpec> = rm
+            .routes
+            .iter()
+            .map(|r| RouteSpec {
+                name: r.name.clone(),
+                matches: r.matches.clone(),
+                action: RouteAction {
+                    clusters: r
+                        .clusters
+                        .iter()
+                        .map(|(c, w)| WeightedCluster {
+                            cluster: index(c),
+                            weight: *w,
+                        })
+                        .collect(),
+                    prefix_rewrite: r.prefix_rewrite.clone(),
+                    timeout: r.timeout,
+                    retry: r.retry.clone(),
+                },
+            })
+            .collect();
+        let catch_all = routes
+            .iter()
+            .rev()
+            .find(|r| r.matches == Default::default())
+            .or(routes.last());
+        let primary = catch_all
+            .and_then(|r| r.action.clusters.iter().max_by_key(|w| w.weight))
+            .map_or(0, |w| w.cluster);
+        if clusters.is_empty() {
+            return Err(inconsistent(format!(
+                "{rwho} (for {who}): no route sends requests anywhere, so veer cannot tell which service the upstream is"
+            )));
+        }
+        let mut spec = upstream_of(clusters[primary].0.targets.clone(), clusters[primary].1);
+        spec.protocol = hcm.protocol;
+        spec.http = Some(HttpRoutes {
+            clusters: clusters.into_iter().map(|(c, _)| c).collect(),
+            routes,
+        });
+        ups.push(Building {
+            spec,
+            cluster: format!("route:{}", rm.name),
+        });
+        Ok(ups.len() - 1)
+    };
+    let hcm_notes = |unapplied: &mut Vec<Unapplied>, who: &str, field: &str, hcm: &Hcm| {
+        for (f, d) in &hcm.notes {
+            unapplied.push(Unapplied::unsupported(
+                format!("{who}: {field}.{f}"),
+                d.clone(),
+            ));
+        }
+    };
+    let route_key = |hcm: &Hcm| -> String {
+        match &hcm.routes {
+            RouteSource::Rds(n) => format!("route:{n}"),
+            RouteSource::Inline(rm) => format!("route:{}", rm.name),
+        }
     };
 
     let mut outbound_addrs = Vec::new();
@@ -613,14 +1067,38 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         }
         mesh_only = Some(only);
         for ch in &o.chains {
-            let cm = cluster(&ch.cluster);
-            match &cm.kind {
-                ClusterKind::Eds { eds_name, tls } => {
-                    let key = (ch.cluster.clone(), ch.port);
+            let chname = match &ch.target {
+                ChainTarget::Tcp(c) => c,
+                ChainTarget::Http { hcm, field } => {
+                    let who = format!("listener {lname}");
+                    hcm_notes(
+                        &mut unapplied,
+                        &who,
+                        &format!("filter_chains[{}].{field}", ch.index),
+                        hcm,
+                    );
+                    let key = (route_key(hcm), ch.port);
                     let i = match by_key.get(&key) {
                         Some(i) => *i,
                         None => {
-                            let i = new_upstream(&mut ups, &ch.cluster, tls, cm, Some(eds_name))?;
+                            let i = new_http_upstream(&mut ups, &mut unapplied, hcm, &who)?;
+                            ups[i].spec.destination_port = ch.port;
+                            by_key.insert(key, i);
+                            i
+                        }
+                    };
+                    ups[i].spec.virtual_ips.extend(ch.ips.iter().copied());
+                    continue;
+                }
+            };
+            let cm = cluster(chname);
+            match &cm.kind {
+                ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_) => {
+                    let key = (chname.clone(), ch.port);
+                    let i = match by_key.get(&key) {
+                        Some(i) => *i,
+                        None => {
+                            let i = new_upstream(&mut ups, chname)?;
                             ups[i].spec.destination_port = ch.port;
                             by_key.insert(key, i);
                             i
@@ -635,12 +1113,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                             ch.index
                         )));
                     }
-                    passthrough.push((
-                        ch.cluster.clone(),
-                        ch.index,
-                        ch.ips.clone(),
-                        tls.sni.clone(),
-                    ));
+                    passthrough.push((chname.clone(), ch.index, ch.ips.clone(), tls.sni.clone()));
                 }
                 ClusterKind::OriginalDst(None) => {
                     if only {
@@ -654,7 +1127,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 ClusterKind::Static(_) => {
                     return Err(inconsistent(format!(
                         "listener {lname}: filter_chains[{}] goes to STATIC cluster {}; outbound chains go to upstreams",
-                        ch.index, ch.cluster
+                        ch.index, chname
                     )))
                 }
             }
@@ -662,7 +1135,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
     for (cname, _index, ips, sni) in passthrough {
         let existing = ups.iter().position(|b| {
-            b.spec.sni.as_deref() == Some(sni.as_str()) && b.spec.local_bind.is_none()
+            b.spec.sni.as_deref() == Some(sni.as_str())
+                && b.spec.local_bind.is_none()
+                && b.spec.http.is_none()
         });
         let i = match existing {
             Some(i) => i,
@@ -676,25 +1151,58 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     ClusterKind::Eds { eds_name, .. } => Some(eds_name.as_str()),
                     _ => None,
                 });
-                new_upstream(&mut ups, &cname, tls, cm, eds)?
+                let hosts = eds.map_or(Hosts::None, Hosts::Eds);
+                let t = target(&cname, tls, cm, hosts)?;
+                let mut spec = UpstreamSpec::new(t.identity.clone());
+                spec.set_primary(t);
+                spec.protocol = Protocol::Tcp;
+                spec.max_connections = cm.max_connections;
+                ups.push(Building {
+                    spec,
+                    cluster: cname.clone(),
+                });
+                ups.len() - 1
             }
         };
         ups[i].spec.dialed_directly = true;
         ups[i].spec.instances.extend(ips);
     }
-    for (lname, addr, cname) in &explicit {
-        let cm = cluster(cname);
-        let ClusterKind::Eds { eds_name, tls } = &cm.kind else {
-            return Err(inconsistent(format!(
-                "listener {lname}: tcp_proxy cluster {cname} is not an EDS upstream cluster"
-            )));
-        };
-        let existing = ups
-            .iter()
-            .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
-        let i = match existing {
-            Some(i) => i,
-            None => new_upstream(&mut ups, cname, tls, cm, Some(eds_name))?,
+    for (lname, addr, target) in &explicit {
+        let who = format!("listener {lname}");
+        let i = match target {
+            ChainTarget::Tcp(cname) => {
+                if !matches!(
+                    cluster(cname).kind,
+                    ClusterKind::Eds { .. } | ClusterKind::Dns { .. } | ClusterKind::Aggregate(_)
+                ) {
+                    return Err(inconsistent(format!(
+                        "listener {lname}: tcp_proxy cluster {cname} is not an EDS, DNS or aggregate upstream cluster"
+                    )));
+                }
+                let existing = ups
+                    .iter()
+                    .position(|b| b.cluster == *cname && b.spec.local_bind.is_none());
+                match existing {
+                    Some(i) => i,
+                    None => new_upstream(&mut ups, cname)?,
+                }
+            }
+            ChainTarget::Http { hcm, field } => {
+                hcm_notes(
+                    &mut unapplied,
+                    &who,
+                    &format!("filter_chains[0].{field}"),
+                    hcm,
+                );
+                let key = route_key(hcm);
+                let existing = ups
+                    .iter()
+                    .position(|b| b.cluster == key && b.spec.local_bind.is_none());
+                match existing {
+                    Some(i) => i,
+                    None => new_http_upstream(&mut ups, &mut unapplied, hcm, &who)?,
+                }
+            }
         };
         ups[i].spec.local_bind = Some(*addr);
     }
@@ -762,7 +1270,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         inbound_max_connections: public
             .max_connections
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
-        unapplied: Vec::new(),
+        unapplied,
+        inbound_http,
     })
 }
 

@@ -213,7 +213,9 @@ fn intentions_newer_shapes() {
     assert_eq!(i.len(), 2, "peered source skipped");
     assert_eq!(i[0].action, Action::Deny, "L7 counts as deny at L4");
     assert_eq!(i[0].id, None);
-    assert_eq!(w.len(), 1);
+    // Its permissions are kept for the L7 inbound listener.
+    assert_eq!(i[0].permissions.len(), 1);
+    assert!(w.is_empty(), "{w:?}");
     assert_eq!(i[1].source.partition, "ap1");
     assert_eq!(i[1].destination.partition, "ap1");
 }
@@ -418,4 +420,100 @@ fn registration_prometheus_bind_from_proxy_config() {
     )
     .unwrap();
     assert_eq!(r.prometheus_bind, None);
+}
+
+/// `Service.Weights` (the 1.8.7 fixture's shape, `{"Passing": 1,
+/// "Warning": 1}` there) as Consul gives them to Envoy: Passing, Warning
+/// while a check warns, clamped to 128, below 1 = not used (0).
+#[test]
+fn health_connect_weights() {
+    let mut body: Vec<serde_json::Value> =
+        serde_json::from_slice(&fixture("1.8.7-health-connect-db.json")).unwrap();
+    let base = body[1].clone();
+    let entry = |id: &str, w: serde_json::Value, checks: &[&str]| {
+        let mut e = base.clone();
+        e["Service"]["ID"] = id.into();
+        e["Service"]["Weights"] = w;
+        e["Checks"] = checks
+            .iter()
+            .map(|s| serde_json::json!({"Status": s}))
+            .collect();
+        e
+    };
+    use serde_json::json;
+    body = vec![
+        entry(
+            "a-fixture",
+            base["Service"]["Weights"].clone(),
+            &["passing"],
+        ),
+        entry(
+            "b-passing",
+            json!({"Passing": 10, "Warning": 1}),
+            &["passing"],
+        ),
+        entry(
+            "c-warning",
+            json!({"Passing": 10, "Warning": 3}),
+            &["passing", "warning"],
+        ),
+        entry(
+            "d-clamped",
+            json!({"Passing": 1000, "Warning": 1}),
+            &["passing"],
+        ),
+        entry("e-zero", json!({"Passing": 5, "Warning": 0}), &["warning"]),
+        entry("f-none", serde_json::Value::Null, &["passing"]),
+    ];
+    let (c, _) = parse_health_connect("db", &serde_json::to_vec(&body).unwrap()).unwrap();
+    let w: Vec<(&str, u32)> = c.iter().map(|i| (i.id.as_str(), i.weight)).collect();
+    assert_eq!(
+        w,
+        vec![
+            ("a-fixture", 1),
+            ("b-passing", 10),
+            ("c-warning", 3),
+            ("d-clamped", 128),
+            ("e-zero", 0),
+            ("f-none", 1),
+        ]
+    );
+}
+
+/// Mesh gateways found by kind, whatever their name, from the nodes the
+/// real 1.8.7 agent gives for `Services.Kind contains "mesh-gateway"`.
+#[test]
+fn gateway_nodes_1_8_7() {
+    let (g, w) = parse_gateway_nodes(
+        "dc1",
+        &fixture("1.8.7-internal-ui-nodes-mesh-gateways.json"),
+    )
+    .unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    let by_id: HashMap<&str, &ConnectInstance> = g.iter().map(|i| (i.id.as_str(), i)).collect();
+    let mut ids: Vec<&str> = by_id.keys().copied().collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["gw-east", "gw-west-1", "mesh-gateway"],
+        "by kind: not the plain service tagged mesh-gateway, not consul"
+    );
+    let east = by_id["gw-east"];
+    assert!(
+        east.passing && !east.critical,
+        "only the node's serfHealth, passing"
+    );
+    assert_eq!(east.endpoint(), Some(sa("10.1.2.3:8443")));
+    assert_eq!(east.wan, Some(sa("198.18.0.1:443")));
+    assert_eq!(
+        east.datacenter, "dc1",
+        "from the watch: the node dump has none"
+    );
+    let west = by_id["gw-west-1"];
+    assert!(
+        west.critical && !west.passing,
+        "its own TTL check is critical"
+    );
+    assert_eq!(west.weight, 3);
+    assert_eq!(west.service, "gw-west");
 }

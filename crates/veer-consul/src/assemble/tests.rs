@@ -42,6 +42,7 @@ fn inst(id: &str, ip: &str, port: u16, passing: bool) -> api::ConnectInstance {
         port,
         passing,
         critical: !passing,
+        weight: 1,
         wan: None,
         vips: api::Vips::default(),
         dialed_directly: false,
@@ -523,15 +524,23 @@ fn unapplied_settings_are_named() {
                 "Proxy.Upstreams[db].Config.envoy_listener_json",
                 "unsupported"
             ),
-            // The 1.8.7 fixture's service-defaults for api.
-            ("service-defaults api: Protocol = \"http\"", "unsupported"),
+            // The 1.8.7 fixture's service-defaults make api http: its
+            // upstream is L7 (routes), not named.
         ],
         "{:#?}",
         spec.unapplied
     );
     assert!(spec.unapplied[1].detail.contains("Envoy escape hatch"));
-    assert!(spec.unapplied[3].detail.contains("relayed at L4"));
-    // Applied keys are not listed; an HTTP local service is.
+    assert!(spec.inbound_http.is_none());
+    let api = spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert!(api.http.is_some());
+    // The registration says tcp: service-defaults cannot change that
+    // (Consul's agent merges central config only where the registration
+    // sets nothing), so the inbound side stays L4 and nothing is named.
     s.service_defaults.as_mut().unwrap().insert(
         "web".into(),
         api::ServiceDefaults {
@@ -540,11 +549,22 @@ fn unapplied_settings_are_named() {
         },
     );
     let spec = assemble(&s, &set).unwrap().spec;
-    assert!(spec
-        .unapplied
-        .iter()
-        .any(|u| u.setting == "service-defaults web: Protocol = \"http\""
-            && u.detail.starts_with("inbound to web")));
+    assert!(spec.inbound_http.is_none());
+    assert!(!spec.unapplied.iter().any(|u| u.setting.contains("web")));
+    // No protocol in the registration (Consul 1.8 with central config
+    // off): inbound stays L4, as Consul's Envoy does, and says why.
+    s.registration.as_mut().unwrap().protocol = None;
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec.inbound_http.is_none());
+    assert!(
+        spec.unapplied
+            .iter()
+            .any(|u| u.setting == "service-defaults web: Protocol = \"http\""
+                && u.detail.starts_with("inbound to web stays L4")
+                && u.detail.contains("enable_central_service_config")),
+        "{:#?}",
+        spec.unapplied
+    );
 }
 
 #[test]
@@ -592,6 +612,11 @@ fn chain_entries_of_upstreams_are_named() {
             serde_json::json!([{"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/v2"}}}]}]),
         ),
     );
+    // Resolvers, routers and splitters are applied through the discovery
+    // chain: every service with one has its chain read (api for its
+    // router, though it has no resolver).
+    assert!(chain_keys(&s, &set).contains(&ServiceKey::local("api")));
+    s.chains_read = Some(chain_keys(&s, &set));
     let spec = assemble(&s, &set).unwrap().spec;
     let named: Vec<&str> = spec
         .unapplied
@@ -599,14 +624,13 @@ fn chain_entries_of_upstreams_are_named() {
         .map(|u| u.setting.as_str())
         .filter(|u| u.starts_with("service-r"))
         .collect();
-    // Resolvers are applied through the discovery chain, so only the router
-    // of api (which has no resolver, so its chain is not read) is named.
-    assert_eq!(
-        named,
-        ["service-router api: Routes"],
-        "{:#?}",
-        spec.unapplied
-    );
+    assert!(named.is_empty(), "{:#?}", spec.unapplied);
+    // The entries module still names the router of a service whose chain
+    // is not read.
+    let up = spec.upstreams.clone();
+    let named = entries::unapplied(&s.chain_entries, &up, |_| false);
+    assert_eq!(named.len(), 1);
+    assert_eq!(named[0].setting, "service-router api: Routes");
     // A kind not read yet holds the spec back, and says so.
     let mut t = s.clone();
     t.chain_entries.clear();
@@ -621,15 +645,10 @@ fn chain_entries_of_upstreams_are_named() {
         "{m:?}"
     );
     assert!(assemble(&t, &set).is_err());
-    // Deleted: no longer named, and the spec differs.
+    // Deleted: api's chain is no longer read.
     let mut u = s.clone();
     u.chain_entries.set(Kind::Router, Vec::new());
-    let after = assemble(&u, &set).unwrap().spec;
-    assert!(!after
-        .unapplied
-        .iter()
-        .any(|x| x.setting.contains("service-router")));
-    assert!(!same_spec(&spec, &after));
+    assert!(!chain_keys(&u, &set).contains(&ServiceKey::local("api")));
 }
 
 fn chain_fixture(name: &str) -> Vec<u8> {
@@ -675,7 +694,7 @@ fn chains_wait_for_their_reads_and_their_targets() {
     );
     let m = missing(&s, &set).join("; ");
     assert!(
-        m.contains("chain targets: api@dc1[Service.Meta.version == v1], api@dc2[Service.Meta.version == v1], legacy@dc2"),
+        m.contains("chain targets: api@dc1[Service.Meta.version == v1], api@dc1[Service.Meta.version == v2], api@dc2[Service.Meta.version == v1], legacy@dc2"),
         "{m}"
     );
     // One health watch per target, with dc and filter.
@@ -726,6 +745,11 @@ fn redirect_and_failover_become_targets() {
     dc2_api[0].port = 21101;
     dc2_api[0].wan = Some(sa("127.0.0.1:21101"));
     s.targets.insert(key("api", "dc2", f), dc2_api);
+    // The v2 subset (behind /v2/ and 10 % of the catch-all): none.
+    s.targets.insert(
+        key("api", "dc1", Some("Service.Meta.version == v2")),
+        Vec::new(),
+    );
     let a = assemble(&s, &set).unwrap();
     let up = |n: &str| {
         a.spec
@@ -757,21 +781,32 @@ fn redirect_and_failover_become_targets() {
         p.failover[0].connect_timeout,
         Some(std::time::Duration::from_secs(3))
     );
-    // The L7 parts of the api chain are named, not dropped.
-    let un: Vec<_> = a
+    // The L7 parts of the api chain are applied: routes and clusters
+    // (the chain's own tests check them route by route), each cluster's
+    // targets dialed like the upstream's.
+    assert!(!a
         .spec
         .unapplied
         .iter()
-        .map(|u| u.setting.as_str())
-        .collect();
-    assert!(
-        un.contains(&"discovery chain api: router:api.default"),
-        "{un:?}"
-    );
-    assert!(
-        un.contains(&"discovery chain api: splitter:api.default"),
-        "{un:?}"
-    );
+        .any(|u| u.setting.contains("discovery chain")));
+    let h = p.http.as_ref().expect("api is http");
+    assert_eq!(h.routes.len(), 5);
+    let v1_cluster = h
+        .clusters
+        .iter()
+        .find(|c| c.name.starts_with("v1.api.default.dc1.internal."))
+        .unwrap();
+    assert_eq!(v1_cluster.protocol, veer_core::route::Protocol::Http);
+    assert_eq!(v1_cluster.targets[0], p.primary());
+    assert_eq!(v1_cluster.targets[1..], p.failover[..]);
+    let legacy = h
+        .clusters
+        .iter()
+        .find(|c| c.name.starts_with("legacy.default.dc2.internal."))
+        .unwrap();
+    assert_eq!(legacy.targets[0].endpoints, vec![sa("127.0.0.1:21102")]);
+    // legacy is tcp (no service-defaults): L4, no routes.
+    assert!(l.http.is_none());
     // dc1's v1 instance turns critical: its endpoint goes, dc2 stays.
     let mut crit = v1.clone();
     crit[0].critical = true;
@@ -851,13 +886,12 @@ fn gateway_modes_dial_the_gateways_with_the_targets_sni() {
             filter: None,
         };
         s.targets.insert(k.clone(), dc2_legacy);
-        let f = Some("Service.Meta.version == v1");
-        for dc in ["dc1", "dc2"] {
+        for (dc, v) in [("dc1", "v1"), ("dc2", "v1"), ("dc1", "v2")] {
             s.targets
                 .entry(TargetKey {
                     service: "api".into(),
                     datacenter: dc.into(),
-                    filter: f.map(str::to_string),
+                    filter: Some(format!("Service.Meta.version == {v}")),
                 })
                 .or_default();
         }
@@ -909,7 +943,12 @@ fn transparent_upstreams_follow_their_chain_too() {
     // api (reached by its virtual IP) redirected to dc2.
     let mut c = chain::compile(&chain_fixture("06a-redirect-dc2-legacy.json")).unwrap();
     c.service = "api".into();
-    for t in &mut c.targets {
+    let http_targets = c.http.iter_mut().flat_map(|h| h.clusters.iter_mut());
+    for t in c
+        .targets
+        .iter_mut()
+        .chain(http_targets.flat_map(|c| c.targets.iter_mut()))
+    {
         t.service = "api".into();
         t.sni = t.sni.replacen("legacy", "api", 1);
     }
@@ -982,4 +1021,145 @@ fn the_registrations_gateway_mode_overrides_the_entries() {
         ["dc2".to_string()].into(),
         "then the proxy's"
     );
+}
+
+/// Inbound L7: the registration's protocol switches the public listener
+/// to HTTP; L7 intentions to this service then carry their permissions
+/// into the spec; on an L4 listener they are named (enforced as deny).
+#[test]
+fn inbound_l7_follows_the_registration_and_carries_permissions() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let body = serde_json::json!([{
+        "ID": "l7-1", "SourceName": "api", "DestinationName": "web",
+        "Permissions": [
+            {"Action": "allow", "HTTP": {"PathPrefix": "/public/", "Methods": ["GET"]}}
+        ]
+    }]);
+    let (mut ixns, w) = api::parse_intentions(&serde_json::to_vec(&body).unwrap()).unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    s.intentions.as_mut().unwrap().append(&mut ixns);
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec.inbound_http.is_none());
+    let l7 = spec
+        .unapplied
+        .iter()
+        .find(|u| u.setting == "intention l7-1 (default/api => default/web): Permissions")
+        .unwrap_or_else(|| panic!("{:#?}", spec.unapplied));
+    assert!(l7.detail.contains("enforced as deny"));
+    s.registration.as_mut().unwrap().protocol = Some("http".into());
+    let spec = assemble(&s, &set).unwrap().spec;
+    let inbound = spec.inbound_http.as_ref().expect("inbound L7");
+    assert_eq!(inbound.protocol, veer_core::route::Protocol::Http);
+    assert!(!spec.unapplied.iter().any(|u| u.setting.contains("l7-1")));
+    let rule = spec
+        .intentions
+        .iter()
+        .find(|i| i.id.as_deref() == Some("l7-1"))
+        .unwrap();
+    assert_eq!(rule.permissions.len(), 1);
+    assert_eq!(rule.action, Action::Deny);
+    veer_core::snapshot::Snapshot::build(spec, 1).expect("builds");
+}
+
+/// A chain the last read refused is named in the spec, with what stays
+/// in force; an error for a chain no longer read is not.
+#[test]
+fn refused_chains_are_named_with_what_stays() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = chain_world(&ca);
+    for (svc, dc, f) in [
+        ("legacy", "dc2", None),
+        ("api", "dc1", Some("v1")),
+        ("api", "dc2", Some("v1")),
+        ("api", "dc1", Some("v2")),
+    ] {
+        s.targets.insert(
+            TargetKey {
+                service: svc.into(),
+                datacenter: dc.into(),
+                filter: f.map(|v| format!("Service.Meta.version == {v}")),
+            },
+            Vec::new(),
+        );
+    }
+    s.chain_errors.insert(
+        ServiceKey::local("api"),
+        "regex \"((\" does not compile".into(),
+    );
+    s.chain_errors
+        .insert(ServiceKey::local("gone"), "whatever".into());
+    let spec = assemble(&s, &set).unwrap().spec;
+    let named: Vec<(&str, &str)> = spec
+        .unapplied
+        .iter()
+        .filter(|u| u.setting.starts_with("discovery chain"))
+        .map(|u| (u.setting.as_str(), u.detail.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [(
+            "discovery chain api",
+            "refused: regex \"((\" does not compile; the last good chain stays in force"
+        )]
+    );
+    s.chains.remove(&ServiceKey::local("api"));
+    let spec = assemble(&s, &set).unwrap().spec;
+    assert!(spec
+        .unapplied
+        .iter()
+        .any(|u| u.detail.ends_with("Consul's default chain stays in force")));
+}
+
+/// Instance weights reach the upstream (and a chain's targets) as
+/// `endpoint_weights`; a weight of 0 takes the instance out; all 1 = none.
+#[test]
+fn instance_weights_become_endpoint_weights() {
+    let ca = veer_ca::Ca::new_root(TD).unwrap();
+    let (mut s, set) = world(&ca);
+    let k = ServiceKey::local;
+    let w = |id: &str, ip: &str, weight: u32| {
+        let mut i = inst(id, ip, 21000, true);
+        i.weight = weight;
+        i
+    };
+    s.connect.insert(
+        k("db"),
+        vec![
+            w("db-1", "10.0.0.5", 3),
+            w("db-2", "10.0.0.4", 1),
+            w("db-3", "10.0.0.6", 0),
+        ],
+    );
+    let a = assemble(&s, &set).unwrap();
+    let db = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "db")
+        .unwrap();
+    assert_eq!(
+        db.endpoints,
+        vec![sa("10.0.0.4:21000"), sa("10.0.0.5:21000")]
+    );
+    assert_eq!(db.endpoint_weights, vec![1, 3]);
+    let api = a
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "api")
+        .unwrap();
+    assert!(api.endpoint_weights.is_empty(), "all 1");
+    // The data path uses them: 3 of every 4 new connections start at db-1.
+    let snap = veer_core::snapshot::Snapshot::build(a.spec.clone(), 1).unwrap();
+    let up = snap
+        .routes
+        .upstreams()
+        .iter()
+        .find(|u| u.name() == "db")
+        .unwrap()
+        .clone();
+    let first: Vec<SocketAddr> = (0..400).map(|_| up.pick_order(0)[0].addr.0).collect();
+    let heavy = first.iter().filter(|a| **a == sa("10.0.0.5:21000")).count();
+    assert_eq!(heavy, 300, "weighted 3:1");
 }

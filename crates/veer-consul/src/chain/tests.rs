@@ -39,14 +39,15 @@ fn samples_compile_to_targets_in_failover_order() {
             GatewayMode::Default,
             0,
         ),
-        // router → splitter (90 v1 / 10 v2) → v1; L7 parts named.
+        // router → splitter (90 v1 / 10 v2) → v1 for L4; the L7 parts are
+        // compiled (chain/http/tests.rs), not named.
         (
             "05-router-splitter-resolver.json",
             &["v1.api.default.dc1"],
             3000,
             false,
             GatewayMode::Default,
-            2,
+            0,
         ),
         (
             "06a-redirect-dc2-legacy.json",
@@ -63,7 +64,7 @@ fn samples_compile_to_targets_in_failover_order() {
             3000,
             false,
             GatewayMode::Default,
-            2,
+            0,
         ),
         (
             "08b-post-override-timeout-meshgw.json",
@@ -80,7 +81,7 @@ fn samples_compile_to_targets_in_failover_order() {
             3000,
             false,
             GatewayMode::Default,
-            2,
+            0,
         ),
         (
             "10-meshgw-local.json",
@@ -125,15 +126,23 @@ fn targets_carry_sni_subset_filter_and_datacenter() {
     assert_eq!(f.filter, p.filter);
     assert_eq!((p.service.as_str(), p.subset.as_str()), ("api", "v1"));
     assert!(!p.only_passing);
+    assert!(c.unapplied.is_empty(), "{:?}", c.unapplied);
+    // A router on a chain that is not http-like (only an override can
+    // leave one) is named, and L4 takes the catch-all and heaviest split.
+    let body = edit("07-failover.json", |v| {
+        v["Chain"]["Protocol"] = "tcp".into()
+    });
+    let t = compile(&body).unwrap();
+    assert_eq!(t.http, None);
     assert!(
-        c.unapplied[0].starts_with("router:api.default: 5 routes"),
+        t.unapplied[0].starts_with("router:api.default: 5 routes"),
         "{:?}",
-        c.unapplied
+        t.unapplied
     );
     assert!(
-        c.unapplied[1].contains("heaviest split, 90%"),
+        t.unapplied[1].contains("heaviest split, 90%"),
         "{:?}",
-        c.unapplied
+        t.unapplied
     );
     // The default chain has no filter and Consul's SNI.
     let d = compile(&fixture("01-tcp-default.json")).unwrap();

@@ -33,6 +33,7 @@ fn inst(id: &str, node: &str) -> ConnectInstance {
         port: 20000,
         passing: true,
         critical: false,
+        weight: 1,
         wan: None,
         vips: Vips::default(),
         dialed_directly: false,

@@ -87,6 +87,7 @@ fn a_bad_regex_is_refused_with_its_text() {
     let rules = vec![RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "p1".into(),
             principals: vec![Principal::NotId(Box::new(Principal::spiffe_regex("(")))],
         }],
@@ -108,6 +109,7 @@ fn kitchen_sink_deny() -> RbacRules {
     RbacRules {
         action: Action::Deny,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "consul-intentions-layer4".into(),
             principals: vec![
                 svc("cron"),
@@ -128,6 +130,7 @@ fn rbac_table() {
     let allow = |principals: Vec<Principal>| RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "consul-intentions-layer4".into(),
             principals,
         }],
@@ -216,6 +219,7 @@ fn principal_name_matches_any_uri_san_else_the_subject() {
     let rules = vec![RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "p".into(),
             principals: vec![Principal::Authenticated {
                 principal_name: Some(StringMatch::exact("CN=legacy")),
@@ -248,6 +252,7 @@ fn principal_name_matches_any_uri_san_else_the_subject() {
     let second_uri = Rbac::compile(&[RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "p".into(),
             principals: vec![Principal::spiffe_regex("spiffe://b/.*")],
         }],

@@ -857,3 +857,308 @@ fn failover_targets_in_toml() {
         assert_eq!(e.line, Some(line_of(&t, needle)), "{key}: {e}");
     }
 }
+
+const HTTP_UPSTREAM: &str = r#"
+[[upstreams]]
+name = "web"
+protocol = "http"
+virtual_ips = ["10.96.0.30"]
+endpoints = ["10.77.0.7:20000"]
+
+[[upstreams.clusters]]
+name = "web-v2"
+subset = "v2"
+protocol = "http2"
+endpoints = ["10.77.0.8:20000"]
+
+[[upstreams.routes]]
+name = "admin"
+path_prefix = "/admin/"
+methods = ["get", "PUT"]
+headers = [{ name = "X-Canary", exact = "1" }, { name = "x-debug", present = true, invert = true }]
+query = [{ name = "v", regex = "[0-9]+" }]
+cluster = "web-v2"
+prefix_rewrite = "/"
+timeout = "2s"
+retries = 3
+retry_on_status_codes = [503]
+
+[[upstreams.routes]]
+path_regex = "/split/.*"
+splits = [{ cluster = "web", weight = 90 }, { cluster = "web-v2", weight = 10 }]
+retry_on_connect_failure = true
+"#;
+
+#[test]
+fn http_upstream_routes_and_clusters_parse() {
+    use crate::l7::{HeaderMatchKind, PathMatch, QueryMatchKind};
+    let d = certs("api");
+    let l = parse_in(&d, &format!("{GOOD}{HTTP_UPSTREAM}")).unwrap();
+    let u = l
+        .spec
+        .upstreams
+        .iter()
+        .find(|u| u.identity.service == "web")
+        .unwrap();
+    let h = u.http.as_ref().expect("an http upstream is L7");
+    assert_eq!(h.clusters.len(), 2);
+    assert_eq!(h.clusters[0].name, "web");
+    assert_eq!(
+        h.clusters[0].targets[0].endpoints[0].to_string(),
+        "10.77.0.7:20000"
+    );
+    assert_eq!(h.clusters[1].protocol, Protocol::Http2);
+    assert_eq!(
+        h.clusters[1].targets[0].sni.as_deref(),
+        Some(format!("v2.web.default.dc1.internal.{TD}").as_str())
+    );
+    assert_eq!(h.routes.len(), 3, "two routes and the catch-all");
+    let r = &h.routes[0];
+    assert_eq!(r.name, "admin");
+    assert_eq!(r.matches.path, PathMatch::Prefix("/admin/".into()));
+    assert_eq!(r.matches.methods, vec!["GET", "PUT"]);
+    assert_eq!(r.matches.headers[0].name, "x-canary");
+    assert_eq!(
+        r.matches.headers[0].kind,
+        HeaderMatchKind::Exact("1".into())
+    );
+    assert!(r.matches.headers[1].invert);
+    assert_eq!(
+        r.matches.query[0].kind,
+        QueryMatchKind::Regex("[0-9]+".into())
+    );
+    assert_eq!(r.action.clusters[0].cluster, 1);
+    assert_eq!(r.action.prefix_rewrite.as_deref(), Some("/"));
+    assert_eq!(r.action.timeout, Some(std::time::Duration::from_secs(2)));
+    let retry = r.action.retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.num_retries, retry.on_status_codes.clone()),
+        (3, vec![503])
+    );
+    let s = &h.routes[1];
+    assert_eq!(s.name, "routes[1]");
+    assert_eq!(s.action.clusters.len(), 2);
+    assert_eq!(s.action.clusters[1].weight, 10);
+    assert_eq!(
+        s.action.retry.as_ref().unwrap().num_retries,
+        1,
+        "Envoy's default"
+    );
+    assert_eq!(h.routes[2].matches, Default::default());
+    // Other upstreams stay L4; the whole file builds.
+    assert!(l.spec.upstreams[0].http.is_none());
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert!(snap.routes.upstreams().iter().any(|u| u.http.is_some()));
+}
+
+#[test]
+fn http_route_mistakes_name_key_and_line() {
+    let d = certs("api");
+    let text = format!("{GOOD}{HTTP_UPSTREAM}");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            text.replace("\"/split/.*\"", "\"/split/(\""),
+            "upstreams[3].routes[1].path_regex",
+            "path_regex",
+        ),
+        (
+            text.replace("cluster = \"web-v2\"\n", "cluster = \"nope\"\n"),
+            "upstreams[3].routes[0].cluster",
+            "cluster = \"nope\"",
+        ),
+        (
+            text.replace("[\"get\", \"PUT\"]", "[\"G T\"]"),
+            "upstreams[3].routes[0].methods",
+            "methods =",
+        ),
+        (
+            text.replace("regex = \"[0-9]+\"", "regex = \"[0-9\""),
+            "upstreams[3].routes[0].query[0].regex",
+            "query =",
+        ),
+        (
+            text.replace("protocol = \"http\"\n", ""),
+            "upstreams[3].protocol",
+            "name = \"web\"",
+        ),
+        (
+            text.replace(
+                "retry_on_status_codes = [503]",
+                "retry_on_status_codes = [700]",
+            ),
+            "upstreams[3].routes[0].retry_on_status_codes",
+            "retry_on_status_codes",
+        ),
+    ];
+    for (t, key, needle) in cases {
+        let e = parse_in(&d, &t).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        // The line of the value, or of the table the mistake is in.
+        let want = line_of(&t, needle);
+        let got = e.line.unwrap();
+        assert!(
+            got == want || t.lines().nth(got - 1).unwrap().starts_with("[["),
+            "{e} (want line {want})"
+        );
+    }
+}
+
+const L7: &str = r#"
+[service]
+name = "api"
+datacenter = "dc1"
+trust_domain = "11111111-2222-3333-4444-555555555555.consul"
+
+[tls]
+ca_file = "roots.pem"
+cert_file = "leaf.pem"
+key_file = "key.pem"
+
+[inbound]
+bind = "0.0.0.0:20000"
+local_app = "127.0.0.1:8080"
+protocol = "http"
+xfcc = "append_forward"
+request_timeout = "30s"
+
+[outbound]
+bind = "127.0.0.1:15001"
+
+[intentions]
+default_action = "deny"
+[[intentions.rules]]
+source = "web"
+[[intentions.rules.permissions]]
+action = "deny"
+path_prefix = "/admin"
+[[intentions.rules.permissions]]
+action = "allow"
+methods = ["GET", "HEAD"]
+headers = [{ name = "X-Env", exact = "prod" }, { name = "x-debug", present = true, invert = true }]
+[[intentions.rules]]
+source = "db"
+action = "allow"
+"#;
+
+#[test]
+fn inbound_l7_and_permissions() {
+    use crate::l7::{HeaderMatch, HeaderMatchKind, PathMatch, Xfcc};
+    let d = certs("api");
+    let l = parse_in(&d, L7).unwrap();
+    let h = l.spec.inbound_http.clone().unwrap();
+    assert_eq!(h.protocol, Protocol::Http);
+    assert_eq!(h.xfcc, Xfcc::AppendForward);
+    assert_eq!(h.request_timeout, Some(std::time::Duration::from_secs(30)));
+    let web = &l.spec.intentions[0];
+    assert_eq!(web.permissions.len(), 2);
+    assert_eq!(web.permissions[0].action, Action::Deny);
+    assert_eq!(
+        web.permissions[0].http.path,
+        PathMatch::Prefix("/admin".into())
+    );
+    assert_eq!(web.permissions[1].http.methods, ["GET", "HEAD"]);
+    assert_eq!(
+        web.permissions[1].http.headers,
+        [
+            HeaderMatch {
+                name: "x-env".into(),
+                kind: HeaderMatchKind::Exact("prod".into()),
+                invert: false
+            },
+            HeaderMatch {
+                name: "x-debug".into(),
+                kind: HeaderMatchKind::Present,
+                invert: true
+            }
+        ]
+    );
+    assert!(l.spec.intentions[1].permissions.is_empty());
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert!(snap.inbound_http.is_some());
+    // tcp (the default): no L7.
+    let l = parse_in(&d, GOOD).unwrap();
+    assert!(l.spec.inbound_http.is_none());
+}
+
+#[test]
+fn inbound_l7_mistakes_name_key_and_line() {
+    let d = certs("api");
+    let line_of =
+        |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            L7.replace("protocol = \"http\"", "protocol = \"h3\""),
+            "inbound.protocol",
+            "h3",
+        ),
+        (
+            L7.replace("\"append_forward\"", "\"forward\""),
+            "inbound.xfcc",
+            "forward",
+        ),
+        (
+            L7.replace("protocol = \"http\"\n", ""),
+            "inbound.xfcc",
+            "xfcc =",
+        ),
+        (
+            L7.replace(
+                "protocol = \"http\"\nxfcc = \"append_forward\"\nrequest_timeout = \"30s\"\n",
+                "",
+            ),
+            "intentions.rules[0].permissions",
+            "source = \"web\"",
+        ),
+        (
+            L7.replace(
+                "path_prefix = \"/admin\"",
+                "path_prefix = \"/admin\"\npath_exact = \"/x\"",
+            ),
+            "intentions.rules[0].permissions[0].path_prefix",
+            "path_prefix",
+        ),
+        (
+            L7.replace("path_prefix = \"/admin\"", "path_regex = \"(\""),
+            "intentions.rules[0].permissions[0].path_regex",
+            "path_regex",
+        ),
+        (
+            L7.replace("path_prefix = \"/admin\"", "path_prefix = \"admin\""),
+            "intentions.rules[0].permissions[0].path_prefix",
+            "path_prefix",
+        ),
+        (
+            L7.replace("[\"GET\", \"HEAD\"]", "[\"get\"]"),
+            "intentions.rules[0].permissions[1].methods",
+            "methods",
+        ),
+        (
+            L7.replace("exact = \"prod\"", "exact = \"prod\", regex = \"p.*\""),
+            "intentions.rules[0].permissions[1].headers[0].name",
+            "headers",
+        ),
+        (
+            L7.replace(
+                "action = \"deny\"\npath_prefix",
+                "action = \"block\"\npath_prefix",
+            ),
+            "intentions.rules[0].permissions[0].action",
+            "block",
+        ),
+        (
+            L7.replace("source = \"web\"", "source = \"web\"\naction = \"allow\""),
+            "intentions.rules[0].action",
+            "action = \"allow\"\n[[intentions.rules.permissions]]",
+        ),
+    ];
+    for (text, key, needle) in cases {
+        let e = parse_in(&d, &text)
+            .err()
+            .unwrap_or_else(|| panic!("{key} should fail"));
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        let want = line_of(&text, needle.split('\n').next().unwrap());
+        assert_eq!(e.line, Some(want), "{key}: {e}");
+    }
+}

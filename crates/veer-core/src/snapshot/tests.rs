@@ -36,6 +36,7 @@ fn spec(ca: &Ca) -> Spec {
         permissive_ports: vec![],
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     }
 }
 
@@ -94,6 +95,7 @@ fn xds_fields_reach_the_snapshot_and_the_dump() {
     s.rbac = Some(vec![RbacRules {
         action: Action::Allow,
         policies: vec![RbacPolicy {
+            permissions: Vec::new(),
             name: "consul-intentions-layer4".into(),
             principals: vec![Principal::spiffe_regex(
                 "^spiffe://td.consul/ns/default/dc/[^/]+/svc/web$",
@@ -173,6 +175,7 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
                 s.rbac = Some(vec![RbacRules {
                     action: Action::Deny,
                     policies: vec![RbacPolicy {
+                        permissions: Vec::new(),
                         name: "bad".into(),
                         principals: vec![Principal::spiffe_regex("[")],
                     }],
@@ -315,4 +318,189 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     v.set_primary(t.clone());
     assert_eq!(v.primary(), t);
     assert_eq!(v.identity.datacenter, "dc2");
+}
+
+#[test]
+fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
+    use crate::l7::{ClusterSpec, HttpRoutes, PathMatch, RequestMatch, RouteAction, RouteSpec};
+    let ca = Ca::new_root(TD).unwrap();
+    let routes = |re: &str| HttpRoutes {
+        clusters: vec![ClusterSpec {
+            name: "api".into(),
+            targets: vec![TargetSpec {
+                endpoints: vec![sa("10.0.0.2:20000")],
+                ..TargetSpec::new(id("api"))
+            }],
+            protocol: Protocol::Http,
+        }],
+        routes: vec![RouteSpec {
+            name: "by-regex".into(),
+            matches: RequestMatch {
+                path: PathMatch::Regex(re.into()),
+                ..Default::default()
+            },
+            action: RouteAction::to_cluster(0),
+        }],
+    };
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.protocol = Protocol::Http;
+    u.http = Some(routes("/v[0-9]+/.*"));
+    s.upstreams = vec![u];
+    let snap = Snapshot::build(s, 1).unwrap();
+    let t = snap.routes.upstreams()[0].http.as_ref().expect("compiled");
+    assert_eq!(t.clusters[0].target.endpoints.len(), 1);
+    assert!(
+        t.clusters[0].target.tls.is_some(),
+        "cluster targets get TLS"
+    );
+    assert!(t
+        .route(&crate::l7route::PlainRequest::new("GET", "/v1/x"))
+        .is_some());
+
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.protocol = Protocol::Http;
+    u.http = Some(routes("/v[0-9"));
+    s.upstreams = vec![u];
+    let e = Snapshot::build(s, 1).unwrap_err();
+    assert_eq!(e.classify(), "upstream");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("upstream api: route \"by-regex\": path regex"),
+        "{msg}"
+    );
+
+    // Routes on a tcp upstream are a source's mistake: refused.
+    let mut s = spec(&ca);
+    let mut u = up("api", "10.96.0.20");
+    u.http = Some(routes("/"));
+    s.upstreams = vec![u];
+    let e = Snapshot::build(s, 1).unwrap_err();
+    assert!(e.to_string().contains("protocol tcp"), "{e}");
+}
+
+/// The api sidecar's spec: its own leaf from `ca`, roots `roots`.
+fn api_spec(ca: &Ca, roots: &Ca) -> Spec {
+    let leaf = ca.service_leaf("dc1", "api").unwrap();
+    Spec {
+        identity: id("api"),
+        roots: parse_certs(roots.cert_pem.as_bytes(), "roots").unwrap(),
+        chain: parse_certs(leaf.chain_pem.as_bytes(), "leaf").unwrap(),
+        key: parse_key(leaf.key_pem.as_bytes(), "key").unwrap(),
+        ..spec(ca)
+    }
+}
+
+/// One connection from web's configuration for its first upstream to
+/// api's server configuration, in memory, the session tickets delivered:
+/// the client's handshake kind and the client leaf the server holds, or
+/// the first error either side reports.
+fn mesh_handshake(
+    web: &Snapshot,
+    api: &Snapshot,
+) -> Result<(rustls::HandshakeKind, Vec<u8>), rustls::Error> {
+    let cfg = web.routes.upstreams()[0].tls.as_ref().unwrap().get();
+    let name =
+        rustls::pki_types::ServerName::try_from("api.default.dc1.internal.td.consul").unwrap();
+    let mut c = rustls::ClientConnection::new(cfg, name).unwrap();
+    let mut s = rustls::ServerConnection::new(api.tls.server.clone()).unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..10 {
+        while c.wants_write() {
+            buf.clear();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+        }
+        while s.wants_write() {
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
+            let leaf = s.peer_certificates().unwrap()[0].to_vec();
+            return Ok((c.handshake_kind().unwrap(), leaf));
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+/// Resumption keeps identity checks and ends with the certificates: a
+/// resumed session still gives the server the client's leaf, which the
+/// current intentions decide on (here: a new snapshot that denies web);
+/// a snapshot that keeps the certificates keeps resuming; a new leaf on
+/// either side, or new roots, makes a full handshake, and roots that no
+/// longer trust the client's CA refuse it even though it holds a ticket
+/// the old configuration issued.
+#[test]
+fn sessions_resume_only_while_the_certificates_stay() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = Ca::new_root(TD).unwrap();
+    let mut web_spec = spec(&ca);
+    web_spec.upstreams = vec![up("api", "10.96.0.20")];
+    let web = Snapshot::build(web_spec.clone(), 1).unwrap();
+    let api_s = api_spec(&ca, &ca);
+    let api1 = Snapshot::build(api_s.clone(), 1).unwrap();
+    assert_eq!(mesh_handshake(&web, &api1).unwrap().0, Full);
+    let (kind, leaf) = mesh_handshake(&web, &api1).unwrap();
+    assert_eq!(kind, Resumed);
+    assert_eq!(crate::tls::peer_identity(&leaf).unwrap(), id("web"));
+
+    // Intentions change, certificates do not: still resumed, and the new
+    // intentions deny the identity the resumed session carries.
+    let mut deny = api_s;
+    deny.intentions = vec![Intention::new(
+        crate::intentions::Target::new("default", "default", "web"),
+        crate::intentions::Target::new("default", "default", "api"),
+        Action::Deny,
+    )];
+    let api2 = Snapshot::build_after(deny, 2, Some(&api1)).unwrap();
+    let (kind, leaf) = mesh_handshake(&web, &api2).unwrap();
+    assert_eq!(kind, Resumed);
+    let peer = Peer::from_id(crate::tls::peer_identity(&leaf).unwrap());
+    assert!(!api2.authz.evaluate(&peer).allowed());
+    assert!(api1.authz.evaluate(&peer).allowed());
+
+    // api gets a new leaf (the old one revoked): web's tickets were
+    // sealed with the old configuration's key, so a full handshake.
+    let mut releaf = api_spec(&ca, &ca);
+    releaf.intentions = vec![];
+    let api3 = Snapshot::build_after(releaf.clone(), 3, Some(&api2)).unwrap();
+    assert_eq!(mesh_handshake(&web, &api3).unwrap().0, Full);
+    assert_eq!(mesh_handshake(&web, &api3).unwrap().0, Resumed);
+
+    // web gets a new leaf: a new session store, a full handshake.
+    let mut web2_spec = spec(&ca);
+    web2_spec.upstreams = web_spec.upstreams.clone();
+    let web2 = Snapshot::build_after(web2_spec.clone(), 2, Some(&web)).unwrap();
+    assert_eq!(mesh_handshake(&web2, &api3).unwrap().0, Full);
+    assert_eq!(mesh_handshake(&web2, &api3).unwrap().0, Resumed);
+
+    // api adds another CA's root: new roots, a full handshake.
+    let other = Ca::new_root(TD).unwrap();
+    let both = [
+        parse_certs(ca.cert_pem.as_bytes(), "ca").unwrap(),
+        parse_certs(other.cert_pem.as_bytes(), "other").unwrap(),
+    ]
+    .concat();
+    let mut rerooted = releaf;
+    rerooted.roots = both.clone();
+    let api4 = Snapshot::build_after(rerooted.clone(), 4, Some(&api3)).unwrap();
+    let mut web3_spec = web2_spec;
+    web3_spec.roots = both;
+    let web3 = Snapshot::build_after(web3_spec, 3, Some(&web2)).unwrap();
+    assert_eq!(mesh_handshake(&web3, &api4).unwrap().0, Full);
+    assert_eq!(mesh_handshake(&web3, &api4).unwrap().0, Resumed);
+
+    // Then api moves to the other CA alone (web's CA withdrawn): web holds
+    // tickets and trusts api's new leaf, and api refuses it all the same.
+    let other_leaf = other.service_leaf("dc1", "api").unwrap();
+    rerooted.roots = parse_certs(other.cert_pem.as_bytes(), "other").unwrap();
+    rerooted.chain = parse_certs(other_leaf.chain_pem.as_bytes(), "leaf").unwrap();
+    rerooted.key = parse_key(other_leaf.key_pem.as_bytes(), "key").unwrap();
+    let api5 = Snapshot::build_after(rerooted, 5, Some(&api4)).unwrap();
+    let e = mesh_handshake(&web3, &api5).unwrap_err();
+    assert_eq!(crate::tls::classify_tls_error(&e), "cert_untrusted", "{e}");
 }

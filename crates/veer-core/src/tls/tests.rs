@@ -336,3 +336,52 @@ fn peer_names_for_rbac() {
     assert!(p.subject.contains("web"), "{}", p.subject);
     assert_eq!(peer(b"junk", TD).unwrap_err().classify(), "bad_certificate");
 }
+
+/// A burst of 16 new connections to one upstream all resume once the store
+/// holds enough tickets (rustls's own store keeps 8 per server, so 8 of
+/// them made full handshakes); each connection brings back four; the
+/// store keeps at most [`TICKETS_PER_UPSTREAM`].
+#[test]
+fn a_burst_of_new_connections_resumes() {
+    let ca = Ca::new_root(TD).unwrap();
+    let roots = parse_certs(ca.cert_pem.as_bytes(), "roots").unwrap();
+    let (sc, sk) = material(&ca, "api");
+    let (cc, ck) = material(&ca, "web");
+    let server = server_config(sc, sk, &roots).unwrap();
+    let base = client_config(cc, ck, &roots).unwrap();
+    let to_api = upstream_client_config(&base, Arc::new(root_store(&roots).unwrap()), exact("api"));
+    let name = ServerName::try_from("api.default.dc1.internal.td.consul").unwrap();
+    let start = || {
+        (
+            rustls::ClientConnection::new(to_api.clone(), name.clone()).unwrap(),
+            rustls::ServerConnection::new(server.clone()).unwrap(),
+        )
+    };
+    let (mut c, mut s) = start();
+    assert_eq!(drive(&mut c, &mut s), (None, None));
+    assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    // 1 full + 4 resumed, one at a time: 4 + 4 * 3 = 16 tickets held.
+    for _ in 0..4 {
+        let (mut c, mut s) = start();
+        assert_eq!(drive(&mut c, &mut s), (None, None));
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    }
+    // 16 start before any finishes: each takes its own ticket.
+    let mut burst: Vec<_> = (0..16).map(|_| start()).collect();
+    for (i, (c, s)) in burst.iter_mut().enumerate() {
+        assert_eq!(drive(c, s), (None, None), "connection {i}");
+        assert_eq!(
+            c.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "connection {i} of the burst"
+        );
+    }
+    // Each brought back four; the store keeps the newest 16.
+    let mut resumed = 0;
+    let mut more: Vec<_> = (0..TICKETS_PER_UPSTREAM + 2).map(|_| start()).collect();
+    for (c, s) in more.iter_mut() {
+        assert_eq!(drive(c, s), (None, None));
+        resumed += usize::from(c.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+    }
+    assert_eq!(resumed, TICKETS_PER_UPSTREAM);
+}

@@ -70,9 +70,53 @@ pub struct ClusterStats {
     pub length_ms: Hist,
     pub membership_total: AtomicU64,
     pub membership_healthy: AtomicU64,
+    /// Its request stats, made on its first HTTP request (L4 clusters
+    /// never have them).
+    http: std::sync::OnceLock<Box<HttpClusterStats>>,
+}
+
+/// Envoy's per-cluster request stats (`upstream_rq_total`,
+/// `upstream_rq_<class>xx`, `upstream_rq_time`).
+#[derive(Debug)]
+pub struct HttpClusterStats {
+    pub rq_total: AtomicU64,
+    /// By response class 1xx..5xx.
+    pub rq_xx: [AtomicU64; 5],
+    /// Milliseconds until the response head.
+    pub rq_time: Hist,
+    /// The cluster's labels with `envoy_response_code_class` = 1..5.
+    class_labels: [Labels; 5],
+}
+
+impl HttpClusterStats {
+    /// One answered request (`status` as sent to the app) after `ms`.
+    pub fn answered(&self, status: u16, ms: f64) {
+        self.rq_total.fetch_add(1, Relaxed);
+        if let Some(c) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
+            self.rq_xx[c as usize].fetch_add(1, Relaxed);
+        }
+        self.rq_time.observe(ms);
+    }
 }
 
 impl ClusterStats {
+    /// Its request stats, made on first use.
+    pub fn http(&self) -> &HttpClusterStats {
+        self.http.get_or_init(|| {
+            let class_labels = std::array::from_fn(|i| {
+                let mut l = self.tags.labels.to_vec();
+                l.push(("envoy_response_code_class".to_string(), (i + 1).to_string()));
+                Labels::from(l)
+            });
+            Box::new(HttpClusterStats {
+                rq_total: AtomicU64::new(0),
+                rq_xx: Default::default(),
+                rq_time: Hist::new(ENVOY_BUCKETS),
+                class_labels,
+            })
+        })
+    }
+
     fn new(rules: &TagRules, name: &str) -> ClusterStats {
         ClusterStats {
             tags: Tags::new(
@@ -91,6 +135,7 @@ impl ClusterStats {
             length_ms: Hist::new(ENVOY_BUCKETS),
             membership_total: AtomicU64::new(0),
             membership_healthy: AtomicU64::new(0),
+            http: std::sync::OnceLock::new(),
         }
     }
 
@@ -165,6 +210,52 @@ pub struct RbacStats {
     pub denied: AtomicU64,
 }
 
+/// The inbound HTTP connection manager's request stats
+/// (`http.public_listener.downstream_rq_*`): Envoy's
+/// `envoy_http_downstream_rq_xx{envoy_response_code_class}`,
+/// `envoy_http_downstream_rq_total` and `envoy_http_downstream_rq_time`.
+#[derive(Debug)]
+pub struct HttpStats {
+    tags: Tags,
+    /// `tags.labels` plus `envoy_response_code_class` 1..=5.
+    class_labels: [Labels; 5],
+    pub rq_total: AtomicU64,
+    pub rq_xx: [AtomicU64; 5],
+    pub rq_time_ms: Hist,
+}
+
+impl HttpStats {
+    fn new(rules: &TagRules, prefix: &str) -> HttpStats {
+        let tags = Tags::new(
+            rules,
+            StatName::http(prefix, "downstream_rq_total"),
+            "downstream_rq_total",
+            "envoy_http_",
+        );
+        let class_labels = std::array::from_fn(|i| {
+            let mut l = tags.labels.to_vec();
+            l.push(("envoy_response_code_class".into(), (i + 1).to_string()));
+            l.into()
+        });
+        HttpStats {
+            tags,
+            class_labels,
+            rq_total: AtomicU64::new(0),
+            rq_xx: Default::default(),
+            rq_time_ms: Hist::new(ENVOY_BUCKETS),
+        }
+    }
+
+    /// One request answered with `status` after `ms`.
+    pub fn request(&self, status: u16, ms: f64) {
+        self.rq_total.fetch_add(1, Relaxed);
+        if let Some(c) = self.rq_xx.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.rq_time_ms.observe(ms);
+    }
+}
+
 /// What an outbound connection to one upstream adds to.
 #[derive(Debug)]
 pub struct UpstreamStats {
@@ -178,6 +269,8 @@ pub struct InboundStats {
     pub cluster: Arc<ClusterStats>,
     pub tcp: Arc<TcpStats>,
     pub rbac: RbacStats,
+    /// Made by the first L7 request ([`EnvoyStats::inbound_http`]).
+    pub http: std::sync::OnceLock<HttpStats>,
 }
 
 /// Every `envoy_*` series.
@@ -253,8 +346,20 @@ impl EnvoyStats {
                 allowed: AtomicU64::new(0),
                 denied: AtomicU64::new(0),
             };
-            Arc::new(InboundStats { cluster, tcp, rbac })
+            Arc::new(InboundStats {
+                cluster,
+                tcp,
+                rbac,
+                http: std::sync::OnceLock::new(),
+            })
         })
+    }
+
+    /// The public listener's HTTP stats (an L7 inbound listener).
+    pub fn inbound_http(&self) -> &HttpStats {
+        self.inbound()
+            .http
+            .get_or_init(|| HttpStats::new(&self.rules(), PUBLIC_LISTENER))
     }
 
     /// The stats of the listener on `addr` (resolved once per listener).
@@ -403,6 +508,26 @@ impl Collector for EnvoyStats {
                 l,
                 Value::Gauge(c.membership_healthy.load(Relaxed)),
             );
+            if let Some(h) = c.http.get() {
+                push(
+                    &mut fams,
+                    t.name("upstream_rq_total"),
+                    l,
+                    Value::Counter(h.rq_total.load(Relaxed)),
+                );
+                for (n, cl) in h.rq_xx.iter().zip(&h.class_labels) {
+                    let n = n.load(Relaxed);
+                    if n > 0 {
+                        push(&mut fams, t.name("upstream_rq_xx"), cl, Value::Counter(n));
+                    }
+                }
+                push(
+                    &mut fams,
+                    t.name("upstream_rq_time"),
+                    l,
+                    Value::Hist(&h.rq_time),
+                );
+            }
         }
         for p in &tcps {
             let (t, l) = (&p.tags, &p.tags.labels);
@@ -467,6 +592,29 @@ impl Collector for EnvoyStats {
                 l,
                 Value::Counter(i.rbac.denied.load(Relaxed)),
             );
+            if let Some(h) = i.http.get() {
+                let (t, l) = (&h.tags, &h.tags.labels);
+                push(
+                    &mut fams,
+                    t.name("downstream_rq_total"),
+                    l,
+                    Value::Counter(h.rq_total.load(Relaxed)),
+                );
+                for (c, cl) in h.rq_xx.iter().zip(&h.class_labels) {
+                    push(
+                        &mut fams,
+                        t.name("downstream_rq_xx"),
+                        cl,
+                        Value::Counter(c.load(Relaxed)),
+                    );
+                }
+                push(
+                    &mut fams,
+                    t.name("downstream_rq_time"),
+                    l,
+                    Value::Hist(&h.rq_time_ms),
+                );
+            }
         }
         push(
             &mut fams,

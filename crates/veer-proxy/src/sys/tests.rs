@@ -41,3 +41,9 @@ fn release_free_heap_gives_freed_small_chunks_back() {
         assert!(b.as_ref().unwrap().iter().all(|x| *x == (i % 251) as u8));
     }
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn glibc_takes_the_trim_threshold() {
+    assert!(keep_free_heap_top());
+}

@@ -363,7 +363,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
+        veer_core::tls::crypto_provider()
             .signature_verification_algorithms
             .supported_schemes()
     }

@@ -316,6 +316,14 @@ pub async fn run<C: Check>(
     let tls = tls_config(&cfg)?;
     let mut state = AdsState::new(check, cfg.node.to_proto());
     let mut backoff = cfg.backoff_min;
+    // DNS clusters' names are resolved beside the stream (see `super::dns`).
+    let (names_tx, names_rx) = watch::channel(BTreeMap::new());
+    let (answers_tx, answers_rx) = mpsc::channel(2);
+    let _resolver = AbortOnDrop(tokio::spawn(super::dns::resolve_loop(names_rx, answers_tx)));
+    let mut dns = Dns {
+        names: names_tx,
+        answers: answers_rx,
+    };
     loop {
         let (worked, err) = stream_once(
             &cfg,
@@ -324,6 +332,7 @@ pub async fn run<C: Check>(
             &mut state,
             &mut apply,
             &status,
+            &mut dns,
         )
         .await;
         if let AdsError::Config(_) = err {
@@ -351,6 +360,35 @@ pub async fn run<C: Check>(
 }
 
 type Metadata = Vec<(AsciiMetadataKey, AsciiMetadataValue)>;
+
+/// Aborts a task when dropped (the resolver ends with the client).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The client's side of the resolver: the names to resolve, the answers.
+struct Dns {
+    names: watch::Sender<BTreeMap<String, Duration>>,
+    answers: mpsc::Receiver<super::dns::Answers>,
+}
+
+impl Dns {
+    /// Tells the resolver the names the state wants now (if they changed).
+    fn want<C: Check>(&self, state: &AdsState<C>) {
+        self.names.send_if_modified(|n| {
+            if n == state.dns_wanted() {
+                false
+            } else {
+                n.clone_from(state.dns_wanted());
+                true
+            }
+        });
+    }
+}
 
 fn parse_metadata(m: &[(String, String)]) -> Result<Metadata, AdsError> {
     m.iter()
@@ -445,6 +483,7 @@ async fn stream_once<C: Check>(
     state: &mut AdsState<C>,
     apply: &mut impl FnMut(Spec) -> Result<(), String>,
     status: &watch::Sender<AdsStatus>,
+    dns: &mut Dns,
 ) -> (bool, AdsError) {
     let channel = match connect(cfg, tls).await {
         Ok(c) => c,
@@ -470,12 +509,6 @@ async fn stream_once<C: Check>(
     let mut worked = false;
     let m = &cfg.metrics;
     loop {
-        let resp = match inbound.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return (worked, AdsError::Closed),
-            Err(s) => return (worked, AdsError::from_status(&s)),
-        };
-        worked = true;
         let mut apply_counted = |spec: Spec| {
             let r = apply(spec);
             if r.is_ok() {
@@ -483,7 +516,33 @@ async fn stream_once<C: Check>(
             }
             r
         };
+        // (`Streaming::message` keeps its state in the stream: cancel-safe.)
+        let next = tokio::select! {
+            r = inbound.message() => r,
+            Some(answers) = dns.answers.recv() => {
+                let out = state.on_dns(answers, &mut apply_counted);
+                if let Some(why) = &out.refused {
+                    tracing::warn!("xDS: the configuration with the new DNS answers was refused (the old addresses are kept): {why}");
+                } else if out.delivered {
+                    tracing::debug!("xDS: DNS answers changed; configuration applied");
+                }
+                if out.changed {
+                    status.send_modify(|s| {
+                        s.applied = state.delivered();
+                        s.waiting_for = out.waiting_for.clone();
+                    });
+                }
+                continue;
+            }
+        };
+        let resp = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => return (worked, AdsError::Closed),
+            Err(s) => return (worked, AdsError::from_status(&s)),
+        };
+        worked = true;
         let out = state.on_response(resp, &mut apply_counted);
+        dns.want(state);
         if let Some(kind) = out.kind {
             m.responses.inc(kind);
             match &out.reply {

@@ -7,6 +7,7 @@
 //! for them. Every response gets exactly one ACK or NACK; a rejected
 //! resource keeps its previous version serving.
 pub mod client;
+pub mod dns;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -15,4 +16,4 @@ pub use client::{
     run, AdsConfig, AdsError, AdsMetrics, AdsStatus, LastReply, NodeInfo, PerKind, Server, Tls,
     RECONNECT_REASONS,
 };
-pub use state::{decode, AdsState, Check, Compiled, Decoded, Outcome, Reply, Wanted};
+pub use state::{decode, AdsState, Check, Compiled, Decoded, DnsOutcome, Outcome, Reply, Wanted};

@@ -19,6 +19,8 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
 use veer_core::snapshot::Spec;
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
@@ -120,6 +122,22 @@ pub struct AdsState<C> {
     /// The by-name kinds requested on the current stream, with their names.
     subscribed: BTreeMap<Kind, BTreeSet<String>>,
     delivered: bool,
+    /// The hostnames DNS clusters name, with how often to resolve them
+    /// ([`Wanted::dns`], as of the last response).
+    dns: BTreeMap<String, Duration>,
+}
+
+/// What one batch of DNS answers did ([`AdsState::on_dns`]).
+#[derive(Debug, Default)]
+pub struct DnsOutcome {
+    /// Some address changed (the configuration was compiled again).
+    pub changed: bool,
+    /// A new spec went to the runtime (and it took it).
+    pub delivered: bool,
+    /// Why the configuration with the new addresses was not taken (the
+    /// old addresses are kept); nothing is NACKed, as no response led here.
+    pub refused: Option<String>,
+    pub waiting_for: Vec<String>,
 }
 
 impl<C: Check> AdsState<C> {
@@ -131,7 +149,68 @@ impl<C: Check> AdsState<C> {
             versions: BTreeMap::new(),
             subscribed: BTreeMap::new(),
             delivered: false,
+            dns: BTreeMap::new(),
         }
+    }
+
+    /// The hostnames to resolve, each with its refresh interval.
+    pub fn dns_wanted(&self) -> &BTreeMap<String, Duration> {
+        &self.dns
+    }
+
+    /// Applies the answers of one round of DNS resolution (`None` = the
+    /// lookup failed: the addresses held are kept, as Envoy keeps a DNS
+    /// cluster's hosts when a refresh fails; a name never resolved gets
+    /// none, so that a configuration does not wait for it forever).
+    /// Answers for names no longer wanted are dropped. When an address
+    /// changed, the configuration is compiled and applied; if it is
+    /// refused, the old addresses are restored.
+    pub fn on_dns(
+        &mut self,
+        answers: BTreeMap<String, Option<Vec<IpAddr>>>,
+        apply: &mut dyn FnMut(Spec) -> Result<(), String>,
+    ) -> DnsOutcome {
+        let before = self.res.dns.clone();
+        self.res.dns.retain(|h, _| self.dns.contains_key(h));
+        for (host, ips) in answers {
+            if !self.dns.contains_key(&host) {
+                continue;
+            }
+            match ips {
+                Some(ips) => {
+                    self.res.dns.insert(host, ips);
+                }
+                None => {
+                    self.res.dns.entry(host).or_default();
+                }
+            }
+        }
+        let mut out = DnsOutcome {
+            changed: self.res.dns != before,
+            ..Default::default()
+        };
+        if !out.changed {
+            out.waiting_for = self.check.missing(&self.res);
+            return out;
+        }
+        match self.check.compile(&self.res) {
+            Compiled::Waiting(w) => out.waiting_for = w,
+            Compiled::Refused(reason) => out.refused = Some(reason),
+            Compiled::Ready(spec) => match apply(spec) {
+                Ok(()) => {
+                    out.delivered = true;
+                    self.delivered = true;
+                }
+                Err(reason) => {
+                    out.refused = Some(format!("runtime refused the configuration: {reason}"))
+                }
+            },
+        }
+        if out.refused.is_some() {
+            self.res.dns = before;
+            out.waiting_for = self.check.missing(&self.res);
+        }
+        out
     }
 
     /// The accepted resources.
@@ -180,7 +259,8 @@ impl<C: Check> AdsState<C> {
     /// [`Check::wanted`]. A kind's first request on a stream is sent only
     /// once it has a name (an empty first list would mean wildcard).
     fn subscriptions(&mut self) -> Vec<DeltaDiscoveryRequest> {
-        let wanted = self.check.wanted(&self.res);
+        let mut wanted = self.check.wanted(&self.res);
+        self.dns = std::mem::take(&mut wanted.dns);
         let mut out = Vec::new();
         for kind in BY_NAME {
             let want = wanted.names(kind).cloned().unwrap_or_default();

@@ -50,6 +50,7 @@ impl Check for TestCheck {
                 .filter_map(|l| l.stat_prefix.strip_prefix("rds:").map(str::to_string))
                 .collect(),
             secrets: Default::default(),
+            dns: Default::default(),
         }
     }
     fn missing(&self, res: &Resources) -> Vec<String> {
@@ -147,6 +148,7 @@ fn spec(source: String) -> Spec {
         permissive_ports: Vec::new(),
         inbound_max_connections: None,
         unapplied: Vec::new(),
+        inbound_http: None,
     }
 }
 

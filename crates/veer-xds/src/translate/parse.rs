@@ -4,6 +4,7 @@
 //! Everything veer cannot enforce is refused here, so that the ADS client
 //! NACKs it before it can reach a snapshot. The models are what
 //! [`super::translate`] joins into a `Spec`.
+use super::http::{Hcm, Note, RouteSource, Side};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, Address, DataSource, TransportSocket,
@@ -36,6 +37,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use veer_core::authz::{MatchPattern, Principal, RbacPolicy, RbacRules, StringMatch};
 use veer_core::intentions::Action;
+use veer_core::l7::RbacPermission;
+use veer_core::l7::Xfcc;
+use veer_core::route::Protocol;
 
 /// Why one field of one resource is refused; the resource is named by the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,21 +136,45 @@ pub(crate) struct PublicListener {
     pub tls: DownstreamTls,
     pub rbac: Vec<RbacRules>,
     pub max_connections: Option<u64>,
-    /// The cluster `tcp_proxy` forwards to (Consul: `local_app`).
+    /// The cluster `tcp_proxy` (or the HCM's one route) forwards to
+    /// (Consul: `local_app`).
     pub cluster: String,
     /// Permissive mTLS: (destination port, cluster) of plain chains.
     pub permissive: Vec<(u16, String)>,
+    /// An HTTP connection manager instead of `tcp_proxy`.
+    pub http: Option<InboundHcm>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The public listener's HTTP connection manager.
+#[derive(Debug)]
+pub(crate) struct InboundHcm {
+    pub protocol: Protocol,
+    pub rbac: Vec<RbacRules>,
+    pub xfcc: Xfcc,
+    /// The one route's timeout (Consul `local_request_timeout_ms`).
+    pub request_timeout: Option<Duration>,
+    /// (field path from the listener, detail).
+    pub notes: Vec<Note>,
+}
+
+/// What an outbound chain runs.
+#[derive(Debug)]
+pub(crate) enum ChainTarget {
+    /// `tcp_proxy` to this cluster.
+    Tcp(String),
+    /// An HTTP connection manager; `field` is its path in the listener.
+    Http { hcm: Box<Hcm>, field: String },
+}
+
+#[derive(Debug)]
 pub(crate) struct OutboundChain {
     pub index: usize,
     pub ips: Vec<IpAddr>,
     pub port: Option<u16>,
-    pub cluster: String,
+    pub target: ChainTarget,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct OutboundListener {
     pub addr: SocketAddr,
     pub chains: Vec<OutboundChain>,
@@ -166,10 +194,11 @@ pub(crate) struct ExposeListener {
 pub(crate) enum ListenerModel {
     Public(PublicListener),
     Outbound(OutboundListener),
-    /// An explicit upstream's listener: everything to one cluster.
+    /// An explicit upstream's listener: everything to one cluster, or
+    /// HTTP routes.
     Upstream {
         addr: SocketAddr,
-        cluster: String,
+        target: ChainTarget,
     },
     Expose(ExposeListener),
 }
@@ -183,11 +212,83 @@ pub(crate) enum ClusterKind {
     /// `ORIGINAL_DST`: plain (`original-destination`) or with the
     /// upstream's mTLS context (`passthrough~<sni>`).
     OriginalDst(Option<UpstreamTls>),
+    /// `envoy.clusters.aggregate`: the clusters it names, in failover
+    /// order (Consul's `failover-target~<i>~<name>` clusters).
+    Aggregate(Vec<String>),
+    /// `STRICT_DNS`/`LOGICAL_DNS` over mTLS (Consul: a mesh gateway or a
+    /// peer's gateway known by hostname): its hosts are resolved by the
+    /// source and fed in (`Resources::dns`).
+    Dns { tls: UpstreamTls, dns: DnsModel },
 }
+
+/// The hosts of a DNS cluster and how their addresses are used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DnsModel {
+    pub hosts: Vec<DnsHost>,
+    /// `LOGICAL_DNS`: one host, its first address only; `STRICT_DNS`: every
+    /// address of every host.
+    pub logical: bool,
+    pub family: DnsFamily,
+    /// `dns_refresh_rate` (Envoy's default 5 s when unset).
+    pub refresh: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DnsHost {
+    /// A hostname (or an IP literal, which needs no resolution).
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// `dns_lookup_family`: which resolved addresses are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DnsFamily {
+    /// IPv6 when the name has any, else IPv4 (Envoy's `AUTO`).
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 when the name has any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsFamily {
+    /// The addresses of `ips` this family uses, in order.
+    pub fn pick(self, ips: &[IpAddr]) -> Vec<IpAddr> {
+        let v4 = || {
+            ips.iter()
+                .copied()
+                .filter(IpAddr::is_ipv4)
+                .collect::<Vec<_>>()
+        };
+        let v6 = || {
+            ips.iter()
+                .copied()
+                .filter(IpAddr::is_ipv6)
+                .collect::<Vec<_>>()
+        };
+        match self {
+            DnsFamily::All => ips.to_vec(),
+            DnsFamily::V4Only => v4(),
+            DnsFamily::V6Only => v6(),
+            DnsFamily::Auto => Some(v6()).filter(|v| !v.is_empty()).unwrap_or_else(v4),
+            DnsFamily::V4Preferred => Some(v4()).filter(|v| !v.is_empty()).unwrap_or_else(v6),
+        }
+    }
+}
+
+/// Envoy's `dns_refresh_rate` default.
+pub(crate) const DNS_REFRESH_DEFAULT: Duration = Duration::from_secs(5);
+/// veer resolves no more often than this, whatever a cluster asks.
+pub(crate) const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(crate) struct ClusterModel {
     pub kind: ClusterKind,
+    /// HTTP/2 to its endpoints when routes send requests to it
+    /// (`HttpProtocolOptions.explicit_http_config.http2_protocol_options`).
+    pub http2: bool,
     pub connect_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
 }
@@ -209,7 +310,7 @@ pub(crate) enum SecretModel {
 
 // ---------------------------------------------------------------- helpers
 
-fn unpack<T: Message + Name + Default>(any: &Any, field: &str) -> R<T> {
+pub(crate) fn unpack<T: Message + Name + Default>(any: &Any, field: &str) -> R<T> {
     if any.type_url != T::type_url() {
         return Err(Fault::invalid(
             field,
@@ -346,7 +447,7 @@ fn refused_filter_reason(name: &str, url: &str) -> String {
     let t = url.rsplit('/').next().unwrap_or(url);
     let what = if name.is_empty() { t } else { name };
     if t.contains("http_connection_manager") {
-        format!("{what} (HTTP, L7) is not supported by veer yet; only L4 tcp_proxy chains are")
+        format!("{what} (HTTP, L7) is not supported here; only as the last filter of a chain")
     } else if t.contains("ext_authz")
         || t.contains("jwt_authn")
         || t.contains(".lua.")
@@ -623,7 +724,7 @@ pub(crate) fn upstream_tls(ts: &TransportSocket) -> R<UpstreamTls> {
 // ---------------------------------------------------------------- RBAC
 
 #[allow(deprecated)] // `source_ip` is named to refuse it.
-fn who(p: &PbPrincipal, depth: usize) -> R<Principal> {
+pub(crate) fn who(p: &PbPrincipal, depth: usize) -> R<Principal> {
     use principal::Identifier as I;
     if depth > 32 {
         return Err(Fault::invalid("", "principals nested too deeply"));
@@ -680,6 +781,26 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
     let Some(rules) = r.rules else {
         return Ok(None);
     };
+    rbac_rules(&rules, |perm| {
+        if matches!(perm.rule, Some(permission::Rule::Any(true))) {
+            Ok(RbacPermission::Any)
+        } else {
+            Err(Fault::refused(
+                "",
+                "only the permission `any: true` is enforced at L4 (L7 permissions need the HTTP path)",
+            ))
+        }
+    })
+    .map(Some)
+}
+
+/// The `rules` of a network or HTTP `rbac` filter; `permission` reads one
+/// permission (the network filter takes `any` only). A policy whose
+/// permissions include `any` is stored with none (= any).
+pub(crate) fn rbac_rules(
+    rules: &envoy_types::pb::envoy::config::rbac::v3::Rbac,
+    permission: impl Fn(&envoy_types::pb::envoy::config::rbac::v3::Permission) -> R<RbacPermission>,
+) -> R<RbacRules> {
     let action = match rbac::Action::try_from(rules.action) {
         Ok(rbac::Action::Allow) => Action::Allow,
         Ok(rbac::Action::Deny) => Action::Deny,
@@ -708,13 +829,12 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
                 "no permissions",
             ));
         }
+        let mut perms = Vec::new();
         for (i, perm) in p.permissions.iter().enumerate() {
-            if !matches!(perm.rule, Some(permission::Rule::Any(true))) {
-                return Err(Fault::refused(
-                    &format!("{at}.permissions[{i}]"),
-                    "only the permission `any: true` is enforced at L4 (L7 permissions need the HTTP path)",
-                ));
-            }
+            perms.push(permission(perm).at(format!("{at}.permissions[{i}]"))?);
+        }
+        if perms.contains(&RbacPermission::Any) {
+            perms.clear();
         }
         if p.principals.is_empty() {
             return Err(Fault::invalid(&format!("{at}.principals"), "no principals"));
@@ -726,9 +846,10 @@ pub(crate) fn network_rbac(any: &Any) -> R<Option<RbacRules>> {
         policies.push(RbacPolicy {
             name: name.clone(),
             principals: whos,
+            permissions: perms,
         });
     }
-    Ok(Some(RbacRules { action, policies }))
+    Ok(RbacRules { action, policies })
 }
 
 // ---------------------------------------------------------------- listeners
@@ -809,6 +930,21 @@ fn single_tcp_proxy(c: &FilterChain) -> R<String> {
     }
 }
 
+/// A chain's only filter: a `tcp_proxy` or an HTTP connection manager.
+fn chain_target(c: &FilterChain) -> R<ChainTarget> {
+    if let [f] = c.filters.as_slice() {
+        let any = filter_any(f, "filters[0]")?;
+        if any.type_url == HttpConnectionManager::type_url() {
+            let hcm = super::http::hcm(any, Side::Outbound).at("filters[0]")?;
+            return Ok(ChainTarget::Http {
+                hcm: Box::new(hcm),
+                field: "filters[0].typed_config".into(),
+            });
+        }
+    }
+    single_tcp_proxy(c).map(ChainTarget::Tcp)
+}
+
 fn no_match_beyond(m: &FilterChainMatch, allow_prefix: bool, allow_port: bool) -> R<()> {
     let bad = |f: &str, why: &str| Err(Fault::refused(&format!("filter_chain_match.{f}"), why));
     if !allow_prefix && !m.prefix_ranges.is_empty() {
@@ -848,7 +984,14 @@ fn no_match_beyond(m: &FilterChainMatch, allow_prefix: bool, allow_port: bool) -
 fn public_listener(l: &Listener) -> R<PublicListener> {
     let addr = socket_addr(l.address.as_ref()).at("address")?;
     let original_dst = check_listener_filters(l, false)?;
-    let mut mtls: Option<(DownstreamTls, Vec<RbacRules>, Option<u64>, String)> = None;
+    type Mtls = (
+        DownstreamTls,
+        Vec<RbacRules>,
+        Option<u64>,
+        String,
+        Option<InboundHcm>,
+    );
+    let mut mtls: Option<Mtls> = None;
     let mut permissive = Vec::new();
     if let Some(_d) = &l.default_filter_chain {
         return Err(Fault::refused(
@@ -905,14 +1048,24 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
         let mut rbacs = Vec::new();
         let mut limit = None;
         let mut cluster = None;
+        let mut http = None;
         for (fi, f) in c.filters.iter().enumerate() {
             let fat = format!("{cat}.filters[{fi}]");
             let any = filter_any(f, &fat)?;
             if cluster.is_some() {
                 return Err(Fault::refused(
                     &fat,
-                    "a filter after tcp_proxy is not supported",
+                    "a filter after tcp_proxy or the HTTP connection manager is not supported",
                 ));
+            }
+            if any.type_url == HttpConnectionManager::type_url() {
+                let (c, mut h) = inbound_hcm(any).at(&fat)?;
+                for (f, _) in &mut h.notes {
+                    *f = format!("{fat}.{f}");
+                }
+                cluster = Some(c);
+                http = Some(h);
+                continue;
             }
             if any.type_url == NetworkRbac::type_url() {
                 rbacs.extend(network_rbac(any).at(&fat)?);
@@ -941,11 +1094,14 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
             }
         }
         let Some(cluster) = cluster else {
-            return Err(Fault::invalid(&format!("{cat}.filters"), "no tcp_proxy"));
+            return Err(Fault::invalid(
+                &format!("{cat}.filters"),
+                "no tcp_proxy or HTTP connection manager",
+            ));
         };
-        mtls = Some((tls, rbacs, limit, cluster));
+        mtls = Some((tls, rbacs, limit, cluster, http));
     }
-    let Some((tls, rbac, max_connections, cluster)) = mtls else {
+    let Some((tls, rbac, max_connections, cluster, http)) = mtls else {
         return Err(Fault::invalid("filter_chains", "no mTLS chain"));
     };
     Ok(PublicListener {
@@ -955,7 +1111,52 @@ fn public_listener(l: &Listener) -> R<PublicListener> {
         max_connections,
         cluster,
         permissive,
+        http,
     })
+}
+
+/// The public listener's HCM: Consul's shape, one inline route for every
+/// request to the local app's cluster. Returns that cluster.
+fn inbound_hcm(any: &Any) -> R<(String, InboundHcm)> {
+    let hcm = super::http::hcm(any, Side::Inbound)?;
+    let shape = |why: &str| {
+        Fault::refused(
+            "typed_config.route_config",
+            format!("the public listener's routes must be one catch-all route to the local app, as Consul sends them: {why}"),
+        )
+    };
+    let rm = match hcm.routes {
+        RouteSource::Inline(rm) => rm,
+        RouteSource::Rds(_) => return Err(shape("RDS is not supported here")),
+    };
+    let [r] = rm.routes.as_slice() else {
+        return Err(shape(&format!("{} routes", rm.routes.len())));
+    };
+    if r.matches != veer_core::l7::RequestMatch::default() {
+        return Err(shape("the route has a match condition"));
+    }
+    let [(cluster, _)] = r.clusters.as_slice() else {
+        return Err(shape("the route splits between clusters"));
+    };
+    if r.prefix_rewrite.is_some() || r.retry.is_some() {
+        return Err(shape("the route rewrites or retries"));
+    }
+    let mut notes = hcm.notes;
+    notes.extend(
+        rm.notes
+            .into_iter()
+            .map(|(f, d)| (format!("typed_config.route_config.{f}"), d)),
+    );
+    Ok((
+        cluster.clone(),
+        InboundHcm {
+            protocol: hcm.protocol,
+            rbac: hcm.rbac,
+            xfcc: hcm.xfcc,
+            request_timeout: r.timeout,
+            notes,
+        },
+    ))
 }
 
 fn outbound_listener(l: &Listener) -> R<OutboundListener> {
@@ -1010,12 +1211,12 @@ fn outbound_listener(l: &Listener) -> R<OutboundListener> {
             })?),
             None => None,
         };
-        let cluster = single_tcp_proxy(c).at(&cat)?;
+        let target = chain_target(c).at(&cat)?;
         chains.push(OutboundChain {
             index: ci,
             ips,
             port,
-            cluster,
+            target,
         });
     }
     let default_cluster = match &l.default_filter_chain {
@@ -1067,8 +1268,8 @@ fn upstream_listener(l: &Listener) -> R<ListenerModel> {
             "TLS termination on an upstream listener is not supported",
         ));
     }
-    let cluster = single_tcp_proxy(c).at("filter_chains[0]")?;
-    Ok(ListenerModel::Upstream { addr, cluster })
+    let target = chain_target(c).at("filter_chains[0]")?;
+    Ok(ListenerModel::Upstream { addr, target })
 }
 
 /// `exposed_path_*`: the one HCM shape veer serves (plain HTTP, one exact
@@ -1210,13 +1411,7 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             .map_err(|_| Fault::invalid("type", format!("unknown discovery type {t}")))?,
         None => DiscoveryType::Static,
         Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
-            return Err(Fault::refused(
-                "cluster_type",
-                format!(
-                    "custom cluster type {:?} (aggregate failover) is not supported yet: it belongs to the discovery-chain work",
-                    ct.name
-                ),
-            ))
+            return aggregate(c, ct);
         }
     };
     if !c.transport_socket_matches.is_empty() || c.transport_socket_matcher.is_some() {
@@ -1299,10 +1494,15 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             ClusterKind::OriginalDst(tls)
         }
         DiscoveryType::LogicalDns | DiscoveryType::StrictDns => {
-            return Err(Fault::refused(
-                "type",
-                "DNS clusters are not supported yet: they belong to the discovery-chain work",
-            ))
+            let Some(ts) = &c.transport_socket else {
+                return Err(Fault::refused(
+                    "transport_socket",
+                    "a DNS cluster without mTLS is not supported: veer reaches mesh upstreams (and gateways) over mTLS only",
+                ));
+            };
+            let tls = upstream_tls(ts)?;
+            let dns = dns_model(c, ty == DiscoveryType::LogicalDns)?;
+            ClusterKind::Dns { tls, dns }
         }
     };
     if lb == LbPolicy::ClusterProvided && !matches!(kind, ClusterKind::OriginalDst(_)) {
@@ -1311,11 +1511,200 @@ pub(crate) fn cluster(c: &Cluster) -> R<ClusterModel> {
             "CLUSTER_PROVIDED is for ORIGINAL_DST clusters",
         ));
     }
+    let http2 = super::http::cluster_http2(&c.typed_extension_protocol_options)?;
     Ok(ClusterModel {
         kind,
+        http2,
         connect_timeout,
         max_connections,
     })
+}
+
+/// `envoy.clusters.aggregate` (the only custom cluster type veer knows):
+/// the member names, checked on their own (not empty, no duplicate, not
+/// itself); whether they exist and do not loop is checked with the other
+/// clusters (`translate`).
+fn aggregate(c: &Cluster, ct: &cluster::CustomClusterType) -> R<ClusterModel> {
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    if ct.name != "envoy.clusters.aggregate" {
+        return Err(Fault::refused(
+            "cluster_type.name",
+            format!(
+                "custom cluster type {:?} is not supported; only envoy.clusters.aggregate",
+                ct.name
+            ),
+        ));
+    }
+    let Some(any) = &ct.typed_config else {
+        return Err(Fault::invalid("cluster_type.typed_config", "missing"));
+    };
+    let cfg: ClusterConfig = unpack(any, "cluster_type.typed_config")?;
+    if cfg.clusters.is_empty() {
+        return Err(Fault::invalid(
+            "cluster_type.typed_config.clusters",
+            "an aggregate cluster names at least one cluster",
+        ));
+    }
+    for (i, m) in cfg.clusters.iter().enumerate() {
+        let at = format!("cluster_type.typed_config.clusters[{i}]");
+        if m.is_empty() {
+            return Err(Fault::invalid(&at, "empty cluster name"));
+        }
+        if *m == c.name {
+            return Err(Fault::invalid(&at, "the aggregate names itself (a loop)"));
+        }
+        if cfg.clusters[..i].contains(m) {
+            return Err(Fault::invalid(&at, format!("{m:?} is named twice")));
+        }
+    }
+    if c.lb_policy != cluster::LbPolicy::ClusterProvided as i32 {
+        return Err(Fault::invalid(
+            "lb_policy",
+            "an aggregate cluster needs lb_policy CLUSTER_PROVIDED",
+        ));
+    }
+    if c.transport_socket.is_some() {
+        return Err(Fault::refused(
+            "transport_socket",
+            "an aggregate cluster's transport socket is never used (its members' are); refusing it rather than ignoring it",
+        ));
+    }
+    if c.load_assignment.is_some() || c.eds_cluster_config.is_some() {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "an aggregate cluster has no endpoints of its own",
+        ));
+    }
+    let connect_timeout = match &c.connect_timeout {
+        Some(d) => Some(duration(d, "connect_timeout")?),
+        None => None,
+    };
+    Ok(ClusterModel {
+        kind: ClusterKind::Aggregate(cfg.clusters),
+        connect_timeout,
+        max_connections: None,
+        // An aggregate's members carry their own protocol options.
+        http2: false,
+    })
+}
+
+/// The hosts of a `STRICT_DNS`/`LOGICAL_DNS` cluster (its
+/// `load_assignment`, lowest priority with a usable host) and its lookup
+/// settings. Custom resolvers are refused: veer uses the system's.
+// `dns_refresh_rate` and `dns_lookup_family` are what Consul (v1.16) sends;
+// newer Envoys also take them inside a DNS cluster extension.
+#[allow(deprecated)]
+fn dns_model(c: &Cluster, logical: bool) -> R<DnsModel> {
+    use cluster::DnsLookupFamily as F;
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    if !c.dns_resolvers.is_empty()
+        || c.use_tcp_for_dns_lookups
+        || c.dns_resolution_config.is_some()
+        || c.typed_dns_resolver_config.is_some()
+    {
+        return Err(Fault::refused(
+            "typed_dns_resolver_config",
+            "custom DNS resolvers are not supported; veer resolves with the system's resolver",
+        ));
+    }
+    let family = match F::try_from(c.dns_lookup_family) {
+        Ok(F::Auto) => DnsFamily::Auto,
+        Ok(F::V4Only) => DnsFamily::V4Only,
+        Ok(F::V6Only) => DnsFamily::V6Only,
+        Ok(F::V4Preferred) => DnsFamily::V4Preferred,
+        Ok(F::All) => DnsFamily::All,
+        Err(_) => {
+            return Err(Fault::invalid(
+                "dns_lookup_family",
+                format!("unknown {}", c.dns_lookup_family),
+            ))
+        }
+    };
+    let refresh = match &c.dns_refresh_rate {
+        Some(d) => duration(d, "dns_refresh_rate")?.max(DNS_REFRESH_MIN),
+        None => DNS_REFRESH_DEFAULT,
+    };
+    let Some(la) = &c.load_assignment else {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "a DNS cluster needs its hosts in load_assignment",
+        ));
+    };
+    let mut by_prio: std::collections::BTreeMap<u32, Vec<DnsHost>> = Default::default();
+    for (li, loc) in la.endpoints.iter().enumerate() {
+        let lat = format!("load_assignment.endpoints[{li}]");
+        for (ei, lbe) in loc.lb_endpoints.iter().enumerate() {
+            let eat = format!("{lat}.lb_endpoints[{ei}]");
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lbe.host_identifier else {
+                return Err(Fault::invalid(&format!("{eat}.endpoint"), "missing"));
+            };
+            let (host, port) =
+                host_port(ep.address.as_ref()).at(format!("{eat}.endpoint.address"))?;
+            let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            if weight == 0 {
+                return Err(Fault::invalid(
+                    &format!("{eat}.load_balancing_weight"),
+                    "must be at least 1",
+                ));
+            }
+            let list = by_prio.entry(loc.priority).or_default();
+            if matches!(
+                HealthStatus::try_from(lbe.health_status),
+                Ok(HealthStatus::Unknown) | Ok(HealthStatus::Healthy)
+            ) {
+                list.push(DnsHost { host, port, weight });
+            }
+        }
+    }
+    let hosts = by_prio
+        .into_values()
+        .find(|v| !v.is_empty())
+        .unwrap_or_default();
+    if logical && hosts.len() > 1 {
+        return Err(Fault::invalid(
+            "load_assignment",
+            "a LOGICAL_DNS cluster has exactly one host",
+        ));
+    }
+    Ok(DnsModel {
+        hosts,
+        logical,
+        family,
+        refresh,
+    })
+}
+
+/// A socket address whose address may be a hostname (DNS clusters).
+fn host_port(a: Option<&Address>) -> R<(String, u16)> {
+    let Some(Address {
+        address: Some(address::Address::SocketAddress(sa)),
+    }) = a
+    else {
+        return Err(Fault::invalid(
+            "socket_address",
+            "a DNS host needs a socket address",
+        ));
+    };
+    if sa.protocol != 0 || !sa.resolver_name.is_empty() {
+        return Err(Fault::refused(
+            "socket_address",
+            "only TCP addresses resolved by the system's resolver are supported",
+        ));
+    }
+    let host = sa.address.trim();
+    if host.is_empty() || host.len() > 253 || host.contains(char::is_whitespace) {
+        return Err(Fault::invalid(
+            "socket_address.address",
+            format!("{:?} is not a hostname", sa.address),
+        ));
+    }
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p).map_err(|_| {
+            Fault::invalid("socket_address.port_value", format!("{p} is not a port"))
+        })?,
+        _ => return Err(Fault::invalid("socket_address.port_value", "no port")),
+    };
+    Ok((host.to_string(), port))
 }
 
 // ---------------------------------------------------------------- endpoints
@@ -1407,8 +1796,7 @@ pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
     }
 }
 
-/// HCM RDS route names a listener refers to (none at L4; kept so that
-/// `wanted` stays right when the L7 shape is allowed).
+/// HCM RDS route names a listener refers to (subscribed by name).
 pub(crate) fn rds_names(l: &Listener) -> Vec<String> {
     let mut out = Vec::new();
     for c in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {

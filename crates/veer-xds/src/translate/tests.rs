@@ -670,6 +670,7 @@ fn allowed(rules: &[RbacRules], svc: &str) -> bool {
 fn rbac_goldens_map_with_envoy_semantics() {
     let re = |svc: &str| format!("^spiffe://{TD}/ns/default/dc/[^/]+/svc/{svc}$");
     let policy = |principals| RbacPolicy {
+        permissions: Vec::new(),
         name: "consul-intentions-layer4".into(),
         principals,
     };
@@ -822,12 +823,7 @@ fn error_names_resource_and_field_path() {
 #[test]
 fn refused_filters_on_the_public_listener() {
     // (filter name, type URL, reason fragment)
-    let rows: [(&str, String, &str); 7] = [
-        (
-            "envoy.filters.network.http_connection_manager",
-            HttpConnectionManager::type_url(),
-            "HTTP",
-        ),
+    let rows: [(&str, String, &str); 6] = [
         (
             "envoy.filters.network.ext_authz",
             "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz".into(),
@@ -871,16 +867,17 @@ fn refused_filters_on_the_public_listener() {
 }
 
 #[test]
-fn refused_http_connection_manager_on_outbound_chain() {
+fn http_connection_manager_without_router_is_invalid_on_outbound_chain() {
+    // The L7 shapes are tested in `translate/http/tests.rs`.
     let mut x = cx::transparent_proxy(&params());
     let l = x.listener_mut("outbound_listener:127.0.0.1:15001");
     l.filter_chains[0].filters[0] = typed(
         "envoy.filters.network.http_connection_manager",
         &HttpConnectionManager::type_url(),
     );
-    let e = refused(decode_listener(l));
+    let e = invalid(decode_listener(l));
     assert!(
-        e.contains("filter_chains[0].filters[0]") && e.contains("L7"),
+        e.contains("filter_chains[0].filters[0].typed_config.http_filters") && e.contains("router"),
         "{e}"
     );
 }
@@ -1106,7 +1103,17 @@ fn refused_clusters() {
     let p = params();
     let name = p.sni("google");
     let base = || cx::transparent_proxy(&p).cluster_mut(&name).clone();
-    // Aggregate (custom cluster type) and DNS clusters: discovery-chain work.
+    // Custom cluster types other than the aggregate; an aggregate without
+    // its config; a DNS cluster without hosts.
+    let mut c = base();
+    c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::ClusterType(
+        cluster::CustomClusterType {
+            name: "envoy.clusters.dynamic_forward_proxy".into(),
+            typed_config: None,
+        },
+    ));
+    let e = refused(decode_cluster(&c));
+    assert!(e.contains("cluster_type.name"), "{e}");
     let mut c = base();
     c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::ClusterType(
         cluster::CustomClusterType {
@@ -1114,18 +1121,14 @@ fn refused_clusters() {
             typed_config: None,
         },
     ));
-    let e = refused(decode_cluster(&c));
-    assert!(
-        e.contains("cluster_type") && e.contains("discovery-chain"),
-        "{e}"
-    );
+    assert!(invalid(decode_cluster(&c)).contains("cluster_type.typed_config: missing"));
     for t in [
         cluster::DiscoveryType::LogicalDns,
         cluster::DiscoveryType::StrictDns,
     ] {
         let mut c = base();
         c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(t as i32));
-        assert!(refused(decode_cluster(&c)).contains("discovery-chain"));
+        assert!(invalid(decode_cluster(&c)).contains("load_assignment"));
     }
     // Transport sockets other than TLS.
     let mut c = base();
@@ -1325,4 +1328,495 @@ fn translated_goldens_route_and_authorize_as_envoy_would() {
     let s = snapshot(&x);
     assert!(s.authz.evaluate(&peer("web")).allowed());
     assert!(!s.authz.evaluate(&peer("api")).allowed());
+}
+
+// ------------------------------------------------------------ chains (issue 12)
+
+fn peer_roots() -> String {
+    veer_ca::Ca::new_root(cx::PEER_TRUST_DOMAIN)
+        .expect("peer ca")
+        .cert_pem
+}
+
+/// (SPIFFE ID, SNI, endpoints) of a target.
+fn tgt(t: &TargetSpec) -> (String, String, Vec<SocketAddr>) {
+    (
+        t.identity.to_string(),
+        t.sni.clone().unwrap_or_default(),
+        t.endpoints.clone(),
+    )
+}
+
+fn sas(v: &[&str]) -> Vec<SocketAddr> {
+    v.iter().map(|s| sa(s)).collect()
+}
+
+#[test]
+fn aggregate_failover_goldens_map_to_targets_in_order() {
+    let p = params();
+    let peer = peer_roots();
+    let peer_id = format!(
+        "spiffe://{}/ns/default/dc/dc2/svc/db",
+        cx::PEER_TRUST_DOMAIN
+    );
+    let peer_sni = format!(
+        "db.default.default.cluster-01.external.{}",
+        cx::PEER_TRUST_DOMAIN
+    );
+    let sni = |dc: &str, svc: &str| format!("{svc}.default.{dc}.internal.{TD}");
+    let local = sas(&["10.10.1.1:8080", "10.10.1.2:8080"]);
+    type Case = (
+        &'static str,
+        ConsulXds,
+        Vec<(String, String, Vec<SocketAddr>)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "connect-proxy-with-chain-and-failover",
+            cx::connect_proxy_with_chain_and_failover(&p),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), local.clone()),
+                (
+                    web("dc1", "fail"),
+                    sni("dc1", "fail"),
+                    sas(&["10.20.1.1:8080", "10.20.1.2:8080"]),
+                ),
+            ],
+        ),
+        (
+            "connect-proxy-with-tcp-chain-failover-through-remote-gateway",
+            cx::connect_proxy_with_tcp_chain_failover_through_remote_gateway(&p),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), local.clone()),
+                (
+                    web("dc2", "db"),
+                    sni("dc2", "db"),
+                    sas(&["198.18.1.1:443", "198.18.1.2:443"]),
+                ),
+            ],
+        ),
+        (
+            "connect-proxy-with-tcp-chain-failover-through-remote-gateway-triggered",
+            cx::connect_proxy_with_tcp_chain_failover_through_remote_gateway_triggered(&p),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), vec![]),
+                (
+                    web("dc2", "db"),
+                    sni("dc2", "db"),
+                    sas(&["198.18.1.1:443", "198.18.1.2:443"]),
+                ),
+            ],
+        ),
+        (
+            "connect-proxy-with-tcp-chain-failover-through-local-gateway",
+            cx::connect_proxy_with_tcp_chain_failover_through_local_gateway(&p),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), local.clone()),
+                (
+                    web("dc2", "db"),
+                    sni("dc2", "db"),
+                    sas(&["10.10.1.1:8443", "10.10.1.2:8443"]),
+                ),
+            ],
+        ),
+        (
+            "connect-proxy-with-tcp-chain-double-failover-through-remote-gateway",
+            cx::connect_proxy_with_tcp_chain_double_failover_through_remote_gateway(&p),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), local.clone()),
+                // No assignment sent: a target without endpoints, not a wait.
+                (web("dc2", "db"), sni("dc2", "db"), vec![]),
+                (
+                    web("dc3", "db"),
+                    sni("dc3", "db"),
+                    sas(&["198.38.1.1:443", "198.38.1.2:443"]),
+                ),
+            ],
+        ),
+        (
+            "connect-proxy-with-chain-and-failover-to-cluster-peer",
+            cx::connect_proxy_with_chain_and_failover_to_cluster_peer(&p, &peer),
+            vec![
+                (web("dc1", "db"), sni("dc1", "db"), local.clone()),
+                (peer_id.clone(), peer_sni.clone(), sas(&["10.40.1.1:8080"])),
+            ],
+        ),
+        (
+            "connect-proxy-with-chain-and-redirect-to-cluster-peer",
+            cx::connect_proxy_with_chain_and_redirect_to_cluster_peer(&p, &peer),
+            vec![(peer_id.clone(), peer_sni.clone(), sas(&["10.40.1.1:8080"]))],
+        ),
+    ];
+    for (golden, x, want) in cases {
+        let spec = spec_of(&x);
+        assert_eq!(spec.upstreams.len(), 1, "{golden}: {:?}", spec.upstreams);
+        let u = &spec.upstreams[0];
+        assert_eq!(u.local_bind, Some(sa("127.0.0.1:9191")), "{golden}");
+        let got: Vec<_> = std::iter::once(u.primary())
+            .chain(u.failover.iter().cloned())
+            .collect();
+        assert_eq!(
+            got.iter().map(tgt).collect::<Vec<_>>(),
+            want,
+            "{golden}: targets in failover order"
+        );
+        for t in &got {
+            assert_eq!(t.connect_timeout, Some(Duration::from_secs(33)), "{golden}");
+            assert_eq!(
+                t.san_matchers,
+                vec![StringMatch::exact(t.identity.to_string())],
+                "{golden}"
+            );
+            // A peer's target carries the peer's roots; local ones the spec's.
+            let is_peer = t.identity.trust_domain == cx::PEER_TRUST_DOMAIN;
+            assert_eq!(
+                t.roots.is_some(),
+                is_peer,
+                "{golden}: roots of {}",
+                t.identity
+            );
+        }
+    }
+}
+
+#[test]
+fn failover_is_taken_by_the_snapshot_when_the_primary_has_no_healthy_endpoint() {
+    let p = params();
+    let pick = |x: &ConsulXds| {
+        let s = snapshot(x);
+        let u = s
+            .routes
+            .upstreams()
+            .iter()
+            .find(|u| u.local_bind.is_some())
+            .expect("db")
+            .clone();
+        u.target().map(|t| t.identity.datacenter.clone())
+    };
+    assert_eq!(
+        pick(&cx::connect_proxy_with_tcp_chain_failover_through_remote_gateway(&p)),
+        Some("dc1".into())
+    );
+    assert_eq!(
+        pick(&cx::connect_proxy_with_tcp_chain_failover_through_remote_gateway_triggered(&p)),
+        Some("dc2".into())
+    );
+}
+
+#[test]
+fn aggregate_members_are_wanted_and_the_primarys_endpoints_awaited() {
+    let p = params();
+    let x = cx::connect_proxy_with_tcp_chain_double_failover_through_remote_gateway(&p);
+    let mut res = load(&x);
+    let w = wanted(&res);
+    assert_eq!(w.endpoints.len(), 3, "{:?}", w.endpoints);
+    assert!(missing(&res).is_empty(), "{:?}", missing(&res));
+    // The primary's assignment is waited for; a failover target's is not.
+    let first = x.endpoints[0].cluster_name.clone();
+    res.endpoints.remove(&first);
+    assert_eq!(missing(&res), vec![format!("endpoints {first} (EDS)")]);
+}
+
+fn agg_err(x: &ConsulXds) -> TranslateError {
+    translate(&load(x)).expect_err("refused")
+}
+
+#[test]
+fn bad_aggregates_are_refused_naming_resource_and_field() {
+    let p = params();
+    let db = p.sni("db");
+    let t0 = format!("failover-target~0~{db}");
+    let t1 = format!("failover-target~1~{db}");
+    // On its own: itself, twice, empty, another custom type, lb policy.
+    let e = invalid(decode_cluster(&cx::aggregate_cluster(
+        &db,
+        &[t0.clone(), db.clone()],
+        33,
+    )));
+    assert!(e.contains(&format!("cluster {db}")), "{e}");
+    assert!(
+        e.contains("cluster_type.typed_config.clusters[1]: the aggregate names itself"),
+        "{e}"
+    );
+    let e = invalid(decode_cluster(&cx::aggregate_cluster(
+        &db,
+        &[t0.clone(), t0.clone()],
+        33,
+    )));
+    assert!(
+        e.contains("clusters[1]") && e.contains("named twice"),
+        "{e}"
+    );
+    let e = invalid(decode_cluster(&cx::aggregate_cluster(&db, &[], 33)));
+    assert!(e.contains("cluster_type.typed_config.clusters: "), "{e}");
+    let mut c = cx::aggregate_cluster(&db, std::slice::from_ref(&t0), 33);
+    if let Some(cluster::ClusterDiscoveryType::ClusterType(ct)) = &mut c.cluster_discovery_type {
+        ct.name = "envoy.clusters.redis".into();
+    }
+    let e = refused(decode_cluster(&c));
+    assert!(
+        e.contains("cluster_type.name") && e.contains("envoy.clusters.redis"),
+        "{e}"
+    );
+    let mut c = cx::aggregate_cluster(&db, std::slice::from_ref(&t0), 33);
+    c.lb_policy = cluster::LbPolicy::RoundRobin as i32;
+    assert!(invalid(decode_cluster(&c)).contains("lb_policy"));
+
+    // With the others: a member that does not exist.
+    let mut x = cx::connect_proxy_with_chain_and_failover(&p);
+    x.clusters[0] = cx::aggregate_cluster(&db, &[t0.clone(), "nope".into()], 33);
+    let e = agg_err(&x);
+    assert!(matches!(e, TranslateError::Invalid { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!("cluster {db}: cluster_type.typed_config.clusters[1]: names cluster \"nope\", which does not exist")
+    );
+    // A loop through a second aggregate (not named by any listener: still refused).
+    let mut x = cx::connect_proxy_with_chain_and_failover(&p);
+    x.clusters
+        .push(cx::aggregate_cluster("a", &["b".into()], 5));
+    x.clusters
+        .push(cx::aggregate_cluster("b", &["a".into()], 5));
+    let e = agg_err(&x).to_string();
+    assert!(
+        e.contains("cluster_type.typed_config.clusters[0]") && e.contains("a loop: a -> b -> a"),
+        "{e}"
+    );
+    // A member that is not an upstream cluster.
+    let mut x = cx::connect_proxy_with_chain_and_failover(&p);
+    x.clusters[0] = cx::aggregate_cluster(&db, &[t0.clone(), "local_app".into()], 33);
+    let e = agg_err(&x);
+    assert!(matches!(e, TranslateError::Refused { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("clusters[1]: cluster local_app is not an EDS or DNS"),
+        "{e}"
+    );
+    // Nested aggregates are flattened in order.
+    let mut x = cx::connect_proxy_with_chain_and_failover(&p);
+    x.clusters[0] = cx::aggregate_cluster(&db, &[t0.clone(), "inner".into()], 33);
+    x.clusters.push(cx::aggregate_cluster(
+        "inner",
+        &[t1.clone(), t0.clone()],
+        33,
+    ));
+    let spec = spec_of(&x);
+    let u = &spec.upstreams[0];
+    assert_eq!(u.identity.service, "db");
+    assert_eq!(u.failover.len(), 1, "t0 once, at its first place");
+    assert_eq!(u.failover[0].identity.service, "fail");
+}
+
+#[test]
+fn dns_cluster_waits_for_its_name_then_uses_the_answers() {
+    let p = params();
+    let peer = peer_roots();
+    let host = "123.us-east-1.elb.notaws.com";
+    let x = cx::connect_proxy_with_peered_upstreams(&p, &peer);
+    let mut res = load(&x);
+    let payments = format!("payments.default.cloud.external.{}", cx::PEER_TRUST_DOMAIN);
+    // Named to resolve, every 10 s (Consul's dnsRefreshRate).
+    assert_eq!(
+        wanted(&res).dns.into_iter().collect::<Vec<_>>(),
+        vec![(host.to_string(), Duration::from_secs(10))]
+    );
+    assert_eq!(
+        missing(&res),
+        vec![format!("DNS name {host} (cluster {payments})")]
+    );
+    assert!(matches!(
+        translate(&res),
+        Err(TranslateError::Incomplete(_))
+    ));
+
+    // LOGICAL_DNS, V4_ONLY: the first IPv4 address, on the host's port.
+    res.dns.insert(
+        host.into(),
+        vec![ip("2001:db8::1"), ip("192.0.2.7"), ip("192.0.2.8")],
+    );
+    let spec = translate(&res).unwrap_or_else(|e| panic!("{e}"));
+    Snapshot::build(spec.clone(), 1).unwrap();
+    let pay = up(&spec, "payments");
+    assert_eq!(pay.endpoints, vec![sa("192.0.2.7:8443")]);
+    assert_eq!(pay.local_bind, Some(sa("127.0.0.1:9090")));
+    assert_eq!(
+        pay.sni.as_deref(),
+        Some(
+            format!(
+                "payments.default.default.cloud.external.{}",
+                cx::PEER_TRUST_DOMAIN
+            )
+            .as_str()
+        )
+    );
+    assert!(pay.roots.is_some(), "the peer's roots");
+    assert_eq!(pay.identity.datacenter, "cloud-dc");
+    assert_eq!(
+        up(&spec, "refunds").endpoints,
+        vec![sa("106.96.90.233:443")]
+    );
+
+    // STRICT_DNS: every address of the family.
+    let mut x2 = x.clone();
+    x2.cluster_mut(&payments).cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+        cluster::DiscoveryType::StrictDns as i32,
+    ));
+    let mut res2 = load(&x2);
+    res2.dns = res.dns.clone();
+    let spec = translate(&res2).unwrap();
+    assert_eq!(
+        up(&spec, "payments").endpoints,
+        vec![sa("192.0.2.7:8443"), sa("192.0.2.8:8443")]
+    );
+    // A name that resolved to nothing: no hosts, not a wait.
+    res.dns.insert(host.into(), vec![]);
+    assert!(up(&translate(&res).unwrap(), "payments")
+        .endpoints
+        .is_empty());
+    // An IP literal needs no resolution.
+    let mut x3 = x.clone();
+    *x3.cluster_mut(&payments) = cx::peer_dns_cluster(&p, &peer, "payments", "192.0.2.9", 8443);
+    let res3 = load(&x3);
+    assert!(wanted(&res3).dns.is_empty());
+    assert_eq!(
+        up(&translate(&res3).unwrap(), "payments").endpoints,
+        vec![sa("192.0.2.9:8443")]
+    );
+}
+
+#[test]
+fn dns_clusters_veer_cannot_serve_are_refused() {
+    let p = params();
+    let peer = peer_roots();
+    let base = cx::peer_dns_cluster(&p, &peer, "payments", "gw.example", 8443);
+    let mut c = base.clone();
+    c.transport_socket = None;
+    assert!(refused(decode_cluster(&c)).contains("transport_socket"));
+    let mut c = base.clone();
+    c.typed_dns_resolver_config = Some(Default::default());
+    assert!(refused(decode_cluster(&c)).contains("custom DNS resolvers"));
+    let mut c = base.clone();
+    let la = c.load_assignment.as_mut().unwrap();
+    let e = la.endpoints[0].lb_endpoints[0].clone();
+    la.endpoints[0].lb_endpoints.push(e);
+    assert!(invalid(decode_cluster(&c)).contains("exactly one host"));
+    let mut c = base;
+    c.load_assignment = None;
+    assert!(invalid(decode_cluster(&c)).contains("load_assignment"));
+}
+
+/// Responses as Consul sends them, one per kind, to an ADS state with the
+/// real translation; then DNS answers as the client's resolver feeds them.
+#[test]
+fn ads_state_resolves_dns_names_and_applies_their_answers() {
+    use crate::ads::{AdsState, Reply};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    let p = params();
+    let host = "123.us-east-1.elb.notaws.com";
+    let x = cx::connect_proxy_with_peered_upstreams(&p, &peer_roots());
+    let mut state = AdsState::new(Translator, Node::default());
+    state.start();
+    let mut applied: Vec<Spec> = Vec::new();
+    let mut apply = |s: Spec| {
+        applied.push(s);
+        Ok(())
+    };
+    for (i, kind) in [Kind::Cluster, Kind::Endpoints, Kind::Listener]
+        .into_iter()
+        .enumerate()
+    {
+        let resources = x
+            .resources()
+            .into_iter()
+            .filter(|(url, _, _)| url == kind.type_url())
+            .map(|(_, name, any)| Resource {
+                version: "1".into(),
+                name,
+                resource: Some(any),
+                ..Default::default()
+            })
+            .collect();
+        let out = state.on_response(
+            DeltaDiscoveryResponse {
+                type_url: kind.type_url().into(),
+                nonce: format!("{i}"),
+                resources,
+                ..Default::default()
+            },
+            &mut apply,
+        );
+        assert_eq!(out.reply, Reply::Ack, "{kind:?}");
+        assert!(!out.delivered, "waits for the name");
+    }
+    assert_eq!(
+        state.dns_wanted().iter().collect::<Vec<_>>(),
+        vec![(&host.to_string(), &Duration::from_secs(10))]
+    );
+    let answer = |ips: Option<Vec<IpAddr>>| {
+        let mut a = std::collections::BTreeMap::new();
+        a.insert(host.to_string(), ips);
+        a.insert(
+            "not.wanted.example".to_string(),
+            Some(vec![ip("192.0.2.99")]),
+        );
+        a
+    };
+    let payments = |s: &Spec| up(s, "payments").endpoints.clone();
+    // First answer: the configuration is complete and applied.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.7")])), &mut apply);
+    assert!(out.changed && out.delivered, "{out:?}");
+    assert!(!state.resources().dns.contains_key("not.wanted.example"));
+    // A failed refresh keeps the addresses held: nothing changes.
+    let out = state.on_dns(answer(None), &mut apply);
+    assert!(!out.changed && !out.delivered, "{out:?}");
+    // The same answer again: nothing to apply.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.7")])), &mut apply);
+    assert!(!out.changed, "{out:?}");
+    // The gateway moved: applied.
+    let out = state.on_dns(answer(Some(vec![ip("192.0.2.8")])), &mut apply);
+    assert!(out.delivered, "{out:?}");
+    assert_eq!(
+        applied.iter().map(payments).collect::<Vec<_>>(),
+        vec![vec![sa("192.0.2.7:8443")], vec![sa("192.0.2.8:8443")]]
+    );
+}
+
+/// The client's resolver with the system's: `localhost` resolves, an
+/// invalid name fails (`None`), and a new set of names is resolved at once.
+#[test]
+fn resolver_loop_answers_the_wanted_names() {
+    use std::collections::BTreeMap;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (names_tx, names_rx) = tokio::sync::watch::channel(BTreeMap::new());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let task = tokio::spawn(crate::ads::dns::resolve_loop(names_rx, tx));
+        let mut want = BTreeMap::new();
+        want.insert("localhost".to_string(), Duration::from_secs(60));
+        want.insert("no-such-host.invalid".to_string(), Duration::from_secs(60));
+        names_tx.send(want.clone()).unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("answers in time")
+            .expect("answers");
+        let local = a["localhost"].clone().expect("localhost resolves");
+        assert!(
+            local.iter().all(|i| i.is_loopback()) && !local.is_empty(),
+            "{local:?}"
+        );
+        assert_eq!(a["no-such-host.invalid"], None);
+        // A new set is resolved without waiting for the 60 s interval.
+        want.remove("no-such-host.invalid");
+        names_tx.send(want).unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("answers in time")
+            .expect("answers");
+        assert_eq!(a.keys().collect::<Vec<_>>(), vec!["localhost"]);
+        task.abort();
+    });
 }
