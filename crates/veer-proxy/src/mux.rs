@@ -775,6 +775,7 @@ pub async fn serve(
     tls: Box<ServerTls<TcpStream>>,
     peer: ClientAddr,
     source: Arc<Peer>,
+    xfcc: String,
 ) {
     short_send_queue(tls.tcp());
     let snap = shared.snapshot();
@@ -838,6 +839,7 @@ pub async fn serve(
             req,
             respond,
             source.clone(),
+            xfcc.clone(),
             peer,
         ));
     }
@@ -846,13 +848,43 @@ pub async fn serve(
     stats.conns_closed.fetch_add(1, Relaxed);
 }
 
+/// Answers a stream's CONNECT with 200; `None` (counted closed) when the
+/// stream ended first.
+fn accept(
+    shared: &Shared,
+    respond: &mut h2::server::SendResponse<Bytes>,
+    peer: ClientAddr,
+) -> Option<SendStream<Bytes>> {
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_default();
+    match respond.send_response(ok, false) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(peer = %peer, "stream ended before its answer: {e}");
+            shared
+                .metrics
+                .mux(Direction::Inbound)
+                .streams_closed
+                .fetch_add(1, Relaxed);
+            shared.metrics.closed(Direction::Inbound);
+            None
+        }
+    }
+}
+
 /// One stream of an inbound multiplexed connection: authorize, dial the
-/// local app, answer, relay.
+/// local app, answer, relay; or, when the inbound is L7, answer and serve
+/// the stream's bytes with the L7 engine exactly as a plain connection's
+/// ([`inbound::l7_serve`]: every request authorized, XFCC from this
+/// connection's verified peer certificate).
 async fn serve_stream(
     shared: Arc<Shared>,
     req: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     source: Arc<Peer>,
+    xfcc: String,
     peer: ClientAddr,
 ) {
     let started = Instant::now();
@@ -888,16 +920,30 @@ async fn serve_stream(
         shared.metrics.closed(Direction::Inbound);
         return;
     }
-    if shared.snapshot().inbound_http.is_some() {
-        // Not served at L4: the local service is HTTP, authorized per
-        // request (until streams go through the L7 engine).
-        answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+    // Registered as an L4 relay first: a swap that turns the inbound L7
+    // either sees it (and resets the stream) or is seen here.
+    let reg = shared.register_l4(source.clone());
+    let snap = shared.snapshot();
+    if snap.inbound_http.is_some() {
+        drop(reg);
+        drop(snap);
+        let reg = match inbound::l7_admit(&shared, &source) {
+            Ok(r) => r,
+            Err(e) => {
+                answer(&mut respond, StatusCode::FORBIDDEN);
+                stats.streams_closed.fetch_add(1, Relaxed);
+                return inbound::refuse(&shared, peer, Some(&source.display_name()), e);
+            }
+        };
+        let Some(send) = accept(&shared, &mut respond, peer) else {
+            return;
+        };
+        let s = MuxStream::new(send, req.into_body(), None);
+        inbound::l7_serve(&shared, s, source, xfcc, reg, peer, started, true).await;
         stats.streams_closed.fetch_add(1, Relaxed);
-        shared.metrics.closed(Direction::Inbound);
         return;
     }
-    let reg = shared.register(source.clone());
-    let snap = shared.snapshot();
+    drop(xfcc);
     let decision = snap.authz.evaluate(&source);
     if !decision.allowed() {
         envoy.rbac.denied.fetch_add(1, Relaxed);
@@ -920,19 +966,9 @@ async fn serve_stream(
             return inbound::refuse(&shared, peer, Some(&source.to_string()), e.into());
         }
     };
-    let ok = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .unwrap_or_default();
-    let send = match respond.send_response(ok, false) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(peer = %peer, "stream ended before its answer: {e}");
-            stats.streams_closed.fetch_add(1, Relaxed);
-            envoy.cluster.closed(0.0);
-            shared.metrics.closed(Direction::Inbound);
-            return;
-        }
+    let Some(send) = accept(&shared, &mut respond, peer) else {
+        envoy.cluster.closed(0.0);
+        return;
     };
     let limits = Limits {
         idle: snap.timeouts.idle,

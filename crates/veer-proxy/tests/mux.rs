@@ -4,7 +4,8 @@
 //! decide and revoke each stream, a peer without multiplexing gets one TLS
 //! connection per app connection, a dead connection is replaced by a new
 //! dial, an idle one expires, new TLS material drains the old connection,
-//! and a bulk stream does not starve a small one.
+//! a bulk stream does not starve a small one, and streams to an L7 inbound
+//! are served by the L7 engine (per-request authorization, XFCC).
 mod common;
 use common::*;
 use std::net::SocketAddr;
@@ -95,8 +96,19 @@ struct Pair {
 /// api (inbound, `api_extra` in its TOML) and web (outbound to api's
 /// inbound listener, or to `via` when given: a stand-in between them).
 async fn pair_with(api_extra: &str, web_extra: &str, via: Option<SocketAddr>) -> Pair {
-    let m = Material::new();
     let (app, app_conns) = counting_echo_app().await;
+    pair_to(app, app_conns, api_extra, web_extra, via).await
+}
+
+/// [`pair_with`] with api's local app at `app`.
+async fn pair_to(
+    app: SocketAddr,
+    app_conns: Arc<AtomicUsize>,
+    api_extra: &str,
+    web_extra: &str,
+    via: Option<SocketAddr>,
+) -> Pair {
+    let m = Material::new();
     let (api, api_l) = m.start(app, api_extra).await;
     let port = free_port();
     let path = m.dir.join("web.toml");
@@ -526,4 +538,162 @@ async fn draining_stops_new_streams_on_pooled_connections() {
     );
     assert_eq!(p.app_conns.load(Relaxed), 1);
     assert_eq!(echo(&mut open, b"c").await.as_deref(), Some(&b"c"[..]));
+}
+
+/// An HTTP/1.1 local app answering every request with
+/// `<method> <path> xfcc=<x-forwarded-client-cert or ->`; counts its
+/// connections.
+async fn http_app() -> (SocketAddr, Arc<AtomicUsize>) {
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap_or("?").to_string())
+                        .unwrap_or("-".into());
+                    let line = format!("{} {} xfcc={xfcc}", req.method(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        bytes::Bytes::from(line),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// One HTTP/1.1 request on a raw connection (`Connection: close`): the
+/// status and body, `None` when the connection ends without an answer.
+async fn http1(s: &mut TcpStream, method: &str, path: &str) -> Option<(u16, String)> {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: api\r\nx-forwarded-client-cert: URI=spiffe://forged\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text.get(9..12)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1)?.to_string();
+    Some((status, body))
+}
+
+const WEB_ID: &str =
+    "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web";
+const API_ID: &str =
+    "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/api";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_an_l7_inbound_get_per_request_authorization_and_xfcc() {
+    use veer_core::intentions::{Action, Intention, Target};
+    use veer_core::l7::{InboundHttp, PathMatch, Permission, PermissionMatch, Xfcc};
+    let (app, app_conns) = http_app().await;
+    let p = pair_to(app, app_conns, "", "", None).await;
+    // At L4 first: an open stream relays raw bytes to the app.
+    let mut open = TcpStream::connect(p.front).await.unwrap();
+    open.write_all(b"GET /l4 HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.ends_with("GET /l4 xfcc=-"), "L4: no XFCC: {head}");
+
+    // api turns L7: web may GET anything but not DELETE under /admin.
+    let mut spec = veer_core::config::load(&p.m.dir.join("veer.toml"))
+        .unwrap()
+        .spec;
+    let perm = |action, path, methods: &[&str]| Permission {
+        action,
+        http: PermissionMatch {
+            path,
+            headers: vec![],
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        },
+    };
+    let mut i = Intention::new(
+        Target::new("default", "default", "web"),
+        Target::new("default", "default", "api"),
+        Action::Allow,
+    );
+    i.permissions = vec![
+        perm(
+            Action::Deny,
+            PathMatch::Prefix("/admin".into()),
+            &["DELETE"],
+        ),
+        perm(Action::Allow, PathMatch::Any, &[]),
+    ];
+    spec.default_action = Action::Deny;
+    spec.intentions = vec![i];
+    spec.inbound_http = Some(InboundHttp {
+        protocol: veer_core::route::Protocol::Http,
+        rbac: None,
+        xfcc: Xfcc::SanitizeSet,
+        request_timeout: None,
+    });
+    p.api.apply(spec).unwrap();
+    // The stream opened at L4 would bypass the per-request decisions: reset.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), open.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the L4 stream was closed when api turned L7");
+    assert_eq!(p.api.metrics.revoked.load(Relaxed), 1);
+
+    // New app connections ride the same multiplexed connection, each
+    // request decided by the L7 engine.
+    let mut s = TcpStream::connect(p.front).await.unwrap();
+    let (st, body) = http1(&mut s, "DELETE", "/admin/users").await.unwrap();
+    assert_eq!((st, body.as_str()), (403, "RBAC: access denied"));
+    let mut s = TcpStream::connect(p.front).await.unwrap();
+    let (st, body) = http1(&mut s, "GET", "/admin/users").await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    // XFCC from the multiplexed connection's verified peer certificate; the
+    // forged one is replaced.
+    assert!(body.starts_with("GET /admin/users xfcc=By="), "{body}");
+    assert!(body.contains(&format!("By={API_ID};Hash=")), "{body}");
+    assert!(body.ends_with(&format!(";URI={WEB_ID}")), "{body}");
+    assert!(!body.contains("forged"), "{body}");
+    let mut s = TcpStream::connect(p.front).await.unwrap();
+    assert_eq!(http1(&mut s, "DELETE", "/other").await.unwrap().0, 200);
+    assert_eq!(
+        api_handshakes(&p.api),
+        1,
+        "every app connection was a stream of one TLS connection"
+    );
+    let api_mux = p.api.metrics.mux(Direction::Inbound);
+    assert_eq!(api_mux.streams_opened.load(Relaxed), 4);
+    // The same metrics as a plain L7 connection's.
+    assert_eq!(
+        p.api
+            .metrics
+            .get("http_denials_total", "denied_by_permission"),
+        1
+    );
+    let text = p.api.metrics.render(&[]);
+    assert!(
+        text.contains("veer_inbound_http_requests_total{code_class=\"2xx\",outcome=\"allowed\"} 2"),
+        "{text}"
+    );
+    assert!(
+        eventually(5, || api_mux.streams_closed.load(Relaxed) == 4).await,
+        "api closed every stream"
+    );
 }
