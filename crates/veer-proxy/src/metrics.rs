@@ -199,6 +199,14 @@ const LABELLED: &[(&str, &str)] = &[
         "Listeners that could not bind after start (the snapshot wanting them was refused, or a race), by listener.",
     ),
     (
+        "mux_bulk_switches_total",
+        "Upstreams switched to dedicated mTLS connections because one of their multiplexed streams carried bulk (more than the threshold), by upstream.",
+    ),
+    (
+        "mux_bulk_dedicated_total",
+        "Outbound app connections given their own mTLS connection instead of a multiplexed stream while their upstream is marked bulk, by upstream.",
+    ),
+    (
         "leaf_expired_total",
         "Leaf certificates that expired while in use (veer is not ready until a new one arrives).",
     ),

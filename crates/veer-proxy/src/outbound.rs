@@ -349,6 +349,14 @@ async fn relay_up(
             }
             out
         }
+        UpConn::Dedicated(tls, upstream) => {
+            let out = relay::copy(tcp, tls, limits, None, live).await;
+            if let Some(c) = cluster {
+                c.closed(up.elapsed().as_secs_f64() * 1e3);
+            }
+            mux::bulk_done(shared, &upstream, out.a_to_b + out.b_to_a);
+            out
+        }
         UpConn::Stream(s) => {
             let out = relay::copy(tcp, s, limits, None, live).await;
             shared

@@ -697,3 +697,54 @@ async fn streams_to_an_l7_inbound_get_per_request_authorization_and_xfcc() {
         "api closed every stream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_whose_stream_carried_bulk_gets_dedicated_connections_for_a_while() {
+    let p = pair().await;
+    p.web
+        .mux
+        .set_bulk_rule(1 << 20, Duration::from_millis(1500));
+    let web_mux = p.web.metrics.mux(Direction::Outbound);
+    assert_eq!(
+        call(p.front, b"small").await.as_deref(),
+        Some(&b"small"[..])
+    );
+    assert_eq!(p.web.metrics.get("mux_bulk_switches_total", "api"), 0);
+    // One stream carries 1 MiB each way: past the threshold.
+    let s = TcpStream::connect(p.front).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        w.write_all(&vec![5u8; 1 << 20]).await.unwrap();
+        w
+    });
+    let mut back = vec![0u8; 1 << 20];
+    tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back.iter().all(|b| *b == 5));
+    drop(writer.await.unwrap());
+    drop(r);
+    assert_eq!(p.web.metrics.get("mux_bulk_switches_total", "api"), 1);
+    assert_eq!(web_mux.streams_opened.load(Relaxed), 2);
+    assert_eq!(api_handshakes(&p.api), 1);
+    // The next app connections get their own TLS connection.
+    for i in 0..2 {
+        let msg = format!("dedicated {i}");
+        assert_eq!(call(p.front, msg.as_bytes()).await, Some(msg.into_bytes()));
+    }
+    assert_eq!(api_handshakes(&p.api), 3, "one TLS connection each");
+    assert_eq!(web_mux.streams_opened.load(Relaxed), 2);
+    assert_eq!(p.web.metrics.get("mux_bulk_dedicated_total", "api"), 2);
+    let text = p.web.metrics.render(&[]);
+    assert!(
+        text.contains("veer_mux_bulk_switches_total{upstream=\"api\"} 1"),
+        "{text}"
+    );
+    // Small ones do not renew the mark: after the hold, streams again.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(call(p.front, b"back").await.as_deref(), Some(&b"back"[..]));
+    assert_eq!(web_mux.streams_opened.load(Relaxed), 3);
+    assert_eq!(api_handshakes(&p.api), 3);
+    assert_eq!(p.web.metrics.get("mux_bulk_switches_total", "api"), 1);
+}
