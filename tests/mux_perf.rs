@@ -20,6 +20,19 @@
 //! - bulk, one connection, 1 GiB: 3,296 / 1,850 us per MiB (1.78x: worse),
 //!   5.6 / 6.1 s; without TCP_NOTSENT_LOWAT (debug build) 3,160 vs 2,030:
 //!   the cost is the h2 framing, the extra copy and the task hop.
+//!
+//! 2026-12-07 03:47-03:49 UTC, after the bulk rule (branch i14r, release
+//! build, three runs, the machine shared with another helper's release
+//! build), both sidecars' task-clock per MiB, mux on / mux off:
+//! - bulk, first transfer (mux on: a stream, which marks the upstream bulk
+//!   after 8 MiB): 2,642 / 1,647; 2,369 / 1,727; 2,517 / 1,697 us
+//!   (1.46-1.60x: the stream that reveals bulk still pays the stream cost)
+//! - bulk, next transfer (mux on: its own TLS connection, by the rule):
+//!   1,836 / 1,634; 1,726 / 1,659; 1,655 / 1,919 us (0.86-1.12x: the same
+//!   path as mux off)
+//! - new connections, 1 client: 408 / 708; 337 / 815; 386 / 670 us
+//!   (0.41-0.58x); keep-alive, 8 connections: 69.9 / 60.4; 57.2 / 57.1;
+//!   56.4 / 53.6 us per request (the same within noise)
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
