@@ -83,3 +83,32 @@ async fn a_reset_reaches_the_other_side_as_an_error() {
     let e = s.read_to_end(&mut rest).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
 }
+
+#[test]
+fn the_bulk_rule_marks_an_upstream_for_the_hold_and_renews() {
+    let mux = Mux::default();
+    let m = crate::metrics::Metrics::default();
+    mux.set_bulk_rule(1000, Duration::from_millis(500));
+    assert!(!mux.is_bulk("api", 0));
+    // Under the threshold: nothing.
+    mux.note_bulk(&m, "api", 999, 10);
+    assert!(!mux.is_bulk("api", 10));
+    // Past it: marked until 10 + 500, only that upstream; counted once.
+    mux.note_bulk(&m, "api", 1000, 10);
+    assert!(mux.is_bulk("api", 11));
+    assert!(mux.is_bulk("api", 509));
+    assert!(!mux.is_bulk("db", 11));
+    mux.note_bulk(&m, "api", 5000, 400);
+    assert!(mux.is_bulk("api", 899), "renewed at 400");
+    assert_eq!(m.get("mux_bulk_switches_total", "api"), 1);
+    // Expired: multiplexed again; the next bulk switches again.
+    assert!(!mux.is_bulk("api", 900));
+    assert!(!mux.any_bulk.load(Relaxed));
+    mux.note_bulk(&m, "api", 1000, 1000);
+    assert!(mux.is_bulk("api", 1001));
+    assert_eq!(m.get("mux_bulk_switches_total", "api"), 2);
+    // Off.
+    mux.set_bulk_rule(u64::MAX, Duration::from_millis(500));
+    mux.note_bulk(&m, "db", u64::MAX - 1, 1000);
+    assert!(!mux.is_bulk("db", 1001));
+}
