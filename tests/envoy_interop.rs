@@ -190,6 +190,12 @@ fn bulk_echo(ns: &Netns, addr: &str, n: usize) -> bool {
     })
 }
 
+/// The veer sidecar's metrics in `ns` (its admin endpoint, 127.0.0.1:19000).
+fn veer_stats(ns: &Netns) -> String {
+    ns.sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
+        .expect("veer's admin endpoint answers")
+}
+
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -228,6 +234,14 @@ fn veer_outbound_to_envoy_inbound() {
     assert!(web.wait_log("upstream=api", Duration::from_secs(2)));
     assert_eq!(api.stat("connect_authz.rbac.allowed"), Some(3));
     assert_eq!(api.stat("connect_authz.rbac.denied"), Some(0));
+    // veer offered multiplexing (ALPN veer-mux/1); Envoy did not select
+    // it, so each app connection had its own mTLS connection.
+    let stats = veer_stats(&t.client);
+    assert!(
+        stats.contains("veer_mux_fallbacks_total{direction=\"outbound\"} 3")
+            && stats.contains("veer_mux_connections_opened_total{direction=\"outbound\"} 0"),
+        "{stats}"
+    );
     // Passthrough from veer still reaches a non-mesh server.
     assert_eq!(
         echo(&t.client, &format!("{PLAIN_IP}:9000"), "plain").unwrap(),
@@ -266,6 +280,12 @@ fn envoy_outbound_to_veer_inbound() {
     assert_eq!(
         web.stat(&format!("cluster.{cluster}.ssl.handshake")),
         Some(2)
+    );
+    // veer's inbound (multiplexing on) served Envoy's connections as plain ones.
+    let stats = veer_stats(&t.server);
+    assert!(
+        stats.contains("veer_mux_connections_opened_total{direction=\"inbound\"} 0"),
+        "{stats}"
     );
     // Envoy's passthrough (original-destination) reaches a non-mesh server.
     assert_eq!(

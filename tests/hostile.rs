@@ -477,7 +477,10 @@ fn black_holed_endpoint_fails_over_within_the_connect_timeout() {
 #[test]
 fn out_of_file_descriptors_sheds_and_recovers_without_spinning() {
     need_root!("out_of_file_descriptors_sheds_and_recovers_without_spinning");
-    let m = Mesh::new(&bin());
+    // The accept loop's shedding: one TLS connection per app connection
+    // (with multiplexing, a stream whose local-app dial finds no descriptor
+    // is refused by its answer instead).
+    let m = Mesh::with(&bin(), "\n[mux]\nenabled = false\n", &mesh::allow("web"));
     let api = pid(&m.api);
     let vip = format!("{API_VIP}:80");
     assert_eq!(echo(&m.client, &vip, "warm").unwrap(), "warm");

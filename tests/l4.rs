@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use veer_ca::{Ca, LeafSpec};
 use veer_testsupport::ca::TRUST_DOMAIN;
 use veer_testsupport::echo::{Checksum, Stream};
-use veer_testsupport::mesh::{self, Mesh, API_VIP, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP};
+use veer_testsupport::mesh::{
+    self, Mesh, Sidecar, API_VIP, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP,
+};
 use veer_testsupport::netns::Netns;
 
 mod support;
@@ -862,7 +864,9 @@ fn several_roots_at_once_and_intermediate_chains_are_trusted() {
 #[test]
 fn new_connections_resume_tls_sessions() {
     need_root!("new_connections_resume_tls_sessions");
-    let m = Mesh::new(&bin());
+    // One TLS connection per app connection (as with an Envoy peer): with
+    // multiplexing there would be one handshake in all.
+    let m = Mesh::with(&bin(), "\n[mux]\nenabled = false\n", &mesh::allow("web"));
     let vip = format!("{API_VIP}:80");
     for i in 0..20 {
         assert_eq!(
@@ -1228,5 +1232,106 @@ fn permissive_port_is_relayed_as_plain_tcp_and_other_ports_need_mtls() {
     assert_eq!(
         echo(&m.client, &format!("{API_VIP}:80"), "mesh").unwrap(),
         "mesh"
+    );
+}
+
+/// TLS handshakes a sidecar's inbound listener completed (full and resumed).
+fn inbound_handshakes(stats: &str) -> u64 {
+    ["full", "resumed"]
+        .iter()
+        .map(|k| {
+            support::sample(
+                stats,
+                &format!("veer_tls_handshakes_total{{direction=\"inbound\",kind=\"{k}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// veer <-> veer multiplexing through real sidecars: concurrent app
+/// connections ride one mTLS connection (api accepted one handshake); when
+/// the api sidecar dies the next app connection dials afresh; with
+/// `VEER_MUX=0` every app connection has its own TLS connection again.
+#[test]
+fn mux_concurrent_connections_share_one_tls_connection_and_veer_mux_0_turns_it_off() {
+    need_root!("mux_concurrent_connections_share_one_tls_connection_and_veer_mux_0_turns_it_off");
+    let mut m = Mesh::new(&bin());
+    let n = 40;
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let ns = m.client.path();
+            std::thread::spawn(move || {
+                veer_testsupport::netns::enter(&ns).unwrap();
+                let here = Netns::attach_current();
+                echo(&here, &format!("{API_VIP}:80"), &format!("call {i}"))
+            })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), format!("call {i}"));
+    }
+    assert_eq!(m.app.accepted(), n);
+    let stats = support::scrape(&m.server);
+    assert_eq!(inbound_handshakes(&stats), 1, "{stats}");
+    assert_eq!(
+        support::sample(
+            &stats,
+            "veer_mux_streams_opened_total{direction=\"inbound\"}"
+        ),
+        n as u64,
+        "{stats}"
+    );
+    // The api sidecar dies and comes back: the next call dials afresh.
+    m.api.signal("KILL");
+    // (Killed by a signal: no exit code.)
+    m.api.wait_exit(Duration::from_secs(5));
+    m.api = Sidecar::start(
+        &bin(),
+        &m.server,
+        m.api.config.clone(),
+        m.files.join("api2.log"),
+        &[],
+    );
+    assert_eq!(
+        echo(&m.client, &format!("{API_VIP}:80"), "after").unwrap(),
+        "after"
+    );
+    let web = support::scrape(&m.client);
+    assert_eq!(
+        support::sample(
+            &web,
+            "veer_mux_connections_opened_total{direction=\"outbound\"}"
+        ),
+        2,
+        "{web}"
+    );
+    // VEER_MUX=0 on web: one TLS connection per app connection.
+    m.web.signal("KILL");
+    m.web.wait_exit(Duration::from_secs(5));
+    let args: Vec<std::ffi::OsString> = vec!["--config".into(), m.web.config.clone().into()];
+    m.web = Sidecar::start_with(
+        &bin(),
+        &m.client,
+        &args,
+        &[("VEER_MUX", "0")],
+        m.web.config.clone(),
+        m.files.join("web2.log"),
+    );
+    let before = inbound_handshakes(&support::scrape(&m.server));
+    for i in 0..3 {
+        assert_eq!(
+            echo(&m.client, &format!("{API_VIP}:80"), &format!("plain {i}")).unwrap(),
+            format!("plain {i}")
+        );
+    }
+    let stats = support::scrape(&m.server);
+    assert_eq!(inbound_handshakes(&stats), before + 3, "{stats}");
+    assert_eq!(
+        support::sample(
+            &stats,
+            "veer_mux_connections_opened_total{direction=\"inbound\"}"
+        ),
+        1,
+        "only the call after the restart was multiplexed:\n{stats}"
     );
 }

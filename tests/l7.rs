@@ -275,3 +275,121 @@ fn outbound_http_routes_through_the_mesh() {
     assert!(log.contains("cluster=api-v2"), "{log}");
     assert!(log.contains("reason=connect_failure"), "{log}");
 }
+
+/// Metrics of the sidecar whose admin listens on 127.0.0.1:19000 in `ns`.
+fn scrape(ns: &Netns) -> String {
+    ns.sh_ok("curl -sS --max-time 5 http://127.0.0.1:19000/stats/prometheus")
+        .expect("admin endpoint answers")
+}
+
+/// The value of one sample; 0 when absent.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// veer <-> veer multiplexing into an L7 inbound: web's `api` upstream is
+/// L4 (so its app connections ride HTTP/2 CONNECT streams of one pooled
+/// mTLS connection), api's inbound is http with an intention whose
+/// permissions deny `DELETE /admin*`. Each stream is served by api's L7
+/// engine as a plain TLS connection would be: the denied request gets 403
+/// and never reaches the app, others 200 with XFCC (`sanitize_set`) from
+/// web's certificate replacing a forged one.
+#[test]
+fn mux_streams_to_an_l7_inbound_are_authorized_per_request() {
+    if !veer_testsupport::require_root("mux_streams_to_an_l7_inbound_are_authorized_per_request") {
+        return;
+    }
+    if veer_testsupport::tool("curl").is_none() {
+        eprintln!("SKIPPED mux_streams_to_an_l7_inbound_are_authorized_per_request: no curl");
+        return;
+    }
+    let ca = TestCa::new(TRUST_DOMAIN);
+    let files = TempDir::new("veer-l7-mux-");
+    let (client, server) = mesh::namespaces();
+    mesh::redirect(&bin(), &client, &[]);
+    mesh::redirect(&bin(), &server, &[]);
+    let app = spawn_http_app(Some(&server), "127.0.0.1:8080".parse().unwrap(), "api");
+    let web_cfg = files.write("web.toml", &mesh::web_config(&ca, ""));
+    let rules = r#"[[intentions.rules]]
+source = "web"
+
+[[intentions.rules.permissions]]
+action = "deny"
+path_prefix = "/admin"
+methods = ["DELETE"]
+
+[[intentions.rules.permissions]]
+action = "allow"
+path_prefix = "/"
+"#;
+    let api_cfg = files.write(
+        "api.toml",
+        &mesh::api_config(&ca, "deny", rules).replace(
+            "local_app = \"127.0.0.1:8080\"",
+            "local_app = \"127.0.0.1:8080\"\nprotocol = \"http\"\nxfcc = \"sanitize_set\"",
+        ),
+    );
+    let _web = Sidecar::start(&bin(), &client, web_cfg, files.join("web.log"), &[]);
+    let api = Sidecar::start(&bin(), &server, api_cfg, files.join("api.log"), &[]);
+    let url = format!("http://{API_VIP}");
+
+    let (code, _, body) = curl(&client, &format!("-X DELETE {url}/admin/users"));
+    assert_eq!((code, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let (code, _, body) = curl(
+        &client,
+        &format!("-H 'x-forwarded-client-cert: URI=spiffe://forged' {url}/admin/users"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("api HTTP/1.1 GET /admin/users"), "{body}");
+    let head = app.heads.lock().unwrap().last().cloned().unwrap();
+    let xfcc = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-forwarded-client-cert: "))
+        .unwrap_or_else(|| panic!("no XFCC at the app: {head}"));
+    let web_id = format!("spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/web");
+    let api_id = format!("spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/api");
+    assert!(xfcc.starts_with(&format!("By={api_id};Hash=")), "{xfcc}");
+    assert!(xfcc.ends_with(&format!(";URI={web_id}")), "{xfcc}");
+    assert!(!head.contains("forged"), "{head}");
+    let (code, _, _) = curl(&client, &format!("-X DELETE {url}/other"));
+    assert_eq!(code, 200);
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // Three app connections, one TLS connection: all three were streams.
+    let stats = scrape(&server);
+    let handshakes: u64 = ["full", "resumed"]
+        .iter()
+        .map(|k| {
+            sample(
+                &stats,
+                &format!("veer_tls_handshakes_total{{direction=\"inbound\",kind=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(handshakes, 1, "{stats}");
+    assert_eq!(
+        sample(
+            &stats,
+            "veer_mux_streams_opened_total{direction=\"inbound\"}"
+        ),
+        3,
+        "{stats}"
+    );
+    assert_eq!(
+        sample(
+            &stats,
+            "veer_http_denials_total{reason=\"denied_by_permission\"}"
+        ),
+        1,
+        "{stats}"
+    );
+    assert!(
+        api.log_text().contains("mux=true"),
+        "api's access log marks the streams"
+    );
+}

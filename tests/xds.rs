@@ -60,6 +60,27 @@ impl Dp {
         Dp::start_on(proxy, ns, files, service, socket, 19000)
     }
 
+    /// [`Dp::start`] with veer <-> veer multiplexing off (`VEER_MUX=0`),
+    /// so that connection counters compare with Envoy's one TLS
+    /// connection per app connection.
+    fn start_unmuxed(
+        proxy: Proxy,
+        ns: &Netns,
+        files: &TempDir,
+        service: &str,
+        socket: &Path,
+    ) -> Dp {
+        Dp::start_env(
+            proxy,
+            ns,
+            files,
+            service,
+            socket,
+            19000,
+            &[("VEER_MUX", "0")],
+        )
+    }
+
     fn start_on(
         proxy: Proxy,
         ns: &Netns,
@@ -67,6 +88,18 @@ impl Dp {
         service: &str,
         socket: &Path,
         admin_port: u16,
+    ) -> Dp {
+        Dp::start_env(proxy, ns, files, service, socket, admin_port, &[])
+    }
+
+    fn start_env(
+        proxy: Proxy,
+        ns: &Netns,
+        files: &TempDir,
+        service: &str,
+        socket: &Path,
+        admin_port: u16,
+        env: &[(&str, &str)],
     ) -> Dp {
         let bin = match proxy {
             Proxy::Veer => {
@@ -96,6 +129,7 @@ impl Dp {
             .arg(dataplane_bootstrap(service, socket, admin_port))
             .args(["--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v"])
             .args(["--log-level", &level, "--disable-hot-restart"])
+            .envs(env.iter().copied())
             .args([
                 "--concurrency 1",
                 "--drain-time-s 1",
@@ -875,9 +909,9 @@ type Case<'a> = (bool, &'a str, &'a [(&'a str, &'a str)], bool);
 fn scrape_after_traffic(t: &Topo, proxy: Proxy, n: usize) -> (Scrape, Scrape) {
     t.serve(&t.api_ads, &t.api_resources(&["web"]));
     t.serve(&t.web_ads, &t.web_resources(web_shape()));
-    let api = Dp::start(proxy, &t.server, &t.files, "api", &t.api_sock);
+    let api = Dp::start_unmuxed(proxy, &t.server, &t.files, "api", &t.api_sock);
     wait_ready(&t.server, &api);
-    let web = Dp::start(proxy, &t.client, &t.files, "web", &t.web_sock);
+    let web = Dp::start_unmuxed(proxy, &t.client, &t.files, "web", &t.web_sock);
     wait_ready(&t.client, &web);
     for _ in 0..n {
         assert_eq!(echo(&t.client, &vip(80), "d").unwrap(), "d", "{proxy:?}");

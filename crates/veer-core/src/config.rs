@@ -64,6 +64,8 @@ struct File {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    mux: MuxSection,
+    #[serde(default)]
     admin: AdminSection,
     #[serde(default)]
     expose: Vec<S<ExposeSection>>,
@@ -211,6 +213,14 @@ struct TimeoutsSection {
 struct LimitsSection {
     /// Connections open at once per listener; default 100,000.
     max_connections: Option<S<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MuxSection {
+    /// veer <-> veer multiplexing (HTTP/2 CONNECT streams over pooled
+    /// mTLS); default on.
+    enabled: Option<bool>,
 }
 
 /// Resolves spans to lines and builds errors.
@@ -697,6 +707,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
                     )
                 })?,
         },
+        mux: file.mux.enabled.unwrap_or(d.mux),
     };
 
     // [[upstreams]]

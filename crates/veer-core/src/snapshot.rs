@@ -37,6 +37,12 @@ pub struct Timeouts {
     /// Connections open at once per listener (`[limits] max_connections`);
     /// past it, new connections are closed at once (linkerd: 100,000).
     pub max_connections: usize,
+    /// veer <-> veer multiplexing (`[mux] enabled`, default on): outbound
+    /// connections to a peer that negotiates it by ALPN ride as HTTP/2
+    /// CONNECT streams over one pooled mTLS connection, and the inbound
+    /// listener offers it. `VEER_MUX=0` in the environment turns it off in
+    /// every mode (read by veer-proxy).
+    pub mux: bool,
 }
 
 impl Default for Timeouts {
@@ -48,6 +54,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(3600),
             half_close: Duration::from_secs(60),
             max_connections: 100_000,
+            mux: true,
         }
     }
 }
@@ -806,6 +813,7 @@ impl Snapshot {
                 "max_connections": self.timeouts.max_connections,
                 "inbound_max_connections": self.inbound_max_connections,
             },
+            "mux": { "enabled": self.timeouts.mux },
             "expose": expose,
             "unapplied": self.unapplied,
         })

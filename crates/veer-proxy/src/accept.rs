@@ -167,6 +167,10 @@ pub async fn serve<F, Fut>(
             _ = stopped(&mut stop) => break,
         }
     }
+    if what == "inbound" {
+        // Pooled clients must stop opening streams here too.
+        shared.mux.drain_inbound();
+    }
 }
 
 /// Out of descriptors: closes the reserve, accepts one pending connection

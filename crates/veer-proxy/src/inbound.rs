@@ -14,7 +14,7 @@ use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::net;
 use crate::relay::{self, Leg, Limits};
-use crate::state::Shared;
+use crate::state::{Registration, Shared};
 use crate::tls_stream::ServerTls;
 use rustls::server::UnbufferedServerConnection;
 use std::sync::atomic::Ordering::Relaxed;
@@ -121,6 +121,22 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         }
     };
     let source = Arc::new(source);
+    if tls.conn().alpn_protocol() == Some(crate::mux::ALPN) {
+        // A multiplexed connection: each of its streams is one app
+        // connection, counted, authorized and relayed on its own; the
+        // connection itself is counted in `veer_mux_*` only.
+        shared
+            .metrics
+            .d(Direction::Inbound)
+            .opened
+            .fetch_sub(1, Relaxed);
+        envoy.tcp.cx_total.fetch_sub(1, Relaxed);
+        // Its streams reach an L7 inbound through [`l7_serve`] as a plain
+        // connection does, with this connection's XFCC element.
+        let xfcc = veer_http::inbound::xfcc_element(&snap.identity.to_string(), leaf, &source);
+        drop(snap);
+        return Box::pin(crate::mux::serve(shared, tls, peer, source, xfcc)).await;
+    }
     if snap.inbound_http.is_some() {
         // L7: each request is authorized (intentions with permissions, HTTP
         // RBAC) on the then-current snapshot.
@@ -130,8 +146,14 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
     }
     // Register first, then decide on the current snapshot: a swap that
     // races with this check either sees the registration or is seen here.
-    let reg = shared.register(source.clone());
+    let reg = shared.register_l4(source.clone());
     let snap = shared.snapshot();
+    if snap.inbound_http.is_some() {
+        // A swap made the inbound L7 since the handshake: not relayed at L4.
+        tracing::debug!(peer = %peer, source = %source, "inbound connection closed: the local service turned HTTP during its handshake");
+        shared.metrics.closed(Direction::Inbound);
+        return;
+    }
     let decision = snap.authz.evaluate(&source);
     if !decision.allowed() {
         envoy.rbac.denied.fetch_add(1, Relaxed);
@@ -193,31 +215,59 @@ async fn l7(
     peer: ClientAddr,
     started: Instant,
 ) {
-    let envoy = shared.metrics.envoy.inbound();
-    let mut reg = None;
-    let snap = shared.snapshot();
-    if !snap.authz.uses_intentions() {
-        reg = Some(shared.register(source.clone()));
-        let snap = shared.snapshot();
-        let decision = snap.authz.evaluate(&source);
-        if !decision.allowed() {
-            envoy.rbac.denied.fetch_add(1, Relaxed);
-            let why = snap.authz.explain(&decision);
-            return refuse(
-                &shared,
-                peer,
-                Some(&source.display_name()),
-                InboundError::Denied(decision, why),
-            );
-        }
-        envoy.rbac.allowed.fetch_add(1, Relaxed);
+    let reg = match l7_admit(&shared, &source) {
+        Ok(r) => r,
+        Err(e) => return refuse(&shared, peer, Some(&source.display_name()), e),
+    };
+    l7_serve(&shared, tls, source, xfcc, reg, peer, started, false).await;
+}
+
+/// The connection-level decision of an L7 inbound connection or
+/// multiplexed stream: network RBAC (xDS) decides it and registers it for
+/// revocation; with intentions nothing is decided here (the engine decides
+/// each request). `Err` is the denial to refuse with.
+pub(crate) fn l7_admit(
+    shared: &Arc<Shared>,
+    source: &Arc<Peer>,
+) -> Result<Option<Registration>, InboundError> {
+    if shared.snapshot().authz.uses_intentions() {
+        return Ok(None);
     }
-    drop(snap);
+    let envoy = shared.metrics.envoy.inbound();
+    let reg = shared.register(source.clone());
+    let snap = shared.snapshot();
+    let decision = snap.authz.evaluate(source);
+    if !decision.allowed() {
+        envoy.rbac.denied.fetch_add(1, Relaxed);
+        let why = snap.authz.explain(&decision);
+        return Err(InboundError::Denied(decision, why));
+    }
+    envoy.rbac.allowed.fetch_add(1, Relaxed);
+    Ok(Some(reg))
+}
+
+/// Serves an admitted L7 connection, or one stream of a multiplexed
+/// connection (`mux`), with the L7 engine until it ends or `reg` is
+/// revoked; the same per-request authorization, XFCC, metrics and access
+/// log either way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn l7_serve<IO>(
+    shared: &Arc<Shared>,
+    io: IO,
+    source: Arc<Peer>,
+    xfcc: String,
+    reg: Option<Registration>,
+    peer: ClientAddr,
+    started: Instant,
+    mux: bool,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let down = veer_http::inbound::Downstream {
         source: source.clone(),
         xfcc,
     };
-    let serve = crate::inbound_http::serve(&shared, tls, down);
+    let serve = crate::inbound_http::serve(shared, io, down);
     let close = match &reg {
         Some(r) => {
             tokio::select! {
@@ -240,6 +290,7 @@ async fn l7(
         peer = %peer,
         source = %source,
         protocol = "http",
+        mux,
         duration_ms = started.elapsed().as_millis() as u64,
         close,
         "connection closed"
@@ -291,7 +342,7 @@ async fn plain(
 
 /// Dials the local app, timed; a connection of Envoy's `local_app`
 /// cluster when `cluster` is given (the caller reports its close).
-async fn dial_app(
+pub(crate) async fn dial_app(
     shared: &Shared,
     snap: &Snapshot,
     cluster: Option<&ClusterStats>,
@@ -339,12 +390,18 @@ async fn handshake(
     peer: ClientAddr,
 ) -> Option<Box<ServerTls<TcpStream>>> {
     let deadline = tokio::time::Instant::now() + snap.timeouts.handshake;
-    // An L7 listener offers ALPN h2 and http/1.1.
+    // An L7 listener offers ALPN h2 and http/1.1; with multiplexing on,
+    // veer-mux/1 first.
     let server = match &snap.inbound_http {
-        Some(l7) => l7.server.clone(),
-        None => snap.tls.server.clone(),
+        Some(l7) => &l7.server,
+        None => &snap.tls.server,
     };
-    let conn = match UnbufferedServerConnection::new(server) {
+    let config = if crate::mux::enabled(snap) {
+        shared.mux.server_config(server)
+    } else {
+        server.clone()
+    };
+    let conn = match UnbufferedServerConnection::new(config) {
         Ok(c) => c,
         Err(e) => {
             refuse(
@@ -420,7 +477,7 @@ fn probe(
     None
 }
 
-fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {
+pub(crate) fn refuse(shared: &Shared, peer: ClientAddr, source: Option<&str>, e: InboundError) {
     let label = e.classify();
     let metric = match &e {
         InboundError::HandshakeTimeout | InboundError::Handshake(..) => {

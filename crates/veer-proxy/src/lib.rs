@@ -8,6 +8,8 @@
 //!   local app → relay.
 //! - [`outbound`]: original destination → [`veer_core::route::route`] →
 //!   connect (mTLS with SPIFFE check, or plain) → relay.
+//! - [`mux`]: veer <-> veer multiplexing (HTTP/2 CONNECT streams over
+//!   pooled mTLS), negotiated by ALPN.
 //! - [`relay`]: splice or buffered copy, half-close, resets, timers.
 //! - [`tls_stream`]: TLS on rustls's unbuffered API, with buffers held
 //!   only while bytes are in flight.
@@ -18,6 +20,7 @@ pub mod accept;
 pub mod inbound;
 pub mod inbound_http;
 pub mod metrics;
+pub mod mux;
 pub mod net;
 pub mod outbound;
 pub mod relay;

@@ -61,6 +61,24 @@ pub struct PerDirection {
     pub tls_resumed: AtomicU64,
 }
 
+/// veer <-> veer multiplexing of one direction ([`crate::mux`]): the
+/// pooled mTLS connections and the streams they carry. Each stream is also
+/// one connection of `veer_connections_*` (it is one app connection).
+#[derive(Default)]
+pub struct MuxStats {
+    pub conns_opened: AtomicU64,
+    pub conns_closed: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub streams_closed: AtomicU64,
+    /// Outbound: stream opens refused on a pooled connection (closed,
+    /// draining, or the peer's TLS material changed) and retried on a new
+    /// connection. Inbound: streams refused that way.
+    pub streams_refused: AtomicU64,
+    /// Outbound: dials that offered mux and got a peer without it (an
+    /// Envoy): one mTLS connection per app connection.
+    pub fallbacks: AtomicU64,
+}
+
 /// Per-direction histograms (seconds).
 #[derive(Debug)]
 pub struct DirHists {
@@ -94,6 +112,8 @@ pub struct Core {
     pub snapshot_errors: AtomicU64,
     pub revoked: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// veer <-> veer multiplexing (`veer_mux_*`).
+    pub mux: [MuxStats; 2],
     /// (metric name, labels) -> count.
     labelled: Mutex<BTreeMap<(&'static str, Labels), u64>>,
     /// The `envoy_*` families.
@@ -179,6 +199,14 @@ const LABELLED: &[(&str, &str)] = &[
         "Listeners that could not bind after start (the snapshot wanting them was refused, or a race), by listener.",
     ),
     (
+        "mux_bulk_switches_total",
+        "Upstreams switched to dedicated mTLS connections because one of their multiplexed streams carried bulk (more than the threshold), by upstream.",
+    ),
+    (
+        "mux_bulk_dedicated_total",
+        "Outbound app connections given their own mTLS connection instead of a multiplexed stream while their upstream is marked bulk, by upstream.",
+    ),
+    (
         "leaf_expired_total",
         "Leaf certificates that expired while in use (veer is not ready until a new one arrives).",
     ),
@@ -202,6 +230,10 @@ impl Core {
 
     pub fn h(&self, d: Direction) -> &DirHists {
         &self.hist[d.idx()]
+    }
+
+    pub fn mux(&self, d: Direction) -> &MuxStats {
+        &self.mux[d.idx()]
     }
 
     pub fn opened(&self, d: Direction) {
@@ -296,7 +328,8 @@ impl Core {
             .sum()
     }
 
-    fn active_of(&self, d: Direction) -> u64 {
+    /// Connections of direction `d` open now.
+    pub fn active_of(&self, d: Direction) -> u64 {
         let p = self.d(d);
         p.opened
             .load(Relaxed)
@@ -485,6 +518,61 @@ impl Collector for Veer {
         ] {
             enc.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&v.load(Relaxed), None)?;
+        }
+        for (name, help, f) in [
+            (
+                "veer_mux_connections_opened",
+                "Multiplexed mTLS connections (veer <-> veer) opened.",
+                (|x: &MuxStats| x.conns_opened.load(Relaxed)) as fn(&MuxStats) -> u64,
+            ),
+            (
+                "veer_mux_connections_closed",
+                "Multiplexed mTLS connections closed.",
+                |x: &MuxStats| x.conns_closed.load(Relaxed),
+            ),
+            (
+                "veer_mux_streams_opened",
+                "App connections carried as streams of a multiplexed connection.",
+                |x: &MuxStats| x.streams_opened.load(Relaxed),
+            ),
+            (
+                "veer_mux_streams_closed",
+                "Streams of multiplexed connections closed.",
+                |x: &MuxStats| x.streams_closed.load(Relaxed),
+            ),
+            (
+                "veer_mux_streams_refused",
+                "Streams refused on a pooled connection that was closing or whose TLS material changed (outbound: retried on a new connection).",
+                |x: &MuxStats| x.streams_refused.load(Relaxed),
+            ),
+            (
+                "veer_mux_fallbacks",
+                "Outbound dials whose peer did not negotiate multiplexing (one mTLS connection per app connection, as with Envoy).",
+                |x: &MuxStats| x.fallbacks.load(Relaxed),
+            ),
+        ] {
+            let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for d in DIRS {
+                e.encode_family(&[("direction", d.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&f(m.mux(d)), None)?;
+            }
+        }
+        {
+            let mut e = enc.encode_descriptor(
+                "veer_mux_connections_active",
+                "Multiplexed mTLS connections open now.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for d in DIRS {
+                let x = m.mux(d);
+                let n = x
+                    .conns_opened
+                    .load(Relaxed)
+                    .saturating_sub(x.conns_closed.load(Relaxed));
+                e.encode_family(&[("direction", d.as_str())])?
+                    .encode_gauge(&(n as i64))?;
+            }
         }
         {
             let mut e = enc.encode_descriptor(

@@ -14,12 +14,14 @@ mod http;
 
 use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
+use crate::mux::{self, UpConn};
 use crate::net::{self, DialError, Dialed};
 use crate::relay::{self, Limits, Outcome};
 use crate::state::Shared;
 use crate::tls_stream::ClientTls;
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -60,6 +62,14 @@ pub enum OutboundError {
     /// The upstream has `max_connections` open (Envoy circuit breaker).
     #[error("upstream {0} has {1} connections open, its max_connections")]
     Overflow(String, u32),
+    /// The multiplexing peer answered the stream's CONNECT with `status`
+    /// (403: its intentions deny us; 503: its local app is down; 429: its
+    /// inbound listener has `max_connections` open).
+    #[error("{addr} refused the stream: HTTP status {status}")]
+    Stream { addr: EndpointAddr, status: u16 },
+    /// A multiplexed connection could not carry the stream.
+    #[error("multiplexed connection to {0}: {1}")]
+    Mux(EndpointAddr, String),
     /// The connection comes from one of veer's own dials: its traffic was
     /// redirected back to it.
     #[error("the connection comes from veer's own dial ({0}), redirected back to it again and again; refusing to loop (is the proxy UID excluded from redirection?)")]
@@ -78,6 +88,11 @@ impl OutboundError {
             OutboundError::AllEndpointsFailed(_) => "all_endpoints_failed",
             OutboundError::Overflow(..) => "overflow",
             OutboundError::OwnTraffic(_) => "loop",
+            OutboundError::Stream { status: 403, .. } => "peer_denied",
+            OutboundError::Stream { status: 503, .. } => "peer_app_unreachable",
+            OutboundError::Stream { status: 429, .. } => "peer_overflow",
+            OutboundError::Stream { .. } => "peer_refused",
+            OutboundError::Mux(..) => "mux",
         }
     }
 }
@@ -199,18 +214,14 @@ async fn forward(
             if let Some(s) = stats {
                 s.tcp.cx_total.fetch_add(1, Relaxed);
             }
-            let cluster = stats.map(|s| &*s.cluster);
-            let tls = match connect_mesh(&shared, &snap, &upstream, cluster).await {
+            let cluster = stats.map(|s| &s.cluster);
+            let conn = match connect_mesh(&shared, &snap, &upstream, cluster).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
             drop(snap);
-            let up = Instant::now();
             let live = live.map(|l| l.with(stats.map(|s| s.tcp.bytes())));
-            let out = relay::copy(tcp, tls, limits, None, live).await;
-            if let Some(c) = cluster {
-                c.closed(up.elapsed().as_secs_f64() * 1e3);
-            }
+            let out = relay_up(&shared, tcp, conn, limits, live, cluster).await;
             (out, upstream.name().to_string())
         }
         Route::Direct { upstream, addr } => {
@@ -225,18 +236,14 @@ async fn forward(
             if let Some(s) = stats {
                 s.tcp.cx_total.fetch_add(1, Relaxed);
             }
-            let cluster = stats.map(|s| &*s.cluster);
-            let tls = match connect_tls(&shared, &snap, &upstream, addr, cluster, None).await {
+            let cluster = stats.map(|s| &s.cluster);
+            let conn = match connect_up(&shared, &snap, &upstream, addr, cluster).await {
                 Ok(s) => s,
                 Err(e) => return fail(&shared, peer, orig, Some(upstream.name()), e, &tcp),
             };
             drop(snap);
-            let up = Instant::now();
             let live = live.map(|l| l.with(stats.map(|s| s.tcp.bytes())));
-            let out = relay::copy(tcp, tls, limits, None, live).await;
-            if let Some(c) = cluster {
-                c.closed(up.elapsed().as_secs_f64() * 1e3);
-            }
+            let out = relay_up(&shared, tcp, conn, limits, live, cluster).await;
             (out, upstream.name().to_string())
         }
     };
@@ -263,21 +270,23 @@ async fn forward(
 /// that fail (each within the target's connect timeout) and trying them
 /// last for a while.
 async fn connect_mesh(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     snap: &Snapshot,
     upstream: &Upstream,
-    cluster: Option<&ClusterStats>,
-) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
+    cluster: Option<&Arc<ClusterStats>>,
+) -> Result<UpConn, OutboundError> {
     let Some(target) = upstream.target() else {
         return Err(RouteError::NoEndpoints(upstream.name().to_string()).into());
     };
     let now = shared.now_ms();
     for ep in target.pick_order(now) {
-        match connect_tls(shared, snap, target, ep.addr, cluster, None).await {
+        match connect_up(shared, snap, target, ep.addr, cluster).await {
             Ok(s) => {
                 target.mark_ok(ep);
                 return Ok(s);
             }
+            // The endpoint answered: its refusal is the service's.
+            Err(e @ OutboundError::Stream { .. }) => return Err(e),
             Err(e) => {
                 target.mark_failed(ep, shared.now_ms() + ENDPOINT_BACKOFF.as_millis() as u64);
                 shared
@@ -294,22 +303,91 @@ async fn connect_mesh(
     ))
 }
 
+/// One app connection to `addr` of `upstream`: a stream of a multiplexed
+/// connection when the snapshot allows it and the peer speaks it, its own
+/// mTLS connection otherwise.
+async fn connect_up(
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
+    upstream: &Upstream,
+    addr: EndpointAddr,
+    cluster: Option<&Arc<ClusterStats>>,
+) -> Result<UpConn, OutboundError> {
+    if mux::enabled(snap) {
+        return mux::connect(shared, snap, upstream, addr, cluster).await;
+    }
+    connect_tls(
+        shared,
+        snap,
+        upstream,
+        addr,
+        cluster.map(|c| &**c),
+        None,
+        None,
+    )
+    .await
+    .map(UpConn::Tls)
+}
+
+/// Relays an app connection over what [`connect_up`] gave; a connection
+/// of its own is reported closed to the cluster here (a multiplexed one
+/// when it ends).
+async fn relay_up(
+    shared: &Shared,
+    tcp: TcpStream,
+    conn: UpConn,
+    limits: Limits,
+    live: Option<relay::Live<'_>>,
+    cluster: Option<&Arc<ClusterStats>>,
+) -> Outcome {
+    let up = Instant::now();
+    match conn {
+        UpConn::Tls(tls) => {
+            let out = relay::copy(tcp, tls, limits, None, live).await;
+            if let Some(c) = cluster {
+                c.closed(up.elapsed().as_secs_f64() * 1e3);
+            }
+            out
+        }
+        UpConn::Dedicated(tls, upstream) => {
+            let out = relay::copy(tcp, tls, limits, None, live).await;
+            if let Some(c) = cluster {
+                c.closed(up.elapsed().as_secs_f64() * 1e3);
+            }
+            mux::bulk_done(shared, &upstream, out.a_to_b + out.b_to_a);
+            out
+        }
+        UpConn::Stream(s) => {
+            let out = relay::copy(tcp, s, limits, None, live).await;
+            shared
+                .metrics
+                .mux(Direction::Outbound)
+                .streams_closed
+                .fetch_add(1, Relaxed);
+            out
+        }
+    }
+}
+
 /// mTLS to one address, counted as one connection attempt of the
 /// upstream's cluster (Envoy's `upstream_cx_total`, `_connect_fail`,
 /// `_connect_timeout`, `_connect_ms`; `_active` until the caller reports
-/// the close). `alpn`: the one protocol to offer (L7), none at L4.
-async fn connect_tls(
+/// the close). `config` replaces the upstream's TLS configuration (its
+/// variant offering multiplexing); `alpn`: the one protocol to offer (L7),
+/// none at L4.
+pub(crate) async fn connect_tls(
     shared: &Shared,
     snap: &Snapshot,
     upstream: &Upstream,
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
+    config: Option<Arc<ClientConfig>>,
     alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
     if let Some(c) = cluster {
         c.attempt();
     }
-    let r = try_tls(shared, snap, upstream, addr, cluster, alpn).await;
+    let r = try_tls(shared, snap, upstream, addr, cluster, config, alpn).await;
     if let (Err(e), Some(c)) = (&r, cluster) {
         c.failed(matches!(e, OutboundError::Dial(d) if d.classify() == "timeout"));
     }
@@ -324,9 +402,10 @@ async fn try_tls(
     upstream: &Upstream,
     addr: EndpointAddr,
     cluster: Option<&ClusterStats>,
+    config: Option<Arc<ClientConfig>>,
     alpn: Option<&'static [u8]>,
 ) -> Result<Box<ClientTls<Dialed>>, OutboundError> {
-    let Some(mut config) = upstream.tls.as_ref().map(|t| t.get()) else {
+    let Some(mut config) = config.or_else(|| upstream.tls.as_ref().map(|t| t.get())) else {
         return Err(OutboundError::Handshake(
             addr,
             "tls_setup",

@@ -37,6 +37,20 @@ pub trait Leg: AsyncRead + AsyncWrite + Unpin + Send {
     fn tcp(&self) -> &TcpStream;
 }
 
+/// Either end of a copy relay: a stream that can be aborted. A [`Leg`]
+/// aborts by resetting its TCP socket on close; a multiplexed stream
+/// ([`crate::mux::MuxStream`]) by resetting the HTTP/2 stream.
+pub trait End: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Makes the close abrupt (RST) instead of orderly.
+    fn reset(&mut self);
+}
+
+impl<T: Leg> End for T {
+    fn reset(&mut self) {
+        crate::net::reset_on_close(self.tcp());
+    }
+}
+
 impl Leg for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
@@ -334,24 +348,24 @@ async fn revoked(n: Option<Arc<Notify>>) {
     }
 }
 
-fn finish<A: Leg, B: Leg>(a: &A, b: &B, fault: Option<Fault>) -> CloseReason {
+fn finish<A: End, B: End>(a: &mut A, b: &mut B, fault: Option<Fault>) -> CloseReason {
     match fault {
         None => CloseReason::Complete,
         Some(Fault::A) => {
-            crate::net::reset_on_close(b.tcp());
-            crate::net::reset_on_close(a.tcp());
+            b.reset();
+            a.reset();
             CloseReason::ResetByDownstream
         }
         Some(Fault::B) => {
-            crate::net::reset_on_close(a.tcp());
-            crate::net::reset_on_close(b.tcp());
+            a.reset();
+            b.reset();
             CloseReason::ResetByUpstream
         }
     }
 }
 
 /// Relays between `a` (downstream) and `b` (upstream) with userspace buffers.
-pub async fn copy<A: Leg, B: Leg>(
+pub async fn copy<A: End, B: End>(
     mut a: A,
     mut b: B,
     limits: Limits,
@@ -395,12 +409,12 @@ pub async fn copy<A: Leg, B: Leg>(
     })
     .await;
     let reason = match end {
-        Ok(fault) => finish(&a, &b, fault),
+        Ok(fault) => finish(&mut a, &mut b, fault),
         Err(r) => {
             if r != CloseReason::Idle {
                 // Timeouts and revocations end abruptly: reset both sides.
-                crate::net::reset_on_close(a.tcp());
-                crate::net::reset_on_close(b.tcp());
+                a.reset();
+                b.reset();
             }
             r
         }
@@ -488,8 +502,8 @@ fn unsupported(e: &io::Error) -> bool {
 /// splice is refused (or no pipe can be made) before any byte moved, or
 /// when `VEER_DISABLE_SPLICE` is set.
 pub async fn splice<B: Leg>(
-    a: TcpStream,
-    b: B,
+    mut a: TcpStream,
+    mut b: B,
     limits: Limits,
     revoke: Option<Arc<Notify>>,
     live: Option<Live<'_>>,
@@ -567,7 +581,7 @@ pub async fn splice<B: Leg>(
             return copy(a, b, limits, revoke, live).await;
         }
         End::Done => CloseReason::Complete,
-        End::Fault(f) => finish(&a, &b, Some(f)),
+        End::Fault(f) => finish(&mut a, &mut b, Some(f)),
         End::Timer(r) => {
             if r != CloseReason::Idle {
                 crate::net::reset_on_close(&a);

@@ -16,6 +16,9 @@ struct Registered {
     /// registry entry: its table does not shrink).
     source: Arc<Peer>,
     revoke: Arc<Notify>,
+    /// Relayed at L4 (a plain connection or a multiplexed stream): closed
+    /// when a swap makes the inbound L7, whose requests it would bypass.
+    l4: bool,
 }
 
 /// Shared by every listener and connection task.
@@ -41,6 +44,9 @@ pub struct Shared {
     /// Listeners bound ahead of a swap ([`Shared::apply`]) or at start,
     /// waiting for the task that serves them to [take](Shared::take_prebound) them.
     prebound: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// veer <-> veer multiplexing: the outbound pool and the ALPN variants
+    /// of the TLS configurations.
+    pub mux: crate::mux::Mux,
     /// The inbound L7 engine's pooled clients to the local app, made by
     /// the first L7 connection ([`crate::inbound_http::app_client`]).
     pub inbound_app: std::sync::OnceLock<Arc<veer_http::inbound::AppClient>>,
@@ -187,6 +193,7 @@ impl Shared {
             warn_budget: WarnBudget::new(),
             own_dials: Default::default(),
             prebound: Mutex::new(HashMap::new()),
+            mux: Default::default(),
             inbound_app: std::sync::OnceLock::new(),
             http_pool: Default::default(),
         });
@@ -261,7 +268,8 @@ impl Shared {
 
     /// Builds a snapshot from `spec` and swaps it in; open connections keep
     /// the one they started with. Open inbound connections whose source the
-    /// new authorization (intentions or RBAC) denies are closed. On error
+    /// new authorization (intentions or RBAC) denies are closed, and so are
+    /// those relayed at L4 once the inbound is L7 (`inbound_http`). On error
     /// the current snapshot stays.
     ///
     /// Listen addresses are bound once, at start: a spec that changes them
@@ -309,7 +317,18 @@ impl Shared {
         self.applied_at.store(unix_now(), Relaxed);
         self.metrics.snapshot_swaps.fetch_add(1, Relaxed);
         let conns = self.lock_conns();
+        // Any L4 relay still open under an L7 inbound would bypass it.
+        let l7 = snap.inbound_http.is_some();
         for r in conns.values() {
+            if l7 && r.l4 {
+                tracing::warn!(
+                    source = %r.source.display_name(),
+                    "closing open inbound connection: the local service is now HTTP, authorized per request"
+                );
+                self.metrics.revoked.fetch_add(1, Relaxed);
+                r.revoke.notify_one();
+                continue;
+            }
             let d = snap.authz.evaluate(&r.source);
             if !d.allowed() {
                 let what = if snap.authz.uses_intentions() {
@@ -334,6 +353,19 @@ impl Shared {
     /// evaluating the authorization against [`Shared::snapshot`], so that a swap
     /// racing with the check is never missed.
     pub fn register(self: &Arc<Self>, source: Arc<Peer>) -> Registration {
+        self.register_as(source, false)
+    }
+
+    /// Registers an open inbound connection (or multiplexed stream) from
+    /// `source` relayed at L4: besides what [`Shared::register`] does, a
+    /// swap that turns the inbound L7 (`inbound_http`) revokes it, since it
+    /// would bypass the per-request authorization. Check the snapshot after
+    /// registering, as for intentions.
+    pub fn register_l4(self: &Arc<Self>, source: Arc<Peer>) -> Registration {
+        self.register_as(source, true)
+    }
+
+    fn register_as(self: &Arc<Self>, source: Arc<Peer>, l4: bool) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed);
         let revoke = Arc::new(Notify::new());
         self.lock_conns().insert(
@@ -341,6 +373,7 @@ impl Shared {
             Registered {
                 source,
                 revoke: revoke.clone(),
+                l4,
             },
         );
         Registration {

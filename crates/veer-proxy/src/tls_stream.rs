@@ -491,6 +491,56 @@ impl<IO: Leg, C: Side> AsyncWrite for TlsStream<IO, C> {
         Poll::Ready(Ok(n))
     }
 
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Encrypts the slices one after another (each into its own records)
+    /// and sends them with one write: HTTP/2 ([`crate::mux`]) hands a frame
+    /// header and its payload as two slices, which would otherwise cost two
+    /// writes.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        if this.close_queued {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let had_plain = this.plain.len() - this.plain_pos;
+        let mut n = 0;
+        let mut wanted = false;
+        for b in bufs.iter().filter(|b| !b.is_empty()) {
+            wanted = true;
+            if n >= MAX_WRITE {
+                break;
+            }
+            let take = &b[..b.len().min(MAX_WRITE - n)];
+            let w = this
+                .process(Plain::SetAside, Some(take), false)
+                .map_err(tls_err)?;
+            n += w;
+            if w < take.len() {
+                break;
+            }
+        }
+        if this.plain.len() - this.plain_pos > had_plain {
+            cx.waker().wake_by_ref();
+        }
+        if n == 0 && wanted {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS connection cannot send",
+            )));
+        }
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_send(cx))?;

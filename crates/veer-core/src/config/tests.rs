@@ -435,6 +435,25 @@ fn limits_max_connections() {
     }
 }
 
+#[test]
+fn mux_enabled_defaults_on_and_is_named_when_bad() {
+    let d = certs("api");
+    let l = parse_in(&d, GOOD).unwrap();
+    assert!(l.spec.timeouts.mux, "default on");
+    let text = format!("{GOOD}\n[mux]\nenabled = false\n");
+    let l = parse_in(&d, &text).unwrap();
+    assert!(!l.spec.timeouts.mux);
+    let snap = crate::snapshot::Snapshot::build(l.spec, 1).unwrap();
+    assert_eq!(snap.dump()["mux"]["enabled"], false);
+    let text = format!("{GOOD}\n[mux]\nenabled = \"no\"\n");
+    let e = parse_in(&d, &text).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("mux.enabled"), "{e}");
+    assert_eq!(e.line, Some(text.lines().count()), "{e}");
+    let text = format!("{GOOD}\n[mux]\nenable = true\n");
+    let e = parse_in(&d, &text).unwrap_err();
+    assert!(e.to_string().contains("unknown field `enable`"), "{e}");
+}
+
 /// Fuzzing finding 4 (`fuzz/regressions/config_parse/duplicate-vip-v4-mapped`):
 /// a virtual IP written once as IPv4 and once IPv4-mapped is one address.
 #[test]

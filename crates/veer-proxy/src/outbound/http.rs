@@ -96,7 +96,17 @@ impl Connector for MeshConnector {
             let snap = self.shared.snapshot();
             let stats = self.shared.metrics.envoy.upstream(target);
             let cluster = stats.map(|s| &*s.cluster);
-            match connect_tls(&self.shared, &snap, target, ep, cluster, Some(alpn.id())).await {
+            match connect_tls(
+                &self.shared,
+                &snap,
+                target,
+                ep,
+                cluster,
+                None,
+                Some(alpn.id()),
+            )
+            .await
+            {
                 Ok(io) => Ok(CountedTls {
                     io,
                     opened: Instant::now(),
