@@ -60,20 +60,23 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
-use parse::{
-    ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource, SecretModel,
+use parse::Fault;
+pub use parse::{
+    ClusterKind, ClusterModel, DownstreamTls, EndpointModel, ExposeListener, InlineRoots, Leaf,
+    LeafSource, ListenerEntry, ListenerModel, OutboundChain, OutboundListener, PublicListener,
+    RootsSource, SecretModel, UpstreamTls,
 };
 use prost::Message;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use veer_core::authz::MatchPattern;
 use veer_core::intentions::Action;
 use veer_core::route::Protocol;
 use veer_core::snapshot::{ExposePath, ListenSpec, Spec, Timeouts, UpstreamSpec};
 use veer_core::spiffe::ServiceId;
 
-mod parse;
+pub(crate) mod parse;
 
 /// [`Spec::source`] of every spec built here.
 pub const SOURCE: &str = "xds";
@@ -210,28 +213,30 @@ fn same_name(kind: Kind, name: &str, inner: &str) -> Result<(), TranslateError> 
     }
 }
 
-/// Decodes one resource of `kind` sent under `name` and checks it on its
-/// own; `Err` = NACK it (the old one, if any, keeps serving).
+/// Decodes one resource of `kind` sent under `name`, checks it on its own
+/// and returns the model veer keeps of it (the protobuf is dropped here);
+/// `Err` = NACK it (the old one, if any, keeps serving).
 pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateError> {
     let fault = |f| TranslateError::from_fault(kind, name, f);
     Ok(match kind {
         Kind::Listener => {
             let l: Listener = unpack(kind, name, any)?;
             same_name(kind, name, &l.name)?;
-            parse::listener(&l).map_err(fault)?;
-            Decoded::Listener(l)
+            let model = parse::listener(&l).map_err(fault)?;
+            Decoded::Listener(ListenerEntry {
+                model,
+                rds: parse::rds_names(&l),
+            })
         }
         Kind::Cluster => {
             let c: Cluster = unpack(kind, name, any)?;
             same_name(kind, name, &c.name)?;
-            parse::cluster(&c).map_err(fault)?;
-            Decoded::Cluster(c)
+            Decoded::Cluster(parse::cluster(&c).map_err(fault)?)
         }
         Kind::Endpoints => {
             let e: ClusterLoadAssignment = unpack(kind, name, any)?;
             same_name(kind, name, &e.cluster_name)?;
-            parse::endpoints_of(&e).map_err(fault)?;
-            Decoded::Endpoints(e)
+            Decoded::Endpoints(parse::endpoints_of(&e).map_err(fault)?.into_boxed_slice())
         }
         Kind::Route => {
             // Stored only: no accepted listener refers to RDS at L4.
@@ -242,8 +247,7 @@ pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateErr
         Kind::Secret => {
             let s: Secret = unpack(kind, name, any)?;
             same_name(kind, name, &s.name)?;
-            parse::secret(&s).map_err(fault)?;
-            Decoded::Secret(s)
+            Decoded::Secret(parse::secret(&s).map_err(fault)?)
         }
     })
 }
@@ -271,19 +275,17 @@ fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
 pub fn wanted(res: &Resources) -> Wanted {
     let mut w = Wanted::default();
     for l in res.listeners.values() {
-        if let Ok(ListenerModel::Public(p)) = parse::listener(l) {
+        if let ListenerModel::Public(p) = &l.model {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut w.secrets);
         }
-        w.routes.extend(parse::rds_names(l));
+        w.routes.extend(l.rds.iter().cloned());
     }
-    for c in res.clusters.values() {
-        if let Ok(m) = parse::cluster(c) {
-            if let ClusterKind::Eds { eds_name, .. } = &m.kind {
-                w.endpoints.insert(eds_name.clone());
-            }
-            if let Some(tls) = cluster_tls(&m) {
-                sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
-            }
+    for m in res.clusters.values() {
+        if let ClusterKind::Eds { eds_name, .. } = &m.kind {
+            w.endpoints.insert(eds_name.clone());
+        }
+        if let Some(tls) = cluster_tls(m) {
+            sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
         }
     }
     w
@@ -311,11 +313,8 @@ fn referenced(m: &ListenerModel) -> Vec<String> {
 /// build a spec (or say why the resources do not fit together).
 pub fn missing(res: &Resources) -> Vec<String> {
     let mut m = BTreeSet::new();
-    let models: Vec<(&String, ListenerModel)> = res
-        .listeners
-        .iter()
-        .filter_map(|(n, l)| parse::listener(l).ok().map(|m| (n, m)))
-        .collect();
+    let models: Vec<(&String, &ListenerModel)> =
+        res.listeners.iter().map(|(n, l)| (n, &l.model)).collect();
     if !models
         .iter()
         .any(|(_, l)| matches!(l, ListenerModel::Public(_)))
@@ -328,23 +327,21 @@ pub fn missing(res: &Resources) -> Vec<String> {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut secrets);
         }
         for c in referenced(l) {
-            match res.clusters.get(&c).map(parse::cluster) {
+            match res.clusters.get(&c) {
                 None => {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
                 }
-                Some(Ok(cm)) => {
+                Some(cm) => {
                     // A passthrough cluster takes endpoints from the EDS
                     // cluster of the same SNI, when there is one.
                     let eds = match &cm.kind {
                         ClusterKind::Eds { eds_name, .. } => Some(eds_name.clone()),
-                        ClusterKind::OriginalDst(Some(tls)) => res
-                            .clusters
-                            .get(&tls.sni)
-                            .and_then(|c| parse::cluster(c).ok())
-                            .and_then(|m| match m.kind {
-                                ClusterKind::Eds { eds_name, .. } => Some(eds_name),
+                        ClusterKind::OriginalDst(Some(tls)) => {
+                            res.clusters.get(&tls.sni).and_then(|m| match &m.kind {
+                                ClusterKind::Eds { eds_name, .. } => Some(eds_name.clone()),
                                 _ => None,
-                            }),
+                            })
+                        }
                         _ => None,
                     };
                     if let Some(eds_name) = eds {
@@ -358,11 +355,10 @@ pub fn missing(res: &Resources) -> Vec<String> {
                             m.insert(format!("endpoints {eds_name} (EDS)"));
                         }
                     }
-                    if let Some(tls) = cluster_tls(&cm) {
+                    if let Some(tls) = cluster_tls(cm) {
                         sds_names(&tls.leaf, &tls.roots, &mut secrets);
                     }
                 }
-                Some(Err(_)) => {}
             }
         }
     }
@@ -388,23 +384,18 @@ struct Secrets<'a> {
     res: &'a Resources,
 }
 
-impl Secrets<'_> {
-    fn secret(&self, name: &str, who: &str) -> Result<SecretModel, TranslateError> {
-        let s = self.res.secrets.get(name).ok_or_else(|| {
+impl<'a> Secrets<'a> {
+    fn secret(&self, name: &str, who: &str) -> Result<&'a SecretModel, TranslateError> {
+        self.res.secrets.get(name).ok_or_else(|| {
             TranslateError::Incomplete(vec![format!("secret {name} (SDS), named by {who}")])
-        })?;
-        parse::secret(s).map_err(|f| TranslateError::from_fault(Kind::Secret, name, f))
+        })
     }
 
-    fn leaf(
-        &self,
-        src: &LeafSource,
-        who: &str,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TranslateError> {
+    fn leaf(&self, src: &'a LeafSource, who: &str) -> Result<&'a Arc<Leaf>, TranslateError> {
         match src {
-            LeafSource::Inline { chain, key } => Ok((chain.clone(), key.clone_key())),
+            LeafSource::Inline(leaf) => Ok(leaf),
             LeafSource::Sds(n) => match self.secret(n, who)? {
-                SecretModel::Leaf { chain, key } => Ok((chain, key)),
+                SecretModel::Leaf(leaf) => Ok(leaf),
                 SecretModel::Roots(_) => Err(inconsistent(format!(
                     "{who}: secret {n} holds a validation context where a certificate is needed"
                 ))),
@@ -412,13 +403,9 @@ impl Secrets<'_> {
         }
     }
 
-    fn roots(
-        &self,
-        src: &RootsSource,
-        who: &str,
-    ) -> Result<Vec<CertificateDer<'static>>, TranslateError> {
+    fn roots(&self, src: &'a RootsSource, who: &str) -> Result<&'a InlineRoots, TranslateError> {
         match src {
-            RootsSource::Inline(r) => Ok(r.clone()),
+            RootsSource::Inline(r) => Ok(r),
             RootsSource::Sds(n) => match self.secret(n, who)? {
                 SecretModel::Roots(r) => Ok(r),
                 SecretModel::Leaf { .. } => Err(inconsistent(format!(
@@ -453,7 +440,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     let mut explicit = Vec::new();
     let mut exposes = Vec::new();
     for (name, l) in &res.listeners {
-        match parse::listener(l).map_err(|f| TranslateError::from_fault(Kind::Listener, name, f))? {
+        match &l.model {
             ListenerModel::Public(p) => {
                 if let Some((first, _)) = &public {
                     return Err(inconsistent(format!(
@@ -464,7 +451,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             }
             ListenerModel::Outbound(o) => outbound.push((name.clone(), o)),
             ListenerModel::Upstream { addr, cluster } => {
-                explicit.push((name.clone(), addr, cluster))
+                explicit.push((name.clone(), *addr, cluster.clone()))
             }
             ListenerModel::Expose(e) => exposes.push((name.clone(), e)),
         }
@@ -475,8 +462,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         ]));
     };
     let who = format!("listener {pname}");
-    let (chain, key) = secrets.leaf(&public.tls.leaf, &who)?;
+    let leaf = secrets.leaf(&public.tls.leaf, &who)?;
     let roots = secrets.roots(&public.tls.roots, &who)?;
+    let (chain, key) = (&leaf.chain, &leaf.key);
     let identity =
         veer_core::tls::peer_identity(&chain[0]).map_err(|e| TranslateError::Invalid {
             kind: "listener",
@@ -485,13 +473,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             reason: format!("the leaf certificate has no usable SPIFFE service identity: {e}"),
         })?;
 
-    // Parsed clusters, by name (every referenced one is present: `missing`).
-    let mut clusters: HashMap<&str, ClusterModel> = HashMap::new();
-    for (name, c) in &res.clusters {
-        let m =
-            parse::cluster(c).map_err(|f| TranslateError::from_fault(Kind::Cluster, name, f))?;
-        clusters.insert(name.as_str(), m);
-    }
+    // Clusters by name (every referenced one is present: `missing`).
+    let clusters = &res.clusters;
     let cluster = |name: &str| {
         clusters
             .get(name)
@@ -520,7 +503,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     }
 
     // Upstreams.
-    let no_endpoints = ClusterLoadAssignment::default();
+    let no_endpoints: &[EndpointModel] = &[];
     let mut ups: Vec<Building> = Vec::new();
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
     let new_upstream = |ups: &mut Vec<Building>,
@@ -542,8 +525,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     "{who}: no exact SPIFFE service ID among its subject-alt-name matchers, so veer cannot tell whom it reaches"
                 ))
             })?;
-        let (uchain, _) = secrets.leaf(&tls.leaf, &who)?;
-        if uchain != chain {
+        let uleaf = secrets.leaf(&tls.leaf, &who)?;
+        if !Arc::ptr_eq(uleaf, leaf) && uleaf.chain != *chain {
             // Expected for a moment while a leaf rotates with inline PEM
             // (Consul sends clusters before listeners): wait for both.
             return Err(TranslateError::Incomplete(vec![format!(
@@ -555,18 +538,19 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         spec.protocol = Protocol::Tcp;
         spec.sni = Some(tls.sni.clone());
         spec.san_matchers = tls.sans.clone();
-        spec.roots = (uroots != roots).then_some(uroots);
+        spec.roots =
+            (!Arc::ptr_eq(uroots, roots) && uroots != roots).then(|| uroots.as_ref().clone());
         spec.connect_timeout = model.connect_timeout;
         spec.max_connections = model.max_connections;
         if let Some(eds) = eds {
-            let la = match res.endpoints.get(eds) {
-                Some(la) => la,
+            let eps: &[EndpointModel] = match res.endpoints.get(eds) {
+                Some(eps) => eps,
                 // Refused: no endpoints until a good version arrives.
                 None if res
                     .refused
                     .contains_key(&(Kind::Endpoints, eds.to_string())) =>
                 {
-                    &no_endpoints
+                    no_endpoints
                 }
                 None => {
                     return Err(TranslateError::Incomplete(vec![format!(
@@ -574,8 +558,6 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     )]))
                 }
             };
-            let eps = parse::endpoints_of(la)
-                .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?;
             spec.endpoints = eps.iter().map(|e| e.addr).collect();
             if eps.iter().any(|e| e.weight != 1) {
                 spec.endpoint_weights = eps.iter().map(|e| e.weight).collect();
@@ -742,9 +724,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     };
     Ok(Spec {
         identity,
-        roots,
-        chain,
-        key,
+        roots: roots.as_ref().clone(),
+        chain: chain.clone(),
+        key: key.clone_key(),
         local_app,
         intentions: Vec::new(),
         default_action: Action::Deny,
@@ -757,7 +739,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         timeouts,
         source: SOURCE.to_string(),
         expose,
-        rbac: Some(public.rbac),
+        rbac: Some(public.rbac.clone()),
         permissive_ports,
         inbound_max_connections: public
             .max_connections
@@ -776,6 +758,7 @@ mod tests;
 pub struct Translator;
 
 impl crate::ads::Check for Translator {
+    type Models = crate::resources::Compact;
     fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String> {
         decode(kind, name, any).map_err(|e| e.to_string())
     }
