@@ -129,3 +129,43 @@ fn bytes_per_upstream() {
     );
     drop(snap);
 }
+
+/// What one response costs at 2,000 upstreams once the mesh is held (a
+/// measurement, not part of the suite; best of 15, printed):
+/// `cargo test -p veer-xds --test memory compile_times -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn compile_times() {
+    use std::time::{Duration, Instant};
+    let n = 2000;
+    let wire = mesh(n);
+    let mut res = Resources::default();
+    for (url, name, any) in &wire {
+        let kind = Kind::from_type_url(url).unwrap();
+        res.insert(name.clone(), decode(kind, name, any).unwrap());
+    }
+    let mut snap = veer_core::snapshot::Snapshot::build(translate(&res).unwrap(), 1).unwrap();
+    let mut best = [Duration::MAX; 4];
+    for v in 0..15 {
+        let t = Instant::now();
+        let _w = veer_xds::translate::wanted(&res);
+        let _m = veer_xds::translate::missing(&res);
+        let a = t.elapsed();
+        let t = Instant::now();
+        let spec = translate(&res).unwrap();
+        let b = t.elapsed();
+        let t = Instant::now();
+        let next = veer_core::snapshot::Snapshot::build_after(spec, v + 2, Some(&snap)).unwrap();
+        let c = t.elapsed();
+        let t = Instant::now();
+        snap = next;
+        let d = t.elapsed();
+        for (x, y) in best.iter_mut().zip([a, b, c, d]) {
+            *x = (*x).min(y);
+        }
+    }
+    eprintln!(
+        "best of 15: wanted+missing {:?} translate {:?} build_after {:?} drop old {:?}",
+        best[0], best[1], best[2], best[3]
+    );
+}
