@@ -582,7 +582,8 @@ impl Snapshot {
         };
         let source = (spec.chain, spec.key, spec.roots);
 
-        let mut seen: std::collections::HashMap<(IpAddr, Option<u16>), String> = Default::default();
+        // Each virtual IP (and port) with the index of its upstream.
+        let mut seen: std::collections::HashMap<(IpAddr, Option<u16>), usize> = Default::default();
         let mut own = vec![spec.listen.inbound];
         own.extend(spec.listen.outbound.iter().copied());
         own.extend(spec.expose.iter().map(|e| e.listener));
@@ -607,15 +608,18 @@ impl Snapshot {
         // configuration).
         let reuse = same.map(|p| Reuse::new(&p.routes));
         for mut u in spec.upstreams {
-            let name = u.identity.service.clone();
             for ip in &u.virtual_ips {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
                 let key = (veer_canonical_ip(*ip), u.destination_port);
-                if let Some(first) = seen.insert(key, u.identity.service.clone()) {
+                if let Some(first) = seen.insert(key, upstreams.len()) {
+                    // (None: twice in this upstream's own list.)
+                    let first = upstreams
+                        .get(first)
+                        .map_or(&u.identity.service, |f: &Arc<Upstream>| &f.identity.service);
                     return Err(SnapshotError::DuplicateVip {
                         ip: *ip,
                         port: u.destination_port,
-                        first,
+                        first: first.clone(),
                         second: u.identity.service.clone(),
                     });
                 }
@@ -625,6 +629,7 @@ impl Snapshot {
                 upstreams.push(old);
                 continue;
             }
+            let name = u.identity.service.clone();
             let failover = std::mem::take(&mut u.failover);
             let primary = TargetSpec {
                 identity: u.identity,

@@ -379,19 +379,30 @@ fn inconsistent(msg: impl Into<String>) -> TranslateError {
     TranslateError::Inconsistent(msg.into())
 }
 
+/// What names a secret or has a fault, as errors say it (`cluster <name>`);
+/// formatted only when an error is.
+#[derive(Clone, Copy)]
+struct Who<'a>(&'static str, &'a str);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
 /// Secrets resolved once per translation.
 struct Secrets<'a> {
     res: &'a Resources,
 }
 
 impl<'a> Secrets<'a> {
-    fn secret(&self, name: &str, who: &str) -> Result<&'a SecretModel, TranslateError> {
+    fn secret(&self, name: &str, who: Who) -> Result<&'a SecretModel, TranslateError> {
         self.res.secrets.get(name).ok_or_else(|| {
             TranslateError::Incomplete(vec![format!("secret {name} (SDS), named by {who}")])
         })
     }
 
-    fn leaf(&self, src: &'a LeafSource, who: &str) -> Result<&'a Arc<Leaf>, TranslateError> {
+    fn leaf(&self, src: &'a LeafSource, who: Who) -> Result<&'a Arc<Leaf>, TranslateError> {
         match src {
             LeafSource::Inline(leaf) => Ok(leaf),
             LeafSource::Sds(n) => match self.secret(n, who)? {
@@ -403,7 +414,7 @@ impl<'a> Secrets<'a> {
         }
     }
 
-    fn roots(&self, src: &'a RootsSource, who: &str) -> Result<&'a InlineRoots, TranslateError> {
+    fn roots(&self, src: &'a RootsSource, who: Who) -> Result<&'a InlineRoots, TranslateError> {
         match src {
             RootsSource::Inline(r) => Ok(r),
             RootsSource::Sds(n) => match self.secret(n, who)? {
@@ -461,9 +472,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             "the public listener (LDS)".into(),
         ]));
     };
-    let who = format!("listener {pname}");
-    let leaf = secrets.leaf(&public.tls.leaf, &who)?;
-    let roots = secrets.roots(&public.tls.roots, &who)?;
+    let who = Who("listener", &pname);
+    let leaf = secrets.leaf(&public.tls.leaf, who)?;
+    let roots = secrets.roots(&public.tls.roots, who)?;
     let (chain, key) = (&leaf.chain, &leaf.key);
     let identity =
         veer_core::tls::peer_identity(&chain[0]).map_err(|e| TranslateError::Invalid {
@@ -505,14 +516,14 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     // Upstreams.
     let no_endpoints: &[EndpointModel] = &[];
     let mut ups: Vec<Building> = Vec::new();
-    let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
+    let mut by_key: HashMap<(&str, Option<u16>), usize> = HashMap::new();
     let new_upstream = |ups: &mut Vec<Building>,
                         cname: &str,
                         tls: &parse::UpstreamTls,
                         model: &ClusterModel,
                         eds: Option<&str>|
      -> Result<usize, TranslateError> {
-        let who = format!("cluster {cname}");
+        let who = Who("cluster", cname);
         let identity = tls
             .sans
             .iter()
@@ -525,7 +536,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     "{who}: no exact SPIFFE service ID among its subject-alt-name matchers, so veer cannot tell whom it reaches"
                 ))
             })?;
-        let uleaf = secrets.leaf(&tls.leaf, &who)?;
+        let uleaf = secrets.leaf(&tls.leaf, who)?;
         if !Arc::ptr_eq(uleaf, leaf) && uleaf.chain != *chain {
             // Expected for a moment while a leaf rotates with inline PEM
             // (Consul sends clusters before listeners): wait for both.
@@ -533,7 +544,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 "{who} and listener {pname} to carry the same leaf certificate (its client certificate differs from the public listener's; veer has one identity)"
             )]));
         }
-        let uroots = secrets.roots(&tls.roots, &who)?;
+        let uroots = secrets.roots(&tls.roots, who)?;
         let mut spec = UpstreamSpec::new(identity);
         spec.protocol = Protocol::Tcp;
         spec.sni = Some(tls.sni.clone());
@@ -598,7 +609,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             let cm = cluster(&ch.cluster);
             match &cm.kind {
                 ClusterKind::Eds { eds_name, tls } => {
-                    let key = (ch.cluster.clone(), ch.port);
+                    let key = (ch.cluster.as_str(), ch.port);
                     let i = match by_key.get(&key) {
                         Some(i) => *i,
                         None => {

@@ -196,6 +196,14 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
             "duplicate_vip",
             "10.96.0.20 port 80 is claimed",
         ),
+        (
+            Box::new(|s| {
+                let vip = s.upstreams[0].virtual_ips[0];
+                s.upstreams[0].virtual_ips.push(vip);
+            }),
+            "duplicate_vip",
+            "10.96.0.20 is claimed by both api and api",
+        ),
     ];
     for (i, (change, label, text)) in cases.into_iter().enumerate() {
         let mut s = spec(&ca);
