@@ -3,7 +3,9 @@
 //! (`veer_testsupport::xds`). The `Check` here is a test one: it does not
 //! depend on the translation.
 use super::*;
-use crate::resources::{Kind, Resources};
+use crate::resources::{Kind, Protos};
+
+type Resources = crate::resources::Resources<Protos>;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
@@ -27,7 +29,8 @@ const T: Duration = Duration::from_secs(10);
 struct TestCheck;
 
 impl Check for TestCheck {
-    fn check(&self, kind: Kind, _name: &str, any: &Any) -> Result<Decoded, String> {
+    type Models = Protos;
+    fn check(&self, kind: Kind, _name: &str, any: &Any) -> Result<Decoded<Protos>, String> {
         let d = decode(kind, any)?;
         if let Decoded::Listener(l) = &d {
             if l.stat_prefix == "bad" {

@@ -171,6 +171,61 @@ fn transparent_proxy_golden_maps_to_spec() {
     assert_eq!(spec.upstreams.len(), 3);
 }
 
+/// Consul repeats the same inline leaf and roots in the public listener and
+/// in every upstream cluster: what the ADS client keeps holds them once,
+/// and frees them with the last resource that holds them.
+#[test]
+fn inline_certificates_are_kept_once_and_freed_with_their_resources() {
+    let p = params();
+    let res = load(&cx::transparent_proxy(&p));
+    let mut leaves = Vec::new();
+    let mut roots = Vec::new();
+    for l in res.listeners.values() {
+        if let ListenerModel::Public(pl) = &l.model {
+            leaves.push(pl.tls.leaf.clone());
+            roots.push(pl.tls.roots.clone());
+        }
+    }
+    for c in res.clusters.values() {
+        if let Some(tls) = cluster_tls(c) {
+            leaves.push(tls.leaf.clone());
+            roots.push(tls.roots.clone());
+        }
+    }
+    assert!(leaves.len() >= 4, "{} leaves", leaves.len());
+    let leaf: Vec<Arc<Leaf>> = leaves
+        .into_iter()
+        .map(|l| match l {
+            LeafSource::Inline(a) => a,
+            LeafSource::Sds(n) => panic!("SDS leaf {n} in the inline golden"),
+        })
+        .collect();
+    let root: Vec<InlineRoots> = roots
+        .into_iter()
+        .map(|r| match r {
+            RootsSource::Inline(a) => a,
+            RootsSource::Sds(n) => panic!("SDS roots {n} in the inline golden"),
+        })
+        .collect();
+    assert!(leaf.iter().all(|l| Arc::ptr_eq(l, &leaf[0])), "leaf copies");
+    assert!(
+        root.iter().all(|r| Arc::ptr_eq(r, &root[0])),
+        "roots copies"
+    );
+    let (weak_leaf, weak_roots) = (Arc::downgrade(&leaf[0]), Arc::downgrade(&root[0]));
+    drop((leaf, root));
+    assert!(weak_leaf.upgrade().is_some(), "the resources still hold it");
+    drop(res);
+    assert!(
+        weak_leaf.upgrade().is_none(),
+        "the leaf outlived its resources"
+    );
+    assert!(
+        weak_roots.upgrade().is_none(),
+        "the roots outlived their resources"
+    );
+}
+
 #[test]
 fn catalog_destinations_only_sets_mesh_destinations_only() {
     let spec = spec_of(&cx::transparent_proxy_catalog_destinations_only(&params()));
