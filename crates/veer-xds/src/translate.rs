@@ -685,6 +685,36 @@ struct Building {
     spec: UpstreamSpec,
     /// The EDS cluster name (or the passthrough cluster's SNI).
     cluster: String,
+    /// Which EDS assignment gives the endpoints of each target (see
+    /// [`Slot`]): what an endpoint-only change replaces.
+    feeds: Vec<(Slot, String)>,
+    /// EDS assignments read by an HTTP upstream's route clusters: a change
+    /// to one of them is translated in full.
+    pinned: Vec<String>,
+}
+
+/// One target of an upstream: 0 = the primary, i = `failover[i - 1]`.
+type Slot = usize;
+
+/// An EDS assignment's endpoints as a spec takes them: addresses, and
+/// weights when any is not 1.
+fn endpoint_lists(eps: &[EndpointModel]) -> (Vec<SocketAddr>, Vec<u32>) {
+    let addrs = eps.iter().map(|e| e.addr).collect();
+    let weights = if eps.iter().any(|e| e.weight != 1) {
+        eps.iter().map(|e| e.weight).collect()
+    } else {
+        Vec::new()
+    };
+    (addrs, weights)
+}
+
+/// Where each EDS assignment's endpoints went in a translated [`Spec`].
+#[derive(Debug, Default)]
+struct Feeds {
+    /// EDS name -> (upstream index, target slot).
+    targets: HashMap<String, Vec<(usize, Slot)>>,
+    /// EDS names read where only a full translation places them.
+    pinned: BTreeSet<String>,
 }
 
 /// Compiles the accepted resources into a [`Spec`]. `Incomplete` when a
@@ -694,6 +724,11 @@ struct Building {
 /// resources do not fit together; `Refused`/`Invalid` for a resource that
 /// should not have been accepted.
 pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
+    translate_fed(res).map(|(spec, _)| spec)
+}
+
+/// [`translate`], telling where each EDS assignment's endpoints went.
+fn translate_fed(res: &Resources) -> Result<(Spec, Feeds), TranslateError> {
     let m = missing(res);
     if !m.is_empty() {
         return Err(TranslateError::Incomplete(m));
@@ -831,8 +866,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         t.san_matchers = tls.sans.clone();
         t.roots = (!Arc::ptr_eq(uroots, roots) && uroots != roots).then(|| uroots.as_ref().clone());
         t.connect_timeout = model.connect_timeout;
-        let eps: Vec<(SocketAddr, u32)> = match hosts {
-            Hosts::None => Vec::new(),
+        let (endpoints, weights) = match hosts {
+            Hosts::None => (Vec::new(), Vec::new()),
             Hosts::Eds(eds) => {
                 let eps: &[EndpointModel] = match res.endpoints.get(eds) {
                     Some(eps) => eps,
@@ -849,20 +884,27 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                         )]))
                     }
                 };
-                eps.iter().map(|e| (e.addr, e.weight)).collect()
+                endpoint_lists(eps)
             }
-            Hosts::Dns(dns) => dns_endpoints(res, cname, dns)?,
+            Hosts::Dns(dns) => {
+                let eps = dns_endpoints(res, cname, dns)?;
+                let weights = if eps.iter().any(|e| e.1 != 1) {
+                    eps.iter().map(|e| e.1).collect()
+                } else {
+                    Vec::new()
+                };
+                (eps.iter().map(|e| e.0).collect(), weights)
+            }
         };
-        t.endpoints = eps.iter().map(|e| e.0).collect();
-        if eps.iter().any(|e| e.1 != 1) {
-            t.endpoint_weights = eps.iter().map(|e| e.1).collect();
-        }
+        t.endpoints = endpoints;
+        t.endpoint_weights = weights;
         Ok(t)
     };
     // The targets of an EDS, DNS or aggregate cluster in failover order
     // (an aggregate's members, the first one primary), and the first
     // member's model (its circuit breaker and protocol options).
-    let targets_of = |cname: &str| -> Result<(Vec<TargetSpec>, &ClusterModel), TranslateError> {
+    type Targets<'m> = (Vec<TargetSpec>, Vec<(Slot, String)>, &'m ClusterModel);
+    let targets_of = |cname: &str| -> Result<Targets, TranslateError> {
         let leaves = match &cluster(cname).kind {
             ClusterKind::Aggregate(_) => {
                 let mut out = Vec::new();
@@ -872,8 +914,14 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             _ => vec![cname],
         };
         let mut targets = Vec::new();
+        let mut feeds = Vec::new();
         for (i, leaf) in leaves.iter().enumerate() {
             let m = cluster(leaf);
+            if let ClusterKind::Eds { eds_name, .. } = &m.kind {
+                if res.endpoints.contains_key(eds_name.as_str()) {
+                    feeds.push((i, eds_name.clone()));
+                }
+            }
             let t = match &m.kind {
                 // A failover target without an assignment has no
                 // endpoints (see `missing`).
@@ -901,7 +949,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             };
             targets.push(t);
         }
-        Ok((targets, cluster(leaves[0])))
+        Ok((targets, feeds, cluster(leaves[0])))
     };
     let upstream_of = |targets: Vec<TargetSpec>, model: &ClusterModel| -> UpstreamSpec {
         let mut targets = targets.into_iter();
@@ -917,11 +965,13 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     };
     // The upstream of an EDS, DNS or aggregate cluster.
     let new_upstream = |ups: &mut Vec<Building>, cname: &str| -> Result<usize, TranslateError> {
-        let (targets, model) = targets_of(cname)?;
+        let (targets, feeds, model) = targets_of(cname)?;
         let spec = upstream_of(targets, model);
         ups.push(Building {
             spec,
             cluster: cname.to_string(),
+            feeds,
+            pinned: Vec::new(),
         });
         Ok(ups.len() - 1)
     };
@@ -946,6 +996,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         }
         let names = rm.clusters();
         let mut clusters = Vec::new();
+        let mut pinned = Vec::new();
         for n in &names {
             let cm = cluster(n);
             if !matches!(
@@ -956,7 +1007,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     "{rwho}: routes to cluster {n}, which is not an EDS, DNS or aggregate upstream cluster"
                 )));
             }
-            let (targets, cm) = targets_of(n)?;
+            let (targets, feeds, cm) = targets_of(n)?;
+            pinned.extend(feeds.into_iter().map(|(_, eds)| eds));
             let protocol = match (cm.http2, hcm.protocol) {
                 (true, Protocol::Grpc) => Protocol::Grpc,
                 (true, _) => Protocol::Http2,
@@ -1015,6 +1067,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         ups.push(Building {
             spec,
             cluster: format!("route:{}", rm.name),
+            feeds: Vec::new(),
+            pinned,
         });
         Ok(ups.len() - 1)
     };
@@ -1143,6 +1197,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     _ => None,
                 });
                 let hosts = eds.map_or(Hosts::None, Hosts::Eds);
+                let feeds = eds
+                    .filter(|e| res.endpoints.contains_key(*e))
+                    .map(|e| (0, e.to_string()))
+                    .into_iter()
+                    .collect();
                 let t = target(&cname, tls, cm, hosts)?;
                 let mut spec = UpstreamSpec::new(t.identity.clone());
                 spec.set_primary(t);
@@ -1151,6 +1210,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 ups.push(Building {
                     spec,
                     cluster: cname.clone(),
+                    feeds,
+                    pinned: Vec::new(),
                 });
                 ups.len() - 1
             }
@@ -1197,8 +1258,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         };
         ups[i].spec.local_bind = Some(*addr);
     }
-    let mut upstreams: Vec<UpstreamSpec> = ups.into_iter().map(|b| b.spec).collect();
-    upstreams.sort_by(|a, b| {
+    ups.sort_by(|a, b| {
+        let (a, b) = (&a.spec, &b.spec);
         (
             &a.identity.service,
             &a.sni,
@@ -1212,6 +1273,15 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 b.local_bind,
             ))
     });
+    let mut feeds = Feeds::default();
+    let mut upstreams = Vec::with_capacity(ups.len());
+    for (i, b) in ups.into_iter().enumerate() {
+        for (slot, eds) in b.feeds {
+            feeds.targets.entry(eds).or_default().push((i, slot));
+        }
+        feeds.pinned.extend(b.pinned);
+        upstreams.push(b.spec);
+    }
 
     // Exposed paths.
     let mut expose = Vec::new();
@@ -1239,7 +1309,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         local_connect: local_connect.unwrap_or(Timeouts::default().local_connect),
         ..Timeouts::default()
     };
-    Ok(Spec {
+    let spec = Spec {
         identity,
         roots: roots.as_ref().clone(),
         chain: chain.clone(),
@@ -1263,7 +1333,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
         unapplied,
         inbound_http,
-    })
+    };
+    Ok((spec, feeds))
 }
 
 #[cfg(test)]
@@ -1272,8 +1343,70 @@ mod tests;
 /// The translation as the ADS client's [`crate::ads::Check`]: one resource
 /// is decoded and checked on its own, the whole store compiles into a
 /// `Spec`; every refusal's text is what the NACK says.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Translator;
+///
+/// It keeps the last spec it made, with where each EDS assignment's
+/// endpoints went: when only endpoint assignments changed since (and each
+/// feeds only TCP upstreams it placed), it replaces those targets'
+/// endpoints in a copy of that spec instead of translating everything
+/// again.
+#[derive(Debug, Default)]
+pub struct Translator {
+    last: Option<(Spec, Feeds)>,
+    counts: Counts,
+}
+
+/// What a [`Translator`] did, counted from its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Whole translations (every upstream built).
+    pub full: u64,
+    /// Compiles that only replaced endpoints in the last spec.
+    pub patched: u64,
+    /// Targets whose endpoints those replaced.
+    pub targets_patched: u64,
+}
+
+impl Translator {
+    pub fn new() -> Translator {
+        Translator::default()
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// The last spec with the endpoints of `names` replaced, when every
+    /// one of them is held and feeds only targets the last translation
+    /// placed; `None` = translate in full.
+    fn patch(&mut self, res: &Resources, names: &BTreeSet<String>) -> Option<Spec> {
+        let (spec, feeds) = self.last.as_mut()?;
+        let placed = |n: &String| {
+            res.endpoints.contains_key(n)
+                && feeds.targets.contains_key(n)
+                && !feeds.pinned.contains(n)
+        };
+        if !names.iter().all(placed) {
+            return None;
+        }
+        for n in names {
+            let (addrs, weights) = endpoint_lists(&res.endpoints[n]);
+            for &(i, slot) in &feeds.targets[n] {
+                let u = &mut spec.upstreams[i];
+                if slot == 0 {
+                    u.endpoints = addrs.clone();
+                    u.endpoint_weights = weights.clone();
+                } else {
+                    let t = &mut u.failover[slot - 1];
+                    t.endpoints = addrs.clone();
+                    t.endpoint_weights = weights.clone();
+                }
+                self.counts.targets_patched += 1;
+            }
+        }
+        self.counts.patched += 1;
+        Some(spec.clone())
+    }
+}
 
 impl crate::ads::Check for Translator {
     type Models = crate::resources::Compact;
@@ -1286,10 +1419,20 @@ impl crate::ads::Check for Translator {
     fn missing(&self, res: &Resources) -> Vec<String> {
         missing(res)
     }
-    fn compile(&self, res: &Resources) -> crate::ads::Compiled {
-        use crate::ads::Compiled;
-        match translate(res) {
-            Ok(spec) => Compiled::Ready(spec),
+    fn compile(&mut self, res: &Resources, since: &crate::ads::Changed) -> crate::ads::Compiled {
+        use crate::ads::{Changed, Compiled};
+        if let Changed::Endpoints(names) = since {
+            if let Some(spec) = self.patch(res, names) {
+                return Compiled::Ready(spec);
+            }
+        }
+        self.last = None;
+        self.counts.full += 1;
+        match translate_fed(res) {
+            Ok((spec, feeds)) => {
+                self.last = Some((spec.clone(), feeds));
+                Compiled::Ready(spec)
+            }
             // Also what only the whole translation sees: a leaf in the
             // middle of a rotation (Consul sends the clusters before the
             // listeners) waits for the rest instead of being refused; a

@@ -65,8 +65,38 @@ pub trait Check {
     /// changed nothing, to keep the status current.
     fn missing(&self, res: &Resources<Self::Models>) -> Vec<String>;
     /// The whole configuration, compiled once per response that changed
-    /// something.
-    fn compile(&self, res: &Resources<Self::Models>) -> Compiled;
+    /// something. `since` says what changed since the last configuration
+    /// the runtime took (a translation may rebuild only that part).
+    fn compile(&mut self, res: &Resources<Self::Models>, since: &Changed) -> Compiled;
+}
+
+/// What changed in the accepted resources since the last configuration
+/// the runtime took (see [`Check::compile`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have (or nothing was taken yet): compile it all.
+    Anything,
+    /// Only the endpoint assignments (EDS) of these names: added, replaced
+    /// or removed.
+    Endpoints(BTreeSet<String>),
+}
+
+impl Changed {
+    /// Nothing changed.
+    pub fn nothing() -> Changed {
+        Changed::Endpoints(BTreeSet::new())
+    }
+
+    /// What changed in `self` and then in `then`.
+    fn and(&self, then: Changed) -> Changed {
+        match (self, then) {
+            (Changed::Endpoints(a), Changed::Endpoints(mut b)) => {
+                b.extend(a.iter().cloned());
+                Changed::Endpoints(b)
+            }
+            _ => Changed::Anything,
+        }
+    }
 }
 
 /// What [`Check::compile`] makes of the accepted resources.
@@ -127,6 +157,8 @@ pub struct AdsState<C: Check> {
     /// The hostnames DNS clusters name, with how often to resolve them
     /// ([`Wanted::dns`], as of the last response).
     dns: BTreeMap<String, Duration>,
+    /// What changed since the runtime last took a configuration.
+    since: Changed,
 }
 
 /// What one batch of DNS answers did ([`AdsState::on_dns`]).
@@ -152,6 +184,7 @@ impl<C: Check> AdsState<C> {
             subscribed: BTreeMap::new(),
             delivered: false,
             dns: BTreeMap::new(),
+            since: Changed::Anything,
         }
     }
 
@@ -195,13 +228,17 @@ impl<C: Check> AdsState<C> {
             out.waiting_for = self.check.missing(&self.res);
             return out;
         }
-        match self.check.compile(&self.res) {
+        // (DNS answers reach the translation as a whole.)
+        let compiled = self.check.compile(&self.res, &Changed::Anything);
+        self.since = Changed::Anything;
+        match compiled {
             Compiled::Waiting(w) => out.waiting_for = w,
             Compiled::Refused(reason) => out.refused = Some(reason),
             Compiled::Ready(spec) => match apply(spec) {
                 Ok(()) => {
                     out.delivered = true;
                     self.delivered = true;
+                    self.since = Changed::nothing();
                 }
                 Err(reason) => {
                     out.refused = Some(format!("runtime refused the configuration: {reason}"))
@@ -404,10 +441,21 @@ impl<C: Check> AdsState<C> {
         if undo.is_empty() && self.res.refused == refused_before {
             waiting_for = self.check.missing(&self.res);
         } else {
-            let refused = match self.check.compile(&self.res) {
+            // Only endpoint assignments added, replaced or removed: say
+            // which, so that the translation can rebuild only what they feed.
+            let now = if self.res.refused == refused_before
+                && undo.iter().all(|u| u.kind == Kind::Endpoints)
+            {
+                Changed::Endpoints(undo.iter().map(|u| u.name.clone()).collect())
+            } else {
+                Changed::Anything
+            };
+            let since = self.since.and(now);
+            let refused = match self.check.compile(&self.res, &since) {
                 Compiled::Refused(reason) => Some(format!("configuration rejected: {reason}")),
                 Compiled::Waiting(w) => {
                     waiting_for = w;
+                    self.since = since;
                     None
                 }
                 Compiled::Ready(spec) => match apply(spec) {
@@ -415,11 +463,15 @@ impl<C: Check> AdsState<C> {
                     Ok(()) => {
                         delivered = true;
                         self.delivered = true;
+                        self.since = Changed::nothing();
                         None
                     }
                 },
             };
             if let Some(reason) = refused {
+                // What the translation made last was not taken: the next
+                // compile starts over.
+                self.since = Changed::Anything;
                 errors.push(reason);
                 self.revert(undo);
                 self.res.refused = refused_before;
