@@ -1074,10 +1074,15 @@ fn xds_metrics_consul_reads_match_envoys() {
 
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// One `/proc/<pid>/status` field in KiB (`VmHWM:` = the peak RSS).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -1138,6 +1143,8 @@ struct ScaleRow {
     cpu: f64,
     /// RSS after the two changes, MiB.
     rss_mib: f64,
+    /// The peak RSS (`VmHWM`).
+    peak_mib: f64,
     /// One added upstream (its CDS, EDS and LDS): the change to the last
     /// of the three ACKs.
     ack_added: Duration,
@@ -1320,22 +1327,35 @@ fn scale_run(n: usize, proxies: &[Proxy]) -> Vec<ScaleRow> {
             Duration::from_nanos(cpu_ns(pid).saturating_sub(c0) / changes.max(1) as u64);
         took.sort();
         let ack_endpoint = took[took.len() / 2];
+        // The resident set once the updates settled: veer hands the heap a
+        // swap freed back to the kernel 2 s after it (`RELEASE_HEAP_AFTER`);
+        // the peak is reported too.
+        std::thread::sleep(Duration::from_secs(3));
         let rss_mib = rss_kib(pid) as f64 / 1024.0;
+        let peak_mib = status_kib(pid, "VmHWM:") as f64 / 1024.0;
+        if std::env::var_os("VEER_XDS_SCALE_TRACE").is_some() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            for l in status.lines().filter(|l| l.starts_with("Rss")) {
+                eprintln!("  {l}");
+            }
+        }
         let row = ScaleRow {
             proxy,
             first_apply,
             ready,
             cpu,
             rss_mib,
+            peak_mib,
             ack_added,
             ack_endpoint,
             cpu_added,
             cpu_endpoint,
         };
         eprintln!(
-            "xds_scale {:?} upstreams={n}: RSS {:.1} MiB, first apply {} ms (ready {:.2} s), one added upstream ACKed in {} ms (CPU {:.1} ms), one endpoint change ACKed in {} ms (CPU {:.1} ms), CPU {:.2} s",
+            "xds_scale {:?} upstreams={n}: RSS {:.1} MiB (peak {:.1} MiB), first apply {} ms (ready {:.2} s), one added upstream ACKed in {} ms (CPU {:.1} ms), one endpoint change ACKed in {} ms (CPU {:.1} ms), CPU {:.2} s to ready, {:.2} s in all",
             row.proxy,
             row.rss_mib,
+            row.peak_mib,
             row.first_apply.as_millis(),
             row.ready.as_secs_f64(),
             row.ack_added.as_millis(),
@@ -1343,6 +1363,7 @@ fn scale_run(n: usize, proxies: &[Proxy]) -> Vec<ScaleRow> {
             row.ack_endpoint.as_millis(),
             row.cpu_endpoint.as_secs_f64() * 1000.0,
             row.cpu,
+            cpu_secs(pid),
         );
         rows.push(row);
         drop(dp);

@@ -12,10 +12,17 @@ use veer_xds::translate::{decode, translate};
 
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// The most live bytes since it was last set.
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn grew(by: isize) {
+    let now = LIVE.fetch_add(by, Relaxed) + by;
+    PEAK.fetch_max(now, Relaxed);
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Relaxed);
+        grew(l.size() as isize);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
@@ -23,7 +30,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
+        grew(new as isize - l.size() as isize);
         unsafe { System.realloc(p, l, new) }
     }
 }
@@ -189,5 +196,77 @@ fn compile_times() {
     eprintln!(
         "CPU, mean of {rounds}: wanted+missing {:?}, translate {:?}, build_after {:?} (a build without the previous snapshot: {:?}), dropping the old snapshot {:?}",
         mean[0], mean[1], mean[2], mean[4], mean[3]
+    );
+}
+
+/// The whole xDS side at 2,000 upstreams, as veer runs it: responses (CDS,
+/// EDS, LDS, as Consul sends them) through the ADS state with the real
+/// translator, each delivered spec built into a snapshot after the
+/// previous one; then one endpoint change. Prints what stays live (the ADS
+/// state: resources, versions, subscriptions and the translator's last
+/// spec; the snapshot) and the peak while a response is handled (a
+/// measurement, not part of the suite):
+/// `cargo test -p veer-xds --test memory whole_xds_side -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn whole_xds_side() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    use veer_core::snapshot::{Snapshot, Spec};
+    use veer_xds::ads::AdsState;
+    use veer_xds::translate::Translator;
+    let n = 2000;
+    let wire = mesh(n);
+    let response = |kind: Kind, nonce: &str| DeltaDiscoveryResponse {
+        type_url: kind.type_url().into(),
+        nonce: nonce.into(),
+        resources: wire
+            .iter()
+            .filter(|(u, _, _)| u == kind.type_url())
+            .map(|(_, name, any)| Resource {
+                name: name.clone(),
+                version: "1".into(),
+                resource: Some(any.clone()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let wire_total: usize = wire.iter().map(|(_, _, a)| a.value.len()).sum();
+    let base = live();
+    let mut snap: Option<Snapshot> = None;
+    let mut state = AdsState::new(Translator::new(), Node::default());
+    state.start();
+    let mut peak_over = 0isize;
+    for (i, kind) in [Kind::Cluster, Kind::Endpoints, Kind::Listener]
+        .into_iter()
+        .enumerate()
+    {
+        PEAK.store(live(), Relaxed);
+        // (The response as the gRPC client decodes it: live while handled.)
+        let resp = response(kind, &i.to_string());
+        let mut apply = |spec: Spec| {
+            let next = Snapshot::build_after(spec, 1, snap.as_ref()).map_err(|e| e.to_string())?;
+            snap = Some(next);
+            Ok(())
+        };
+        let out = state.on_response(resp, &mut apply);
+        assert_eq!(out.reply, veer_xds::ads::Reply::Ack);
+        peak_over = peak_over.max(PEAK.load(Relaxed) - base);
+    }
+    assert!(state.delivered());
+    let snap_bytes = {
+        let s = snap.take().unwrap();
+        let b = live();
+        drop(s);
+        b - live()
+    };
+    let state_bytes = live() - base;
+    let per = |b: isize| b / n as isize;
+    eprintln!(
+        "n = {n}: ADS state {} B per upstream ({state_bytes} B), snapshot {} B per upstream; peak while a response is handled {} B per upstream ({peak_over} B, the responses' resources {wire_total} B on the wire)",
+        per(state_bytes),
+        per(snap_bytes),
+        per(peak_over),
     );
 }
