@@ -125,8 +125,8 @@ fn bytes_per_upstream() {
         per(snap_bytes)
     );
     // The accepted resources are kept as the translation's models, not as
-    // decoded protobufs: measured 1,243 B per upstream (CDS 776 B, EDS
-    // 259 B, LDS 208 B; the inline leaf and roots Consul repeats in every
+    // decoded protobufs: measured 1,311 B per upstream (CDS 834 B, EDS
+    // 259 B, LDS 216 B; the inline leaf and roots Consul repeats in every
     // cluster are shared). Decoded protobufs took 14,590 B (CDS 8.4 KB,
     // EDS 4 KB, LDS 2.1 KB: prost's structs are 4-20x their wire size).
     assert!(
@@ -268,5 +268,100 @@ fn whole_xds_side() {
         per(state_bytes),
         per(snap_bytes),
         per(peak_over),
+    );
+}
+
+/// What one endpoint change costs at 2,000 upstreams through the ADS
+/// state (thread CPU, the mean of 40 changes; a measurement, not part of
+/// the suite): the whole response (`on_response`, with the snapshot built
+/// after the previous one), and of it `build_after` alone:
+/// `cargo test --release -p veer-xds --test memory endpoint_change_times -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn endpoint_change_times() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    use prost::Message;
+    use std::time::Duration;
+    use veer_core::snapshot::{Snapshot, Spec};
+    use veer_xds::ads::AdsState;
+    use veer_xds::translate::Translator;
+    let n = 2000;
+    let wire = mesh(n);
+    let response =
+        |kind: &str,
+         nonce: String,
+         items: Vec<(String, envoy_types::pb::google::protobuf::Any)>| {
+            DeltaDiscoveryResponse {
+                type_url: kind.into(),
+                nonce,
+                resources: items
+                    .into_iter()
+                    .map(|(name, any)| Resource {
+                        name,
+                        version: "1".into(),
+                        resource: Some(any),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+        };
+    let mut snap: Option<Snapshot> = None;
+    let mut build = Duration::ZERO;
+    let mut state = AdsState::new(Translator::new(), Node::default());
+    state.start();
+    for (i, kind) in [Kind::Cluster, Kind::Endpoints, Kind::Listener]
+        .into_iter()
+        .enumerate()
+    {
+        let items = wire
+            .iter()
+            .filter(|(u, _, _)| u == kind.type_url())
+            .map(|(_, n, a)| (n.clone(), a.clone()))
+            .collect();
+        let mut apply = |spec: Spec| {
+            snap = Some(Snapshot::build_after(spec, 1, snap.as_ref()).map_err(|e| e.to_string())?);
+            Ok(())
+        };
+        state.on_response(response(kind.type_url(), i.to_string(), items), &mut apply);
+    }
+    assert!(state.delivered());
+    let (_, name, any) = wire
+        .iter()
+        .find(|(u, _, _)| u == Kind::Endpoints.type_url())
+        .unwrap();
+    let la = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+    let rounds = 40u32;
+    let mut total = Duration::ZERO;
+    for k in 0..rounds {
+        let mut la = la.clone();
+        la.endpoints[0].lb_endpoints.truncate(1 + (k as usize % 2));
+        let any = envoy_types::pb::google::protobuf::Any {
+            type_url: Kind::Endpoints.type_url().into(),
+            value: la.encode_to_vec(),
+        };
+        let resp = response(
+            Kind::Endpoints.type_url(),
+            format!("e{k}"),
+            vec![(name.clone(), any)],
+        );
+        let mut apply = |spec: Spec| {
+            let t = thread_cpu();
+            snap = Some(Snapshot::build_after(spec, 2, snap.as_ref()).map_err(|e| e.to_string())?);
+            build += thread_cpu() - t;
+            Ok(())
+        };
+        let t = thread_cpu();
+        let out = state.on_response(resp, &mut apply);
+        total += thread_cpu() - t;
+        assert!(out.delivered);
+    }
+    let c = state.check().counts();
+    eprintln!(
+        "one endpoint change at n = {n}, CPU mean of {rounds}: on_response {:?}, of it build_after {:?} (translator: {c:?})",
+        total / rounds,
+        build / rounds,
     );
 }
