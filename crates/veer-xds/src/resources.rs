@@ -191,6 +191,16 @@ impl Wanted {
             Kind::Listener | Kind::Cluster => None,
         }
     }
+
+    /// Takes the names of a by-name kind out (empty for the others).
+    pub fn take(&mut self, kind: Kind) -> BTreeSet<String> {
+        match kind {
+            Kind::Endpoints => std::mem::take(&mut self.endpoints),
+            Kind::Route => std::mem::take(&mut self.routes),
+            Kind::Secret => std::mem::take(&mut self.secrets),
+            Kind::Listener | Kind::Cluster => BTreeSet::new(),
+        }
+    }
 }
 
 impl<M: Models> Resources<M> {
@@ -247,6 +257,17 @@ impl<M: Models> Resources<M> {
             Kind::Endpoints => self.endpoints.keys().cloned().collect(),
             Kind::Route => self.routes.keys().cloned().collect(),
             Kind::Secret => self.secrets.keys().cloned().collect(),
+        }
+    }
+
+    /// The names held of one kind, borrowed.
+    pub fn names_held(&self, kind: Kind) -> Vec<&str> {
+        match kind {
+            Kind::Listener => self.listeners.keys().map(String::as_str).collect(),
+            Kind::Cluster => self.clusters.keys().map(String::as_str).collect(),
+            Kind::Endpoints => self.endpoints.keys().map(String::as_str).collect(),
+            Kind::Route => self.routes.keys().map(String::as_str).collect(),
+            Kind::Secret => self.secrets.keys().map(String::as_str).collect(),
         }
     }
 }

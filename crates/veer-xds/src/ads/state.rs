@@ -302,7 +302,7 @@ impl<C: Check> AdsState<C> {
         self.dns = std::mem::take(&mut wanted.dns);
         let mut out = Vec::new();
         for kind in BY_NAME {
-            let want = wanted.names(kind).cloned().unwrap_or_default();
+            let want = wanted.take(kind);
             match self.subscribed.get(&kind) {
                 None if want.is_empty() => {}
                 None => {
@@ -421,15 +421,18 @@ impl<C: Check> AdsState<C> {
                 .refused
                 .keys()
                 .filter(|(rk, _)| *rk == k)
-                .map(|(_, n)| n.clone());
+                .map(|(_, n)| n.as_str());
+            // (Only the stale names are copied: at mesh scale, thousands
+            // are held and one or none is stale.)
             let stale: Vec<String> = self
                 .res
-                .names(k)
+                .names_held(k)
                 .into_iter()
                 .chain(refused)
-                .filter(|n| !want.contains(n))
+                .filter(|n| !want.contains(*n))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
+                .map(str::to_string)
                 .collect();
             for name in stale {
                 self.take(k, name, &mut undo);
