@@ -206,7 +206,8 @@ fn compile_times() {
 /// state: resources, versions, subscriptions and the translator's last
 /// spec; the snapshot) and the peak while a response is handled (a
 /// measurement, not part of the suite):
-/// `cargo test -p veer-xds --test memory whole_xds_side -- --ignored --nocapture`.
+/// `cargo test -p veer-xds --test memory whole_xds_side -- --ignored --nocapture --test-threads=1`
+/// (one test at a time: the allocator counts every thread).
 #[test]
 #[ignore]
 fn whole_xds_side() {
@@ -275,7 +276,7 @@ fn whole_xds_side() {
 /// state (thread CPU, the mean of 40 changes; a measurement, not part of
 /// the suite): the whole response (`on_response`, with the snapshot built
 /// after the previous one), and of it `build_after` alone:
-/// `cargo test --release -p veer-xds --test memory endpoint_change_times -- --ignored --nocapture`.
+/// `cargo test --release -p veer-xds --test memory endpoint_change_times -- --ignored --nocapture --test-threads=1`.
 #[test]
 #[ignore]
 fn endpoint_change_times() {
