@@ -174,7 +174,7 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
                 }
             })
         };
-        match veer_xds::ads::run(cfg, Translator, apply, status).await {
+        match veer_xds::ads::run(cfg, Translator::new(), apply, status).await {
             Ok(never) => match never {},
             Err(e) => tracing::error!("the ADS client cannot run: {e}"),
         }

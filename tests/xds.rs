@@ -30,7 +30,7 @@ use veer_testsupport::mesh::{
     self, API_VIP, API_VIP6, BLACKHOLE_IP, PLAIN_IP, PROXY_UID, SERVER_IP,
 };
 use veer_testsupport::netns::Netns;
-use veer_testsupport::xds::{XdsServer, CDS};
+use veer_testsupport::xds::{Recorded, Sent, XdsServer, CDS, EDS, LDS};
 
 fn veer() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_veer"))
@@ -1108,10 +1108,15 @@ fn xds_metrics_consul_reads_match_envoys() {
 
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// One `/proc/<pid>/status` field in KiB (`VmHWM:` = the peak RSS).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -1126,27 +1131,75 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// Mesh scale, side by side (not part of the suite; a measurement):
-/// `VEER_XDS_SCALE=2000 cargo test --release --test xds xds_scale -- --ignored --nocapture`.
-/// The web sidecar gets N implicit upstreams with 3 endpoints each over
-/// Delta xDS from consul-dataplane's bootstrap (with its stats tags); for
-/// veer and for Envoy it prints the time from start to ready (the first
-/// configuration applied), CPU seconds, RSS, and the time one endpoint
-/// change takes to be ACKed.
-#[test]
-#[ignore]
-fn xds_scale() {
-    if !veer_testsupport::require_root("xds_scale") {
-        return;
-    }
-    let n: usize = std::env::var("VEER_XDS_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+/// When `ads` got the ACK of the first response of `type_url` sent at or
+/// after `after` that carries `name` (any name when empty).
+fn acked_at(
+    (reqs, sent): (&[Recorded], &[Sent]),
+    type_url: &str,
+    name: &str,
+    after: Instant,
+) -> Option<Instant> {
+    let s = sent.iter().find(|s| {
+        s.type_url == type_url
+            && s.at >= after
+            && (name.is_empty() || s.resources.iter().any(|(n, _)| n == name))
+    })?;
+    reqs.iter()
+        .find(|r| r.is_ack() && r.req.response_nonce == s.nonce)
+        .map(|r| r.at)
+}
+
+/// Polls the server's log (without copying it) until `f` gives a time.
+fn wait_acked(
+    t: &Topo,
+    timeout: Duration,
+    f: impl Fn((&[Recorded], &[Sent])) -> Option<Instant>,
+) -> Option<Instant> {
+    let found = std::sync::Mutex::new(None);
+    t.rt.block_on(t.web_ads.wait_for(timeout, |reqs, sent| {
+        let at = f((reqs, sent));
+        *found.lock().unwrap() = at;
+        at.is_some()
+    }));
+    found.into_inner().unwrap()
+}
+
+/// What one proxy did with a mesh of N upstreams.
+#[derive(Debug)]
+struct ScaleRow {
+    proxy: Proxy,
+    /// First response sent to the ACK of the response that completed the
+    /// first configuration (the LDS one, which the server sends last).
+    first_apply: Duration,
+    /// Process start to `/ready` 200.
+    ready: Duration,
+    /// CPU seconds at ready.
+    cpu: f64,
+    /// RSS after the two changes, MiB.
+    rss_mib: f64,
+    /// The peak RSS (`VmHWM`).
+    peak_mib: f64,
+    /// One added upstream (its CDS, EDS and LDS): the change to the last
+    /// of the three ACKs.
+    ack_added: Duration,
+    /// One endpoint change (EDS): the change to its ACK (the median of
+    /// several, one at a time).
+    ack_endpoint: Duration,
+    /// CPU the proxy spent on the added upstream.
+    cpu_added: Duration,
+    /// CPU the proxy spent per endpoint change (the mean).
+    cpu_endpoint: Duration,
+}
+
+/// The web sidecar with `n` implicit upstreams of 3 endpoints each, over
+/// Delta xDS from consul-dataplane's bootstrap (with its stats tags), to
+/// each proxy in turn on a fresh stream: the first configuration, then one
+/// added upstream, then one endpoint change.
+fn scale_run(n: usize, proxies: &[Proxy]) -> Vec<ScaleRow> {
     let mut t = Topo::new();
     let mut p = t.params("web");
     let mut shape = web_shape();
-    for i in 0..n {
+    let add = |p: &mut Params, shape: &mut SidecarShape, i: usize| {
         let svc = format!("svc{i:05}");
         let (a, b) = ((i / 250) as u8, (i % 250) as u8);
         p.vips
@@ -1158,14 +1211,27 @@ fn xds_scale() {
                 .collect(),
         );
         shape.upstreams.push(svc);
+    };
+    for i in 0..n {
+        add(&mut p, &mut shape, i);
     }
     let x = cx::sidecar(&p, &shape);
-    let proxies: Vec<Proxy> = match std::env::var("VEER_XDS_SCALE_ONLY").as_deref() {
-        Ok("veer") => vec![Proxy::Veer],
-        Ok("envoy") => vec![Proxy::Envoy],
-        _ => vec![Proxy::Veer, Proxy::Envoy],
-    };
-    for proxy in proxies {
+    let (mut p2, mut shape2) = (p.clone(), shape.clone());
+    add(&mut p2, &mut shape2, n);
+    let x2 = cx::sidecar(&p2, &shape2);
+    let added = format!("svc{n:05}");
+    let outbound = x2
+        .listeners
+        .iter()
+        .find(|l| l.name.starts_with("outbound_listener:"))
+        .expect("outbound listener")
+        .name
+        .clone();
+    let mut rows = Vec::new();
+    for &proxy in proxies {
+        // The mesh as it was before the changes of the last run.
+        t.web_ads.remove(CDS, &p2.sni(&added));
+        t.web_ads.remove(EDS, &p2.sni(&added));
         t.serve(&t.web_ads, &x);
         let start = Instant::now();
         let dp = Dp::start(proxy, &t.client, &t.files, "web", &t.web_sock);
@@ -1175,28 +1241,165 @@ fn xds_scale() {
         assert!(ok, "{proxy:?} not ready:\n{}", dp.log_text());
         let ready = start.elapsed();
         let pid = dp.child.id();
-        let (cpu, rss) = (cpu_secs(pid), rss_kib(pid));
-        // One endpoint change: time until its response is ACKed.
-        let acks0 = t.web_ads.requests().iter().filter(|r| r.is_ack()).count();
-        let mut la = cx::load_assignment(
-            &p.sni("svc00000"),
-            &[SocketAddr::from(([10, 250, 0, 9], 20000))],
-        );
-        la.cluster_name = p.sni("svc00000");
+        let cpu = cpu_secs(pid);
+        // The first configuration: every response sent before ready; it
+        // is applied when the last of them is ACKed.
+        let ready_at = start + ready;
+        let initial: Vec<Sent> = t
+            .web_ads
+            .sent()
+            .into_iter()
+            .filter(|s| s.at >= start && s.at <= ready_at)
+            .collect();
+        let reqs = t.web_ads.requests();
+        let ack_of = |s: &Sent| {
+            reqs.iter()
+                .find(|r| r.req.response_nonce == s.nonce)
+                .map(|r| (r.is_ack(), r.at))
+        };
+        let first_sent = initial.first().expect("a first response").at;
+        let last_ack = initial
+            .iter()
+            .filter_map(|s| ack_of(s).filter(|a| a.0).map(|a| a.1))
+            .max()
+            .expect("the first configuration ACKed");
+        let first_apply = last_ack - first_sent;
+        if std::env::var_os("VEER_XDS_SCALE_TRACE").is_some() {
+            for s in &initial {
+                eprintln!(
+                    "  {} sent +{} ms ({} resources), replied {:?}",
+                    s.type_url.rsplit('.').next().unwrap_or(""),
+                    (s.at - start).as_millis(),
+                    s.resources.len(),
+                    ack_of(s).map(|(ack, at)| (ack, (at - start).as_millis()))
+                );
+            }
+        }
+        drop(reqs);
+
+        // One added upstream: its cluster, endpoints and outbound chain.
+        let c0 = cpu_ns(pid);
         let t0 = Instant::now();
-        t.web_ads.put(&p.sni("svc00000"), &la);
-        let acked = wait_until(Duration::from_secs(120), || {
-            t.web_ads.requests().iter().filter(|r| r.is_ack()).count() > acks0
+        t.serve(&t.web_ads, &x2);
+        let name = p2.sni(&added);
+        let done = wait_acked(&t, Duration::from_secs(120), |log| {
+            let parts = [
+                acked_at(log, CDS, &name, t0),
+                acked_at(log, EDS, &name, t0),
+                acked_at(log, LDS, &outbound, t0),
+            ];
+            parts
+                .iter()
+                .copied()
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().max())
         });
-        let change = t0.elapsed();
-        assert!(acked, "{proxy:?}: the endpoint change was not ACKed");
-        eprintln!(
-            "xds_scale {proxy:?} upstreams={n}: ready {:.2} s, CPU {:.2} s, RSS {:.1} MiB, one endpoint change ACKed in {} ms",
-            ready.as_secs_f64(),
+        let Some(done) = done else {
+            panic!(
+                "{proxy:?}: the added upstream was not ACKed:\n{}",
+                dp.log_text()
+            );
+        };
+        let ack_added = done - t0;
+        let cpu_added = Duration::from_nanos(cpu_ns(pid).saturating_sub(c0));
+        if std::env::var_os("VEER_XDS_SCALE_TRACE").is_some() {
+            let reqs = t.web_ads.requests();
+            for r in reqs.iter().filter(|r| r.at >= t0) {
+                eprintln!(
+                    "  request +{} ms: {} nonce {:?} ack {} subscribe {}",
+                    (r.at - t0).as_millis(),
+                    r.type_url().rsplit('.').next().unwrap_or(""),
+                    r.req.response_nonce,
+                    r.is_ack(),
+                    r.req.resource_names_subscribe.len()
+                );
+            }
+            for s in t.web_ads.sent().iter().filter(|s| s.at >= t0) {
+                eprintln!(
+                    "  sent +{} ms: {} nonce {:?} {} resources",
+                    (s.at - t0).as_millis(),
+                    s.type_url.rsplit('.').next().unwrap_or(""),
+                    s.nonce,
+                    s.resources.len()
+                );
+            }
+        }
+
+        // Endpoint changes, one at a time (VEER_XDS_SCALE_CHANGES of them,
+        // 5 by default): the median time to the ACK.
+        let changes: usize = std::env::var("VEER_XDS_SCALE_CHANGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let name = p.sni("svc00000");
+        let mut took = Vec::new();
+        let c0 = cpu_ns(pid);
+        for k in 0..changes {
+            let ep = SocketAddr::from(([10, 250, (k / 250) as u8, (k % 250) as u8 + 1], 20000));
+            let mut la = cx::load_assignment(&name, &[ep]);
+            la.cluster_name = name.clone();
+            let t0 = Instant::now();
+            t.web_ads.put(&name, &la);
+            let done = wait_acked(&t, Duration::from_secs(120), |log| {
+                acked_at(log, EDS, &name, t0)
+            });
+            let Some(done) = done else {
+                panic!("{proxy:?}: the endpoint change was not ACKed");
+            };
+            if std::env::var_os("VEER_XDS_SCALE_TRACE").is_some() {
+                let sent = t.web_ads.sent();
+                let s = sent.iter().rev().find(|s| s.at >= t0 && s.type_url == EDS);
+                eprintln!(
+                    "  endpoint change {k}: sent +{:?} µs, ACK +{} µs",
+                    s.map(|s| (s.at - t0).as_micros()),
+                    (done - t0).as_micros()
+                );
+            }
+            took.push(done - t0);
+        }
+        let cpu_endpoint =
+            Duration::from_nanos(cpu_ns(pid).saturating_sub(c0) / changes.max(1) as u64);
+        took.sort();
+        let ack_endpoint = took[took.len() / 2];
+        // The resident set once the updates settled: veer hands the heap a
+        // swap freed back to the kernel 2 s after it (`RELEASE_HEAP_AFTER`);
+        // the peak is reported too.
+        std::thread::sleep(Duration::from_secs(3));
+        let rss_mib = rss_kib(pid) as f64 / 1024.0;
+        let peak_mib = status_kib(pid, "VmHWM:") as f64 / 1024.0;
+        if std::env::var_os("VEER_XDS_SCALE_TRACE").is_some() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            for l in status.lines().filter(|l| l.starts_with("Rss")) {
+                eprintln!("  {l}");
+            }
+        }
+        let row = ScaleRow {
+            proxy,
+            first_apply,
+            ready,
             cpu,
-            rss as f64 / 1024.0,
-            change.as_millis()
+            rss_mib,
+            peak_mib,
+            ack_added,
+            ack_endpoint,
+            cpu_added,
+            cpu_endpoint,
+        };
+        eprintln!(
+            "xds_scale {:?} upstreams={n}: RSS {:.1} MiB (peak {:.1} MiB), first apply {} ms (ready {:.2} s), one added upstream ACKed in {} ms (CPU {:.1} ms), one endpoint change ACKed in {} ms (CPU {:.1} ms), CPU {:.2} s to ready, {:.2} s in all",
+            row.proxy,
+            row.rss_mib,
+            row.peak_mib,
+            row.first_apply.as_millis(),
+            row.ready.as_secs_f64(),
+            row.ack_added.as_millis(),
+            row.cpu_added.as_secs_f64() * 1000.0,
+            row.ack_endpoint.as_millis(),
+            row.cpu_endpoint.as_secs_f64() * 1000.0,
+            row.cpu,
+            cpu_secs(pid),
         );
+        rows.push(row);
         drop(dp);
         // A fresh stream for the next proxy.
         t.rt.block_on(t.web_ads.stop());
@@ -1204,7 +1407,72 @@ fn xds_scale() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&t.web_sock, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
+    rows
 }
+
+/// CPU time all threads of a process have run, from the scheduler
+/// (`/proc/<pid>/task/*/schedstat`, nanoseconds): finer than `cpu_secs`'s
+/// ticks, for one change. Threads that ended are not counted.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Mesh scale, side by side (not part of the suite; a measurement):
+/// `VEER_XDS_SCALE=2000 cargo test --test xds xds_scale -- --ignored --nocapture`
+/// (`VEER_XDS_SCALE_ONLY=veer|envoy` for one of them). Prints, per proxy,
+/// RSS, the first-apply time, the ACK times of one added upstream and of
+/// one endpoint change, and CPU seconds.
+#[test]
+#[ignore]
+fn xds_scale() {
+    if !veer_testsupport::require_root("xds_scale") {
+        return;
+    }
+    let n: usize = std::env::var("VEER_XDS_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let proxies: Vec<Proxy> = match std::env::var("VEER_XDS_SCALE_ONLY").as_deref() {
+        Ok("veer") => vec![Proxy::Veer],
+        Ok("envoy") => vec![Proxy::Envoy],
+        _ => vec![Proxy::Veer, Proxy::Envoy],
+    };
+    scale_run(n, &proxies);
+}
+
+/// The same side by side at a size the suite can afford: both proxies take
+/// the mesh, one added upstream and one endpoint change, and veer does it
+/// in less memory and less time than Envoy.
+#[test]
+fn xds_scale_side_by_side() {
+    if !veer_testsupport::require_root("xds_scale_side_by_side") {
+        return;
+    }
+    let rows = scale_run(SUITE_SCALE, &[Proxy::Veer, Proxy::Envoy]);
+    let (v, e) = (&rows[0], &rows[1]);
+    assert!(
+        v.rss_mib < e.rss_mib / 2.0,
+        "RSS: veer {:.1} MiB, Envoy {:.1} MiB",
+        v.rss_mib,
+        e.rss_mib
+    );
+    assert!(
+        v.first_apply < e.first_apply / 4,
+        "first apply: veer {:?}, Envoy {:?}",
+        v.first_apply,
+        e.first_apply
+    );
+}
+
+/// Upstreams in the suite's side-by-side run.
+const SUITE_SCALE: usize = 100;
 
 /// veer started as `consul connect envoy` (Consul ≥ 1.15) starts Envoy on a
 /// VM: `--config-path <FIFO> --disable-hot-restart`, the bootstrap written

@@ -365,7 +365,16 @@ impl RouteTable {
         // upstream) as this vector's spare capacity for the snapshot's life.
         let mut arcs = Vec::with_capacity(upstreams.len());
         arcs.extend(upstreams.into_iter().map(Arc::new));
-        let upstreams: Vec<Arc<Upstream>> = arcs;
+        RouteTable::from_shared(arcs, mesh_destinations_only, own_listeners)
+    }
+
+    /// [`RouteTable::new`] from upstreams that may be shared with another
+    /// table (a snapshot keeps the previous one's unchanged upstreams).
+    pub fn from_shared(
+        upstreams: Vec<Arc<Upstream>>,
+        mesh_destinations_only: bool,
+        own_listeners: Vec<SocketAddr>,
+    ) -> RouteTable {
         let mut by_vip = HashMap::new();
         let mut by_vip_port = HashMap::new();
         let mut by_instance = HashMap::new();

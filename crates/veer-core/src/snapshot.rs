@@ -599,7 +599,8 @@ impl Snapshot {
         };
         let source = (spec.chain, spec.key, spec.roots);
 
-        let mut seen: std::collections::HashMap<(IpAddr, Option<u16>), String> = Default::default();
+        // Each virtual IP (and port) with the index of its upstream.
+        let mut seen: std::collections::HashMap<(IpAddr, Option<u16>), usize> = Default::default();
         let mut own = vec![spec.listen.inbound];
         own.extend(spec.listen.outbound.iter().copied());
         own.extend(spec.expose.iter().map(|e| e.listener));
@@ -617,20 +618,35 @@ impl Snapshot {
             root_infos: HashMap::new(),
             upstream_configs: upstream_configs.clone(),
         };
+        // With the same TLS material, an upstream whose spec did not change
+        // is the previous snapshot's, shared: an endpoint change elsewhere
+        // rebuilds nothing of it (and it keeps its open-connection count,
+        // round-robin position, endpoint failure marks and TLS client
+        // configuration).
+        let reuse = same.map(|p| Reuse::new(&p.routes));
         for mut u in spec.upstreams {
-            let name = u.identity.service.clone();
             for ip in &u.virtual_ips {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
                 let key = (veer_canonical_ip(*ip), u.destination_port);
-                if let Some(first) = seen.insert(key, u.identity.service.clone()) {
+                if let Some(first) = seen.insert(key, upstreams.len()) {
+                    // (None: twice in this upstream's own list.)
+                    let first = upstreams
+                        .get(first)
+                        .map_or(&u.identity.service, |f: &Arc<Upstream>| &f.identity.service);
                     return Err(SnapshotError::DuplicateVip {
                         ip: *ip,
                         port: u.destination_port,
-                        first,
+                        first: first.clone(),
                         second: u.identity.service.clone(),
                     });
                 }
             }
+            if let Some(old) = reuse.as_ref().and_then(|r| r.find(&u, ctx.default_connect)) {
+                own.extend(u.local_bind);
+                upstreams.push(old);
+                continue;
+            }
+            let name = u.identity.service.clone();
             let failover = std::mem::take(&mut u.failover);
             let primary = TargetSpec {
                 identity: u.identity,
@@ -674,9 +690,9 @@ impl Snapshot {
             up.destination_port = u.destination_port;
             up.max_connections = u.max_connections;
             own.extend(u.local_bind);
-            upstreams.push(up);
+            upstreams.push(Arc::new(up));
         }
-        let routes = RouteTable::new(upstreams, spec.mesh_destinations_only, own);
+        let routes = RouteTable::from_shared(upstreams, spec.mesh_destinations_only, own);
         let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
         let authz = Authz::new(spec.rbac.as_deref(), &intentions).map_err(SnapshotError::Rbac)?;
         let inbound_http = spec
@@ -906,6 +922,159 @@ fn verify_leaf(
             e => e.to_string(),
         })
     })
+}
+
+/// The previous snapshot's upstreams, to find the one an unchanged spec
+/// made (see [`Snapshot::build_after`]).
+struct Reuse<'a> {
+    by_key: HashMap<UpstreamKey<'a>, &'a Arc<Upstream>>,
+}
+
+/// An upstream's SNI, destination port and local bind.
+type UpstreamKey<'a> = (&'a str, Option<u16>, Option<SocketAddr>);
+
+impl<'a> Reuse<'a> {
+    fn new(routes: &'a RouteTable) -> Reuse<'a> {
+        let by_key = routes
+            .upstreams()
+            .iter()
+            .map(|u| ((u.sni.as_str(), u.destination_port, u.local_bind), u))
+            .collect();
+        Reuse { by_key }
+    }
+
+    /// The previous upstream `u` would build again, if there is one.
+    fn find(&self, u: &UpstreamSpec, default_connect: Duration) -> Option<Arc<Upstream>> {
+        // Every field, named: a new field must be compared here too.
+        let UpstreamSpec {
+            identity,
+            protocol,
+            virtual_ips,
+            endpoints,
+            dialed_directly,
+            instances,
+            local_bind,
+            connect_timeout,
+            sni,
+            san_matchers,
+            roots,
+            destination_port,
+            max_connections,
+            endpoint_weights,
+            failover,
+            http,
+        } = u;
+        // HTTP upstreams are built again (their route tables are not
+        // compared).
+        if http.is_some() {
+            return None;
+        }
+        let primary = TargetView {
+            identity,
+            endpoints,
+            endpoint_weights,
+            sni: sni.as_deref(),
+            san_matchers,
+            roots: roots.as_ref(),
+            connect_timeout: *connect_timeout,
+        };
+        let sni_key = match sni {
+            Some(s) => s.clone(),
+            None => identity.sni(),
+        };
+        let old = self
+            .by_key
+            .get(&(sni_key.as_str(), *destination_port, *local_bind))?;
+        let same = old.protocol == *protocol
+            && old.virtual_ips == *virtual_ips
+            && old.dialed_directly == *dialed_directly
+            && old.instances == *instances
+            && old.max_connections == *max_connections
+            && primary.built_as(old, default_connect)
+            && old.failover.len() == failover.len()
+            && failover
+                .iter()
+                .zip(old.failover.iter())
+                .all(|(t, o)| TargetView::of(t).built_as(o, default_connect));
+        same.then(|| Arc::clone(old))
+    }
+}
+
+/// The fields of one target, borrowed from an [`UpstreamSpec`] or a
+/// [`TargetSpec`].
+struct TargetView<'a> {
+    identity: &'a ServiceId,
+    endpoints: &'a [SocketAddr],
+    endpoint_weights: &'a [u32],
+    sni: Option<&'a str>,
+    san_matchers: &'a [StringMatch],
+    roots: Option<&'a Vec<CertificateDer<'static>>>,
+    connect_timeout: Option<Duration>,
+}
+
+impl<'a> TargetView<'a> {
+    fn of(t: &'a TargetSpec) -> TargetView<'a> {
+        // Every field, named: a new field must be compared here too.
+        let TargetSpec {
+            identity,
+            endpoints,
+            endpoint_weights,
+            sni,
+            san_matchers,
+            roots,
+            connect_timeout,
+        } = t;
+        TargetView {
+            identity,
+            endpoints,
+            endpoint_weights,
+            sni: sni.as_deref(),
+            san_matchers,
+            roots: roots.as_ref(),
+            connect_timeout: *connect_timeout,
+        }
+    }
+
+    /// Whether [`TargetCtx::target`] made `old` from these fields (with the
+    /// same TLS material).
+    fn built_as(&self, old: &Upstream, default_connect: Duration) -> bool {
+        let sni_same = match self.sni {
+            Some(s) => old.sni == s,
+            None => old.sni == self.identity.sni(),
+        };
+        let sans_same = if self.san_matchers.is_empty() {
+            old.san_matchers.len() == 1
+                && *old.san_matchers[0].spec() == StringMatch::exact(self.identity.to_string())
+        } else {
+            old.san_matchers.len() == self.san_matchers.len()
+                && old
+                    .san_matchers
+                    .iter()
+                    .zip(self.san_matchers)
+                    .all(|(o, m)| o.spec() == m)
+        };
+        let roots_same = match (self.roots, old.tls.as_ref().map(|t| t.roots_key())) {
+            (None, Some(None)) => true,
+            (Some(r), Some(Some(k))) => **k == *r,
+            _ => false,
+        };
+        let weight = |i: usize| self.endpoint_weights.get(i).copied().unwrap_or(1);
+        let endpoints_same = old.endpoints.len() == self.endpoints.len()
+            && (self.endpoint_weights.is_empty()
+                || self.endpoint_weights.len() == self.endpoints.len())
+            && old
+                .endpoints
+                .iter()
+                .zip(self.endpoints)
+                .enumerate()
+                .all(|(i, (o, a))| o.addr.0 == *a && o.weight == weight(i));
+        old.identity == *self.identity
+            && old.connect_timeout == self.connect_timeout.unwrap_or(default_connect)
+            && sni_same
+            && sans_same
+            && roots_same
+            && endpoints_same
+    }
 }
 
 #[cfg(test)]

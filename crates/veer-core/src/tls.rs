@@ -708,6 +708,11 @@ impl LazyClientConfig {
         }
     }
 
+    /// The upstream's own roots; `None` = the snapshot's.
+    pub fn roots_key(&self) -> Option<&Arc<Vec<CertificateDer<'static>>>> {
+        self.roots_key.as_ref()
+    }
+
     /// The configuration: the snapshot's leaf, this upstream's roots, and a
     /// server certificate check that requires its SANs inside the handshake.
     pub fn get(&self) -> Arc<ClientConfig> {

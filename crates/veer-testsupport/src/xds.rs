@@ -66,6 +66,8 @@ pub struct Recorded {
     /// Which stream (counted from 1 over the server's life, across restarts).
     pub stream: u64,
     pub req: DeltaDiscoveryRequest,
+    /// When the server read it.
+    pub at: std::time::Instant,
 }
 
 impl Recorded {
@@ -90,6 +92,8 @@ impl Recorded {
 #[derive(Clone, Debug)]
 pub struct Sent {
     pub stream: u64,
+    /// When it was handed to the stream.
+    pub at: std::time::Instant,
     pub type_url: String,
     pub nonce: String,
     /// (name, version) of each resource sent.
@@ -496,9 +500,12 @@ impl Stream {
     }
 
     fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        // Read before the lock, which a test polling the log may hold.
+        let at = std::time::Instant::now();
         self.shared.log.lock().unwrap().requests.push(Recorded {
             stream: self.id,
             req: req.clone(),
+            at,
         });
         if req.type_url.is_empty() {
             return Err(Status::invalid_argument("type URL is required for ADS"));
@@ -617,8 +624,10 @@ impl Stream {
                     .map(|r| (r.name.clone(), r.version.clone()))
                     .collect();
                 t.pending = Some((nonce.clone(), ups.clone(), removed.clone()));
+                let at = std::time::Instant::now();
                 self.shared.log.lock().unwrap().sent.push(Sent {
                     stream: self.id,
+                    at,
                     type_url: ty.to_string(),
                     nonce: nonce.clone(),
                     resources: ups,

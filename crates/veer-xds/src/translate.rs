@@ -90,15 +90,19 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
-use http::{Hcm, RouteSource, RoutesModel};
-use parse::{
-    ChainTarget, ClusterKind, ClusterModel, Fault, LeafSource, ListenerModel, RootsSource,
-    SecretModel,
+pub use http::{Hcm, Note, RouteModel, RouteSource, RoutesModel};
+use parse::Fault;
+pub use parse::{
+    ChainTarget, ClusterKind, ClusterModel, DnsFamily, DnsHost, DnsModel, DownstreamTls,
+    EndpointModel, ExposeListener, InboundHcm, InlineRoots, Leaf, LeafSource, ListenerEntry,
+    ListenerModel, OutboundChain, OutboundListener, PublicListener, RootsSource, SecretModel,
+    UpstreamTls,
 };
 use prost::Message;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::collections::{BTreeSet, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use veer_core::authz::MatchPattern;
 use veer_core::intentions::Action;
 use veer_core::l7::{
@@ -110,8 +114,8 @@ use veer_core::snapshot::{
 };
 use veer_core::spiffe::ServiceId;
 
-mod http;
-mod parse;
+pub(crate) mod http;
+pub(crate) mod parse;
 
 /// [`Spec::source`] of every spec built here.
 pub const SOURCE: &str = "xds";
@@ -248,40 +252,40 @@ fn same_name(kind: Kind, name: &str, inner: &str) -> Result<(), TranslateError> 
     }
 }
 
-/// Decodes one resource of `kind` sent under `name` and checks it on its
-/// own; `Err` = NACK it (the old one, if any, keeps serving).
+/// Decodes one resource of `kind` sent under `name`, checks it on its own
+/// and returns the model veer keeps of it (the protobuf is dropped here);
+/// `Err` = NACK it (the old one, if any, keeps serving).
 pub fn decode(kind: Kind, name: &str, any: &Any) -> Result<Decoded, TranslateError> {
     let fault = |f| TranslateError::from_fault(kind, name, f);
     Ok(match kind {
         Kind::Listener => {
             let l: Listener = unpack(kind, name, any)?;
             same_name(kind, name, &l.name)?;
-            parse::listener(&l).map_err(fault)?;
-            Decoded::Listener(l)
+            let model = parse::listener(&l).map_err(fault)?;
+            Decoded::Listener(ListenerEntry {
+                model,
+                rds: parse::rds_names(&l),
+            })
         }
         Kind::Cluster => {
             let c: Cluster = unpack(kind, name, any)?;
             same_name(kind, name, &c.name)?;
-            parse::cluster(&c).map_err(fault)?;
-            Decoded::Cluster(c)
+            Decoded::Cluster(parse::cluster(&c).map_err(fault)?)
         }
         Kind::Endpoints => {
             let e: ClusterLoadAssignment = unpack(kind, name, any)?;
             same_name(kind, name, &e.cluster_name)?;
-            parse::endpoints_of(&e).map_err(fault)?;
-            Decoded::Endpoints(e)
+            Decoded::Endpoints(parse::endpoints_of(&e).map_err(fault)?.into_boxed_slice())
         }
         Kind::Route => {
             let r: RouteConfiguration = unpack(kind, name, any)?;
             same_name(kind, name, &r.name)?;
-            http::route_config(&r).map_err(fault)?;
-            Decoded::Route(r)
+            Decoded::Route(http::route_config(&r).map_err(fault)?)
         }
         Kind::Secret => {
             let s: Secret = unpack(kind, name, any)?;
             same_name(kind, name, &s.name)?;
-            parse::secret(&s).map_err(fault)?;
-            Decoded::Secret(s)
+            Decoded::Secret(parse::secret(&s).map_err(fault)?)
         }
     })
 }
@@ -295,7 +299,7 @@ fn sds_names(leaf: &LeafSource, roots: &RootsSource, out: &mut BTreeSet<String>)
     }
 }
 
-fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
+fn cluster_tls(m: &ClusterModel) -> Option<&UpstreamTls> {
     match &m.kind {
         ClusterKind::Eds { tls, .. } => Some(tls),
         ClusterKind::OriginalDst(tls) => tls.as_ref(),
@@ -305,7 +309,7 @@ fn cluster_tls(m: &ClusterModel) -> Option<&parse::UpstreamTls> {
 }
 
 /// The hostnames of a DNS cluster that need resolving (not IP literals).
-fn dns_names(dns: &parse::DnsModel) -> impl Iterator<Item = &str> {
+fn dns_names(dns: &DnsModel) -> impl Iterator<Item = &str> {
     dns.hosts
         .iter()
         .map(|h| h.host.as_str())
@@ -316,17 +320,17 @@ fn dns_names(dns: &parse::DnsModel) -> impl Iterator<Item = &str> {
 /// aggregate its members in failover order (nested aggregates flattened).
 /// Unknown members and loops are skipped here (the translation refuses
 /// them, see [`flatten`]).
-fn leaf_clusters(res: &Resources, name: &str) -> Vec<(String, ClusterModel)> {
-    fn walk(
-        res: &Resources,
-        name: &str,
-        seen: &mut BTreeSet<String>,
-        out: &mut Vec<(String, ClusterModel)>,
+fn leaf_clusters<'a>(res: &'a Resources, name: &'a str) -> Vec<(&'a str, &'a ClusterModel)> {
+    fn walk<'a>(
+        res: &'a Resources,
+        name: &'a str,
+        seen: &mut BTreeSet<&'a str>,
+        out: &mut Vec<(&'a str, &'a ClusterModel)>,
     ) {
-        if !seen.insert(name.to_string()) {
+        if !seen.insert(name) {
             return;
         }
-        let Some(Ok(m)) = res.clusters.get(name).map(parse::cluster) else {
+        let Some(m) = res.clusters.get(name) else {
             return;
         };
         match &m.kind {
@@ -335,7 +339,7 @@ fn leaf_clusters(res: &Resources, name: &str) -> Vec<(String, ClusterModel)> {
                     walk(res, c, seen, out);
                 }
             }
-            _ => out.push((name.to_string(), m)),
+            _ => out.push((name, m)),
         }
     }
     let mut out = Vec::new();
@@ -348,7 +352,7 @@ fn leaf_clusters(res: &Resources, name: &str) -> Vec<(String, ClusterModel)> {
 /// a member that does not exist or leads back to an aggregate on the way
 /// is invalid, named by the aggregate and the field.
 fn flatten<'a>(
-    clusters: &HashMap<&'a str, ClusterModel>,
+    clusters: &'a BTreeMap<String, ClusterModel>,
     name: &'a str,
     path: &mut Vec<&'a str>,
     out: &mut Vec<&'a str>,
@@ -367,9 +371,10 @@ fn flatten<'a>(
             field: format!("cluster_type.typed_config.clusters[{i}]"),
             reason,
         };
-        let Some((&member, _)) = clusters.get_key_value(m.as_str()) else {
+        let Some((member, _)) = clusters.get_key_value(m.as_str()) else {
             return Err(err(format!("names cluster {m:?}, which does not exist")));
         };
+        let member = member.as_str();
         if path.contains(&member) {
             return Err(err(format!(
                 "names cluster {m:?}, which leads back to it (a loop: {} -> {m})",
@@ -388,25 +393,23 @@ fn flatten<'a>(
 pub fn wanted(res: &Resources) -> Wanted {
     let mut w = Wanted::default();
     for l in res.listeners.values() {
-        if let Ok(ListenerModel::Public(p)) = parse::listener(l) {
+        if let ListenerModel::Public(p) = &l.model {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut w.secrets);
         }
-        w.routes.extend(parse::rds_names(l));
+        w.routes.extend(l.rds.iter().cloned());
     }
-    for c in res.clusters.values() {
-        if let Ok(m) = parse::cluster(c) {
-            if let ClusterKind::Eds { eds_name, .. } = &m.kind {
-                w.endpoints.insert(eds_name.clone());
+    for m in res.clusters.values() {
+        if let ClusterKind::Eds { eds_name, .. } = &m.kind {
+            w.endpoints.insert(eds_name.clone());
+        }
+        if let ClusterKind::Dns { dns, .. } = &m.kind {
+            for h in dns_names(dns) {
+                let every = w.dns.entry(h.to_string()).or_insert(dns.refresh);
+                *every = (*every).min(dns.refresh);
             }
-            if let ClusterKind::Dns { dns, .. } = &m.kind {
-                for h in dns_names(dns) {
-                    let every = w.dns.entry(h.to_string()).or_insert(dns.refresh);
-                    *every = (*every).min(dns.refresh);
-                }
-            }
-            if let Some(tls) = cluster_tls(&m) {
-                sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
-            }
+        }
+        if let Some(tls) = cluster_tls(m) {
+            sds_names(&tls.leaf, &tls.roots, &mut w.secrets);
         }
     }
     w
@@ -415,19 +418,19 @@ pub fn wanted(res: &Resources) -> Wanted {
 /// The routes of an HCM: inline, or the accepted RDS resource; a
 /// refused RDS resource counts as no routes (see `Resources::refused`);
 /// `Ok(None)` = not received yet.
-fn routes_of(hcm: &Hcm, res: &Resources) -> Result<Option<RoutesModel>, TranslateError> {
+fn routes_of<'a>(hcm: &'a Hcm, res: &'a Resources) -> Option<Cow<'a, RoutesModel>> {
     match &hcm.routes {
-        RouteSource::Inline(rm) => Ok(Some(rm.clone())),
+        RouteSource::Inline(rm) => Some(Cow::Borrowed(rm)),
         RouteSource::Rds(n) => match res.routes.get(n) {
-            Some(rc) => http::route_config(rc)
-                .map(Some)
-                .map_err(|f| TranslateError::from_fault(Kind::Route, n, f)),
-            None if res.refused.contains_key(&(Kind::Route, n.clone())) => Ok(Some(RoutesModel {
-                name: n.clone(),
-                routes: Vec::new(),
-                notes: Vec::new(),
-            })),
-            None => Ok(None),
+            Some(rm) => Some(Cow::Borrowed(rm)),
+            None if res.refused.contains_key(&(Kind::Route, n.clone())) => {
+                Some(Cow::Owned(RoutesModel {
+                    name: n.clone(),
+                    routes: Vec::new(),
+                    notes: Vec::new(),
+                }))
+            }
+            None => None,
         },
     }
 }
@@ -443,15 +446,13 @@ fn target_clusters(
     match t {
         ChainTarget::Tcp(c) => vec![c.clone()],
         ChainTarget::Http { hcm, .. } => match routes_of(hcm, res) {
-            Ok(Some(rm)) => rm.clusters(),
-            Ok(None) => {
+            Some(rm) => rm.clusters(),
+            None => {
                 if let RouteSource::Rds(n) = &hcm.routes {
                     waiting.insert(format!("route {n} (RDS), named by {who}"));
                 }
                 Vec::new()
             }
-            // Refused when translating.
-            Err(_) => Vec::new(),
         },
     }
 }
@@ -487,11 +488,8 @@ fn referenced(
 /// build a spec (or say why the resources do not fit together).
 pub fn missing(res: &Resources) -> Vec<String> {
     let mut m = BTreeSet::new();
-    let models: Vec<(&String, ListenerModel)> = res
-        .listeners
-        .iter()
-        .filter_map(|(n, l)| parse::listener(l).ok().map(|m| (n, m)))
-        .collect();
+    let models: Vec<(&String, &ListenerModel)> =
+        res.listeners.iter().map(|(n, l)| (n, &l.model)).collect();
     if !models
         .iter()
         .any(|(_, l)| matches!(l, ListenerModel::Public(_)))
@@ -504,11 +502,11 @@ pub fn missing(res: &Resources) -> Vec<String> {
             sds_names(&p.tls.leaf, &p.tls.roots, &mut secrets);
         }
         for c in referenced(l, res, &format!("listener {name}"), &mut m) {
-            match res.clusters.get(&c).map(parse::cluster) {
+            match res.clusters.get(&c) {
                 None => {
                     m.insert(format!("cluster {c} (CDS), named by listener {name}"));
                 }
-                Some(Ok(cm)) => {
+                Some(cm) => {
                     for (li, (lname, lm)) in leaf_clusters(res, &c).into_iter().enumerate() {
                         if let ClusterKind::Dns { dns, .. } = &lm.kind {
                             for h in dns_names(dns) {
@@ -535,7 +533,7 @@ pub fn missing(res: &Resources) -> Vec<String> {
                                 m.insert(format!("endpoints {eds_name} (EDS)"));
                             }
                         }
-                        if let Some(tls) = cluster_tls(&lm) {
+                        if let Some(tls) = cluster_tls(lm) {
                             sds_names(&tls.leaf, &tls.roots, &mut secrets);
                         }
                     }
@@ -543,14 +541,12 @@ pub fn missing(res: &Resources) -> Vec<String> {
                     // cluster of the same SNI, when there is one.
                     let eds = match &cm.kind {
                         ClusterKind::Eds { eds_name, .. } => Some(eds_name.clone()),
-                        ClusterKind::OriginalDst(Some(tls)) => res
-                            .clusters
-                            .get(&tls.sni)
-                            .and_then(|c| parse::cluster(c).ok())
-                            .and_then(|m| match m.kind {
-                                ClusterKind::Eds { eds_name, .. } => Some(eds_name),
+                        ClusterKind::OriginalDst(Some(tls)) => {
+                            res.clusters.get(&tls.sni).and_then(|m| match &m.kind {
+                                ClusterKind::Eds { eds_name, .. } => Some(eds_name.clone()),
                                 _ => None,
-                            }),
+                            })
+                        }
                         _ => None,
                     };
                     if let Some(eds_name) = eds {
@@ -564,11 +560,10 @@ pub fn missing(res: &Resources) -> Vec<String> {
                             m.insert(format!("endpoints {eds_name} (EDS)"));
                         }
                     }
-                    if let Some(tls) = cluster_tls(&cm) {
+                    if let Some(tls) = cluster_tls(cm) {
                         sds_names(&tls.leaf, &tls.roots, &mut secrets);
                     }
                 }
-                Some(Err(_)) => {}
             }
         }
     }
@@ -589,28 +584,34 @@ fn inconsistent(msg: impl Into<String>) -> TranslateError {
     TranslateError::Inconsistent(msg.into())
 }
 
+/// What names a secret or has a fault, as errors say it (`cluster <name>`);
+/// formatted only when an error is.
+#[derive(Clone, Copy)]
+struct Who<'a>(&'static str, &'a str);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
 /// Secrets resolved once per translation.
 struct Secrets<'a> {
     res: &'a Resources,
 }
 
-impl Secrets<'_> {
-    fn secret(&self, name: &str, who: &str) -> Result<SecretModel, TranslateError> {
-        let s = self.res.secrets.get(name).ok_or_else(|| {
+impl<'a> Secrets<'a> {
+    fn secret(&self, name: &str, who: Who) -> Result<&'a SecretModel, TranslateError> {
+        self.res.secrets.get(name).ok_or_else(|| {
             TranslateError::Incomplete(vec![format!("secret {name} (SDS), named by {who}")])
-        })?;
-        parse::secret(s).map_err(|f| TranslateError::from_fault(Kind::Secret, name, f))
+        })
     }
 
-    fn leaf(
-        &self,
-        src: &LeafSource,
-        who: &str,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TranslateError> {
+    fn leaf(&self, src: &'a LeafSource, who: Who) -> Result<&'a Arc<Leaf>, TranslateError> {
         match src {
-            LeafSource::Inline { chain, key } => Ok((chain.clone(), key.clone_key())),
+            LeafSource::Inline(leaf) => Ok(leaf),
             LeafSource::Sds(n) => match self.secret(n, who)? {
-                SecretModel::Leaf { chain, key } => Ok((chain, key)),
+                SecretModel::Leaf(leaf) => Ok(leaf),
                 SecretModel::Roots(_) => Err(inconsistent(format!(
                     "{who}: secret {n} holds a validation context where a certificate is needed"
                 ))),
@@ -618,16 +619,12 @@ impl Secrets<'_> {
         }
     }
 
-    fn roots(
-        &self,
-        src: &RootsSource,
-        who: &str,
-    ) -> Result<Vec<CertificateDer<'static>>, TranslateError> {
+    fn roots(&self, src: &'a RootsSource, who: Who) -> Result<&'a InlineRoots, TranslateError> {
         match src {
-            RootsSource::Inline(r) => Ok(r.clone()),
+            RootsSource::Inline(r) => Ok(r),
             RootsSource::Sds(n) => match self.secret(n, who)? {
                 SecretModel::Roots(r) => Ok(r),
-                SecretModel::Leaf { .. } => Err(inconsistent(format!(
+                SecretModel::Leaf(_) => Err(inconsistent(format!(
                     "{who}: secret {n} holds a certificate where a validation context is needed"
                 ))),
             },
@@ -641,7 +638,7 @@ enum Hosts<'a> {
     /// The assignment of this EDS name.
     Eds(&'a str),
     /// A DNS cluster's hosts, with the addresses the source resolved.
-    Dns(&'a parse::DnsModel),
+    Dns(&'a DnsModel),
     /// None (a passthrough cluster without an EDS sibling).
     None,
 }
@@ -652,7 +649,7 @@ enum Hosts<'a> {
 fn dns_endpoints(
     res: &Resources,
     cname: &str,
-    dns: &parse::DnsModel,
+    dns: &DnsModel,
 ) -> Result<Vec<(SocketAddr, u32)>, TranslateError> {
     let mut out: Vec<(SocketAddr, u32)> = Vec::new();
     for h in &dns.hosts {
@@ -688,6 +685,36 @@ struct Building {
     spec: UpstreamSpec,
     /// The EDS cluster name (or the passthrough cluster's SNI).
     cluster: String,
+    /// Which EDS assignment gives the endpoints of each target (see
+    /// [`Slot`]): what an endpoint-only change replaces.
+    feeds: Vec<(Slot, String)>,
+    /// EDS assignments read by an HTTP upstream's route clusters: a change
+    /// to one of them is translated in full.
+    pinned: Vec<String>,
+}
+
+/// One target of an upstream: 0 = the primary, i = `failover[i - 1]`.
+type Slot = usize;
+
+/// An EDS assignment's endpoints as a spec takes them: addresses, and
+/// weights when any is not 1.
+fn endpoint_lists(eps: &[EndpointModel]) -> (Vec<SocketAddr>, Vec<u32>) {
+    let addrs = eps.iter().map(|e| e.addr).collect();
+    let weights = if eps.iter().any(|e| e.weight != 1) {
+        eps.iter().map(|e| e.weight).collect()
+    } else {
+        Vec::new()
+    };
+    (addrs, weights)
+}
+
+/// Where each EDS assignment's endpoints went in a translated [`Spec`].
+#[derive(Debug, Default)]
+struct Feeds {
+    /// EDS name -> (upstream index, target slot).
+    targets: HashMap<String, Vec<(usize, Slot)>>,
+    /// EDS names read where only a full translation places them.
+    pinned: BTreeSet<String>,
 }
 
 /// Compiles the accepted resources into a [`Spec`]. `Incomplete` when a
@@ -697,6 +724,11 @@ struct Building {
 /// resources do not fit together; `Refused`/`Invalid` for a resource that
 /// should not have been accepted.
 pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
+    translate_fed(res).map(|(spec, _)| spec)
+}
+
+/// [`translate`], telling where each EDS assignment's endpoints went.
+fn translate_fed(res: &Resources) -> Result<(Spec, Feeds), TranslateError> {
     let m = missing(res);
     if !m.is_empty() {
         return Err(TranslateError::Incomplete(m));
@@ -707,7 +739,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     let mut explicit = Vec::new();
     let mut exposes = Vec::new();
     for (name, l) in &res.listeners {
-        match parse::listener(l).map_err(|f| TranslateError::from_fault(Kind::Listener, name, f))? {
+        match &l.model {
             ListenerModel::Public(p) => {
                 if let Some((first, _)) = &public {
                     return Err(inconsistent(format!(
@@ -717,7 +749,9 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 public = Some((name.clone(), p));
             }
             ListenerModel::Outbound(o) => outbound.push((name.clone(), o)),
-            ListenerModel::Upstream { addr, target } => explicit.push((name.clone(), addr, target)),
+            ListenerModel::Upstream { addr, target } => {
+                explicit.push((name.clone(), *addr, target))
+            }
             ListenerModel::Expose(e) => exposes.push((name.clone(), e)),
         }
     }
@@ -726,9 +760,10 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             "the public listener (LDS)".into(),
         ]));
     };
-    let who = format!("listener {pname}");
-    let (chain, key) = secrets.leaf(&public.tls.leaf, &who)?;
-    let roots = secrets.roots(&public.tls.roots, &who)?;
+    let who = Who("listener", &pname);
+    let leaf = secrets.leaf(&public.tls.leaf, who)?;
+    let roots = secrets.roots(&public.tls.roots, who)?;
+    let chain = &leaf.chain;
     let identity =
         veer_core::tls::peer_identity(&chain[0]).map_err(|e| TranslateError::Invalid {
             kind: "listener",
@@ -737,13 +772,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             reason: format!("the leaf certificate has no usable SPIFFE service identity: {e}"),
         })?;
 
-    // Parsed clusters, by name (every referenced one is present: `missing`).
-    let mut clusters: HashMap<&str, ClusterModel> = HashMap::new();
-    for (name, c) in &res.clusters {
-        let m =
-            parse::cluster(c).map_err(|f| TranslateError::from_fault(Kind::Cluster, name, f))?;
-        clusters.insert(name.as_str(), m);
-    }
+    // Clusters by name (every referenced one is present: `missing`).
+    let clusters = &res.clusters;
     let cluster = |name: &str| {
         clusters
             .get(name)
@@ -786,12 +816,12 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     for name in res.clusters.keys() {
         let name = name.as_str();
         if matches!(cluster(name).kind, ClusterKind::Aggregate(_)) {
-            flatten(&clusters, name, &mut Vec::new(), &mut Vec::new())?;
+            flatten(clusters, name, &mut Vec::new(), &mut Vec::new())?;
         }
     }
 
     // Upstreams.
-    let no_endpoints = ClusterLoadAssignment::default();
+    let no_endpoints: &[EndpointModel] = &[];
     let mut unapplied: Vec<Unapplied> = Vec::new();
     if let Some(h) = &public.http {
         for (f, d) in &h.notes {
@@ -805,11 +835,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     let mut by_key: HashMap<(String, Option<u16>), usize> = HashMap::new();
     // One target: an EDS, DNS or passthrough cluster.
     let target = |cname: &str,
-                  tls: &parse::UpstreamTls,
+                  tls: &UpstreamTls,
                   model: &ClusterModel,
                   hosts: Hosts|
      -> Result<TargetSpec, TranslateError> {
-        let who = format!("cluster {cname}");
+        let who = Who("cluster", cname);
         let identity = tls
             .sans
             .iter()
@@ -822,31 +852,31 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     "{who}: no exact SPIFFE service ID among its subject-alt-name matchers, so veer cannot tell whom it reaches"
                 ))
             })?;
-        let (uchain, _) = secrets.leaf(&tls.leaf, &who)?;
-        if uchain != chain {
+        let uleaf = secrets.leaf(&tls.leaf, who)?;
+        if !Arc::ptr_eq(uleaf, leaf) && uleaf.chain != *chain {
             // Expected for a moment while a leaf rotates with inline PEM
             // (Consul sends clusters before listeners): wait for both.
             return Err(TranslateError::Incomplete(vec![format!(
                 "{who} and listener {pname} to carry the same leaf certificate (its client certificate differs from the public listener's; veer has one identity)"
             )]));
         }
-        let uroots = secrets.roots(&tls.roots, &who)?;
+        let uroots = secrets.roots(&tls.roots, who)?;
         let mut t = TargetSpec::new(identity);
         t.sni = Some(tls.sni.clone());
         t.san_matchers = tls.sans.clone();
-        t.roots = (uroots != roots).then_some(uroots);
+        t.roots = (!Arc::ptr_eq(uroots, roots) && uroots != roots).then(|| uroots.as_ref().clone());
         t.connect_timeout = model.connect_timeout;
-        let eps: Vec<(SocketAddr, u32)> = match hosts {
-            Hosts::None => Vec::new(),
+        let (endpoints, weights) = match hosts {
+            Hosts::None => (Vec::new(), Vec::new()),
             Hosts::Eds(eds) => {
-                let la = match res.endpoints.get(eds) {
-                    Some(la) => la,
+                let eps: &[EndpointModel] = match res.endpoints.get(eds) {
+                    Some(eps) => eps,
                     // Refused: no endpoints until a good version arrives.
                     None if res
                         .refused
                         .contains_key(&(Kind::Endpoints, eds.to_string())) =>
                     {
-                        &no_endpoints
+                        no_endpoints
                     }
                     None => {
                         return Err(TranslateError::Incomplete(vec![format!(
@@ -854,35 +884,44 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                         )]))
                     }
                 };
-                parse::endpoints_of(la)
-                    .map_err(|f| TranslateError::from_fault(Kind::Endpoints, eds, f))?
-                    .into_iter()
-                    .map(|e| (e.addr, e.weight))
-                    .collect()
+                endpoint_lists(eps)
             }
-            Hosts::Dns(dns) => dns_endpoints(res, cname, dns)?,
+            Hosts::Dns(dns) => {
+                let eps = dns_endpoints(res, cname, dns)?;
+                let weights = if eps.iter().any(|e| e.1 != 1) {
+                    eps.iter().map(|e| e.1).collect()
+                } else {
+                    Vec::new()
+                };
+                (eps.iter().map(|e| e.0).collect(), weights)
+            }
         };
-        t.endpoints = eps.iter().map(|e| e.0).collect();
-        if eps.iter().any(|e| e.1 != 1) {
-            t.endpoint_weights = eps.iter().map(|e| e.1).collect();
-        }
+        t.endpoints = endpoints;
+        t.endpoint_weights = weights;
         Ok(t)
     };
     // The targets of an EDS, DNS or aggregate cluster in failover order
     // (an aggregate's members, the first one primary), and the first
     // member's model (its circuit breaker and protocol options).
-    let targets_of = |cname: &str| -> Result<(Vec<TargetSpec>, &ClusterModel), TranslateError> {
+    type Targets<'m> = (Vec<TargetSpec>, Vec<(Slot, String)>, &'m ClusterModel);
+    let targets_of = |cname: &str| -> Result<Targets, TranslateError> {
         let leaves = match &cluster(cname).kind {
             ClusterKind::Aggregate(_) => {
                 let mut out = Vec::new();
-                flatten(&clusters, cname, &mut Vec::new(), &mut out)?;
+                flatten(clusters, cname, &mut Vec::new(), &mut out)?;
                 out
             }
             _ => vec![cname],
         };
         let mut targets = Vec::new();
+        let mut feeds = Vec::new();
         for (i, leaf) in leaves.iter().enumerate() {
             let m = cluster(leaf);
+            if let ClusterKind::Eds { eds_name, .. } = &m.kind {
+                if res.endpoints.contains_key(eds_name.as_str()) {
+                    feeds.push((i, eds_name.clone()));
+                }
+            }
             let t = match &m.kind {
                 // A failover target without an assignment has no
                 // endpoints (see `missing`).
@@ -910,7 +949,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
             };
             targets.push(t);
         }
-        Ok((targets, cluster(leaves[0])))
+        Ok((targets, feeds, cluster(leaves[0])))
     };
     let upstream_of = |targets: Vec<TargetSpec>, model: &ClusterModel| -> UpstreamSpec {
         let mut targets = targets.into_iter();
@@ -926,11 +965,13 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
     };
     // The upstream of an EDS, DNS or aggregate cluster.
     let new_upstream = |ups: &mut Vec<Building>, cname: &str| -> Result<usize, TranslateError> {
-        let (targets, model) = targets_of(cname)?;
+        let (targets, feeds, model) = targets_of(cname)?;
         let spec = upstream_of(targets, model);
         ups.push(Building {
             spec,
             cluster: cname.to_string(),
+            feeds,
+            pinned: Vec::new(),
         });
         Ok(ups.len() - 1)
     };
@@ -943,7 +984,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                              hcm: &Hcm,
                              who: &str|
      -> Result<usize, TranslateError> {
-        let rm = routes_of(hcm, res)?.ok_or_else(|| {
+        let rm = routes_of(hcm, res).ok_or_else(|| {
             TranslateError::Incomplete(vec![format!("the routes named by {who} (RDS)")])
         })?;
         let rwho = match &hcm.routes {
@@ -955,6 +996,7 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         }
         let names = rm.clusters();
         let mut clusters = Vec::new();
+        let mut pinned = Vec::new();
         for n in &names {
             let cm = cluster(n);
             if !matches!(
@@ -965,7 +1007,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     "{rwho}: routes to cluster {n}, which is not an EDS, DNS or aggregate upstream cluster"
                 )));
             }
-            let (targets, cm) = targets_of(n)?;
+            let (targets, feeds, cm) = targets_of(n)?;
+            pinned.extend(feeds.into_iter().map(|(_, eds)| eds));
             let protocol = match (cm.http2, hcm.protocol) {
                 (true, Protocol::Grpc) => Protocol::Grpc,
                 (true, _) => Protocol::Http2,
@@ -1024,6 +1067,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         ups.push(Building {
             spec,
             cluster: format!("route:{}", rm.name),
+            feeds: Vec::new(),
+            pinned,
         });
         Ok(ups.len() - 1)
     };
@@ -1152,6 +1197,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                     _ => None,
                 });
                 let hosts = eds.map_or(Hosts::None, Hosts::Eds);
+                let feeds = eds
+                    .filter(|e| res.endpoints.contains_key(*e))
+                    .map(|e| (0, e.to_string()))
+                    .into_iter()
+                    .collect();
                 let t = target(&cname, tls, cm, hosts)?;
                 let mut spec = UpstreamSpec::new(t.identity.clone());
                 spec.set_primary(t);
@@ -1160,6 +1210,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 ups.push(Building {
                     spec,
                     cluster: cname.clone(),
+                    feeds,
+                    pinned: Vec::new(),
                 });
                 ups.len() - 1
             }
@@ -1206,8 +1258,8 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         };
         ups[i].spec.local_bind = Some(*addr);
     }
-    let mut upstreams: Vec<UpstreamSpec> = ups.into_iter().map(|b| b.spec).collect();
-    upstreams.sort_by(|a, b| {
+    ups.sort_by(|a, b| {
+        let (a, b) = (&a.spec, &b.spec);
         (
             &a.identity.service,
             &a.sni,
@@ -1221,6 +1273,15 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
                 b.local_bind,
             ))
     });
+    let mut feeds = Feeds::default();
+    let mut upstreams = Vec::with_capacity(ups.len());
+    for (i, b) in ups.into_iter().enumerate() {
+        for (slot, eds) in b.feeds {
+            feeds.targets.entry(eds).or_default().push((i, slot));
+        }
+        feeds.pinned.extend(b.pinned);
+        upstreams.push(b.spec);
+    }
 
     // Exposed paths.
     let mut expose = Vec::new();
@@ -1248,11 +1309,11 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         local_connect: local_connect.unwrap_or(Timeouts::default().local_connect),
         ..Timeouts::default()
     };
-    Ok(Spec {
+    let spec = Spec {
         identity,
-        roots,
-        chain,
-        key,
+        roots: roots.as_ref().clone(),
+        chain: chain.clone(),
+        key: leaf.key.clone_key(),
         local_app,
         intentions: Vec::new(),
         default_action: Action::Deny,
@@ -1265,14 +1326,15 @@ pub fn translate(res: &Resources) -> Result<Spec, TranslateError> {
         timeouts,
         source: SOURCE.to_string(),
         expose,
-        rbac: Some(public.rbac),
+        rbac: Some(public.rbac.clone()),
         permissive_ports,
         inbound_max_connections: public
             .max_connections
             .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
         unapplied,
         inbound_http,
-    })
+    };
+    Ok((spec, feeds))
 }
 
 #[cfg(test)]
@@ -1281,10 +1343,73 @@ mod tests;
 /// The translation as the ADS client's [`crate::ads::Check`]: one resource
 /// is decoded and checked on its own, the whole store compiles into a
 /// `Spec`; every refusal's text is what the NACK says.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Translator;
+///
+/// It keeps the last spec it made, with where each EDS assignment's
+/// endpoints went: when only endpoint assignments changed since (and each
+/// feeds only TCP upstreams it placed), it replaces those targets'
+/// endpoints in a copy of that spec instead of translating everything
+/// again.
+#[derive(Debug, Default)]
+pub struct Translator {
+    last: Option<(Spec, Feeds)>,
+    counts: Counts,
+}
+
+/// What a [`Translator`] did, counted from its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Whole translations (every upstream built).
+    pub full: u64,
+    /// Compiles that only replaced endpoints in the last spec.
+    pub patched: u64,
+    /// Targets whose endpoints those replaced.
+    pub targets_patched: u64,
+}
+
+impl Translator {
+    pub fn new() -> Translator {
+        Translator::default()
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// The last spec with the endpoints of `names` replaced, when every
+    /// one of them is held and feeds only targets the last translation
+    /// placed; `None` = translate in full.
+    fn patch(&mut self, res: &Resources, names: &BTreeSet<String>) -> Option<Spec> {
+        let (spec, feeds) = self.last.as_mut()?;
+        let placed = |n: &String| {
+            res.endpoints.contains_key(n)
+                && feeds.targets.contains_key(n)
+                && !feeds.pinned.contains(n)
+        };
+        if !names.iter().all(placed) {
+            return None;
+        }
+        for n in names {
+            let (addrs, weights) = endpoint_lists(&res.endpoints[n]);
+            for &(i, slot) in &feeds.targets[n] {
+                let u = &mut spec.upstreams[i];
+                if slot == 0 {
+                    u.endpoints = addrs.clone();
+                    u.endpoint_weights = weights.clone();
+                } else {
+                    let t = &mut u.failover[slot - 1];
+                    t.endpoints = addrs.clone();
+                    t.endpoint_weights = weights.clone();
+                }
+                self.counts.targets_patched += 1;
+            }
+        }
+        self.counts.patched += 1;
+        Some(spec.clone())
+    }
+}
 
 impl crate::ads::Check for Translator {
+    type Models = crate::resources::Compact;
     fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String> {
         decode(kind, name, any).map_err(|e| e.to_string())
     }
@@ -1294,10 +1419,20 @@ impl crate::ads::Check for Translator {
     fn missing(&self, res: &Resources) -> Vec<String> {
         missing(res)
     }
-    fn compile(&self, res: &Resources) -> crate::ads::Compiled {
-        use crate::ads::Compiled;
-        match translate(res) {
-            Ok(spec) => Compiled::Ready(spec),
+    fn compile(&mut self, res: &Resources, since: &crate::ads::Changed) -> crate::ads::Compiled {
+        use crate::ads::{Changed, Compiled};
+        if let Changed::Endpoints(names) = since {
+            if let Some(spec) = self.patch(res, names) {
+                return Compiled::Ready(spec);
+            }
+        }
+        self.last = None;
+        self.counts.full += 1;
+        match translate_fed(res) {
+            Ok((spec, feeds)) => {
+                self.last = Some((spec.clone(), feeds));
+                Compiled::Ready(spec)
+            }
             // Also what only the whole translation sees: a leaf in the
             // middle of a rotation (Consul sends the clusters before the
             // listeners) waits for the rest instead of being refused; a

@@ -76,7 +76,7 @@ async fn rds_subscribed_waited_for_applied_updated_and_nacked() {
     let task = tokio::spawn(async move {
         let r = run(
             cfg,
-            Translator,
+            Translator::new(),
             move |s: Spec| {
                 let _ = tx.send(s);
                 Ok(())

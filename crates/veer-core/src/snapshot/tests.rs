@@ -199,6 +199,14 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
             "duplicate_vip",
             "10.96.0.20 port 80 is claimed",
         ),
+        (
+            Box::new(|s| {
+                let vip = s.upstreams[0].virtual_ips[0];
+                s.upstreams[0].virtual_ips.push(vip);
+            }),
+            "duplicate_vip",
+            "10.96.0.20 is claimed by both api and api",
+        ),
     ];
     for (i, (change, label, text)) in cases.into_iter().enumerate() {
         let mut s = spec(&ca);
@@ -503,4 +511,139 @@ fn sessions_resume_only_while_the_certificates_stay() {
     let api5 = Snapshot::build_after(rerooted, 5, Some(&api4)).unwrap();
     let e = mesh_handshake(&web3, &api5).unwrap_err();
     assert_eq!(crate::tls::classify_tls_error(&e), "cert_untrusted", "{e}");
+}
+
+/// An endpoint change rebuilds only its upstream: the others are the
+/// previous snapshot's (with their open connections and TLS
+/// configuration); any change to an upstream's own fields, the default
+/// connect timeout or the leaf rebuilds it.
+#[test]
+fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    let mut cache = up("cache", "10.96.0.40");
+    cache.san_matchers = vec![StringMatch::suffix("/svc/cache")];
+    cache.roots = Some(s.roots.clone());
+    cache.endpoint_weights = vec![2, 1];
+    let mut t = TargetSpec::new(ServiceId::new(TD, "default", "default", "dc2", "cache"));
+    t.endpoints = vec![sa("10.0.2.1:21000")];
+    cache.failover = vec![t];
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30"), cache];
+    let first = Snapshot::build(s.clone(), 1).unwrap();
+    let ups = |snap: &Snapshot| snap.routes.upstreams().to_vec();
+    let slot = ups(&first)[0].try_open().unwrap();
+
+    s.upstreams[1].endpoints.push(sa("10.0.0.4:20000"));
+    let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
+    let (a, b) = (ups(&first), ups(&second));
+    assert!(Arc::ptr_eq(&a[0], &b[0]), "api rebuilt");
+    assert!(Arc::ptr_eq(&a[2], &b[2]), "cache rebuilt");
+    assert!(!Arc::ptr_eq(&a[1], &b[1]), "db kept its old endpoints");
+    assert_eq!(b[1].endpoints.len(), 3);
+    assert_eq!(b[0].open_connections(), 1, "api's open connection");
+    drop(slot);
+    // Nothing changed: everything kept.
+    let again = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
+    assert!(ups(&again)
+        .iter()
+        .zip(ups(&second))
+        .all(|(x, y)| Arc::ptr_eq(x, &y)));
+
+    // Each change of the cache upstream's own fields rebuilds it (and only it).
+    type Change = Box<dyn Fn(&mut Spec)>;
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "sni",
+            Box::new(|s| s.upstreams[2].sni = Some("x.internal.td.consul".into())),
+        ),
+        (
+            "sans",
+            Box::new(|s| s.upstreams[2].san_matchers = vec![StringMatch::suffix("/x")]),
+        ),
+        (
+            "sans default",
+            Box::new(|s| s.upstreams[2].san_matchers.clear()),
+        ),
+        ("roots", Box::new(|s| s.upstreams[2].roots = None)),
+        (
+            "connect",
+            Box::new(|s| s.upstreams[2].connect_timeout = Some(Duration::from_secs(1))),
+        ),
+        (
+            "default connect",
+            Box::new(|s| s.timeouts.connect = Duration::from_secs(2)),
+        ),
+        (
+            "max",
+            Box::new(|s| s.upstreams[2].max_connections = Some(5)),
+        ),
+        (
+            "protocol",
+            Box::new(|s| s.upstreams[2].protocol = Protocol::Http),
+        ),
+        (
+            "vips",
+            Box::new(|s| {
+                s.upstreams[2]
+                    .virtual_ips
+                    .push("10.96.0.41".parse().unwrap())
+            }),
+        ),
+        (
+            "instances",
+            Box::new(|s| s.upstreams[2].instances.push("10.0.9.9".parse().unwrap())),
+        ),
+        (
+            "dialed",
+            Box::new(|s| s.upstreams[2].dialed_directly = true),
+        ),
+        (
+            "weights",
+            Box::new(|s| s.upstreams[2].endpoint_weights = vec![1, 2]),
+        ),
+        (
+            "no weights",
+            Box::new(|s| s.upstreams[2].endpoint_weights.clear()),
+        ),
+        (
+            "endpoint",
+            Box::new(|s| s.upstreams[2].endpoints[1] = sa("10.0.0.9:20000")),
+        ),
+        (
+            "identity",
+            Box::new(|s| s.upstreams[2].identity.namespace = "other".into()),
+        ),
+        (
+            "failover",
+            Box::new(|s| s.upstreams[2].failover[0].endpoints.clear()),
+        ),
+        (
+            "failover sni",
+            Box::new(|s| s.upstreams[2].failover[0].sni = Some("y.td.consul".into())),
+        ),
+        ("no failover", Box::new(|s| s.upstreams[2].failover.clear())),
+    ];
+    for (what, change) in changes {
+        let mut c = s.clone();
+        change(&mut c);
+        let next = Snapshot::build_after(c, 4, Some(&second)).unwrap();
+        let n = ups(&next);
+        assert!(
+            !Arc::ptr_eq(&n[2], &b[2]),
+            "{what}: the old upstream was kept"
+        );
+        if what != "default connect" {
+            assert!(Arc::ptr_eq(&n[0], &b[0]), "{what}: api rebuilt");
+        }
+    }
+    // A new leaf: everything rebuilt.
+    let rotated = spec(&ca);
+    let mut c = s.clone();
+    c.chain = rotated.chain;
+    c.key = rotated.key;
+    let next = Snapshot::build_after(c, 5, Some(&second)).unwrap();
+    assert!(ups(&next)
+        .iter()
+        .zip(ups(&second))
+        .all(|(x, y)| !Arc::ptr_eq(x, &y)));
 }

@@ -16,4 +16,6 @@ pub use client::{
     run, AdsConfig, AdsError, AdsMetrics, AdsStatus, LastReply, NodeInfo, PerKind, Server, Tls,
     RECONNECT_REASONS,
 };
-pub use state::{decode, AdsState, Check, Compiled, Decoded, DnsOutcome, Outcome, Reply, Wanted};
+pub use state::{
+    decode, AdsState, Changed, Check, Compiled, Decoded, DnsOutcome, Outcome, Reply, Wanted,
+};

@@ -5,7 +5,7 @@
 //! [`AdsState::start`] on every new stream and [`AdsState::on_response`]
 //! for every response, and sends the requests they return, in order.
 pub use crate::resources::{Decoded, Wanted};
-use crate::resources::{Kind, Resources};
+use crate::resources::{Kind, Models, Protos, Resources};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -29,9 +29,9 @@ pub const INVALID_ARGUMENT: i32 = 3;
 /// The by-name kinds, in the order their subscription requests are sent.
 const BY_NAME: [Kind; 3] = [Kind::Secret, Kind::Endpoints, Kind::Route];
 
-/// Decodes an `Any` of the given kind (the type URL must match). The
-/// building block of a [`Check::check`].
-pub fn decode(kind: Kind, any: &Any) -> Result<Decoded, String> {
+/// Decodes an `Any` of the given kind (the type URL must match) into the
+/// protobuf as received: a [`Check::check`] that keeps [`Protos`].
+pub fn decode(kind: Kind, any: &Any) -> Result<Decoded<Protos>, String> {
     if any.type_url != kind.type_url() {
         return Err(format!(
             "resource of type {:?} in a {} response",
@@ -53,18 +53,50 @@ pub fn decode(kind: Kind, any: &Any) -> Result<Decoded, String> {
 /// What the ADS client asks of the translation. Implemented by the real
 /// translation and by tests.
 pub trait Check {
+    /// What the store keeps of each accepted resource.
+    type Models: Models;
     /// Decodes and checks one resource on its own. `Err(reason)` = NACK it
-    /// and keep the old version. (Usually starts with [`decode`].)
-    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded, String>;
+    /// and keep the old version.
+    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded<Self::Models>, String>;
     /// Names to subscribe for the by-name kinds, given the accepted resources.
-    fn wanted(&self, res: &Resources) -> Wanted;
+    fn wanted(&self, res: &Resources<Self::Models>) -> Wanted;
     /// What a configuration visibly still waits for (a resource named by
     /// another and not received). Cheap: no compile. Used when a response
     /// changed nothing, to keep the status current.
-    fn missing(&self, res: &Resources) -> Vec<String>;
+    fn missing(&self, res: &Resources<Self::Models>) -> Vec<String>;
     /// The whole configuration, compiled once per response that changed
-    /// something.
-    fn compile(&self, res: &Resources) -> Compiled;
+    /// something. `since` says what changed since the last configuration
+    /// the runtime took (a translation may rebuild only that part).
+    fn compile(&mut self, res: &Resources<Self::Models>, since: &Changed) -> Compiled;
+}
+
+/// What changed in the accepted resources since the last configuration
+/// the runtime took (see [`Check::compile`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have (or nothing was taken yet): compile it all.
+    Anything,
+    /// Only the endpoint assignments (EDS) of these names: added, replaced
+    /// or removed.
+    Endpoints(BTreeSet<String>),
+}
+
+impl Changed {
+    /// Nothing changed.
+    pub fn nothing() -> Changed {
+        Changed::Endpoints(BTreeSet::new())
+    }
+
+    /// What changed in `self` and then in `then`.
+    fn and(&self, then: Changed) -> Changed {
+        match (self, then) {
+            (Changed::Endpoints(a), Changed::Endpoints(mut b)) => {
+                b.extend(a.iter().cloned());
+                Changed::Endpoints(b)
+            }
+            _ => Changed::Anything,
+        }
+    }
 }
 
 /// What [`Check::compile`] makes of the accepted resources.
@@ -105,19 +137,19 @@ pub struct Outcome {
 }
 
 /// One change to the store, to undo it.
-struct Undo {
+struct Undo<M: Models> {
     kind: Kind,
     name: String,
-    old: Option<Decoded>,
+    old: Option<Decoded<M>>,
     old_version: Option<String>,
 }
 
 /// The client side of one ADS session (it outlives streams: resources and
 /// versions survive reconnects).
-pub struct AdsState<C> {
+pub struct AdsState<C: Check> {
     check: C,
     node: Node,
-    res: Resources,
+    res: Resources<C::Models>,
     versions: BTreeMap<Kind, BTreeMap<String, String>>,
     /// The by-name kinds requested on the current stream, with their names.
     subscribed: BTreeMap<Kind, BTreeSet<String>>,
@@ -125,6 +157,8 @@ pub struct AdsState<C> {
     /// The hostnames DNS clusters name, with how often to resolve them
     /// ([`Wanted::dns`], as of the last response).
     dns: BTreeMap<String, Duration>,
+    /// What changed since the runtime last took a configuration.
+    since: Changed,
 }
 
 /// What one batch of DNS answers did ([`AdsState::on_dns`]).
@@ -150,6 +184,7 @@ impl<C: Check> AdsState<C> {
             subscribed: BTreeMap::new(),
             delivered: false,
             dns: BTreeMap::new(),
+            since: Changed::Anything,
         }
     }
 
@@ -193,13 +228,17 @@ impl<C: Check> AdsState<C> {
             out.waiting_for = self.check.missing(&self.res);
             return out;
         }
-        match self.check.compile(&self.res) {
+        // (DNS answers reach the translation as a whole.)
+        let compiled = self.check.compile(&self.res, &Changed::Anything);
+        self.since = Changed::Anything;
+        match compiled {
             Compiled::Waiting(w) => out.waiting_for = w,
             Compiled::Refused(reason) => out.refused = Some(reason),
             Compiled::Ready(spec) => match apply(spec) {
                 Ok(()) => {
                     out.delivered = true;
                     self.delivered = true;
+                    self.since = Changed::nothing();
                 }
                 Err(reason) => {
                     out.refused = Some(format!("runtime refused the configuration: {reason}"))
@@ -214,7 +253,7 @@ impl<C: Check> AdsState<C> {
     }
 
     /// The accepted resources.
-    pub fn resources(&self) -> &Resources {
+    pub fn resources(&self) -> &Resources<C::Models> {
         &self.res
     }
 
@@ -263,7 +302,7 @@ impl<C: Check> AdsState<C> {
         self.dns = std::mem::take(&mut wanted.dns);
         let mut out = Vec::new();
         for kind in BY_NAME {
-            let want = wanted.names(kind).cloned().unwrap_or_default();
+            let want = wanted.take(kind);
             match self.subscribed.get(&kind) {
                 None if want.is_empty() => {}
                 None => {
@@ -334,7 +373,7 @@ impl<C: Check> AdsState<C> {
                 }),
             };
             match decoded {
-                Ok(d) if holds(&self.res, &r.name, &d) => {
+                Ok(d) if self.res.holds(&r.name, &d) => {
                     // The same content again (a re-subscription, a
                     // reconnect): nothing to apply.
                     self.versions
@@ -344,7 +383,7 @@ impl<C: Check> AdsState<C> {
                 }
                 Ok(d) => {
                     self.res.refused.remove(&(kind, r.name.clone()));
-                    let old = put(&mut self.res, &r.name, d);
+                    let old = self.res.insert(r.name.clone(), d);
                     let old_version = self
                         .versions
                         .entry(kind)
@@ -362,7 +401,7 @@ impl<C: Check> AdsState<C> {
                     // A by-name resource refused before any version of it
                     // was accepted: recorded, so that what names it is not
                     // held back waiting for it (see `Resources::refused`).
-                    if !kind.is_wildcard() && !has(&self.res, kind, &r.name) {
+                    if !kind.is_wildcard() && !self.res.has(kind, &r.name) {
                         self.res.refused.insert((kind, r.name), reason);
                     }
                     errors.push(msg);
@@ -382,13 +421,18 @@ impl<C: Check> AdsState<C> {
                 .refused
                 .keys()
                 .filter(|(rk, _)| *rk == k)
-                .map(|(_, n)| n.clone());
-            let stale: Vec<String> = names(&self.res, k)
+                .map(|(_, n)| n.as_str());
+            // (Only the stale names are copied: at mesh scale, thousands
+            // are held and one or none is stale.)
+            let stale: Vec<String> = self
+                .res
+                .names_held(k)
                 .into_iter()
                 .chain(refused)
-                .filter(|n| !want.contains(n))
+                .filter(|n| !want.contains(*n))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
+                .map(str::to_string)
                 .collect();
             for name in stale {
                 self.take(k, name, &mut undo);
@@ -400,10 +444,21 @@ impl<C: Check> AdsState<C> {
         if undo.is_empty() && self.res.refused == refused_before {
             waiting_for = self.check.missing(&self.res);
         } else {
-            let refused = match self.check.compile(&self.res) {
+            // Only endpoint assignments added, replaced or removed: say
+            // which, so that the translation can rebuild only what they feed.
+            let now = if self.res.refused == refused_before
+                && undo.iter().all(|u| u.kind == Kind::Endpoints)
+            {
+                Changed::Endpoints(undo.iter().map(|u| u.name.clone()).collect())
+            } else {
+                Changed::Anything
+            };
+            let since = self.since.and(now);
+            let refused = match self.check.compile(&self.res, &since) {
                 Compiled::Refused(reason) => Some(format!("configuration rejected: {reason}")),
                 Compiled::Waiting(w) => {
                     waiting_for = w;
+                    self.since = since;
                     None
                 }
                 Compiled::Ready(spec) => match apply(spec) {
@@ -411,11 +466,15 @@ impl<C: Check> AdsState<C> {
                     Ok(()) => {
                         delivered = true;
                         self.delivered = true;
+                        self.since = Changed::nothing();
                         None
                     }
                 },
             };
             if let Some(reason) = refused {
+                // What the translation made last was not taken: the next
+                // compile starts over.
+                self.since = Changed::Anything;
                 errors.push(reason);
                 self.revert(undo);
                 self.res.refused = refused_before;
@@ -437,11 +496,11 @@ impl<C: Check> AdsState<C> {
     }
 
     /// Removes a resource (if held), recording how to undo it.
-    fn take(&mut self, kind: Kind, name: String, undo: &mut Vec<Undo>) {
+    fn take(&mut self, kind: Kind, name: String, undo: &mut Vec<Undo<C::Models>>) {
         // (A refusal dropped here is restored with the rest on a revert:
         // the caller keeps the set it started from.)
         self.res.refused.remove(&(kind, name.clone()));
-        let old = remove(&mut self.res, kind, &name);
+        let old = self.res.remove(kind, &name);
         let old_version = self.versions.entry(kind).or_default().remove(&name);
         if old.is_some() || old_version.is_some() {
             undo.push(Undo {
@@ -453,14 +512,14 @@ impl<C: Check> AdsState<C> {
         }
     }
 
-    fn revert(&mut self, undo: Vec<Undo>) {
+    fn revert(&mut self, undo: Vec<Undo<C::Models>>) {
         for u in undo.into_iter().rev() {
             match u.old {
                 Some(d) => {
-                    put(&mut self.res, &u.name, d);
+                    self.res.insert(u.name.clone(), d);
                 }
                 None => {
-                    remove(&mut self.res, u.kind, &u.name);
+                    self.res.remove(u.kind, &u.name);
                 }
             }
             let versions = self.versions.entry(u.kind).or_default();
@@ -483,58 +542,5 @@ fn reply(type_url: &str, nonce: &str, nack: Option<&str>) -> DeltaDiscoveryReque
             details: Vec::new(),
         }),
         ..Default::default()
-    }
-}
-
-/// Stores a decoded resource under its kind and name; returns the old one.
-fn put(res: &mut Resources, name: &str, d: Decoded) -> Option<Decoded> {
-    let n = name.to_string();
-    match d {
-        Decoded::Listener(v) => res.listeners.insert(n, v).map(Decoded::Listener),
-        Decoded::Cluster(v) => res.clusters.insert(n, v).map(Decoded::Cluster),
-        Decoded::Endpoints(v) => res.endpoints.insert(n, v).map(Decoded::Endpoints),
-        Decoded::Route(v) => res.routes.insert(n, v).map(Decoded::Route),
-        Decoded::Secret(v) => res.secrets.insert(n, v).map(Decoded::Secret),
-    }
-}
-
-/// Whether the store already holds exactly this resource under this name.
-fn holds(res: &Resources, name: &str, d: &Decoded) -> bool {
-    match d {
-        Decoded::Listener(v) => res.listeners.get(name) == Some(v),
-        Decoded::Cluster(v) => res.clusters.get(name) == Some(v),
-        Decoded::Endpoints(v) => res.endpoints.get(name) == Some(v),
-        Decoded::Route(v) => res.routes.get(name) == Some(v),
-        Decoded::Secret(v) => res.secrets.get(name) == Some(v),
-    }
-}
-
-fn remove(res: &mut Resources, kind: Kind, name: &str) -> Option<Decoded> {
-    match kind {
-        Kind::Listener => res.listeners.remove(name).map(Decoded::Listener),
-        Kind::Cluster => res.clusters.remove(name).map(Decoded::Cluster),
-        Kind::Endpoints => res.endpoints.remove(name).map(Decoded::Endpoints),
-        Kind::Route => res.routes.remove(name).map(Decoded::Route),
-        Kind::Secret => res.secrets.remove(name).map(Decoded::Secret),
-    }
-}
-
-fn has(res: &Resources, kind: Kind, name: &str) -> bool {
-    match kind {
-        Kind::Listener => res.listeners.contains_key(name),
-        Kind::Cluster => res.clusters.contains_key(name),
-        Kind::Endpoints => res.endpoints.contains_key(name),
-        Kind::Route => res.routes.contains_key(name),
-        Kind::Secret => res.secrets.contains_key(name),
-    }
-}
-
-fn names(res: &Resources, kind: Kind) -> Vec<String> {
-    match kind {
-        Kind::Listener => res.listeners.keys().cloned().collect(),
-        Kind::Cluster => res.clusters.keys().cloned().collect(),
-        Kind::Endpoints => res.endpoints.keys().cloned().collect(),
-        Kind::Route => res.routes.keys().cloned().collect(),
-        Kind::Secret => res.secrets.keys().cloned().collect(),
     }
 }

@@ -3,7 +3,9 @@
 //! (`veer_testsupport::xds`). The `Check` here is a test one: it does not
 //! depend on the translation.
 use super::*;
-use crate::resources::{Kind, Resources};
+use crate::resources::{Kind, Protos};
+
+type Resources = crate::resources::Resources<Protos>;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
@@ -27,7 +29,8 @@ const T: Duration = Duration::from_secs(10);
 struct TestCheck;
 
 impl Check for TestCheck {
-    fn check(&self, kind: Kind, _name: &str, any: &Any) -> Result<Decoded, String> {
+    type Models = Protos;
+    fn check(&self, kind: Kind, _name: &str, any: &Any) -> Result<Decoded<Protos>, String> {
         let d = decode(kind, any)?;
         if let Decoded::Listener(l) = &d {
             if l.stat_prefix == "bad" {
@@ -79,7 +82,7 @@ impl Check for TestCheck {
         );
         m
     }
-    fn compile(&self, res: &Resources) -> Compiled {
+    fn compile(&mut self, res: &Resources, _since: &Changed) -> Compiled {
         let waiting = self.missing(res);
         if !waiting.is_empty() {
             return Compiled::Waiting(waiting);
@@ -1084,4 +1087,89 @@ async fn tls_with_a_given_ca() {
     )
     .await;
     assert!(matches!(r, Err(AdsError::Config(_))), "{r:?}");
+}
+
+/// [`TestCheck`], recording what each compile was told changed.
+#[derive(Default)]
+struct Recording(Vec<Changed>);
+
+impl Check for Recording {
+    type Models = Protos;
+    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded<Protos>, String> {
+        TestCheck.check(kind, name, any)
+    }
+    fn wanted(&self, res: &Resources) -> Wanted {
+        TestCheck.wanted(res)
+    }
+    fn missing(&self, res: &Resources) -> Vec<String> {
+        TestCheck.missing(res)
+    }
+    fn compile(&mut self, res: &Resources, since: &Changed) -> Compiled {
+        self.0.push(since.clone());
+        TestCheck.compile(res, since)
+    }
+}
+
+/// A compile is told what changed since the runtime last took a
+/// configuration: endpoint assignments only (accumulated over responses
+/// that waited), or anything (a first configuration, another kind, or
+/// after a configuration was not taken).
+#[test]
+fn compile_is_told_what_changed_since_the_last_configuration_taken() {
+    let mut s = AdsState::new(Recording::default(), node().to_proto());
+    s.start();
+    let refuse = std::cell::Cell::new(false);
+    let mut apply = |_: Spec| {
+        if refuse.get() {
+            return Err("refused".to_string());
+        }
+        Ok(())
+    };
+    let mut respond = |s: &mut AdsState<Recording>, kind, nonce: &str, items| {
+        s.on_response(response(kind, nonce, items, &[]), &mut apply)
+    };
+    let only = |names: &[&str]| Changed::Endpoints(names.iter().map(|n| n.to_string()).collect());
+    let out = respond(
+        &mut s,
+        Kind::Listener,
+        "1",
+        vec![("a", listener("a", "a1"))],
+    );
+    assert!(!out.delivered, "waits for clusters");
+    // Clusters: they wait for their endpoints, which then complete them.
+    let items = vec![("c1", cluster("c1")), ("c2", cluster("c2"))];
+    assert!(!respond(&mut s, Kind::Cluster, "2", items).delivered);
+    let items = vec![("c1", endpoints("c1", ""))];
+    assert!(!respond(&mut s, Kind::Endpoints, "3", items).delivered);
+    let items = vec![("c2", endpoints("c2", ""))];
+    assert!(respond(&mut s, Kind::Endpoints, "4", items).delivered);
+    // One endpoint change, then two in one response.
+    let items = vec![("c1", endpoints("c1", "#2"))];
+    assert!(respond(&mut s, Kind::Endpoints, "5", items).delivered);
+    let items = vec![("c1", endpoints("c1", "#3")), ("c2", endpoints("c2", "#3"))];
+    assert!(respond(&mut s, Kind::Endpoints, "6", items).delivered);
+    // The runtime refuses one: the next compile starts over.
+    refuse.set(true);
+    let items = vec![("c1", endpoints("c1", "#4"))];
+    let out = respond(&mut s, Kind::Endpoints, "7", items);
+    assert!(matches!(out.reply, Reply::Nack(_)), "{:?}", out.reply);
+    refuse.set(false);
+    let items = vec![("c2", endpoints("c2", "#5"))];
+    assert!(respond(&mut s, Kind::Endpoints, "8", items).delivered);
+    let items = vec![("c2", endpoints("c2", "#6"))];
+    assert!(respond(&mut s, Kind::Endpoints, "9", items).delivered);
+    assert_eq!(
+        s.check().0,
+        vec![
+            Changed::Anything,
+            Changed::Anything,
+            Changed::Anything,
+            Changed::Anything,
+            only(&["c1"]),
+            only(&["c1", "c2"]),
+            only(&["c1"]),
+            Changed::Anything,
+            only(&["c2"]),
+        ]
+    );
 }

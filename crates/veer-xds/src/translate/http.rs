@@ -40,19 +40,19 @@ use veer_core::route::Protocol;
 type R<T> = Result<T, Fault>;
 
 /// A setting accepted but not applied: (field path, what veer does instead).
-pub(crate) type Note = (String, String);
+pub type Note = (String, String);
 
 /// Where an HCM's routes come from.
-#[derive(Debug)]
-pub(crate) enum RouteSource {
+#[derive(Clone, Debug, PartialEq)]
+pub enum RouteSource {
     Inline(RoutesModel),
     /// RDS by this name (over ADS).
     Rds(String),
 }
 
 /// One HTTP connection manager.
-#[derive(Debug)]
-pub(crate) struct Hcm {
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hcm {
     pub routes: RouteSource,
     /// `Grpc` when gRPC filters are present, `Http2` when the codec is
     /// HTTP/2 (`http2_protocol_options` or `codec_type: HTTP2`), else `Http`.
@@ -66,7 +66,7 @@ pub(crate) struct Hcm {
 /// One route of a route configuration, with clusters by name (the
 /// translation resolves them against CDS).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct RouteModel {
+pub struct RouteModel {
     pub name: String,
     pub matches: RequestMatch,
     /// (cluster name, weight).
@@ -78,7 +78,7 @@ pub(crate) struct RouteModel {
 
 /// A route configuration: one virtual host's routes, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct RoutesModel {
+pub struct RoutesModel {
     pub name: String,
     pub routes: Vec<RouteModel>,
     pub notes: Vec<Note>,
@@ -101,7 +101,7 @@ impl RoutesModel {
 
 /// Which side an HCM serves: rules differ (HTTP RBAC only inbound).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Side {
+pub enum Side {
     /// The public listener: requests from peers to the local app.
     Inbound,
     /// An outbound chain or explicit upstream listener.

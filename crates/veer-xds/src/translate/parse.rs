@@ -34,6 +34,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use prost::{Message, Name};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use veer_core::authz::{MatchPattern, Principal, RbacPolicy, RbacRules, StringMatch};
 use veer_core::intentions::Action;
@@ -94,34 +95,94 @@ impl<T> At<T> for R<T> {
 }
 
 // ---------------------------------------------------------------- models
+//
+// What the ADS client keeps of each accepted resource (see
+// `crate::resources::Compact`): a few hundred bytes where the decoded
+// protobuf took kilobytes. Certificates and keys given inline (Consul
+// repeats the same leaf and roots in every cluster) are shared between
+// resources through [`share_leaf`] and [`share_roots`].
+
+/// A leaf certificate chain and its private key.
+#[derive(Debug)]
+pub struct Leaf {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl PartialEq for Leaf {
+    fn eq(&self, o: &Leaf) -> bool {
+        self.chain == o.chain && self.key.secret_der() == o.key.secret_der()
+    }
+}
+
+impl Eq for Leaf {}
+
+/// Trusted roots given inline.
+pub type InlineRoots = Arc<Vec<CertificateDer<'static>>>;
 
 /// Where a leaf certificate and key come from.
-#[derive(Debug)]
-pub(crate) enum LeafSource {
-    Inline {
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    },
+#[derive(Clone, Debug, PartialEq)]
+pub enum LeafSource {
+    Inline(Arc<Leaf>),
     /// `tls_certificate_sds_secret_configs[0].name` (Consul: `connect-leaf`).
     Sds(String),
 }
 
 /// Where trusted roots come from.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum RootsSource {
-    Inline(Vec<CertificateDer<'static>>),
+pub enum RootsSource {
+    Inline(InlineRoots),
     /// `validation_context_sds_secret_config.name` (Consul: `connect-root`).
     Sds(String),
 }
 
-#[derive(Debug)]
-pub(crate) struct DownstreamTls {
+/// The live inline leaves and root sets, by content: equal ones decoded
+/// from different resources are one allocation. Weak, so that a rotated
+/// leaf is freed with the last resource that held it.
+struct Pool<T: ?Sized> {
+    live: Mutex<Vec<Weak<T>>>,
+}
+
+impl<T: PartialEq> Pool<T> {
+    const fn new() -> Pool<T> {
+        Pool {
+            live: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn share(&self, v: T) -> Arc<T> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        if let Some(a) = live.iter().filter_map(Weak::upgrade).find(|a| **a == v) {
+            return a;
+        }
+        let a = Arc::new(v);
+        live.push(Arc::downgrade(&a));
+        a
+    }
+}
+
+static LEAVES: Pool<Leaf> = Pool::new();
+static ROOTS: Pool<Vec<CertificateDer<'static>>> = Pool::new();
+
+/// `leaf`, shared with every equal one held elsewhere.
+pub(crate) fn share_leaf(leaf: Leaf) -> Arc<Leaf> {
+    LEAVES.share(leaf)
+}
+
+/// `roots`, shared with every equal set held elsewhere.
+pub(crate) fn share_roots(roots: Vec<CertificateDer<'static>>) -> InlineRoots {
+    ROOTS.share(roots)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownstreamTls {
     pub leaf: LeafSource,
     pub roots: RootsSource,
 }
 
-#[derive(Debug)]
-pub(crate) struct UpstreamTls {
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamTls {
     pub leaf: LeafSource,
     pub roots: RootsSource,
     pub sni: String,
@@ -130,8 +191,8 @@ pub(crate) struct UpstreamTls {
     pub sans: Vec<StringMatch>,
 }
 
-#[derive(Debug)]
-pub(crate) struct PublicListener {
+#[derive(Clone, Debug, PartialEq)]
+pub struct PublicListener {
     pub addr: SocketAddr,
     pub tls: DownstreamTls,
     pub rbac: Vec<RbacRules>,
@@ -146,8 +207,8 @@ pub(crate) struct PublicListener {
 }
 
 /// The public listener's HTTP connection manager.
-#[derive(Debug)]
-pub(crate) struct InboundHcm {
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboundHcm {
     pub protocol: Protocol,
     pub rbac: Vec<RbacRules>,
     pub xfcc: Xfcc,
@@ -158,24 +219,24 @@ pub(crate) struct InboundHcm {
 }
 
 /// What an outbound chain runs.
-#[derive(Debug)]
-pub(crate) enum ChainTarget {
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChainTarget {
     /// `tcp_proxy` to this cluster.
     Tcp(String),
     /// An HTTP connection manager; `field` is its path in the listener.
     Http { hcm: Box<Hcm>, field: String },
 }
 
-#[derive(Debug)]
-pub(crate) struct OutboundChain {
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboundChain {
     pub index: usize,
     pub ips: Vec<IpAddr>,
     pub port: Option<u16>,
     pub target: ChainTarget,
 }
 
-#[derive(Debug)]
-pub(crate) struct OutboundListener {
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboundListener {
     pub addr: SocketAddr,
     pub chains: Vec<OutboundChain>,
     /// `default_filter_chain`'s cluster; `None` = mesh destinations only.
@@ -183,15 +244,15 @@ pub(crate) struct OutboundListener {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ExposeListener {
+pub struct ExposeListener {
     pub addr: SocketAddr,
     pub path: String,
     pub cluster: String,
     pub http2: bool,
 }
 
-#[derive(Debug)]
-pub(crate) enum ListenerModel {
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerModel {
     Public(PublicListener),
     Outbound(OutboundListener),
     /// An explicit upstream's listener: everything to one cluster, or
@@ -203,8 +264,16 @@ pub(crate) enum ListenerModel {
     Expose(ExposeListener),
 }
 
-#[derive(Debug)]
-pub(crate) enum ClusterKind {
+/// An accepted listener as the ADS client keeps it: its model and the RDS
+/// route names its HTTP connection managers ask for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerEntry {
+    pub model: ListenerModel,
+    pub rds: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClusterKind {
     /// `STATIC` with exactly one endpoint, no TLS (`local_app`, `exposed_cluster_<port>`).
     Static(SocketAddr),
     /// `EDS` over mTLS; `eds_name` is what EDS is requested by.
@@ -223,7 +292,7 @@ pub(crate) enum ClusterKind {
 
 /// The hosts of a DNS cluster and how their addresses are used.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DnsModel {
+pub struct DnsModel {
     pub hosts: Vec<DnsHost>,
     /// `LOGICAL_DNS`: one host, its first address only; `STRICT_DNS`: every
     /// address of every host.
@@ -234,7 +303,7 @@ pub(crate) struct DnsModel {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DnsHost {
+pub struct DnsHost {
     /// A hostname (or an IP literal, which needs no resolution).
     pub host: String,
     pub port: u16,
@@ -243,7 +312,7 @@ pub(crate) struct DnsHost {
 
 /// `dns_lookup_family`: which resolved addresses are used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DnsFamily {
+pub enum DnsFamily {
     /// IPv6 when the name has any, else IPv4 (Envoy's `AUTO`).
     Auto,
     V4Only,
@@ -279,12 +348,12 @@ impl DnsFamily {
 }
 
 /// Envoy's `dns_refresh_rate` default.
-pub(crate) const DNS_REFRESH_DEFAULT: Duration = Duration::from_secs(5);
+pub const DNS_REFRESH_DEFAULT: Duration = Duration::from_secs(5);
 /// veer resolves no more often than this, whatever a cluster asks.
-pub(crate) const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
+pub const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
 
-#[derive(Debug)]
-pub(crate) struct ClusterModel {
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterModel {
     pub kind: ClusterKind,
     /// HTTP/2 to its endpoints when routes send requests to it
     /// (`HttpProtocolOptions.explicit_http_config.http2_protocol_options`).
@@ -294,18 +363,15 @@ pub(crate) struct ClusterModel {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct EndpointModel {
+pub struct EndpointModel {
     pub addr: SocketAddr,
     pub weight: u32,
 }
 
-#[derive(Debug)]
-pub(crate) enum SecretModel {
-    Leaf {
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    },
-    Roots(Vec<CertificateDer<'static>>),
+#[derive(Clone, Debug, PartialEq)]
+pub enum SecretModel {
+    Leaf(Arc<Leaf>),
+    Roots(InlineRoots),
 }
 
 // ---------------------------------------------------------------- helpers
@@ -552,7 +618,7 @@ fn common_tls(c: Option<&CommonTlsContext>) -> R<(LeafSource, RootsSource, Vec<S
         c.tls_certificates.as_slice(),
         c.tls_certificate_sds_secret_configs.as_slice(),
     ) {
-        ([t], []) => LeafSource::Inline {
+        ([t], []) => LeafSource::Inline(share_leaf(Leaf {
             chain: certs(
                 t.certificate_chain.as_ref(),
                 &format!("{at}.tls_certificates[0].certificate_chain"),
@@ -561,7 +627,7 @@ fn common_tls(c: Option<&CommonTlsContext>) -> R<(LeafSource, RootsSource, Vec<S
                 t.private_key.as_ref(),
                 &format!("{at}.tls_certificates[0].private_key"),
             )?,
-        },
+        })),
         ([], [s]) => {
             if s.name.is_empty() {
                 return Err(Fault::invalid(
@@ -588,8 +654,10 @@ fn common_tls(c: Option<&CommonTlsContext>) -> R<(LeafSource, RootsSource, Vec<S
     let (roots, sans) = match &c.validation_context_type {
         Some(V::ValidationContext(v)) => {
             let vat = format!("{at}.validation_context");
-            let roots =
-                RootsSource::Inline(certs(v.trusted_ca.as_ref(), &format!("{vat}.trusted_ca"))?);
+            let roots = RootsSource::Inline(share_roots(certs(
+                v.trusted_ca.as_ref(),
+                &format!("{vat}.trusted_ca"),
+            )?));
             (roots, validation_sans(v, &vat)?)
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => (RootsSource::Sds(s.name.clone()), vec![]),
@@ -1769,13 +1837,13 @@ pub(crate) fn endpoints_of(la: &ClusterLoadAssignment) -> R<Vec<EndpointModel>> 
 
 pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
     match &s.r#type {
-        Some(secret::Type::TlsCertificate(t)) => Ok(SecretModel::Leaf {
+        Some(secret::Type::TlsCertificate(t)) => Ok(SecretModel::Leaf(share_leaf(Leaf {
             chain: certs(
                 t.certificate_chain.as_ref(),
                 "tls_certificate.certificate_chain",
             )?,
             key: key(t.private_key.as_ref(), "tls_certificate.private_key")?,
-        }),
+        }))),
         Some(secret::Type::ValidationContext(v)) => {
             let at = "validation_context";
             let roots = certs(v.trusted_ca.as_ref(), &format!("{at}.trusted_ca"))?;
@@ -1786,7 +1854,7 @@ pub(crate) fn secret(s: &Secret) -> R<SecretModel> {
                     "SAN matchers in a root secret are not supported; they belong in the cluster's combined validation context",
                 ));
             }
-            Ok(SecretModel::Roots(roots))
+            Ok(SecretModel::Roots(share_roots(roots)))
         }
         Some(_) => Err(Fault::refused(
             "type",

@@ -171,6 +171,61 @@ fn transparent_proxy_golden_maps_to_spec() {
     assert_eq!(spec.upstreams.len(), 3);
 }
 
+/// Consul repeats the same inline leaf and roots in the public listener and
+/// in every upstream cluster: what the ADS client keeps holds them once,
+/// and frees them with the last resource that holds them.
+#[test]
+fn inline_certificates_are_kept_once_and_freed_with_their_resources() {
+    let p = params();
+    let res = load(&cx::transparent_proxy(&p));
+    let mut leaves = Vec::new();
+    let mut roots = Vec::new();
+    for l in res.listeners.values() {
+        if let ListenerModel::Public(pl) = &l.model {
+            leaves.push(pl.tls.leaf.clone());
+            roots.push(pl.tls.roots.clone());
+        }
+    }
+    for c in res.clusters.values() {
+        if let Some(tls) = cluster_tls(c) {
+            leaves.push(tls.leaf.clone());
+            roots.push(tls.roots.clone());
+        }
+    }
+    assert!(leaves.len() >= 4, "{} leaves", leaves.len());
+    let leaf: Vec<Arc<Leaf>> = leaves
+        .into_iter()
+        .map(|l| match l {
+            LeafSource::Inline(a) => a,
+            LeafSource::Sds(n) => panic!("SDS leaf {n} in the inline golden"),
+        })
+        .collect();
+    let root: Vec<InlineRoots> = roots
+        .into_iter()
+        .map(|r| match r {
+            RootsSource::Inline(a) => a,
+            RootsSource::Sds(n) => panic!("SDS roots {n} in the inline golden"),
+        })
+        .collect();
+    assert!(leaf.iter().all(|l| Arc::ptr_eq(l, &leaf[0])), "leaf copies");
+    assert!(
+        root.iter().all(|r| Arc::ptr_eq(r, &root[0])),
+        "roots copies"
+    );
+    let (weak_leaf, weak_roots) = (Arc::downgrade(&leaf[0]), Arc::downgrade(&root[0]));
+    drop((leaf, root));
+    assert!(weak_leaf.upgrade().is_some(), "the resources still hold it");
+    drop(res);
+    assert!(
+        weak_leaf.upgrade().is_none(),
+        "the leaf outlived its resources"
+    );
+    assert!(
+        weak_roots.upgrade().is_none(),
+        "the roots outlived their resources"
+    );
+}
+
 #[test]
 fn catalog_destinations_only_sets_mesh_destinations_only() {
     let spec = spec_of(&cx::transparent_proxy_catalog_destinations_only(&params()));
@@ -1205,8 +1260,9 @@ fn upstream_with_another_client_certificate_waits() {
     assert!(e.to_string().contains("client certificate differs"), "{e}");
     // The ADS client hears it as "still waiting", never as a refusal (a
     // NACK would make Consul drop the update and veer would stay behind).
-    use crate::ads::{Check, Compiled};
-    let Compiled::Waiting(waiting) = Translator.compile(&load(&x)) else {
+    use crate::ads::{Changed, Check, Compiled};
+    let Compiled::Waiting(waiting) = Translator::new().compile(&load(&x), &Changed::Anything)
+    else {
         panic!("a rotation in progress must wait")
     };
     assert_eq!(waiting.len(), 1, "{waiting:?}");
@@ -1215,7 +1271,7 @@ fn upstream_with_another_client_certificate_waits() {
         "{waiting:?}"
     );
     assert!(matches!(
-        Translator.compile(&load(&cx::transparent_proxy(&p))),
+        Translator::new().compile(&load(&cx::transparent_proxy(&p)), &Changed::Anything),
         Compiled::Ready(_)
     ));
 }
@@ -1715,7 +1771,7 @@ fn ads_state_resolves_dns_names_and_applies_their_answers() {
     let p = params();
     let host = "123.us-east-1.elb.notaws.com";
     let x = cx::connect_proxy_with_peered_upstreams(&p, &peer_roots());
-    let mut state = AdsState::new(Translator, Node::default());
+    let mut state = AdsState::new(Translator::new(), Node::default());
     state.start();
     let mut applied: Vec<Spec> = Vec::new();
     let mut apply = |s: Spec| {
@@ -1819,4 +1875,202 @@ fn resolver_loop_answers_the_wanted_names() {
         assert_eq!(a.keys().collect::<Vec<_>>(), vec!["localhost"]);
         task.abort();
     });
+}
+
+/// Each endpoint assignment changed on its own: the translator replaces
+/// the endpoints of the targets it feeds in its last spec (no full
+/// translation: the counters say so) and the result is what a full
+/// translation of the same resources makes, for plain upstreams,
+/// passthrough and failover targets (goldens with aggregate clusters).
+#[test]
+fn an_endpoint_change_patches_only_the_targets_it_feeds() {
+    use crate::ads::{Changed, Check, Compiled};
+    let p = params();
+    for (name, x) in [
+        ("transparent-proxy", cx::transparent_proxy(&p)),
+        (
+            "connect-proxy-with-chain-and-failover",
+            cx::connect_proxy_with_chain_and_failover(&p),
+        ),
+        (
+            "connect-proxy-with-tcp-chain-double-failover-through-remote-gateway",
+            cx::connect_proxy_with_tcp_chain_double_failover_through_remote_gateway(&p),
+        ),
+    ] {
+        let mut res = load(&x);
+        let mut t = Translator::new();
+        let Compiled::Ready(_) = t.compile(&res, &Changed::Anything) else {
+            panic!("{name}: not ready")
+        };
+        assert_eq!(t.counts().full, 1);
+        let names: Vec<String> = res.endpoints.keys().cloned().collect();
+        assert!(!names.is_empty(), "{name}");
+        let mut patched = 0;
+        for (k, eds) in names.iter().enumerate() {
+            let mut eps = res.endpoints[eds].to_vec();
+            eps.push(EndpointModel {
+                addr: sa(&format!("10.99.0.{}:21000", k + 1)),
+                weight: 3,
+            });
+            res.endpoints.insert(eds.clone(), eps.into_boxed_slice());
+            let before = t.counts();
+            let Compiled::Ready(spec) = t.compile(&res, &Changed::Endpoints([eds.clone()].into()))
+            else {
+                panic!("{name} {eds}: not ready")
+            };
+            let after = t.counts();
+            if after.full == before.full {
+                patched += 1;
+                assert_eq!(after.patched, before.patched + 1, "{name} {eds}");
+                assert!(
+                    after.targets_patched > before.targets_patched,
+                    "{name} {eds}"
+                );
+            }
+            let full = translate(&res).unwrap();
+            assert_eq!(spec.upstreams, full.upstreams, "{name} {eds}");
+        }
+        assert!(patched > 0, "{name}: every change translated in full");
+        // Anything else: a full translation.
+        let full = t.counts().full;
+        t.compile(&res, &Changed::Anything);
+        assert_eq!(t.counts().full, full + 1);
+    }
+}
+
+/// Through the ADS state: an EDS-only response reaches the translator as
+/// an endpoint change (the other upstreams are not translated again), the
+/// spec delivered is the full translation's, and the snapshot built after
+/// the previous one keeps every other upstream (the same `Arc`).
+#[test]
+fn an_eds_response_rebuilds_only_its_upstream() {
+    use crate::ads::{AdsState, Reply};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    let p = params();
+    let x = cx::transparent_proxy(&p);
+    let mut state = AdsState::new(Translator::new(), Node::default());
+    state.start();
+    let applied: std::cell::RefCell<Vec<Spec>> = Default::default();
+    let mut apply = |s: Spec| {
+        applied.borrow_mut().push(s);
+        Ok(())
+    };
+    let respond = |state: &mut AdsState<Translator>,
+                   apply: &mut dyn FnMut(Spec) -> Result<(), String>,
+                   kind: Kind,
+                   nonce: &str,
+                   resources: Vec<Resource>| {
+        let out = state.on_response(
+            DeltaDiscoveryResponse {
+                type_url: kind.type_url().into(),
+                nonce: nonce.into(),
+                resources,
+                ..Default::default()
+            },
+            apply,
+        );
+        assert_eq!(out.reply, Reply::Ack, "{kind:?}");
+        out.delivered
+    };
+    let of_kind = |kind: Kind| -> Vec<Resource> {
+        x.resources()
+            .into_iter()
+            .filter(|(url, _, _)| url == kind.type_url())
+            .map(|(_, name, any)| Resource {
+                version: "1".into(),
+                name,
+                resource: Some(any),
+                ..Default::default()
+            })
+            .collect()
+    };
+    for (i, kind) in [Kind::Cluster, Kind::Endpoints, Kind::Listener, Kind::Secret]
+        .into_iter()
+        .enumerate()
+    {
+        let r = of_kind(kind);
+        if !r.is_empty() {
+            respond(&mut state, &mut apply, kind, &i.to_string(), r);
+        }
+    }
+    assert!(state.delivered());
+    // (Each response compiled: the first two waited for the rest.)
+    let full = state.check().counts().full;
+    assert_eq!(state.check().counts().patched, 0);
+    let first = Snapshot::build(applied.borrow().last().unwrap().clone(), 1).unwrap();
+
+    // One assignment gets a new endpoint.
+    let mut eds = of_kind(Kind::Endpoints);
+    let mut la =
+        ClusterLoadAssignment::decode(eds[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    let mut e = la.endpoints[0].lb_endpoints[0].clone();
+    let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &mut e.host_identifier else {
+        panic!("an endpoint")
+    };
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    let Some(address::Address::SocketAddress(a)) =
+        ep.address.as_mut().and_then(|a| a.address.as_mut())
+    else {
+        panic!("a socket address")
+    };
+    a.address = "10.99.0.1".into();
+    a.port_specifier = Some(socket_address::PortSpecifier::PortValue(21000));
+    la.endpoints[0].lb_endpoints.push(e);
+    eds.truncate(1);
+    eds[0].version = "2".into();
+    eds[0].resource = Some(pack_any(la));
+    assert!(respond(
+        &mut state,
+        &mut apply,
+        Kind::Endpoints,
+        "eds2",
+        eds
+    ));
+    let c = state.check().counts();
+    assert_eq!(
+        (c.full, c.patched, c.targets_patched),
+        (full, 1, 1),
+        "{c:?}"
+    );
+    let spec = applied.borrow().last().unwrap().clone();
+    assert_eq!(
+        spec.upstreams,
+        translate(state.resources()).unwrap().upstreams
+    );
+    let second = Snapshot::build_after(spec, 2, Some(&first)).unwrap();
+    let (a, b) = (first.routes.upstreams(), second.routes.upstreams());
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() > 1);
+    for (o, n) in a.iter().zip(b) {
+        let fed = n
+            .endpoints
+            .iter()
+            .any(|e| e.addr.0 == sa("10.99.0.1:21000"));
+        assert_eq!(!Arc::ptr_eq(o, n), fed, "upstream {}", n.identity);
+    }
+    assert!(
+        b.iter().any(|n| n
+            .endpoints
+            .iter()
+            .any(|e| e.addr.0 == sa("10.99.0.1:21000"))),
+        "the new endpoint is nowhere"
+    );
+
+    // A cluster response: translated in full.
+    let cds = of_kind(Kind::Cluster)
+        .into_iter()
+        .map(|mut r| {
+            r.version = "2".into();
+            let mut c = Cluster::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap();
+            c.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 7,
+                nanos: 0,
+            });
+            r.resource = Some(pack_any(c));
+            r
+        })
+        .collect();
+    assert!(respond(&mut state, &mut apply, Kind::Cluster, "cds2", cds));
+    assert_eq!(state.check().counts().full, full + 1);
 }
