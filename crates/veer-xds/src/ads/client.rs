@@ -3,7 +3,6 @@
 use super::state::{AdsState, Check, Reply};
 use crate::resources::Kind;
 use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::protobuf::{value, ListValue, NullValue, Struct, Value};
 use std::collections::BTreeMap;
@@ -13,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
@@ -493,15 +491,10 @@ async fn stream_once<C: Check>(
     for r in state.start() {
         let _ = tx.send(r);
     }
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes);
-    let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
-    for (k, v) in metadata {
-        req.metadata_mut().insert(k.clone(), v.clone());
-    }
-    let mut inbound = match client.delta_aggregated_resources(req).await {
-        Ok(r) => r.into_inner(),
+    // Our own framing (see `super::grpc`): tonic's would keep a buffer as
+    // large as the largest response for as long as the stream lives.
+    let mut inbound = match super::grpc::open(channel, metadata, rx, cfg.max_message_bytes).await {
+        Ok(r) => r,
         Err(s) => return (false, AdsError::from_status(&s)),
     };
     tracing::info!(server = %cfg.server, "xDS: stream open");

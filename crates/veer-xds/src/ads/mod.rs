@@ -8,6 +8,7 @@
 //! resource keeps its previous version serving.
 pub mod client;
 pub mod dns;
+pub mod grpc;
 pub mod state;
 #[cfg(test)]
 mod tests;
