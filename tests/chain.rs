@@ -343,8 +343,12 @@ fn discovery_chain_across_two_datacenters() {
     assert_eq!(dcs.lands(&web, local), "dc2");
     let snis = seen.lock().unwrap().clone();
     eprintln!("chain test: mesh gateway (mode remote) used after {took:?}, SNIs it saw: {snis:?}");
+    // One TLS connection or more: new app connections to the same
+    // gateway and SNI ride as streams over a pooled veer <-> veer
+    // connection (multiplexing), which the gateway passes through by SNI
+    // like any other.
     assert!(
-        snis.len() >= 2
+        !snis.is_empty()
             && snis
                 .iter()
                 .all(|s| s.starts_with("api.default.dc2.internal.")),
