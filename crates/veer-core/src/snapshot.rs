@@ -1008,11 +1008,13 @@ impl<'a> Reuse<'a> {
             roots: roots.as_ref(),
             connect_timeout: *connect_timeout,
         };
-        let sni_key = match sni {
-            Some(s) => s.clone(),
-            None => identity.sni(),
+        // (Borrowed when the spec names its SNI, as xDS specs do: no
+        // allocation per upstream.)
+        let sni_key: std::borrow::Cow<str> = match sni {
+            Some(s) => s.as_str().into(),
+            None => identity.sni().into(),
         };
-        let key = (sni_key.as_str(), *destination_port, *local_bind);
+        let key = (&*sni_key, *destination_port, *local_bind);
         let old = match self.olds.get(at) {
             Some(o) if (o.sni.as_str(), o.destination_port, o.local_bind) == key => o,
             _ => self

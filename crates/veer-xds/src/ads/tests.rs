@@ -1300,3 +1300,49 @@ impl Check for Unsaid {
         TestCheck.compile(res, since)
     }
 }
+
+/// The status's copy of the versions follows the state's: added, changed
+/// and removed names and kinds, and an unchanged name keeps its string
+/// (not copied again).
+#[test]
+fn versions_sync_copies_only_what_differs() {
+    use super::client::sync_versions;
+    use std::collections::BTreeMap;
+    let map = |items: &[(Kind, &str, &str)]| {
+        let mut m: BTreeMap<Kind, BTreeMap<String, String>> = BTreeMap::new();
+        for (k, n, v) in items {
+            m.entry(*k)
+                .or_default()
+                .insert(n.to_string(), v.to_string());
+        }
+        m
+    };
+    let mut dst = BTreeMap::new();
+    let cases: Vec<Vec<(Kind, &str, &str)>> = vec![
+        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "1")],
+        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "2")],
+        vec![
+            (Kind::Cluster, "a", "1"),
+            (Kind::Cluster, "b", "1"),
+            (Kind::Endpoints, "b", "1"),
+        ],
+        vec![(Kind::Listener, "l", "7")],
+        vec![],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let src = map(case);
+        let kept = dst
+            .get(&Kind::Cluster)
+            .and_then(|m: &BTreeMap<String, String>| m.get("a"))
+            .map(|v| v.as_ptr());
+        sync_versions(&mut dst, &src);
+        assert_eq!(dst, src, "case {i}");
+        if let (Some(p), Some(v)) = (kept, src.get(&Kind::Cluster).and_then(|m| m.get("a"))) {
+            assert_eq!(
+                dst[&Kind::Cluster]["a"].as_ptr(),
+                p,
+                "case {i}: {v} copied again"
+            );
+        }
+    }
+}
