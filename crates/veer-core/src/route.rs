@@ -151,6 +151,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Whether `self` takes the same destinations as `other` would at the
+    /// same position in a table: the fields a route table's index reads.
+    pub fn routes_as(&self, other: &Upstream) -> bool {
+        self.virtual_ips == other.virtual_ips
+            && self.destination_port == other.destination_port
+            && self.dialed_directly == other.dialed_directly
+            && self.instances == other.instances
+    }
+
     pub fn new(identity: ServiceId, connect_timeout: Duration) -> Upstream {
         let exact = StringMatch::exact(identity.to_string())
             .compile()
@@ -343,10 +352,9 @@ impl RouteError {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     upstreams: Vec<Arc<Upstream>>,
-    by_vip: HashMap<IpAddr, usize>,
-    /// VIPs of upstreams with a `destination_port`.
-    by_vip_port: HashMap<(IpAddr, u16), usize>,
-    by_instance: HashMap<IpAddr, usize>,
+    /// Shared with the previous table when no upstream's routing fields
+    /// changed (see [`RouteTable::reindexed`]).
+    index: Arc<Index>,
     mesh_destinations_only: bool,
     /// veer's own listener addresses, for loop detection.
     own_listeners: Vec<SocketAddr>,
@@ -375,33 +383,51 @@ impl RouteTable {
         mesh_destinations_only: bool,
         own_listeners: Vec<SocketAddr>,
     ) -> RouteTable {
-        let mut by_vip = HashMap::new();
-        let mut by_vip_port = HashMap::new();
-        let mut by_instance = HashMap::new();
-        // Every address is keyed in canonical form: `::ffff:10.0.0.1` and
-        // `10.0.0.1` are one destination.
-        for (i, u) in upstreams.iter().enumerate() {
-            for ip in &u.virtual_ips {
-                match u.destination_port {
-                    Some(p) => by_vip_port.entry((canonical_ip(*ip), p)).or_insert(i),
-                    None => by_vip.entry(canonical_ip(*ip)).or_insert(i),
-                };
-            }
-            if u.dialed_directly {
-                for ip in &u.instances {
-                    by_instance.entry(canonical_ip(*ip)).or_insert(i);
-                }
-            }
-        }
+        let index = Arc::new(Index::of(&upstreams));
+        RouteTable::with_index(upstreams, index, mesh_destinations_only, own_listeners)
+    }
+
+    /// [`RouteTable::from_shared`], keeping `prev`'s index (VIP, VIP and
+    /// port, instance -> upstream) when every upstream at each position
+    /// has the routing fields of `prev`'s there ([`Upstream::routes_as`]):
+    /// an endpoint change then hashes no address. The comparison is
+    /// cheap (no hashing, no allocation).
+    pub fn reindexed(
+        upstreams: Vec<Arc<Upstream>>,
+        mesh_destinations_only: bool,
+        own_listeners: Vec<SocketAddr>,
+        prev: &RouteTable,
+    ) -> RouteTable {
+        let same = upstreams.len() == prev.upstreams.len()
+            && upstreams
+                .iter()
+                .zip(&prev.upstreams)
+                .all(|(u, p)| Arc::ptr_eq(u, p) || u.routes_as(p));
+        let index = match same {
+            true => prev.index.clone(),
+            false => Arc::new(Index::of(&upstreams)),
+        };
+        RouteTable::with_index(upstreams, index, mesh_destinations_only, own_listeners)
+    }
+
+    /// Whether this table's index is `other`'s, shared (for tests).
+    pub fn shares_index_with(&self, other: &RouteTable) -> bool {
+        Arc::ptr_eq(&self.index, &other.index)
+    }
+
+    fn with_index(
+        upstreams: Vec<Arc<Upstream>>,
+        index: Arc<Index>,
+        mesh_destinations_only: bool,
+        own_listeners: Vec<SocketAddr>,
+    ) -> RouteTable {
         let own_listeners = own_listeners
             .into_iter()
             .map(crate::addr::canonical)
             .collect();
         RouteTable {
             upstreams,
-            by_vip,
-            by_vip_port,
-            by_instance,
+            index,
             mesh_destinations_only,
             own_listeners,
         }
@@ -428,6 +454,38 @@ impl RouteTable {
     }
 }
 
+/// Which upstream (by position) each destination address goes to.
+#[derive(Debug, Default)]
+struct Index {
+    by_vip: HashMap<IpAddr, usize>,
+    /// VIPs of upstreams with a `destination_port`.
+    by_vip_port: HashMap<(IpAddr, u16), usize>,
+    by_instance: HashMap<IpAddr, usize>,
+}
+
+impl Index {
+    /// Reads only the fields [`Upstream::routes_as`] compares.
+    fn of(upstreams: &[Arc<Upstream>]) -> Index {
+        let mut x = Index::default();
+        // Every address is keyed in canonical form: `::ffff:10.0.0.1` and
+        // `10.0.0.1` are one destination.
+        for (i, u) in upstreams.iter().enumerate() {
+            for ip in &u.virtual_ips {
+                match u.destination_port {
+                    Some(p) => x.by_vip_port.entry((canonical_ip(*ip), p)).or_insert(i),
+                    None => x.by_vip.entry(canonical_ip(*ip)).or_insert(i),
+                };
+            }
+            if u.dialed_directly {
+                for ip in &u.instances {
+                    x.by_instance.entry(canonical_ip(*ip)).or_insert(i);
+                }
+            }
+        }
+        x
+    }
+}
+
 fn canonical_ip(ip: IpAddr) -> IpAddr {
     crate::addr::canonical(SocketAddr::new(ip, 0)).ip()
 }
@@ -438,18 +496,19 @@ pub fn route(table: &RouteTable, orig_dst: OrigDstAddr) -> Result<Route, RouteEr
     if table.is_own_listener(dst) {
         return Err(RouteError::Loop(orig_dst));
     }
-    let vip = match table.by_vip_port.is_empty() {
+    let index = &*table.index;
+    let vip = match index.by_vip_port.is_empty() {
         true => None,
-        false => table.by_vip_port.get(&(dst.ip(), dst.port())),
+        false => index.by_vip_port.get(&(dst.ip(), dst.port())),
     };
-    if let Some(&i) = vip.or_else(|| table.by_vip.get(&dst.ip())) {
+    if let Some(&i) = vip.or_else(|| index.by_vip.get(&dst.ip())) {
         let upstream = table.upstreams[i].clone();
         if upstream.target().is_none() {
             return Err(RouteError::NoEndpoints(upstream.name().to_string()));
         }
         return Ok(Route::Mesh { upstream });
     }
-    if let Some(&i) = table.by_instance.get(&dst.ip()) {
+    if let Some(&i) = index.by_instance.get(&dst.ip()) {
         return Ok(Route::Direct {
             upstream: table.upstreams[i].clone(),
             addr: EndpointAddr(orig_dst.0),

@@ -624,8 +624,22 @@ impl Snapshot {
         // round-robin position, endpoint failure marks and TLS client
         // configuration).
         let reuse = same.map(|p| Reuse::new(&p.routes));
+        // When every upstream routes as the previous snapshot's at its
+        // position (an endpoint change), no address can be claimed twice
+        // (the previous one was checked) and the route table keeps its
+        // index: nothing here hashes an address.
+        let routed_as = prev.filter(|p| {
+            let old = p.routes.upstreams();
+            old.len() == spec.upstreams.len()
+                && old.iter().zip(&spec.upstreams).all(|(o, u)| {
+                    o.virtual_ips == u.virtual_ips
+                        && o.destination_port == u.destination_port
+                        && o.dialed_directly == u.dialed_directly
+                        && o.instances == u.instances
+                })
+        });
         for mut u in spec.upstreams {
-            for ip in &u.virtual_ips {
+            for ip in u.virtual_ips.iter().filter(|_| routed_as.is_none()) {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
                 let key = (veer_canonical_ip(*ip), u.destination_port);
                 if let Some(first) = seen.insert(key, upstreams.len()) {
@@ -641,7 +655,11 @@ impl Snapshot {
                     });
                 }
             }
-            if let Some(old) = reuse.as_ref().and_then(|r| r.find(&u, ctx.default_connect)) {
+            let at = upstreams.len();
+            if let Some(old) = reuse
+                .as_ref()
+                .and_then(|r| r.find(at, &u, ctx.default_connect))
+            {
                 own.extend(u.local_bind);
                 upstreams.push(old);
                 continue;
@@ -692,7 +710,12 @@ impl Snapshot {
             own.extend(u.local_bind);
             upstreams.push(Arc::new(up));
         }
-        let routes = RouteTable::from_shared(upstreams, spec.mesh_destinations_only, own);
+        let routes = match routed_as {
+            Some(p) => {
+                RouteTable::reindexed(upstreams, spec.mesh_destinations_only, own, &p.routes)
+            }
+            None => RouteTable::from_shared(upstreams, spec.mesh_destinations_only, own),
+        };
         let intentions = Intentions::new(&spec.identity, spec.intentions, spec.default_action);
         let authz = Authz::new(spec.rbac.as_deref(), &intentions).map_err(SnapshotError::Rbac)?;
         let inbound_http = spec
@@ -927,7 +950,9 @@ fn verify_leaf(
 /// The previous snapshot's upstreams, to find the one an unchanged spec
 /// made (see [`Snapshot::build_after`]).
 struct Reuse<'a> {
-    by_key: HashMap<UpstreamKey<'a>, &'a Arc<Upstream>>,
+    olds: &'a [Arc<Upstream>],
+    /// Made on the first upstream not found at its own position.
+    by_key: std::cell::OnceCell<HashMap<UpstreamKey<'a>, &'a Arc<Upstream>>>,
 }
 
 /// An upstream's SNI, destination port and local bind.
@@ -935,16 +960,21 @@ type UpstreamKey<'a> = (&'a str, Option<u16>, Option<SocketAddr>);
 
 impl<'a> Reuse<'a> {
     fn new(routes: &'a RouteTable) -> Reuse<'a> {
-        let by_key = routes
-            .upstreams()
-            .iter()
-            .map(|u| ((u.sni.as_str(), u.destination_port, u.local_bind), u))
-            .collect();
-        Reuse { by_key }
+        Reuse {
+            olds: routes.upstreams(),
+            by_key: Default::default(),
+        }
     }
 
-    /// The previous upstream `u` would build again, if there is one.
-    fn find(&self, u: &UpstreamSpec, default_connect: Duration) -> Option<Arc<Upstream>> {
+    /// The previous upstream `u` (at position `at` in the new list) would
+    /// build again, if there is one: the one at the same position first
+    /// (no lookup while the list keeps its order), else by its key.
+    fn find(
+        &self,
+        at: usize,
+        u: &UpstreamSpec,
+        default_connect: Duration,
+    ) -> Option<Arc<Upstream>> {
         // Every field, named: a new field must be compared here too.
         let UpstreamSpec {
             identity,
@@ -978,13 +1008,25 @@ impl<'a> Reuse<'a> {
             roots: roots.as_ref(),
             connect_timeout: *connect_timeout,
         };
-        let sni_key = match sni {
-            Some(s) => s.clone(),
-            None => identity.sni(),
+        // (Borrowed when the spec names its SNI, as xDS specs do: no
+        // allocation per upstream.)
+        let sni_key: std::borrow::Cow<str> = match sni {
+            Some(s) => s.as_str().into(),
+            None => identity.sni().into(),
         };
-        let old = self
-            .by_key
-            .get(&(sni_key.as_str(), *destination_port, *local_bind))?;
+        let key = (&*sni_key, *destination_port, *local_bind);
+        let old = match self.olds.get(at) {
+            Some(o) if (o.sni.as_str(), o.destination_port, o.local_bind) == key => o,
+            _ => self
+                .by_key
+                .get_or_init(|| {
+                    self.olds
+                        .iter()
+                        .map(|u| ((u.sni.as_str(), u.destination_port, u.local_bind), u))
+                        .collect()
+                })
+                .get(&key)?,
+        };
         let same = old.protocol == *protocol
             && old.virtual_ips == *virtual_ips
             && old.dialed_directly == *dialed_directly

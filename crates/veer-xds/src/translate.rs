@@ -1416,6 +1416,10 @@ impl crate::ads::Check for Translator {
     fn wanted(&self, res: &Resources) -> Wanted {
         wanted(res)
     }
+    fn shapes_wanted(&self, kind: Kind) -> bool {
+        // (`wanted` reads listeners and clusters only.)
+        matches!(kind, Kind::Listener | Kind::Cluster)
+    }
     fn missing(&self, res: &Resources) -> Vec<String> {
         missing(res)
     }

@@ -541,6 +541,10 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
     assert!(!Arc::ptr_eq(&a[1], &b[1]), "db kept its old endpoints");
     assert_eq!(b[1].endpoints.len(), 3);
     assert_eq!(b[0].open_connections(), 1, "api's open connection");
+    assert!(
+        second.routes.shares_index_with(&first.routes),
+        "the route index was built again for an endpoint change"
+    );
     drop(slot);
     // Nothing changed: everything kept.
     let again = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
@@ -635,6 +639,13 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         if what != "default connect" {
             assert!(Arc::ptr_eq(&n[0], &b[0]), "{what}: api rebuilt");
         }
+        // The route index is kept unless an address it reads changed.
+        let routing = matches!(what, "vips" | "instances" | "dialed");
+        assert_eq!(
+            next.routes.shares_index_with(&second.routes),
+            !routing,
+            "{what}"
+        );
     }
     // A new leaf: everything rebuilt.
     let rotated = spec(&ca);
@@ -646,4 +657,46 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         .iter()
         .zip(ups(&second))
         .all(|(x, y)| !Arc::ptr_eq(x, &y)));
+}
+
+/// The route index is kept only while every upstream routes as the one
+/// before it at its position: a reordered or longer list indexes again
+/// (and routes each address to its own upstream), and an address claimed
+/// twice is still refused after a snapshot whose index was kept.
+#[test]
+fn the_route_index_follows_positions_and_addresses() {
+    use crate::addr::OrigDstAddr;
+    use crate::route::{route, Route};
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")];
+    let first = Snapshot::build(s.clone(), 1).unwrap();
+    let to = |snap: &Snapshot, dst: &str| match route(&snap.routes, OrigDstAddr(sa(dst))) {
+        Ok(Route::Mesh { upstream }) => upstream.name().to_string(),
+        other => panic!("{dst}: {other:?}"),
+    };
+    s.upstreams[0].endpoints.pop();
+    let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
+    assert!(second.routes.shares_index_with(&first.routes));
+    assert_eq!(to(&second, "10.96.0.20:80"), "api");
+    assert_eq!(second.routes.upstreams()[0].endpoints.len(), 1);
+    // Reordered: the upstreams are kept (found by key), the index is new.
+    s.upstreams.swap(0, 1);
+    let third = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
+    assert!(!third.routes.shares_index_with(&second.routes));
+    assert!(Arc::ptr_eq(
+        &third.routes.upstreams()[1],
+        &second.routes.upstreams()[0]
+    ));
+    assert_eq!(to(&third, "10.96.0.20:80"), "api");
+    assert_eq!(to(&third, "10.96.0.30:80"), "db");
+    // One more upstream: indexed again.
+    s.upstreams.push(up("cache", "10.96.0.40"));
+    let fourth = Snapshot::build_after(s.clone(), 4, Some(&third)).unwrap();
+    assert!(!fourth.routes.shares_index_with(&third.routes));
+    assert_eq!(to(&fourth, "10.96.0.40:80"), "cache");
+    // An address claimed twice is refused.
+    s.upstreams[2].virtual_ips = s.upstreams[0].virtual_ips.clone();
+    let e = Snapshot::build_after(s.clone(), 5, Some(&fourth)).unwrap_err();
+    assert!(matches!(e, SnapshotError::DuplicateVip { .. }), "{e}");
 }

@@ -574,7 +574,7 @@ async fn stream_once<C: Check>(
             }
             s.applied = state.delivered();
             s.waiting_for = out.waiting_for.clone();
-            s.versions = state.versions().clone();
+            sync_versions(&mut s.versions, state.versions());
             s.refused = state
                 .resources()
                 .refused
@@ -582,5 +582,31 @@ async fn stream_once<C: Check>(
                 .map(|((k, n), why)| (format!("{} {n}", k.short()), why.clone()))
                 .collect();
         });
+    }
+}
+
+/// Makes `dst` equal to `src`, copying only what differs: at mesh scale
+/// thousands of versions are held and a response changes a few (a whole
+/// copy made two allocations per resource on every response).
+pub(crate) fn sync_versions(
+    dst: &mut BTreeMap<Kind, BTreeMap<String, String>>,
+    src: &BTreeMap<Kind, BTreeMap<String, String>>,
+) {
+    dst.retain(|k, _| src.contains_key(k));
+    for (kind, sv) in src {
+        let dv = dst.entry(*kind).or_default();
+        if dv == sv {
+            continue;
+        }
+        dv.retain(|n, _| sv.contains_key(n));
+        for (name, v) in sv {
+            match dv.get_mut(name) {
+                Some(d) if d == v => {}
+                Some(d) => d.clone_from(v),
+                None => {
+                    dv.insert(name.clone(), v.clone());
+                }
+            }
+        }
     }
 }

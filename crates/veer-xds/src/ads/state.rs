@@ -60,6 +60,18 @@ pub trait Check {
     fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded<Self::Models>, String>;
     /// Names to subscribe for the by-name kinds, given the accepted resources.
     fn wanted(&self, res: &Resources<Self::Models>) -> Wanted;
+    /// Whether resources of `kind` can change what [`Check::wanted`]
+    /// returns. A response of a kind that cannot (EDS, for the
+    /// translation: its names come from clusters and listeners) does not
+    /// call `wanted` at all, which at mesh scale walks every cluster: the
+    /// names subscribed stay what they were, and only the names that
+    /// response brought are checked against them. `wanted` must not depend
+    /// on [`Resources::dns`] or [`Resources::refused`]. The default (every
+    /// kind can) is always correct.
+    fn shapes_wanted(&self, kind: Kind) -> bool {
+        let _ = kind;
+        true
+    }
     /// What a configuration visibly still waits for (a resource named by
     /// another and not received). Cheap: no compile. Used when a response
     /// changed nothing, to keep the status current.
@@ -159,6 +171,14 @@ pub struct AdsState<C: Check> {
     dns: BTreeMap<String, Duration>,
     /// What changed since the runtime last took a configuration.
     since: Changed,
+    /// `subscribed` and `dns` are what [`Check::wanted`] says of the
+    /// resources held, and every by-name resource held (or refused) is
+    /// wanted: set by `subscriptions`, and kept by responses of kinds
+    /// that do not shape `wanted` (see [`Check::shapes_wanted`]).
+    in_line: bool,
+    /// How often `wanted` ran (for tests: an EDS-only response must not
+    /// run it).
+    wanted_runs: u64,
 }
 
 /// What one batch of DNS answers did ([`AdsState::on_dns`]).
@@ -185,7 +205,14 @@ impl<C: Check> AdsState<C> {
             delivered: false,
             dns: BTreeMap::new(),
             since: Changed::Anything,
+            in_line: false,
+            wanted_runs: 0,
         }
+    }
+
+    /// How often [`Check::wanted`] ran, counted from the start.
+    pub fn wanted_runs(&self) -> u64 {
+        self.wanted_runs
     }
 
     /// The hostnames to resolve, each with its refresh interval.
@@ -299,6 +326,8 @@ impl<C: Check> AdsState<C> {
     /// once it has a name (an empty first list would mean wildcard).
     fn subscriptions(&mut self) -> Vec<DeltaDiscoveryRequest> {
         let mut wanted = self.check.wanted(&self.res);
+        self.wanted_runs += 1;
+        self.in_line = true;
         self.dns = std::mem::take(&mut wanted.dns);
         let mut out = Vec::new();
         for kind in BY_NAME {
@@ -361,6 +390,10 @@ impl<C: Check> AdsState<C> {
         let mut undo = Vec::new();
         let mut errors = Vec::new();
         let refused_before = self.res.refused.clone();
+        // What `wanted` says cannot change with this response: the names
+        // subscribed stand, and only the names it brought can be stale.
+        let keeps_wanted = self.in_line && !self.check.shapes_wanted(kind);
+        let mut brought: Vec<String> = Vec::new();
         for r in resp.resources {
             let decoded = match &r.resource {
                 None => Err("the resource has no body".to_string()),
@@ -382,6 +415,9 @@ impl<C: Check> AdsState<C> {
                         .insert(r.name, r.version);
                 }
                 Ok(d) => {
+                    if keeps_wanted {
+                        brought.push(r.name.clone());
+                    }
                     self.res.refused.remove(&(kind, r.name.clone()));
                     let old = self.res.insert(r.name.clone(), d);
                     let old_version = self
@@ -402,6 +438,9 @@ impl<C: Check> AdsState<C> {
                     // was accepted: recorded, so that what names it is not
                     // held back waiting for it (see `Resources::refused`).
                     if !kind.is_wildcard() && !self.res.has(kind, &r.name) {
+                        if keeps_wanted {
+                            brought.push(r.name.clone());
+                        }
                         self.res.refused.insert((kind, r.name), reason);
                     }
                     errors.push(msg);
@@ -413,32 +452,22 @@ impl<C: Check> AdsState<C> {
         }
         // By-name resources nothing refers to any more are dropped (and
         // unsubscribed below).
-        let wanted = self.check.wanted(&self.res);
-        for k in BY_NAME {
-            let want = wanted.names(k).expect("by-name kind");
-            let refused = self
-                .res
-                .refused
-                .keys()
-                .filter(|(rk, _)| *rk == k)
-                .map(|(_, n)| n.as_str());
-            // (Only the stale names are copied: at mesh scale, thousands
-            // are held and one or none is stale.)
-            let stale: Vec<String> = self
-                .res
-                .names_held(k)
-                .into_iter()
-                .chain(refused)
-                .filter(|n| !want.contains(*n))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .map(str::to_string)
-                .collect();
-            for name in stale {
-                self.take(k, name, &mut undo);
+        if keeps_wanted {
+            // (A wildcard kind has no stale names; other by-name kinds
+            // held what they held, all wanted.)
+            if !kind.is_wildcard() {
+                let want = self.subscribed.get(&kind);
+                let stale: BTreeSet<String> = brought
+                    .into_iter()
+                    .filter(|n| !want.is_some_and(|w| w.contains(n)))
+                    .collect();
+                for name in stale {
+                    self.take(kind, name, &mut undo);
+                }
             }
+        } else {
+            self.drop_stale(&mut undo);
         }
-
         let mut delivered = false;
         let mut waiting_for = Vec::new();
         if undo.is_empty() && self.res.refused == refused_before {
@@ -484,7 +513,9 @@ impl<C: Check> AdsState<C> {
 
         let msg = (!errors.is_empty()).then(|| errors.join("; "));
         let mut requests = vec![reply(kind.type_url(), &nonce, msg.as_deref())];
-        requests.extend(self.subscriptions());
+        if !keeps_wanted {
+            requests.extend(self.subscriptions());
+        }
         Outcome {
             kind: Some(kind),
             nonce,
@@ -492,6 +523,37 @@ impl<C: Check> AdsState<C> {
             delivered,
             waiting_for,
             requests,
+        }
+    }
+
+    /// Drops every by-name resource (and refusal) [`Check::wanted`] no
+    /// longer names, recording how to undo it.
+    fn drop_stale(&mut self, undo: &mut Vec<Undo<C::Models>>) {
+        let wanted = self.check.wanted(&self.res);
+        self.wanted_runs += 1;
+        for k in BY_NAME {
+            let want = wanted.names(k).expect("by-name kind");
+            let refused = self
+                .res
+                .refused
+                .keys()
+                .filter(|(rk, _)| *rk == k)
+                .map(|(_, n)| n.as_str());
+            // (Only the stale names are copied: at mesh scale, thousands
+            // are held and one or none is stale.)
+            let stale: Vec<String> = self
+                .res
+                .names_held(k)
+                .into_iter()
+                .chain(refused)
+                .filter(|n| !want.contains(*n))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            for name in stale {
+                self.take(k, name, undo);
+            }
         }
     }
 

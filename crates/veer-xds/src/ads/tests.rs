@@ -56,6 +56,9 @@ impl Check for TestCheck {
             dns: Default::default(),
         }
     }
+    fn shapes_wanted(&self, kind: Kind) -> bool {
+        matches!(kind, Kind::Listener | Kind::Cluster)
+    }
     fn missing(&self, res: &Resources) -> Vec<String> {
         let mut m = Vec::new();
         if res.listeners.is_empty() {
@@ -1101,6 +1104,9 @@ impl Check for Recording {
     fn wanted(&self, res: &Resources) -> Wanted {
         TestCheck.wanted(res)
     }
+    fn shapes_wanted(&self, kind: Kind) -> bool {
+        TestCheck.shapes_wanted(kind)
+    }
     fn missing(&self, res: &Resources) -> Vec<String> {
         TestCheck.missing(res)
     }
@@ -1172,4 +1178,171 @@ fn compile_is_told_what_changed_since_the_last_configuration_taken() {
             only(&["c2"]),
         ]
     );
+}
+
+/// An EDS response does not ask the check what is wanted (at mesh scale
+/// that walks every cluster): the names subscribed stand, a resource it
+/// brings that is not subscribed is still dropped (held or refused), and
+/// a cluster response asks again. A check that does not say which kinds
+/// shape `wanted` is asked on every response.
+#[test]
+fn an_endpoints_response_does_not_recompute_the_names_wanted() {
+    let mut s = AdsState::new(TestCheck, node().to_proto());
+    s.start();
+    fn respond(
+        s: &mut AdsState<TestCheck>,
+        kind: Kind,
+        nonce: &str,
+        items: Vec<(&str, Any)>,
+    ) -> Outcome {
+        s.on_response(response(kind, nonce, items, &[]), &mut |_| Ok(()))
+    }
+    respond(
+        &mut s,
+        Kind::Listener,
+        "1",
+        vec![("a", listener("a", "a1"))],
+    );
+    let out = respond(&mut s, Kind::Cluster, "2", vec![("c1", cluster("c1"))]);
+    assert_eq!(out.requests.len(), 2, "ACK and the EDS subscription");
+    let out = respond(
+        &mut s,
+        Kind::Endpoints,
+        "3",
+        vec![("c1", endpoints("c1", ""))],
+    );
+    assert!(out.delivered);
+    let runs = s.wanted_runs();
+    // Endpoint changes, one refused: wanted is not asked.
+    let out = respond(
+        &mut s,
+        Kind::Endpoints,
+        "4",
+        vec![("c1", endpoints("c1", "#2"))],
+    );
+    assert!(out.delivered);
+    assert_eq!(out.requests.len(), 1, "only the ACK");
+    let out = respond(
+        &mut s,
+        Kind::Endpoints,
+        "5",
+        vec![("c1", endpoints("c1", "!bad"))],
+    );
+    assert!(matches!(out.reply, Reply::Nack(_)));
+    assert_eq!(s.wanted_runs(), runs);
+    // Endpoints never subscribed (and a refused one): dropped, not held.
+    let items = vec![("x", endpoints("x", "")), ("y", endpoints("y", "!bad"))];
+    let out = respond(&mut s, Kind::Endpoints, "6", items);
+    assert_eq!(out.requests.len(), 1, "nothing to unsubscribe");
+    assert_eq!(s.wanted_runs(), runs);
+    assert!(!s.resources().endpoints.contains_key("x"));
+    assert!(!s.versions()[&Kind::Endpoints].contains_key("x"));
+    assert!(
+        s.resources().refused.is_empty(),
+        "{:?}",
+        s.resources().refused
+    );
+    assert_eq!(s.resources().endpoints["c1"].cluster_name, "c1#2");
+    // A cluster response asks again, and subscribes the new name.
+    let out = respond(&mut s, Kind::Cluster, "7", vec![("c2", cluster("c2"))]);
+    assert!(s.wanted_runs() > runs);
+    assert_eq!(
+        out.requests[1].resource_names_subscribe,
+        vec!["c2".to_string()]
+    );
+    // The same EDS responses with a check that does not say: asked each time.
+    let mut s = AdsState::new(Recording::default(), node().to_proto());
+    s.start();
+    let mut apply = |_: Spec| Ok(());
+    s.on_response(
+        response(Kind::Cluster, "1", vec![("c1", cluster("c1"))], &[]),
+        &mut apply,
+    );
+    let runs = s.wanted_runs();
+    s.on_response(
+        response(Kind::Endpoints, "2", vec![("c1", endpoints("c1", ""))], &[]),
+        &mut apply,
+    );
+    assert_eq!(s.wanted_runs(), runs);
+    let mut s = AdsState::new(Unsaid, node().to_proto());
+    s.start();
+    s.on_response(
+        response(Kind::Cluster, "1", vec![("c1", cluster("c1"))], &[]),
+        &mut apply,
+    );
+    let runs = s.wanted_runs();
+    s.on_response(
+        response(Kind::Endpoints, "2", vec![("c1", endpoints("c1", ""))], &[]),
+        &mut apply,
+    );
+    assert_eq!(
+        s.wanted_runs(),
+        runs + 2,
+        "the stale check and the subscriptions"
+    );
+}
+
+/// [`TestCheck`] without `shapes_wanted` (the default: every kind may).
+struct Unsaid;
+
+impl Check for Unsaid {
+    type Models = Protos;
+    fn check(&self, kind: Kind, name: &str, any: &Any) -> Result<Decoded<Protos>, String> {
+        TestCheck.check(kind, name, any)
+    }
+    fn wanted(&self, res: &Resources) -> Wanted {
+        TestCheck.wanted(res)
+    }
+    fn missing(&self, res: &Resources) -> Vec<String> {
+        TestCheck.missing(res)
+    }
+    fn compile(&mut self, res: &Resources, since: &Changed) -> Compiled {
+        TestCheck.compile(res, since)
+    }
+}
+
+/// The status's copy of the versions follows the state's: added, changed
+/// and removed names and kinds, and an unchanged name keeps its string
+/// (not copied again).
+#[test]
+fn versions_sync_copies_only_what_differs() {
+    use super::client::sync_versions;
+    use std::collections::BTreeMap;
+    let map = |items: &[(Kind, &str, &str)]| {
+        let mut m: BTreeMap<Kind, BTreeMap<String, String>> = BTreeMap::new();
+        for (k, n, v) in items {
+            m.entry(*k)
+                .or_default()
+                .insert(n.to_string(), v.to_string());
+        }
+        m
+    };
+    let mut dst = BTreeMap::new();
+    let cases: Vec<Vec<(Kind, &str, &str)>> = vec![
+        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "1")],
+        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "2")],
+        vec![
+            (Kind::Cluster, "a", "1"),
+            (Kind::Cluster, "b", "1"),
+            (Kind::Endpoints, "b", "1"),
+        ],
+        vec![(Kind::Listener, "l", "7")],
+        vec![],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let src = map(case);
+        let kept = dst
+            .get(&Kind::Cluster)
+            .and_then(|m: &BTreeMap<String, String>| m.get("a"))
+            .map(|v| v.as_ptr());
+        sync_versions(&mut dst, &src);
+        assert_eq!(dst, src, "case {i}");
+        if let (Some(p), Some(v)) = (kept, src.get(&Kind::Cluster).and_then(|m| m.get("a"))) {
+            assert_eq!(
+                dst[&Kind::Cluster]["a"].as_ptr(),
+                p,
+                "case {i}: {v} copied again"
+            );
+        }
+    }
 }
