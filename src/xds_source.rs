@@ -59,9 +59,11 @@ pub struct XdsStatus {
     away_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// Upstreams in the snapshot in force.
     upstreams: std::sync::atomic::AtomicU64,
-    /// The ADS client's last report (resources and versions accepted, last
-    /// replies, what a configuration waits for).
-    last: std::sync::Mutex<AdsStatus>,
+    /// The ADS client's report (resources and versions accepted, last
+    /// replies, what a configuration waits for), borrowed when read: it
+    /// holds every accepted resource's name and version, so a copy per
+    /// response would cost as much as the mesh is large.
+    last: tokio::sync::watch::Receiver<AdsStatus>,
 }
 
 impl XdsStatus {
@@ -72,7 +74,7 @@ impl XdsStatus {
             metrics: Default::default(),
             away_since: Default::default(),
             upstreams: Default::default(),
-            last: Default::default(),
+            last: tokio::sync::watch::channel(AdsStatus::default()).1,
         })
     }
 }
@@ -102,11 +104,7 @@ impl veer_admin::ControlPlaneStatus for XdsStatus {
     }
 
     fn waiting_for(&self) -> Vec<String> {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting_for
-            .clone()
+        self.last.borrow().waiting_for.clone()
     }
 
     /// The accepted xDS resources by kind with their versions, the last
@@ -114,7 +112,7 @@ impl veer_admin::ControlPlaneStatus for XdsStatus {
     /// the last stream ended. Never a resource's content: the secrets carry
     /// private keys.
     fn detail(&self) -> Option<serde_json::Value> {
-        let s = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.last.borrow();
         let resources: serde_json::Map<String, serde_json::Value> = s
             .versions
             .iter()
@@ -152,7 +150,7 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
         metrics: cfg.metrics.clone(),
         away_since: Default::default(),
         upstreams: Default::default(),
-        last: Default::default(),
+        last: seen.clone(),
     });
     tokio::spawn(follow_status(seen, xds_status.clone()));
     tracing::info!(ads_server = %cfg.server, node = %cfg.node.id, "connecting to the xDS server");
@@ -189,9 +187,7 @@ pub fn start_xds(bootstrap: &Bootstrap) -> Result<XdsFeed, String> {
 /// closes, cleared when one is open again.
 async fn follow_status(mut seen: tokio::sync::watch::Receiver<AdsStatus>, status: Arc<XdsStatus>) {
     while seen.changed().await.is_ok() {
-        let now = seen.borrow_and_update().clone();
-        let connected = now.connected;
-        *status.last.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        let connected = seen.borrow_and_update().connected;
         let mut away = status.away_since.lock().unwrap_or_else(|e| e.into_inner());
         match (connected, *away) {
             (true, _) => *away = None,
