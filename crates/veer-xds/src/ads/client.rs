@@ -559,6 +559,7 @@ async fn stream_once<C: Check>(
                 return (worked, AdsError::Closed);
             }
         }
+        let changed = state.take_changed_versions();
         status.send_modify(|s| {
             if let Some(kind) = out.kind {
                 s.last.insert(
@@ -574,7 +575,7 @@ async fn stream_once<C: Check>(
             }
             s.applied = state.delivered();
             s.waiting_for = out.waiting_for.clone();
-            sync_versions(&mut s.versions, state.versions());
+            sync_versions(&mut s.versions, state.versions(), changed);
             s.refused = state
                 .resources()
                 .refused
@@ -585,28 +586,34 @@ async fn stream_once<C: Check>(
     }
 }
 
-/// Makes `dst` equal to `src`, copying only what differs: at mesh scale
-/// thousands of versions are held and a response changes a few (a whole
-/// copy made two allocations per resource on every response).
+/// Makes `dst` equal to `src` again after the names in `changed` (by
+/// kind) were set or removed in `src`: only those are copied (at mesh
+/// scale thousands of versions are held and a response changes a few; a
+/// whole copy, or even a comparison, made the status cost as much as the
+/// mesh is large on every response).
 pub(crate) fn sync_versions(
     dst: &mut BTreeMap<Kind, BTreeMap<String, String>>,
     src: &BTreeMap<Kind, BTreeMap<String, String>>,
+    changed: Vec<(Kind, String)>,
 ) {
+    // (A handful of kinds: the same ones, empty or not.)
     dst.retain(|k, _| src.contains_key(k));
-    for (kind, sv) in src {
-        let dv = dst.entry(*kind).or_default();
-        if dv == sv {
-            continue;
-        }
-        dv.retain(|n, _| sv.contains_key(n));
-        for (name, v) in sv {
-            match dv.get_mut(name) {
-                Some(d) if d == v => {}
-                Some(d) => d.clone_from(v),
+    for k in src.keys() {
+        dst.entry(*k).or_default();
+    }
+    for (kind, name) in changed {
+        let d = dst.entry(kind).or_default();
+        match src.get(&kind).and_then(|m| m.get(&name)) {
+            Some(v) => match d.get_mut(&name) {
+                Some(h) => h.clone_from(v),
                 None => {
-                    dv.insert(name.clone(), v.clone());
+                    d.insert(name, v.clone());
                 }
+            },
+            None => {
+                d.remove(&name);
             }
         }
     }
+    debug_assert!(dst == src, "the status's versions drifted from the state's");
 }

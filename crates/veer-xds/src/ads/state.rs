@@ -163,6 +163,11 @@ pub struct AdsState<C: Check> {
     node: Node,
     res: Resources<C::Models>,
     versions: BTreeMap<Kind, BTreeMap<String, String>>,
+    /// The names whose version was set or removed since
+    /// [`AdsState::take_changed_versions`] last ran: the client's status
+    /// copies only those (at mesh scale thousands of versions are held and
+    /// a response changes a few).
+    changed_versions: Vec<(Kind, String)>,
     /// The by-name kinds requested on the current stream, with their names.
     subscribed: BTreeMap<Kind, BTreeSet<String>>,
     delivered: bool,
@@ -201,6 +206,7 @@ impl<C: Check> AdsState<C> {
             node,
             res: Resources::default(),
             versions: BTreeMap::new(),
+            changed_versions: Vec::new(),
             subscribed: BTreeMap::new(),
             delivered: false,
             dns: BTreeMap::new(),
@@ -287,6 +293,35 @@ impl<C: Check> AdsState<C> {
     /// The versions of the accepted resources, by kind and name.
     pub fn versions(&self) -> &BTreeMap<Kind, BTreeMap<String, String>> {
         &self.versions
+    }
+
+    /// The names (by kind) whose version changed since the last call, in
+    /// the order of the changes; see [`AdsState::versions`] for what they
+    /// are now.
+    pub fn take_changed_versions(&mut self) -> Vec<(Kind, String)> {
+        std::mem::take(&mut self.changed_versions)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the version of `kind` `name`,
+    /// noting the name if that changed anything; returns the old version.
+    fn set_version(&mut self, kind: Kind, name: String, v: Option<String>) -> Option<String> {
+        let held = self.versions.entry(kind).or_default();
+        let old = match v {
+            Some(v) => match held.get_mut(&name) {
+                Some(h) if *h == v => return Some(v),
+                Some(h) => Some(std::mem::replace(h, v)),
+                None => {
+                    held.insert(name.clone(), v);
+                    None
+                }
+            },
+            None => match held.remove(&name) {
+                Some(old) => Some(old),
+                None => return None,
+            },
+        };
+        self.changed_versions.push((kind, name));
+        old
     }
 
     /// Whether a spec has been delivered (the first configuration is in).
@@ -409,10 +444,7 @@ impl<C: Check> AdsState<C> {
                 Ok(d) if self.res.holds(&r.name, &d) => {
                     // The same content again (a re-subscription, a
                     // reconnect): nothing to apply.
-                    self.versions
-                        .entry(kind)
-                        .or_default()
-                        .insert(r.name, r.version);
+                    self.set_version(kind, r.name, Some(r.version));
                 }
                 Ok(d) => {
                     if keeps_wanted {
@@ -420,11 +452,7 @@ impl<C: Check> AdsState<C> {
                     }
                     self.res.refused.remove(&(kind, r.name.clone()));
                     let old = self.res.insert(r.name.clone(), d);
-                    let old_version = self
-                        .versions
-                        .entry(kind)
-                        .or_default()
-                        .insert(r.name.clone(), r.version);
+                    let old_version = self.set_version(kind, r.name.clone(), Some(r.version));
                     undo.push(Undo {
                         kind,
                         name: r.name,
@@ -563,7 +591,7 @@ impl<C: Check> AdsState<C> {
         // the caller keeps the set it started from.)
         self.res.refused.remove(&(kind, name.clone()));
         let old = self.res.remove(kind, &name);
-        let old_version = self.versions.entry(kind).or_default().remove(&name);
+        let old_version = self.set_version(kind, name.clone(), None);
         if old.is_some() || old_version.is_some() {
             undo.push(Undo {
                 kind,
@@ -584,11 +612,7 @@ impl<C: Check> AdsState<C> {
                     self.res.remove(u.kind, &u.name);
                 }
             }
-            let versions = self.versions.entry(u.kind).or_default();
-            match u.old_version {
-                Some(v) => versions.insert(u.name, v),
-                None => versions.remove(&u.name),
-            };
+            self.set_version(u.kind, u.name, u.old_version);
         }
     }
 }

@@ -1301,48 +1301,119 @@ impl Check for Unsaid {
     }
 }
 
-/// The status's copy of the versions follows the state's: added, changed
-/// and removed names and kinds, and an unchanged name keeps its string
-/// (not copied again).
+/// The status's copy of the versions follows the state's through the names
+/// each change lists: equal after every step, and a version that did not
+/// change is not copied again.
 #[test]
-fn versions_sync_copies_only_what_differs() {
+fn versions_sync_copies_only_what_changed() {
     use super::client::sync_versions;
     use std::collections::BTreeMap;
-    let map = |items: &[(Kind, &str, &str)]| {
-        let mut m: BTreeMap<Kind, BTreeMap<String, String>> = BTreeMap::new();
-        for (k, n, v) in items {
-            m.entry(*k)
-                .or_default()
-                .insert(n.to_string(), v.to_string());
-        }
-        m
-    };
-    let mut dst = BTreeMap::new();
-    let cases: Vec<Vec<(Kind, &str, &str)>> = vec![
-        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "1")],
-        vec![(Kind::Cluster, "a", "1"), (Kind::Endpoints, "a", "2")],
+    type Map = BTreeMap<Kind, BTreeMap<String, String>>;
+    // (kind, name, Some(version) = set, None = removed)
+    let steps: Vec<Vec<(Kind, &str, Option<&str>)>> = vec![
         vec![
-            (Kind::Cluster, "a", "1"),
-            (Kind::Cluster, "b", "1"),
-            (Kind::Endpoints, "b", "1"),
+            (Kind::Cluster, "a", Some("1")),
+            (Kind::Endpoints, "a", Some("1")),
         ],
-        vec![(Kind::Listener, "l", "7")],
-        vec![],
+        vec![(Kind::Endpoints, "a", Some("2"))],
+        vec![
+            (Kind::Cluster, "b", Some("1")),
+            (Kind::Endpoints, "a", None),
+        ],
+        vec![
+            (Kind::Listener, "l", Some("7")),
+            (Kind::Endpoints, "b", Some("1")),
+        ],
+        vec![(Kind::Cluster, "b", None), (Kind::Endpoints, "b", None)],
+        // Set and removed within one response: listed twice.
+        vec![
+            (Kind::Endpoints, "c", Some("1")),
+            (Kind::Endpoints, "c", None),
+        ],
     ];
-    for (i, case) in cases.iter().enumerate() {
-        let src = map(case);
+    let (mut src, mut dst): (Map, Map) = Default::default();
+    for (i, step) in steps.iter().enumerate() {
         let kept = dst
             .get(&Kind::Cluster)
-            .and_then(|m: &BTreeMap<String, String>| m.get("a"))
+            .and_then(|m| m.get("a"))
             .map(|v| v.as_ptr());
-        sync_versions(&mut dst, &src);
-        assert_eq!(dst, src, "case {i}");
-        if let (Some(p), Some(v)) = (kept, src.get(&Kind::Cluster).and_then(|m| m.get("a"))) {
+        let mut changed = Vec::new();
+        for (k, n, v) in step {
+            let m = src.entry(*k).or_default();
+            match v {
+                Some(v) => m.insert(n.to_string(), v.to_string()),
+                None => m.remove(*n),
+            };
+            changed.push((*k, n.to_string()));
+        }
+        sync_versions(&mut dst, &src, changed);
+        assert_eq!(dst, src, "step {i}");
+        if let Some(p) = kept {
             assert_eq!(
                 dst[&Kind::Cluster]["a"].as_ptr(),
                 p,
-                "case {i}: {v} copied again"
+                "step {i}: copied again"
             );
         }
     }
+}
+
+/// The state lists the names whose version a response set or removed (an
+/// unchanged one is not listed; a reverted response lists its names twice,
+/// their old versions being back), and the status's copy synced from those
+/// lists stays equal to the state's versions.
+#[test]
+fn the_state_lists_the_versions_each_response_changed() {
+    use super::client::sync_versions;
+    use std::collections::BTreeSet;
+    let mut s = AdsState::new(TestCheck, node().to_proto());
+    s.start();
+    let mut apply = |_: Spec| Ok(());
+    let mut dst = Default::default();
+    let mut step = |s: &mut AdsState<TestCheck>, r| {
+        s.on_response(r, &mut apply);
+        let changed = s.take_changed_versions();
+        let names: BTreeSet<String> = changed
+            .iter()
+            .map(|(k, n)| format!("{} {n}", k.short()))
+            .collect();
+        sync_versions(&mut dst, s.versions(), changed);
+        assert_eq!(&dst, s.versions());
+        names
+    };
+    let set = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+    let r = response(Kind::Listener, "1", vec![("a", listener("a", "a1"))], &[]);
+    assert_eq!(step(&mut s, r), set(&["lds a"]));
+    let r = response(Kind::Cluster, "2", vec![("c1", cluster("c1"))], &[]);
+    assert_eq!(step(&mut s, r), set(&["cds c1"]));
+    let r = response(Kind::Endpoints, "3", vec![("c1", endpoints("c1", ""))], &[]);
+    assert_eq!(step(&mut s, r), set(&["eds c1"]));
+    // The same content and version again: nothing changed.
+    let r = response(Kind::Endpoints, "3", vec![("c1", endpoints("c1", ""))], &[]);
+    assert_eq!(step(&mut s, r), set(&[]));
+    let was = s.versions()[&Kind::Endpoints]["c1"].clone();
+    let r = response(
+        Kind::Endpoints,
+        "4",
+        vec![("c1", endpoints("c1", "x"))],
+        &[],
+    );
+    assert_eq!(step(&mut s, r), set(&["eds c1"]));
+    assert_ne!(s.versions()[&Kind::Endpoints]["c1"], was);
+    // A removal (its endpoints, no longer wanted, go too), and a response
+    // refused as a whole (reverted).
+    let r = response(Kind::Cluster, "5", vec![("c2", cluster("c2"))], &["c1"]);
+    assert_eq!(step(&mut s, r), set(&["cds c1", "cds c2", "eds c1"]));
+    let r = response(
+        Kind::Endpoints,
+        "6",
+        vec![
+            ("c2", endpoints("c2", "")),
+            ("uncompilable", endpoints("u", "")),
+        ],
+        &[],
+    );
+    let names = step(&mut s, r);
+    assert!(names.contains("eds uncompilable"), "{names:?}");
+    assert!(!s.versions()[&Kind::Endpoints].contains_key("uncompilable"));
 }
