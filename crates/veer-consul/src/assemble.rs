@@ -760,7 +760,7 @@ pub fn assemble(state: &State, settings: &Settings) -> Result<Assembled, Error> 
         local_app: reg.local_app,
         intentions,
         default_action: default,
-        upstreams,
+        upstreams: upstreams.into_iter().map(std::sync::Arc::new).collect(),
         mesh_destinations_only: transparent && mesh.mesh_destinations_only(),
         listen: ListenSpec {
             inbound: reg.bind,

@@ -870,7 +870,10 @@ impl ConsulSource {
         let assembled = assemble::assemble(&self.state, &self.settings);
         tracing::debug!(took = ?started.elapsed(), "assembled");
         match assembled {
-            Ok(a) => {
+            Ok(mut a) => {
+                if let Some(last) = &self.last {
+                    a.spec.share_upstreams_of(last);
+                }
                 self.last_missing.clear();
                 if a.warnings != self.last_warnings {
                     for w in &a.warnings {

@@ -270,7 +270,10 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn upstream<'a>(spec: &'a Spec, name: &str) -> Option<&'a veer_core::snapshot::UpstreamSpec> {
-    spec.upstreams.iter().find(|u| u.identity.service == name)
+    spec.upstreams
+        .iter()
+        .find(|u| u.identity.service == name)
+        .map(|u| &**u)
 }
 
 /// Runs the source in a task, forwarding every spec it hands out.

@@ -1006,7 +1006,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Loaded, ConfigError> {
         local_app,
         intentions,
         default_action,
-        upstreams,
+        upstreams: upstreams.into_iter().map(std::sync::Arc::new).collect(),
         mesh_destinations_only: ob.mesh_destinations_only,
         listen: ListenSpec { inbound, outbound },
         timeouts,

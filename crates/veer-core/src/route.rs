@@ -146,6 +146,12 @@ pub struct Upstream {
     pub failover: Box<[Upstream]>,
     /// Its compiled L7 routes (`UpstreamSpec.http`); `None` = L4.
     pub http: Option<Arc<crate::l7route::HttpTable>>,
+    /// The spec it was built from, when its source kept that spec too
+    /// (shared, not copied: the xDS translator keeps its last one). A next
+    /// spec holding the same `Arc` is known unchanged without comparing
+    /// (see `Snapshot::build_after`); held strongly, so the pointer cannot
+    /// be reused by another spec meanwhile.
+    pub built_from: Option<Arc<crate::snapshot::UpstreamSpec>>,
     open: AtomicU32,
     next: AtomicUsize,
 }
@@ -182,6 +188,7 @@ impl Upstream {
             stats: StatsSlot::default(),
             failover: Box::new([]),
             http: None,
+            built_from: None,
             open: AtomicU32::new(0),
             next: AtomicUsize::new(0),
         }

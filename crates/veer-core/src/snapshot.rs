@@ -266,7 +266,7 @@ pub struct Spec {
     pub local_app: SocketAddr,
     pub intentions: Vec<Intention>,
     pub default_action: Action,
-    pub upstreams: Vec<UpstreamSpec>,
+    pub upstreams: Vec<Arc<UpstreamSpec>>,
     pub mesh_destinations_only: bool,
     pub listen: ListenSpec,
     pub timeouts: Timeouts,
@@ -545,6 +545,35 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
+impl Spec {
+    /// Makes each upstream that equals one of `last`'s that very one (the
+    /// same `Arc`). For a source that keeps the last spec it gave: the
+    /// runtime then knows those upstreams unchanged without comparing, and
+    /// its snapshot shares them with the source's spec instead of holding
+    /// old copies (see [`crate::route::Upstream::built_from`]).
+    pub fn share_upstreams_of(&mut self, last: &Spec) {
+        type Key<'a> = (&'a ServiceId, Option<SocketAddr>, Option<u16>);
+        fn key(u: &UpstreamSpec) -> Key<'_> {
+            (&u.identity, u.local_bind, u.destination_port)
+        }
+        let mut by_key: Option<HashMap<Key<'_>, &Arc<UpstreamSpec>>> = None;
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            let old = match last.upstreams.get(i) {
+                Some(o) if key(o) == key(u) => Some(o),
+                _ => by_key
+                    .get_or_insert_with(|| last.upstreams.iter().map(|o| (key(o), o)).collect())
+                    .get(&key(u))
+                    .copied(),
+            };
+            if let Some(o) = old {
+                if **o == **u {
+                    *u = o.clone();
+                }
+            }
+        }
+    }
+}
+
 impl Snapshot {
     /// Builds a snapshot: checks the leaf is ours and chains to the roots,
     /// makes both rustls configurations and the routing table.
@@ -637,7 +666,8 @@ impl Snapshot {
         // rebuilds nothing of it (and it keeps its open-connection count,
         // round-robin position, endpoint failure marks and TLS client
         // configuration).
-        let reuse = same.map(|p| Reuse::new(&p.routes));
+        let reuse =
+            same.map(|p| Reuse::new(&p.routes, p.timeouts.connect == spec.timeouts.connect));
         // When every upstream routes as the previous snapshot's at its
         // position (an endpoint change), no address can be claimed twice
         // (the previous one was checked) and the route table keeps its
@@ -646,13 +676,14 @@ impl Snapshot {
             let old = p.routes.upstreams();
             old.len() == spec.upstreams.len()
                 && old.iter().zip(&spec.upstreams).all(|(o, u)| {
-                    o.virtual_ips == u.virtual_ips
-                        && o.destination_port == u.destination_port
-                        && o.dialed_directly == u.dialed_directly
-                        && o.instances == u.instances
+                    o.built_from.as_ref().is_some_and(|f| Arc::ptr_eq(f, u))
+                        || o.virtual_ips == u.virtual_ips
+                            && o.destination_port == u.destination_port
+                            && o.dialed_directly == u.dialed_directly
+                            && o.instances == u.instances
                 })
         });
-        for mut u in spec.upstreams {
+        for u in spec.upstreams {
             for ip in u.virtual_ips.iter().filter(|_| routed_as.is_none()) {
                 // Canonical form: `::ffff:10.0.0.1` is `10.0.0.1` (found by fuzzing).
                 let key = (veer_canonical_ip(*ip), u.destination_port);
@@ -678,6 +709,10 @@ impl Snapshot {
                 upstreams.push(old);
                 continue;
             }
+            // Kept when the source keeps it too (shared, no copy; see
+            // `Upstream::built_from`), and copied to be taken apart then.
+            let built_from = (Arc::strong_count(&u) > 1).then(|| u.clone());
+            let mut u = Arc::unwrap_or_clone(u);
             let name = u.identity.service.clone();
             let failover = std::mem::take(&mut u.failover);
             let primary = TargetSpec {
@@ -721,6 +756,7 @@ impl Snapshot {
             up.local_bind = u.local_bind;
             up.destination_port = u.destination_port;
             up.max_connections = u.max_connections;
+            up.built_from = built_from;
             own.extend(u.local_bind);
             upstreams.push(Arc::new(up));
         }
@@ -965,6 +1001,9 @@ fn verify_leaf(
 /// made (see [`Snapshot::build_after`]).
 struct Reuse<'a> {
     olds: &'a [Arc<Upstream>],
+    /// The default connect timeout is the previous snapshot's (an upstream
+    /// without its own was built with it).
+    same_default_connect: bool,
     /// Made on the first upstream not found at its own position.
     by_key: std::cell::OnceCell<HashMap<UpstreamKey<'a>, &'a Arc<Upstream>>>,
 }
@@ -973,9 +1012,10 @@ struct Reuse<'a> {
 type UpstreamKey<'a> = (&'a str, Option<u16>, Option<SocketAddr>);
 
 impl<'a> Reuse<'a> {
-    fn new(routes: &'a RouteTable) -> Reuse<'a> {
+    fn new(routes: &'a RouteTable, same_default_connect: bool) -> Reuse<'a> {
         Reuse {
             olds: routes.upstreams(),
+            same_default_connect,
             by_key: Default::default(),
         }
     }
@@ -986,9 +1026,21 @@ impl<'a> Reuse<'a> {
     fn find(
         &self,
         at: usize,
-        u: &UpstreamSpec,
+        spec: &Arc<UpstreamSpec>,
         default_connect: Duration,
     ) -> Option<Arc<Upstream>> {
+        // The very spec it was built from (the source patched its last spec
+        // elsewhere): nothing to compare.
+        if let Some(o) = self.olds.get(at) {
+            if self.same_default_connect
+                && o.built_from.as_ref().is_some_and(|f| Arc::ptr_eq(f, spec))
+            {
+                return Some(Arc::clone(o));
+            }
+        }
+        #[cfg(test)]
+        tests::COMPARED.with(|c| c.set(c.get() + 1));
+        let u: &UpstreamSpec = spec;
         // Every field, named: a new field must be compared here too.
         let UpstreamSpec {
             identity,

@@ -85,7 +85,7 @@ fn spec(pem: &Pem, n: usize) -> Spec {
                 let mut u = UpstreamSpec::new(id(&format!("svc-{i}")));
                 u.virtual_ips = vec![IpAddr::V4(addr(i, 10, 96))];
                 u.endpoints = vec![SocketAddr::new(IpAddr::V4(addr(i, 10, 21)), 20000)];
-                u
+                std::sync::Arc::new(u)
             })
             .collect(),
         mesh_destinations_only: false,

@@ -179,7 +179,7 @@ async fn upstream_limits_and_expected_sans() {
     let mut s = spec(&m);
     let mut u = self_upstream(l.inbound, bind);
     u.max_connections = Some(1);
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     shared.apply(s).unwrap();
     let mut first = connect_when_bound(bind).await;
     assert_eq!(echo(&mut first, b"one").await.as_deref(), Some(&b"one"[..]));
@@ -210,7 +210,7 @@ async fn upstream_limits_and_expected_sans() {
     let mut s = spec(&m);
     let mut u = self_upstream(l.inbound, bind);
     u.san_matchers = vec![StringMatch::suffix("/svc/db")];
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     shared.apply(s).unwrap();
     if let Ok(mut c) = TcpStream::connect(bind).await {
         assert_eq!(echo(&mut c, b"x").await, None);
@@ -232,7 +232,7 @@ async fn upstream_limits_and_expected_sans() {
         "spiffe://{}/ns/default/dc/[^/]+/svc/api",
         TD.replace('.', "\\.")
     ))];
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     shared.apply(s).unwrap();
     let mut c = TcpStream::connect(bind).await.unwrap();
     assert_eq!(echo(&mut c, b"ok").await.as_deref(), Some(&b"ok"[..]));

@@ -1280,7 +1280,7 @@ fn translate_fed(res: &Resources) -> Result<(Spec, Feeds), TranslateError> {
             feeds.targets.entry(eds).or_default().push((i, slot));
         }
         feeds.pinned.extend(b.pinned);
-        upstreams.push(b.spec);
+        upstreams.push(std::sync::Arc::new(b.spec));
     }
 
     // Exposed paths.
@@ -1391,7 +1391,7 @@ impl Translator {
         for n in names {
             let (addrs, weights) = endpoint_lists(&res.endpoints[n]);
             for &(i, slot) in &feeds.targets[n] {
-                let u = &mut spec.upstreams[i];
+                let u = std::sync::Arc::make_mut(&mut spec.upstreams[i]);
                 if slot == 0 {
                     u.endpoints = addrs.clone();
                     u.endpoint_weights = weights.clone();
@@ -1430,10 +1430,15 @@ impl crate::ads::Check for Translator {
                 return Compiled::Ready(spec);
             }
         }
-        self.last = None;
+        let last = self.last.take();
         self.counts.full += 1;
         match translate_fed(res) {
-            Ok((spec, feeds)) => {
+            Ok((mut spec, feeds)) => {
+                // Unchanged upstreams stay the ones the runtime's snapshot
+                // was built from (known without comparing, not copied).
+                if let Some((last, _)) = &last {
+                    spec.share_upstreams_of(last);
+                }
                 self.last = Some((spec.clone(), feeds));
                 Compiled::Ready(spec)
             }

@@ -627,7 +627,7 @@ fn chain_entries_of_upstreams_are_named() {
     assert!(named.is_empty(), "{:#?}", spec.unapplied);
     // The entries module still names the router of a service whose chain
     // is not read.
-    let up = spec.upstreams.clone();
+    let up: Vec<_> = spec.upstreams.iter().map(|u| (**u).clone()).collect();
     let named = entries::unapplied(&s.chain_entries, &up, |_| false);
     assert_eq!(named.len(), 1);
     assert_eq!(named[0].setting, "service-router api: Routes");

@@ -51,7 +51,10 @@ fn up(svc: &str, vip: &str) -> UpstreamSpec {
 fn defaults_keep_todays_behaviour() {
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20")];
+    s.upstreams = vec![up("api", "10.96.0.20")]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let snap = Snapshot::build(s, 1).unwrap();
     let u = &snap.routes.upstreams()[0];
     assert_eq!(u.sni, id("api").sni());
@@ -89,7 +92,7 @@ fn xds_fields_reach_the_snapshot_and_the_dump() {
     a.destination_port = Some(8080);
     a.max_connections = Some(7);
     a.endpoint_weights = vec![3, 1];
-    s.upstreams = vec![a];
+    s.upstreams = vec![a].into_iter().map(std::sync::Arc::new).collect();
     s.permissive_ports = vec![8080];
     s.inbound_max_connections = Some(12);
     s.rbac = Some(vec![RbacRules {
@@ -146,27 +149,34 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     type Change = Box<dyn Fn(&mut Spec)>;
     let cases: Vec<(Change, &str, &str)> = vec![
         (
-            Box::new(|s| s.upstreams[0].endpoint_weights = vec![1]),
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1]),
             "upstream",
             "1 endpoint weights for 2 endpoints",
         ),
         (
-            Box::new(|s| s.upstreams[0].endpoint_weights = vec![1, 0]),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1, 0]
+            }),
             "upstream",
             "weight 0",
         ),
         (
-            Box::new(|s| s.upstreams[0].san_matchers = vec![StringMatch::regex("(")]),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[0]).san_matchers =
+                    vec![StringMatch::regex("(")]
+            }),
             "upstream",
             "upstream api: SAN matcher",
         ),
         (
-            Box::new(|s| s.upstreams[0].roots = Some(vec![])),
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[0]).roots = Some(vec![])),
             "upstream",
             "empty roots",
         ),
         (
-            Box::new(|s| s.upstreams[0].sni = Some("not a name!".into())),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[0]).sni = Some("not a name!".into())
+            }),
             "upstream",
             "SNI",
         ),
@@ -185,16 +195,19 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
             "\"bad\"",
         ),
         (
-            Box::new(|s| s.upstreams.push(up("db", "10.96.0.20"))),
+            Box::new(|s| {
+                s.upstreams
+                    .push(std::sync::Arc::new(up("db", "10.96.0.20")))
+            }),
             "duplicate_vip",
             "10.96.0.20 is claimed by both api and db",
         ),
         (
             Box::new(|s| {
-                s.upstreams[0].destination_port = Some(80);
+                std::sync::Arc::make_mut(&mut s.upstreams[0]).destination_port = Some(80);
                 let mut db = up("db", "10.96.0.20");
                 db.destination_port = Some(80);
-                s.upstreams.push(db);
+                s.upstreams.push(std::sync::Arc::new(db));
             }),
             "duplicate_vip",
             "10.96.0.20 port 80 is claimed",
@@ -202,7 +215,9 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
         (
             Box::new(|s| {
                 let vip = s.upstreams[0].virtual_ips[0];
-                s.upstreams[0].virtual_ips.push(vip);
+                std::sync::Arc::make_mut(&mut s.upstreams[0])
+                    .virtual_ips
+                    .push(vip);
             }),
             "duplicate_vip",
             "10.96.0.20 is claimed by both api and api",
@@ -210,7 +225,10 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     ];
     for (i, (change, label, text)) in cases.into_iter().enumerate() {
         let mut s = spec(&ca);
-        s.upstreams = vec![up("api", "10.96.0.20")];
+        s.upstreams = vec![up("api", "10.96.0.20")]
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect();
         change(&mut s);
         let e = Snapshot::build(s, 1).unwrap_err();
         assert_eq!(e.classify(), label, "case {i}: {e}");
@@ -222,7 +240,10 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     a.destination_port = Some(80);
     let mut b = up("admin", "10.96.0.20");
     b.destination_port = Some(9090);
-    s.upstreams = vec![a, b, up("any", "10.96.0.20")];
+    s.upstreams = vec![a, b, up("any", "10.96.0.20")]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     Snapshot::build(s, 1).unwrap();
 }
 
@@ -230,19 +251,26 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
 fn upstream_tls_configs_are_shared_and_kept_across_snapshots() {
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")];
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let cfg = |snap: &Snapshot, i: usize| snap.routes.upstreams()[i].tls.as_ref().unwrap().get();
     assert!(!Arc::ptr_eq(&cfg(&first, 0), &cfg(&first, 1)));
     // A catalog change: the same configurations (their verifiers keep the
     // session tickets).
-    s.upstreams[1].endpoints.push(sa("10.0.0.4:20000"));
-    s.upstreams.push(up("cache", "10.96.0.40"));
+    std::sync::Arc::make_mut(&mut s.upstreams[1])
+        .endpoints
+        .push(sa("10.0.0.4:20000"));
+    s.upstreams
+        .push(std::sync::Arc::new(up("cache", "10.96.0.40")));
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
     assert!(Arc::ptr_eq(&cfg(&first, 0), &cfg(&second, 0)));
     assert!(Arc::ptr_eq(&cfg(&first, 1), &cfg(&second, 1)));
     // New expected SANs: a new configuration for that upstream only.
-    s.upstreams[0].san_matchers = vec![StringMatch::suffix("/svc/api")];
+    std::sync::Arc::make_mut(&mut s.upstreams[0]).san_matchers =
+        vec![StringMatch::suffix("/svc/api")];
     let third = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
     assert!(!Arc::ptr_eq(&cfg(&second, 0), &cfg(&third, 0)));
     assert!(Arc::ptr_eq(&cfg(&second, 1), &cfg(&third, 1)));
@@ -268,6 +296,7 @@ fn two_thousand_upstreams_are_cheap() {
                 &format!("10.96.{}.{}", i / 256, i % 256),
             )
         })
+        .map(std::sync::Arc::new)
         .collect();
     let t = std::time::Instant::now();
     let snap = Snapshot::build(s, 1).unwrap();
@@ -289,7 +318,10 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     t.endpoint_weights = vec![1, 3];
     t.sni = Some("v1.api.default.dc2.internal.td.consul".into());
     u.failover = vec![t.clone()];
-    s.upstreams = vec![u.clone()];
+    s.upstreams = vec![u.clone()]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let snap = Snapshot::build(s.clone(), 1).unwrap();
     let a = &snap.routes.upstreams()[0];
     assert_eq!(a.connect_timeout, Duration::from_secs(1));
@@ -314,7 +346,10 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     let mut bad = t.clone();
     bad.endpoint_weights = vec![1];
     u.failover = vec![bad];
-    s.upstreams = vec![u.clone()];
+    s.upstreams = vec![u.clone()]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let e = Snapshot::build(s.clone(), 2).unwrap_err();
     assert!(
         e.to_string()
@@ -354,7 +389,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut u = up("api", "10.96.0.20");
     u.protocol = Protocol::Http;
     u.http = Some(routes("/v[0-9]+/.*"));
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     let snap = Snapshot::build(s, 1).unwrap();
     let t = snap.routes.upstreams()[0].http.as_ref().expect("compiled");
     assert_eq!(t.clusters[0].target.endpoints.len(), 1);
@@ -370,7 +405,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut u = up("api", "10.96.0.20");
     u.protocol = Protocol::Http;
     u.http = Some(routes("/v[0-9"));
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     let e = Snapshot::build(s, 1).unwrap_err();
     assert_eq!(e.classify(), "upstream");
     let msg = e.to_string();
@@ -383,7 +418,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut s = spec(&ca);
     let mut u = up("api", "10.96.0.20");
     u.http = Some(routes("/"));
-    s.upstreams = vec![u];
+    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
     let e = Snapshot::build(s, 1).unwrap_err();
     assert!(e.to_string().contains("protocol tcp"), "{e}");
 }
@@ -447,7 +482,10 @@ fn sessions_resume_only_while_the_certificates_stay() {
     use rustls::HandshakeKind::{Full, Resumed};
     let ca = Ca::new_root(TD).unwrap();
     let mut web_spec = spec(&ca);
-    web_spec.upstreams = vec![up("api", "10.96.0.20")];
+    web_spec.upstreams = vec![up("api", "10.96.0.20")]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let web = Snapshot::build(web_spec.clone(), 1).unwrap();
     let api_s = api_spec(&ca, &ca);
     let api1 = Snapshot::build(api_s.clone(), 1).unwrap();
@@ -513,6 +551,59 @@ fn sessions_resume_only_while_the_certificates_stay() {
     assert_eq!(crate::tls::classify_tls_error(&e), "cert_untrusted", "{e}");
 }
 
+thread_local! {
+    /// How many upstream specs `Reuse::find` compared field by field.
+    pub(super) static COMPARED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A source that keeps its spec and patches it (the xDS translator) hands
+/// over the very upstream specs it did not touch: those are kept without a
+/// comparison, only the patched one is compared (and rebuilt). A spec only
+/// the snapshot would hold is not kept; a new default connect timeout
+/// rebuilds even the same spec.
+#[test]
+fn upstream_specs_the_source_keeps_are_known_unchanged_without_comparing() {
+    let ca = Ca::new_root(TD).unwrap();
+    let mut s = spec(&ca);
+    s.upstreams = (0..50)
+        .map(|i| up(&format!("svc{i}"), &format!("10.96.1.{i}")))
+        .map(Arc::new)
+        .collect();
+    let ups = |snap: &Snapshot| snap.routes.upstreams().to_vec();
+    let compared = || COMPARED.with(|c| c.replace(0));
+
+    // The source keeps `s`: the snapshot shares its upstream specs.
+    let first = Snapshot::build(s.clone(), 1).unwrap();
+    for (u, kept) in ups(&first).iter().zip(&s.upstreams) {
+        assert!(u.built_from.as_ref().is_some_and(|f| Arc::ptr_eq(f, kept)));
+    }
+    compared();
+    Arc::make_mut(&mut s.upstreams[7]).endpoints = vec![sa("10.0.7.7:20000")];
+    let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
+    assert_eq!(compared(), 1, "only the patched upstream is compared");
+    let (a, b) = (ups(&first), ups(&second));
+    for i in 0..50 {
+        assert_eq!(Arc::ptr_eq(&a[i], &b[i]), i != 7, "upstream {i}");
+    }
+    assert_eq!(b[7].endpoints.len(), 1);
+    assert!(second.routes.shares_index_with(&first.routes));
+
+    // A new default connect timeout: every upstream built again.
+    let mut t = s.clone();
+    t.timeouts.connect = Duration::from_millis(1234);
+    let third = Snapshot::build_after(t, 3, Some(&second)).unwrap();
+    assert!(ups(&third).iter().zip(&b).all(|(x, y)| !Arc::ptr_eq(x, y)));
+    assert!(ups(&third)
+        .iter()
+        .all(|u| u.connect_timeout == Duration::from_millis(1234)));
+
+    // A spec no source keeps: not held by the snapshot (no memory for it).
+    let mut alone = spec(&ca);
+    alone.upstreams = vec![Arc::new(up("api", "10.96.0.20"))];
+    let snap = Snapshot::build(alone, 4).unwrap();
+    assert!(ups(&snap)[0].built_from.is_none());
+}
+
 /// An endpoint change rebuilds only its upstream: the others are the
 /// previous snapshot's (with their open connections and TLS
 /// configuration); any change to an upstream's own fields, the default
@@ -528,12 +619,17 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
     let mut t = TargetSpec::new(ServiceId::new(TD, "default", "default", "dc2", "cache"));
     t.endpoints = vec![sa("10.0.2.1:21000")];
     cache.failover = vec![t];
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30"), cache];
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30"), cache]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let ups = |snap: &Snapshot| snap.routes.upstreams().to_vec();
     let slot = ups(&first)[0].try_open().unwrap();
 
-    s.upstreams[1].endpoints.push(sa("10.0.0.4:20000"));
+    std::sync::Arc::make_mut(&mut s.upstreams[1])
+        .endpoints
+        .push(sa("10.0.0.4:20000"));
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
     let (a, b) = (ups(&first), ups(&second));
     assert!(Arc::ptr_eq(&a[0], &b[0]), "api rebuilt");
@@ -558,20 +654,36 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
     let changes: Vec<(&str, Change)> = vec![
         (
             "sni",
-            Box::new(|s| s.upstreams[2].sni = Some("x.internal.td.consul".into())),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).sni =
+                    Some("x.internal.td.consul".into())
+            }),
         ),
         (
             "sans",
-            Box::new(|s| s.upstreams[2].san_matchers = vec![StringMatch::suffix("/x")]),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).san_matchers =
+                    vec![StringMatch::suffix("/x")]
+            }),
         ),
         (
             "sans default",
-            Box::new(|s| s.upstreams[2].san_matchers.clear()),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                    .san_matchers
+                    .clear()
+            }),
         ),
-        ("roots", Box::new(|s| s.upstreams[2].roots = None)),
+        (
+            "roots",
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).roots = None),
+        ),
         (
             "connect",
-            Box::new(|s| s.upstreams[2].connect_timeout = Some(Duration::from_secs(1))),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).connect_timeout =
+                    Some(Duration::from_secs(1))
+            }),
         ),
         (
             "default connect",
@@ -579,53 +691,83 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         ),
         (
             "max",
-            Box::new(|s| s.upstreams[2].max_connections = Some(5)),
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).max_connections = Some(5)),
         ),
         (
             "protocol",
-            Box::new(|s| s.upstreams[2].protocol = Protocol::Http),
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).protocol = Protocol::Http),
         ),
         (
             "vips",
             Box::new(|s| {
-                s.upstreams[2]
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
                     .virtual_ips
                     .push("10.96.0.41".parse().unwrap())
             }),
         ),
         (
             "instances",
-            Box::new(|s| s.upstreams[2].instances.push("10.0.9.9".parse().unwrap())),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                    .instances
+                    .push("10.0.9.9".parse().unwrap())
+            }),
         ),
         (
             "dialed",
-            Box::new(|s| s.upstreams[2].dialed_directly = true),
+            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).dialed_directly = true),
         ),
         (
             "weights",
-            Box::new(|s| s.upstreams[2].endpoint_weights = vec![1, 2]),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).endpoint_weights = vec![1, 2]
+            }),
         ),
         (
             "no weights",
-            Box::new(|s| s.upstreams[2].endpoint_weights.clear()),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                    .endpoint_weights
+                    .clear()
+            }),
         ),
         (
             "endpoint",
-            Box::new(|s| s.upstreams[2].endpoints[1] = sa("10.0.0.9:20000")),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).endpoints[1] = sa("10.0.0.9:20000")
+            }),
         ),
         (
             "identity",
-            Box::new(|s| s.upstreams[2].identity.namespace = "other".into()),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                    .identity
+                    .namespace = "other".into()
+            }),
         ),
         (
             "failover",
-            Box::new(|s| s.upstreams[2].failover[0].endpoints.clear()),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).failover[0]
+                    .endpoints
+                    .clear()
+            }),
         ),
         (
             "failover sni",
-            Box::new(|s| s.upstreams[2].failover[0].sni = Some("y.td.consul".into())),
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2]).failover[0].sni =
+                    Some("y.td.consul".into())
+            }),
         ),
-        ("no failover", Box::new(|s| s.upstreams[2].failover.clear())),
+        (
+            "no failover",
+            Box::new(|s| {
+                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                    .failover
+                    .clear()
+            }),
+        ),
     ];
     for (what, change) in changes {
         let mut c = s.clone();
@@ -669,13 +811,18 @@ fn the_route_index_follows_positions_and_addresses() {
     use crate::route::{route, Route};
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")];
+    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let to = |snap: &Snapshot, dst: &str| match route(&snap.routes, OrigDstAddr(sa(dst))) {
         Ok(Route::Mesh { upstream }) => upstream.name().to_string(),
         other => panic!("{dst}: {other:?}"),
     };
-    s.upstreams[0].endpoints.pop();
+    std::sync::Arc::make_mut(&mut s.upstreams[0])
+        .endpoints
+        .pop();
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
     assert!(second.routes.shares_index_with(&first.routes));
     assert_eq!(to(&second, "10.96.0.20:80"), "api");
@@ -691,12 +838,13 @@ fn the_route_index_follows_positions_and_addresses() {
     assert_eq!(to(&third, "10.96.0.20:80"), "api");
     assert_eq!(to(&third, "10.96.0.30:80"), "db");
     // One more upstream: indexed again.
-    s.upstreams.push(up("cache", "10.96.0.40"));
+    s.upstreams
+        .push(std::sync::Arc::new(up("cache", "10.96.0.40")));
     let fourth = Snapshot::build_after(s.clone(), 4, Some(&third)).unwrap();
     assert!(!fourth.routes.shares_index_with(&third.routes));
     assert_eq!(to(&fourth, "10.96.0.40:80"), "cache");
     // An address claimed twice is refused.
-    s.upstreams[2].virtual_ips = s.upstreams[0].virtual_ips.clone();
+    std::sync::Arc::make_mut(&mut s.upstreams[2]).virtual_ips = s.upstreams[0].virtual_ips.clone();
     let e = Snapshot::build_after(s.clone(), 5, Some(&fourth)).unwrap_err();
     assert!(matches!(e, SnapshotError::DuplicateVip { .. }), "{e}");
 }

@@ -935,6 +935,7 @@ fn vip_chain_and_explicit_listener_with_the_same_rds_share_one_upstream() {
         .upstreams
         .iter()
         .filter(|u| u.identity.service == "db")
+        .map(|u| &**u)
         .collect();
     assert_eq!(dbs.len(), 1, "{:?}", spec.upstreams);
     assert_eq!(dbs[0].virtual_ips, vec![vip]);
