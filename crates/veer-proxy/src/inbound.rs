@@ -170,20 +170,51 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         Ok(s) => s,
         Err(e) => return refuse(&shared, peer, Some(&source.to_string()), e.into()),
     };
-    let up = Instant::now();
     let limits = Limits {
         idle: snap.timeouts.idle,
         half_close: snap.timeouts.half_close,
     };
     let local_app = snap.local_app;
     drop(snap);
+    let to = AppLeg {
+        app,
+        local_app,
+        limits,
+    };
+    relay_l4(&shared, tls, to, reg, &source, peer, started, false).await;
+}
+
+/// The local app's side of an admitted L4 connection.
+pub(crate) struct AppLeg {
+    pub app: net::Dialed,
+    pub local_app: std::net::SocketAddr,
+    pub limits: Limits,
+}
+
+/// Relays an admitted L4 app connection to the local app until either
+/// side ends or `reg` is revoked: `io` is its TLS connection, or one stream
+/// of a multiplexed connection (`mux`). The same metrics (Envoy's
+/// `local_app` cluster, veer's inbound relay) and access line either way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn relay_l4<IO: relay::End>(
+    shared: &Shared,
+    io: IO,
+    to: AppLeg,
+    reg: Registration,
+    source: &Peer,
+    peer: ClientAddr,
+    started: Instant,
+    mux: bool,
+) {
+    let envoy = shared.metrics.envoy.inbound();
+    let up = Instant::now();
     let live = Some(
         shared
             .metrics
             .live(Direction::Inbound)
             .with(Some(envoy.tcp.bytes())),
     );
-    let out = relay::copy(tls, app, limits, Some(reg.revoke.clone()), live).await;
+    let out = relay::copy(io, to.app, to.limits, Some(reg.revoke.clone()), live).await;
     drop(reg);
     envoy.cluster.closed(up.elapsed().as_secs_f64() * 1e3);
     shared
@@ -194,7 +225,8 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: ClientAddr) {
         direction = "inbound",
         peer = %peer,
         source = %source,
-        upstream = %local_app,
+        upstream = %to.local_app,
+        mux,
         rx_bytes = out.a_to_b,
         tx_bytes = out.b_to_a,
         duration_ms = started.elapsed().as_millis() as u64,

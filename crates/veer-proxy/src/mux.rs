@@ -54,7 +54,7 @@ use crate::metrics::envoy::ClusterStats;
 use crate::metrics::Direction;
 use crate::net::Dialed;
 use crate::outbound::{self, OutboundError};
-use crate::relay::{self, End, Leg, Limits};
+use crate::relay::{End, Leg, Limits};
 use crate::state::Shared;
 use crate::tls_stream::{ClientTls, ServerTls};
 use bytes::Bytes;
@@ -1123,40 +1123,18 @@ async fn serve_stream(
         envoy.cluster.closed(0.0);
         return;
     };
-    let limits = Limits {
-        idle: snap.timeouts.idle,
-        half_close: snap.timeouts.half_close,
+    let to = inbound::AppLeg {
+        app,
+        local_app: snap.local_app,
+        limits: Limits {
+            idle: snap.timeouts.idle,
+            half_close: snap.timeouts.half_close,
+        },
     };
-    let local_app = snap.local_app;
     drop(snap);
-    let up = Instant::now();
-    let live = Some(
-        shared
-            .metrics
-            .live(Direction::Inbound)
-            .with(Some(envoy.tcp.bytes())),
-    );
     let s = MuxStream::new(send, req.into_body(), None);
-    let out = relay::copy(s, app, limits, Some(reg.revoke.clone()), live).await;
-    drop(reg);
-    envoy.cluster.closed(up.elapsed().as_secs_f64() * 1e3);
+    inbound::relay_l4(&shared, s, to, reg, &source, peer, started, true).await;
     stats.streams_closed.fetch_add(1, Relaxed);
-    shared
-        .metrics
-        .relayed(Direction::Inbound, started.elapsed());
-    tracing::info!(
-        target: "veer::access",
-        direction = "inbound",
-        peer = %peer,
-        source = %source,
-        upstream = %local_app,
-        mux = true,
-        rx_bytes = out.a_to_b,
-        tx_bytes = out.b_to_a,
-        duration_ms = started.elapsed().as_millis() as u64,
-        close = %out.reason.as_str(),
-        "connection closed"
-    );
 }
 
 #[cfg(test)]

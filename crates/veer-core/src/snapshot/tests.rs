@@ -51,10 +51,7 @@ fn up(svc: &str, vip: &str) -> UpstreamSpec {
 fn defaults_keep_todays_behaviour() {
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20")]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![up("api", "10.96.0.20")]);
     let snap = Snapshot::build(s, 1).unwrap();
     let u = &snap.routes.upstreams()[0];
     assert_eq!(u.sni, id("api").sni());
@@ -92,7 +89,7 @@ fn xds_fields_reach_the_snapshot_and_the_dump() {
     a.destination_port = Some(8080);
     a.max_connections = Some(7);
     a.endpoint_weights = vec![3, 1];
-    s.upstreams = vec![a].into_iter().map(std::sync::Arc::new).collect();
+    s.upstreams = arcs(vec![a]);
     s.permissive_ports = vec![8080];
     s.inbound_max_connections = Some(12);
     s.rbac = Some(vec![RbacRules {
@@ -149,34 +146,29 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     type Change = Box<dyn Fn(&mut Spec)>;
     let cases: Vec<(Change, &str, &str)> = vec![
         (
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1]),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1]),
             "upstream",
             "1 endpoint weights for 2 endpoints",
         ),
         (
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1, 0]
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[0]).endpoint_weights = vec![1, 0]),
             "upstream",
             "weight 0",
         ),
         (
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[0]).san_matchers =
-                    vec![StringMatch::regex("(")]
+                Arc::make_mut(&mut s.upstreams[0]).san_matchers = vec![StringMatch::regex("(")]
             }),
             "upstream",
             "upstream api: SAN matcher",
         ),
         (
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[0]).roots = Some(vec![])),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[0]).roots = Some(vec![])),
             "upstream",
             "empty roots",
         ),
         (
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[0]).sni = Some("not a name!".into())
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[0]).sni = Some("not a name!".into())),
             "upstream",
             "SNI",
         ),
@@ -195,19 +187,16 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
             "\"bad\"",
         ),
         (
-            Box::new(|s| {
-                s.upstreams
-                    .push(std::sync::Arc::new(up("db", "10.96.0.20")))
-            }),
+            Box::new(|s| s.upstreams.push(Arc::new(up("db", "10.96.0.20")))),
             "duplicate_vip",
             "10.96.0.20 is claimed by both api and db",
         ),
         (
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[0]).destination_port = Some(80);
+                Arc::make_mut(&mut s.upstreams[0]).destination_port = Some(80);
                 let mut db = up("db", "10.96.0.20");
                 db.destination_port = Some(80);
-                s.upstreams.push(std::sync::Arc::new(db));
+                s.upstreams.push(Arc::new(db));
             }),
             "duplicate_vip",
             "10.96.0.20 port 80 is claimed",
@@ -215,9 +204,7 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
         (
             Box::new(|s| {
                 let vip = s.upstreams[0].virtual_ips[0];
-                std::sync::Arc::make_mut(&mut s.upstreams[0])
-                    .virtual_ips
-                    .push(vip);
+                Arc::make_mut(&mut s.upstreams[0]).virtual_ips.push(vip);
             }),
             "duplicate_vip",
             "10.96.0.20 is claimed by both api and api",
@@ -225,10 +212,7 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     ];
     for (i, (change, label, text)) in cases.into_iter().enumerate() {
         let mut s = spec(&ca);
-        s.upstreams = vec![up("api", "10.96.0.20")]
-            .into_iter()
-            .map(std::sync::Arc::new)
-            .collect();
+        s.upstreams = arcs(vec![up("api", "10.96.0.20")]);
         change(&mut s);
         let e = Snapshot::build(s, 1).unwrap_err();
         assert_eq!(e.classify(), label, "case {i}: {e}");
@@ -240,10 +224,7 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
     a.destination_port = Some(80);
     let mut b = up("admin", "10.96.0.20");
     b.destination_port = Some(9090);
-    s.upstreams = vec![a, b, up("any", "10.96.0.20")]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![a, b, up("any", "10.96.0.20")]);
     Snapshot::build(s, 1).unwrap();
 }
 
@@ -251,26 +232,21 @@ fn bad_upstream_fields_and_rbac_are_refused_with_names() {
 fn upstream_tls_configs_are_shared_and_kept_across_snapshots() {
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]);
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let cfg = |snap: &Snapshot, i: usize| snap.routes.upstreams()[i].tls.as_ref().unwrap().get();
     assert!(!Arc::ptr_eq(&cfg(&first, 0), &cfg(&first, 1)));
     // A catalog change: the same configurations (their verifiers keep the
     // session tickets).
-    std::sync::Arc::make_mut(&mut s.upstreams[1])
+    Arc::make_mut(&mut s.upstreams[1])
         .endpoints
         .push(sa("10.0.0.4:20000"));
-    s.upstreams
-        .push(std::sync::Arc::new(up("cache", "10.96.0.40")));
+    s.upstreams.push(Arc::new(up("cache", "10.96.0.40")));
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
     assert!(Arc::ptr_eq(&cfg(&first, 0), &cfg(&second, 0)));
     assert!(Arc::ptr_eq(&cfg(&first, 1), &cfg(&second, 1)));
     // New expected SANs: a new configuration for that upstream only.
-    std::sync::Arc::make_mut(&mut s.upstreams[0]).san_matchers =
-        vec![StringMatch::suffix("/svc/api")];
+    Arc::make_mut(&mut s.upstreams[0]).san_matchers = vec![StringMatch::suffix("/svc/api")];
     let third = Snapshot::build_after(s.clone(), 3, Some(&second)).unwrap();
     assert!(!Arc::ptr_eq(&cfg(&second, 0), &cfg(&third, 0)));
     assert!(Arc::ptr_eq(&cfg(&second, 1), &cfg(&third, 1)));
@@ -296,7 +272,7 @@ fn two_thousand_upstreams_are_cheap() {
                 &format!("10.96.{}.{}", i / 256, i % 256),
             )
         })
-        .map(std::sync::Arc::new)
+        .map(Arc::new)
         .collect();
     let t = std::time::Instant::now();
     let snap = Snapshot::build(s, 1).unwrap();
@@ -318,10 +294,7 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     t.endpoint_weights = vec![1, 3];
     t.sni = Some("v1.api.default.dc2.internal.td.consul".into());
     u.failover = vec![t.clone()];
-    s.upstreams = vec![u.clone()]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![u.clone()]);
     let snap = Snapshot::build(s.clone(), 1).unwrap();
     let a = &snap.routes.upstreams()[0];
     assert_eq!(a.connect_timeout, Duration::from_secs(1));
@@ -346,10 +319,7 @@ fn failover_targets_get_their_own_sni_identity_timeout_and_tls() {
     let mut bad = t.clone();
     bad.endpoint_weights = vec![1];
     u.failover = vec![bad];
-    s.upstreams = vec![u.clone()]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![u.clone()]);
     let e = Snapshot::build(s.clone(), 2).unwrap_err();
     assert!(
         e.to_string()
@@ -389,7 +359,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut u = up("api", "10.96.0.20");
     u.protocol = Protocol::Http;
     u.http = Some(routes("/v[0-9]+/.*"));
-    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
+    s.upstreams = arcs(vec![u]);
     let snap = Snapshot::build(s, 1).unwrap();
     let t = snap.routes.upstreams()[0].http.as_ref().expect("compiled");
     assert_eq!(t.clusters[0].target.endpoints.len(), 1);
@@ -405,7 +375,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut u = up("api", "10.96.0.20");
     u.protocol = Protocol::Http;
     u.http = Some(routes("/v[0-9"));
-    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
+    s.upstreams = arcs(vec![u]);
     let e = Snapshot::build(s, 1).unwrap_err();
     assert_eq!(e.classify(), "upstream");
     let msg = e.to_string();
@@ -418,7 +388,7 @@ fn http_routes_are_compiled_and_bad_ones_refused_with_the_route_named() {
     let mut s = spec(&ca);
     let mut u = up("api", "10.96.0.20");
     u.http = Some(routes("/"));
-    s.upstreams = vec![u].into_iter().map(std::sync::Arc::new).collect();
+    s.upstreams = arcs(vec![u]);
     let e = Snapshot::build(s, 1).unwrap_err();
     assert!(e.to_string().contains("protocol tcp"), "{e}");
 }
@@ -482,10 +452,7 @@ fn sessions_resume_only_while_the_certificates_stay() {
     use rustls::HandshakeKind::{Full, Resumed};
     let ca = Ca::new_root(TD).unwrap();
     let mut web_spec = spec(&ca);
-    web_spec.upstreams = vec![up("api", "10.96.0.20")]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    web_spec.upstreams = arcs(vec![up("api", "10.96.0.20")]);
     let web = Snapshot::build(web_spec.clone(), 1).unwrap();
     let api_s = api_spec(&ca, &ca);
     let api1 = Snapshot::build(api_s.clone(), 1).unwrap();
@@ -549,6 +516,11 @@ fn sessions_resume_only_while_the_certificates_stay() {
     let api5 = Snapshot::build_after(rerooted, 5, Some(&api4)).unwrap();
     let e = mesh_handshake(&web3, &api5).unwrap_err();
     assert_eq!(crate::tls::classify_tls_error(&e), "cert_untrusted", "{e}");
+}
+
+/// The upstream specs of a test spec, each in its own `Arc`.
+fn arcs(v: Vec<UpstreamSpec>) -> Vec<Arc<UpstreamSpec>> {
+    v.into_iter().map(Arc::new).collect()
 }
 
 thread_local! {
@@ -619,15 +591,12 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
     let mut t = TargetSpec::new(ServiceId::new(TD, "default", "default", "dc2", "cache"));
     t.endpoints = vec![sa("10.0.2.1:21000")];
     cache.failover = vec![t];
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30"), cache]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![up("api", "10.96.0.20"), up("db", "10.96.0.30"), cache]);
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let ups = |snap: &Snapshot| snap.routes.upstreams().to_vec();
     let slot = ups(&first)[0].try_open().unwrap();
 
-    std::sync::Arc::make_mut(&mut s.upstreams[1])
+    Arc::make_mut(&mut s.upstreams[1])
         .endpoints
         .push(sa("10.0.0.4:20000"));
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
@@ -655,34 +624,27 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         (
             "sni",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).sni =
-                    Some("x.internal.td.consul".into())
+                Arc::make_mut(&mut s.upstreams[2]).sni = Some("x.internal.td.consul".into())
             }),
         ),
         (
             "sans",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).san_matchers =
-                    vec![StringMatch::suffix("/x")]
+                Arc::make_mut(&mut s.upstreams[2]).san_matchers = vec![StringMatch::suffix("/x")]
             }),
         ),
         (
             "sans default",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
-                    .san_matchers
-                    .clear()
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).san_matchers.clear()),
         ),
         (
             "roots",
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).roots = None),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).roots = None),
         ),
         (
             "connect",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).connect_timeout =
-                    Some(Duration::from_secs(1))
+                Arc::make_mut(&mut s.upstreams[2]).connect_timeout = Some(Duration::from_secs(1))
             }),
         ),
         (
@@ -691,16 +653,16 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         ),
         (
             "max",
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).max_connections = Some(5)),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).max_connections = Some(5)),
         ),
         (
             "protocol",
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).protocol = Protocol::Http),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).protocol = Protocol::Http),
         ),
         (
             "vips",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                Arc::make_mut(&mut s.upstreams[2])
                     .virtual_ips
                     .push("10.96.0.41".parse().unwrap())
             }),
@@ -708,47 +670,35 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         (
             "instances",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
+                Arc::make_mut(&mut s.upstreams[2])
                     .instances
                     .push("10.0.9.9".parse().unwrap())
             }),
         ),
         (
             "dialed",
-            Box::new(|s| std::sync::Arc::make_mut(&mut s.upstreams[2]).dialed_directly = true),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).dialed_directly = true),
         ),
         (
             "weights",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).endpoint_weights = vec![1, 2]
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).endpoint_weights = vec![1, 2]),
         ),
         (
             "no weights",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
-                    .endpoint_weights
-                    .clear()
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).endpoint_weights.clear()),
         ),
         (
             "endpoint",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).endpoints[1] = sa("10.0.0.9:20000")
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).endpoints[1] = sa("10.0.0.9:20000")),
         ),
         (
             "identity",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
-                    .identity
-                    .namespace = "other".into()
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).identity.namespace = "other".into()),
         ),
         (
             "failover",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).failover[0]
+                Arc::make_mut(&mut s.upstreams[2]).failover[0]
                     .endpoints
                     .clear()
             }),
@@ -756,17 +706,12 @@ fn unchanged_upstreams_are_kept_from_the_previous_snapshot() {
         (
             "failover sni",
             Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2]).failover[0].sni =
-                    Some("y.td.consul".into())
+                Arc::make_mut(&mut s.upstreams[2]).failover[0].sni = Some("y.td.consul".into())
             }),
         ),
         (
             "no failover",
-            Box::new(|s| {
-                std::sync::Arc::make_mut(&mut s.upstreams[2])
-                    .failover
-                    .clear()
-            }),
+            Box::new(|s| Arc::make_mut(&mut s.upstreams[2]).failover.clear()),
         ),
     ];
     for (what, change) in changes {
@@ -811,18 +756,13 @@ fn the_route_index_follows_positions_and_addresses() {
     use crate::route::{route, Route};
     let ca = Ca::new_root(TD).unwrap();
     let mut s = spec(&ca);
-    s.upstreams = vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    s.upstreams = arcs(vec![up("api", "10.96.0.20"), up("db", "10.96.0.30")]);
     let first = Snapshot::build(s.clone(), 1).unwrap();
     let to = |snap: &Snapshot, dst: &str| match route(&snap.routes, OrigDstAddr(sa(dst))) {
         Ok(Route::Mesh { upstream }) => upstream.name().to_string(),
         other => panic!("{dst}: {other:?}"),
     };
-    std::sync::Arc::make_mut(&mut s.upstreams[0])
-        .endpoints
-        .pop();
+    Arc::make_mut(&mut s.upstreams[0]).endpoints.pop();
     let second = Snapshot::build_after(s.clone(), 2, Some(&first)).unwrap();
     assert!(second.routes.shares_index_with(&first.routes));
     assert_eq!(to(&second, "10.96.0.20:80"), "api");
@@ -838,13 +778,12 @@ fn the_route_index_follows_positions_and_addresses() {
     assert_eq!(to(&third, "10.96.0.20:80"), "api");
     assert_eq!(to(&third, "10.96.0.30:80"), "db");
     // One more upstream: indexed again.
-    s.upstreams
-        .push(std::sync::Arc::new(up("cache", "10.96.0.40")));
+    s.upstreams.push(Arc::new(up("cache", "10.96.0.40")));
     let fourth = Snapshot::build_after(s.clone(), 4, Some(&third)).unwrap();
     assert!(!fourth.routes.shares_index_with(&third.routes));
     assert_eq!(to(&fourth, "10.96.0.40:80"), "cache");
     // An address claimed twice is refused.
-    std::sync::Arc::make_mut(&mut s.upstreams[2]).virtual_ips = s.upstreams[0].virtual_ips.clone();
+    Arc::make_mut(&mut s.upstreams[2]).virtual_ips = s.upstreams[0].virtual_ips.clone();
     let e = Snapshot::build_after(s.clone(), 5, Some(&fourth)).unwrap_err();
     assert!(matches!(e, SnapshotError::DuplicateVip { .. }), "{e}");
 }
